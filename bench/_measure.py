@@ -1,0 +1,49 @@
+"""Shared helpers for the benchmarks: run a function in a fresh process and read its peak memory.
+
+Peak RSS is per process and only grows, so every variant runs in its own
+subprocess; the reported memory is the peak minus the RSS right after the
+model was loaded (what the algorithm itself added).
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def current_rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def run_variant(script: str, *args: str) -> dict:
+    """Run ``script --variant ...`` in a subprocess; it prints one JSON line last."""
+    proc = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{script} {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+class Timer:
+    def __enter__(self):
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.start
+
+
+def print_table(rows: list[tuple], headers: tuple) -> None:
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
+    for row in (headers, *rows):
+        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)))

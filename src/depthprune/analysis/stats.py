@@ -1,0 +1,127 @@
+"""Per-layer redundancy statistics, streamed in one decoder-only pass.
+
+Hooks on every decoder layer see the hidden state entering it (``h_i``) and
+leaving it (``h_{i+1}``); each layer's statistic is accumulated while the
+states stream past, so memory stays O(tokens x hidden) whatever the depth.
+
+* Block Influence (ShortGPT): ``BI_i = 1 - mean_t cos(h_i[t], h_{i+1}[t])``
+  over every non-padding calibration token.
+* Angular distance (Gromov et al.): ``d(l, n) = arccos(cos(h_l[T], h_{l+n}[T])) / pi``
+  on each sample's last real token T, averaged over samples; only the
+  (L+1) last-token vectors per sample are kept, which is tiny.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..data.calibration import Calibration
+from ..models.arch import get_base_model, get_layers, model_device
+
+METRICS = ("bi", "angular")
+
+
+@dataclass
+class LayerStats:
+    """What one pass over the calibration windows measured."""
+
+    bi: list[float]
+    last_token_states: torch.Tensor  # (L+1, samples, hidden), float32, on CPU
+    tokens: int
+    calibration: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.bi)
+
+    def angular_distance(self, block: int) -> list[float]:
+        """``d(l, block)`` for every start l with ``l + block <= L``."""
+        if not 1 <= block < self.num_layers:
+            raise ValueError(f"block size must be between 1 and {self.num_layers - 1}, got {block}")
+        h = self.last_token_states
+        dists = []
+        for start in range(self.num_layers - block + 1):
+            cos = F.cosine_similarity(h[start], h[start + block], dim=-1).clamp(-1.0, 1.0)
+            dists.append(float((torch.arccos(cos) / math.pi).mean()))
+        return dists
+
+    def scores(self, metric: str) -> list[float]:
+        """Per-layer score, low = redundant. ``angular`` is d(l, 1) of each single layer."""
+        if metric == "bi":
+            return list(self.bi)
+        if metric == "angular":
+            return self.angular_distance(1)
+        raise ValueError(f"unknown metric {metric!r}: use one of {', '.join(METRICS)}")
+
+
+def _last_token_index(mask: torch.Tensor) -> torch.Tensor:
+    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    return (positions * mask).argmax(dim=1)
+
+
+def _hidden_from(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+@torch.inference_mode()
+def layer_statistics(
+    model: nn.Module,
+    calibration: Calibration,
+    *,
+    batch_size: int = 4,
+    progress: bool = True,
+) -> LayerStats:
+    """One forward pass of the decoder stack (no LM head) collecting every layer's statistics."""
+    layers = get_layers(model)
+    base = get_base_model(model)
+    device = model_device(model)
+    n_layers = len(layers)
+    cos_sum = torch.zeros(n_layers, dtype=torch.float64)
+    last_states: list[list[torch.Tensor]] = [[] for _ in range(n_layers + 1)]
+    state: dict[str, Any] = {}
+    total_tokens = 0
+
+    def pre_hook(idx: int):
+        def hook(module, args, kwargs):
+            h = _hidden_from(args, kwargs)
+            state["input"] = h
+            if idx == 0:
+                last_states[0].append(h[state["rows"].to(h.device), state["last"].to(h.device)].float().cpu())
+        return hook
+
+    def post_hook(idx: int):
+        def hook(module, args, kwargs, output):
+            out = output[0] if isinstance(output, tuple) else output
+            h_in = state.pop("input")
+            mask = state["mask"].to(out.device)
+            cos = F.cosine_similarity(h_in.float(), out.float(), dim=-1)
+            cos_sum[idx] += float((cos * mask).sum())
+            last_states[idx + 1].append(out[state["rows"].to(out.device), state["last"].to(out.device)].float().cpu())
+        return hook
+
+    handles = []
+    for i, layer in enumerate(layers):
+        handles.append(layer.register_forward_pre_hook(pre_hook(i), with_kwargs=True))
+        handles.append(layer.register_forward_hook(post_hook(i), with_kwargs=True))
+    try:
+        batches = list(calibration.batches(batch_size))
+        for ids, mask in tqdm(batches, desc="scoring layers", disable=not progress, unit="batch"):
+            ids, mask = ids.to(device), mask.to(device)
+            state["mask"] = mask.float()
+            state["last"] = _last_token_index(mask)
+            state["rows"] = torch.arange(ids.shape[0], device=device)
+            total_tokens += int(mask.sum())
+            base(input_ids=ids, attention_mask=mask, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    bi = (1.0 - cos_sum / max(total_tokens, 1)).tolist()
+    stacked = torch.stack([torch.cat(s) for s in last_states])
+    return LayerStats(bi=bi, last_token_states=stacked, tokens=total_tokens, calibration=calibration.to_dict())

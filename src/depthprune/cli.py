@@ -1,0 +1,227 @@
+"""Command line: each command parses options and calls the Python API, nothing more."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(
+    help="Make LLMs shallower: score layers, remove or merge them, save a plain transformers "
+    "checkpoint, and measure what was lost.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+ModelOpt = Annotated[
+    str,
+    typer.Option("--model", "-m", help="Hub id, local directory, .gguf file, or alias "
+                 "(smollm2-135m, gemma3-270m)."),
+]
+DtypeOpt = Annotated[Optional[str], typer.Option(help="float32 (CPU default), bfloat16 or float16 (GPU default).")]
+DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:N, or auto (accelerate device_map over all GPUs).")]
+CalibOpt = Annotated[str, typer.Option("--calib", help="Calibration text: 'default' (shipped novel), "
+                                       "bookcorpus, pg19, c4, wikitext2, or a .txt/.jsonl file.")]
+SamplesOpt = Annotated[int, typer.Option("--calib-samples", help="Number of calibration windows.")]
+SeqLenOpt = Annotated[int, typer.Option("--seq-len", help="Tokens per window (BOS included when the tokenizer adds one).")]
+SeedOpt = Annotated[int, typer.Option(help="Seed for sampling calibration windows.")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", help="Windows per forward pass.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+
+
+class UserError(Exception):
+    """An error caused by input; printed without a traceback."""
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+def _load(model: str, dtype: str | None, device: str):
+    from .models.load import load_model
+
+    typer.echo(f"loading {model} ...", err=True)
+    return load_model(model, dtype=dtype, device=device)
+
+
+def _calib(calib: str, samples: int, seq_len: int, seed: int):
+    from .pipeline import CalibrationSpec
+
+    return CalibrationSpec(calib, samples, seq_len, seed)
+
+
+@app.command()
+def score(
+    model: ModelOpt = "smollm2-135m",
+    metric: Annotated[str, typer.Option(help="bi (ShortGPT Block Influence) or angular (Gromov et al.).")] = "bi",
+    out: Annotated[Optional[Path], typer.Option(help="Directory for scores.json and scores.png.")] = None,
+    calib: CalibOpt = "default",
+    calib_samples: SamplesOpt = 10,
+    seq_len: SeqLenOpt = 128,
+    seed: SeedOpt = 1234,
+    batch_size: BatchOpt = 4,
+    dtype: DtypeOpt = None,
+    device: DeviceOpt = "cpu",
+    quiet: QuietOpt = False,
+) -> None:
+    """Score every layer's redundancy (low score = safe to remove) and save JSON + a bar chart."""
+    from .analysis.stats import METRICS, layer_statistics
+    from .io import write_json
+    from .report import plot_layer_scores
+
+    if metric not in METRICS:
+        _fail(f"unknown metric {metric!r}: use one of {', '.join(METRICS)}")
+    loaded = _load(model, dtype, device)
+    windows = _calib(calib, calib_samples, seq_len, seed).windows(loaded.tokenizer)
+    stats = layer_statistics(loaded.model, windows, batch_size=batch_size, progress=not quiet)
+    values = stats.scores(metric)
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    for i, v in enumerate(values):
+        typer.echo(f"layer {i:3d}  {metric}={v:.5f}  rank={order.index(i) + 1}")
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "scores.json", {"model": model, "metric": metric, "scores": values,
+                                          "tokens": stats.tokens, "calibration": stats.calibration})
+        plot_layer_scores(values, out / "scores.png", metric=metric, title=f"{model}: {metric}")
+        typer.echo(f"wrote {out / 'scores.json'} and {out / 'scores.png'}")
+
+
+@app.command()
+def prune(
+    model: ModelOpt = "smollm2-135m",
+    method: Annotated[str, typer.Option(help="shortgpt | angular | slm | laco (see `depthprune methods`).")] = "shortgpt",
+    out: Annotated[Optional[Path], typer.Option(help="Output checkpoint directory (must not be the input).")] = None,
+    ratio: Annotated[Optional[float], typer.Option(help="Fraction of layers to remove, in (0, 1).")] = None,
+    remove_layers: Annotated[Optional[int], typer.Option(help="Number of layers to remove.")] = None,
+    keep_layers: Annotated[Optional[int], typer.Option(help="Number of layers to keep.")] = None,
+    block: Annotated[Optional[int], typer.Option(help="angular: size of the contiguous block to remove.")] = None,
+    metric: Annotated[str, typer.Option(help="shortgpt: bi or angular score.")] = "bi",
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --out.")] = False,
+    eval_ppl: Annotated[bool, typer.Option("--eval-ppl/--no-eval-ppl", help="Perplexity before and after.")] = False,
+    ppl_data: Annotated[str, typer.Option(help="Perplexity text: default-heldout, wikitext2, ptb or a file.")] = "default-heldout",
+    ppl_windows: Annotated[int, typer.Option(help="Maximum perplexity windows (0 = all).")] = 40,
+    calib: CalibOpt = "default",
+    calib_samples: SamplesOpt = 10,
+    seq_len: SeqLenOpt = 128,
+    seed: SeedOpt = 1234,
+    batch_size: BatchOpt = 4,
+    dtype: DtypeOpt = None,
+    device: DeviceOpt = "cpu",
+    quiet: QuietOpt = False,
+) -> None:
+    """Plan with a method, remove/merge layers, and save a plain transformers checkpoint + plan JSON."""
+    from .io import check_output_dir
+    from .methods import METHODS, Target
+    from .pipeline import PerplexitySpec
+    from .pipeline import prune as run_prune
+
+    if method not in METHODS:
+        _fail(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
+    if out is None:
+        _fail("--out is required: the directory to write the pruned checkpoint to")
+    target = Target(ratio, remove_layers, keep_layers).validate()
+    check_output_dir(out, inputs=[model], overwrite=overwrite)
+    loaded = _load(model, dtype, device)
+    ppl = PerplexitySpec(ppl_data, seq_len, ppl_windows or None) if eval_ppl else None
+    result = run_prune(
+        loaded, method, target,
+        calibration=_calib(calib, calib_samples, seq_len, seed), out=out, overwrite=overwrite,
+        ppl=ppl, progress=not quiet, block=block, metric=metric, batch_size=batch_size,
+    )
+    _print_result(result)
+
+
+def _print_result(result) -> None:
+    typer.echo(result.plan.summary())
+    if result.ppl_before and result.ppl_after:
+        typer.echo(
+            f"perplexity ({result.ppl_after.source}, {result.ppl_after.windows} x {result.ppl_after.seq_len} tokens): "
+            f"{result.ppl_before.perplexity:.2f} dense -> {result.ppl_after.perplexity:.2f} pruned"
+        )
+    if result.out:
+        typer.echo(f"saved to {result.out}")
+
+
+@app.command()
+def run(
+    model: ModelOpt = "smollm2-135m",
+    method: Annotated[str, typer.Option(help="Pruning method.")] = "shortgpt",
+    ratio: Annotated[float, typer.Option(help="Fraction of layers to remove.")] = 0.25,
+    out: Annotated[Path, typer.Option(help="Output directory.")] = Path("runs/smollm2-135m-shortgpt-0.25"),
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --out.")] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """The default job: ShortGPT removes 25% of SmolLM2-135M's layers, offline, with perplexity before/after."""
+    from .io import check_output_dir
+    from .methods import Target
+    from .pipeline import PerplexitySpec
+    from .pipeline import prune as run_prune
+
+    target = Target(ratio=ratio).validate()
+    check_output_dir(out, inputs=[model], overwrite=overwrite)
+    loaded = _load(model, None, "cpu")
+    result = run_prune(loaded, method, target, out=out, overwrite=overwrite,
+                       ppl=PerplexitySpec(), progress=not quiet)
+    _print_result(result)
+
+
+@app.command("eval-ppl")
+def eval_ppl_cmd(
+    model: ModelOpt = "smollm2-135m",
+    dataset: Annotated[str, typer.Option(help="wikitext2, ptb, default-heldout, or a text file.")] = "wikitext2",
+    seq_len: SeqLenOpt = 128,
+    batch_size: BatchOpt = 8,
+    max_windows: Annotated[int, typer.Option(help="Use at most this many windows (0 = all).")] = 0,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the result as JSON.")] = None,
+    dtype: DtypeOpt = None,
+    device: DeviceOpt = "cpu",
+    quiet: QuietOpt = False,
+) -> None:
+    """Perplexity on non-overlapping windows (BOS as the tokenizer adds it)."""
+    from .evaluate.perplexity import perplexity
+    from .io import write_json
+
+    loaded = _load(model, dtype, device)
+    res = perplexity(loaded.model, loaded.tokenizer, dataset, seq_len=seq_len, batch_size=batch_size,
+                     max_windows=max_windows or None, progress=not quiet)
+    typer.echo(f"perplexity {res.perplexity:.3f}  ({res.windows} windows x {res.seq_len} tokens, "
+               f"{res.tokens} scored tokens, {res.source})")
+    if json_out:
+        write_json(json_out, {"model": model, **res.to_dict()})
+
+
+@app.command()
+def methods() -> None:
+    """List the pruning methods."""
+    from .methods import METHODS
+
+    for info in METHODS.values():
+        typer.echo(f"{info.name:10s} {info.summary}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; errors caused by input print one line (no traceback) and exit with 2."""
+    from .data.calibration import CalibrationError
+    from .io import OutputError
+    from .models.arch import UnsupportedArchitectureError
+    from .plan import PlanError
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    try:
+        app(args=argv, prog_name="depthprune")
+    except SystemExit as done:
+        return done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+    except (CalibrationError, OutputError, PlanError, UnsupportedArchitectureError, UserError,
+            FileNotFoundError, ModuleNotFoundError, ValueError) as err:
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

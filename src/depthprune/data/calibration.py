@@ -1,0 +1,273 @@
+"""Calibration and evaluation text: where it comes from and how it becomes token windows.
+
+Sources, by name:
+  ``default``                   Pride and Prejudice, shipped with depthprune (no network), first 85%
+  ``default-heldout``           the last 15% of it, for offline perplexity
+  ``bookcorpus|pg19|c4|wikitext2|wikitext2-test|ptb``  hub datasets via ``datasets``
+  ``path/to/file.txt|.jsonl``   local text (jsonl: a ``text`` field per line)
+
+Windows carry the tokenizer's own default special prefix (``<bos>`` for Gemma,
+nothing for Qwen or SmolLM2), inside the window length: a 128-token window is
+128 tokens including BOS.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class CalibrationError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class HubText:
+    """A public dataset read through ``datasets.load_dataset``."""
+
+    path: str
+    name: str | None
+    split: str
+    field: str = "text"
+    streaming: bool = True
+    data_files: str | None = None
+    max_docs: int = 20_000
+
+
+HUB_TEXTS: dict[str, HubText] = {
+    "bookcorpus": HubText("bookcorpus/bookcorpus", None, "train"),
+    "pg19": HubText("deepmind/pg19", None, "validation"),
+    "c4": HubText("allenai/c4", "en", "validation"),
+    "wikitext2": HubText("Salesforce/wikitext", "wikitext-2-raw-v1", "train", streaming=False),
+    "wikitext2-test": HubText("Salesforce/wikitext", "wikitext-2-raw-v1", "test", streaming=False),
+    "ptb": HubText("ptb-text-only/ptb_text_only", None, "test", field="sentence", streaming=False),
+}
+
+
+def default_text_path() -> Path:
+    return Path(str(resources.files("depthprune.data").joinpath("texts/pride_and_prejudice.txt")))
+
+
+DEFAULT_HELDOUT_FRACTION = 0.15
+
+
+def _default_split(source: str) -> tuple[str, str]:
+    """The shipped novel, split at a paragraph: calibration reads the first 85%,
+    ``default-heldout`` (for offline perplexity) the rest, so they never overlap."""
+    text = _read_local(default_text_path())
+    cut = text.find("\n\n", int(len(text) * (1 - DEFAULT_HELDOUT_FRACTION)))
+    if source == "default":
+        return text[:cut], "default: Pride and Prejudice, first 85% (Project Gutenberg, shipped)"
+    return text[cut:], "default-heldout: Pride and Prejudice, last 15% (Project Gutenberg, shipped)"
+
+
+def _read_local(path: Path) -> str:
+    if not path.is_file():
+        raise CalibrationError(f"text file not found: {path}")
+    try:
+        if path.suffix == ".jsonl":
+            lines = path.read_text(encoding="utf-8").splitlines()
+            texts = [json.loads(line)["text"] for line in lines if line.strip()]
+            return "\n\n".join(texts)
+        return path.read_text(encoding="utf-8")
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise CalibrationError(
+            f"cannot read {path} as calibration text ({err}); use UTF-8 .txt or .jsonl with a 'text' field"
+        ) from err
+
+
+def read_hub_text(source: HubText, max_chars: int = 4_000_000) -> str:
+    """Join documents of a hub dataset with blank lines until ``max_chars``."""
+    import datasets
+
+    kwargs: dict[str, Any] = {"split": source.split, "streaming": source.streaming}
+    if source.data_files:
+        kwargs["data_files"] = source.data_files
+    try:
+        ds = datasets.load_dataset(source.path, source.name, **kwargs)
+    except Exception as err:  # datasets raises many types for offline / missing data
+        raise CalibrationError(
+            f"could not load dataset {source.path!r} ({type(err).__name__}: {err}). Offline? "
+            "Pass a local .txt/.jsonl file or use the default text."
+        ) from err
+    parts, total = [], 0
+    for i, row in enumerate(ds):
+        text = row[source.field]
+        if text and text.strip():
+            parts.append(text)
+            total += len(text)
+        if total >= max_chars or i + 1 >= source.max_docs:
+            break
+    return "\n\n".join(parts)
+
+
+def read_text(source: str | Path) -> tuple[str, str]:
+    """Return (text, description) for a source name or file path."""
+    if isinstance(source, str) and source in ("default", "default-heldout"):
+        return _default_split(source)
+    if isinstance(source, str) and source in HUB_TEXTS:
+        hub = HUB_TEXTS[source]
+        return read_hub_text(hub), f"hub:{hub.path}/{hub.name or ''}:{hub.split}"
+    path = Path(source).expanduser()
+    if path.suffix in (".txt", ".jsonl", ".md", ".text") or path.exists():
+        return _read_local(path), f"file:{path}"
+    raise CalibrationError(
+        f"unknown text source {source!r}: use 'default', one of {', '.join(HUB_TEXTS)}, "
+        "or a path to a .txt/.jsonl file"
+    )
+
+
+def special_prefix(tokenizer: Any) -> list[int]:
+    """Token ids the tokenizer puts before text by default (BOS or nothing)."""
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    n = len(with_special) - len(plain)
+    if n <= 0 or with_special[n:] != plain:
+        return []
+    return list(with_special[:n])
+
+
+@dataclass
+class Calibration:
+    """Token windows (``input_ids``, ``attention_mask``) plus where they came from."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    description: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_windows(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def batches(self, batch_size: int):
+        for start in range(0, self.num_windows, batch_size):
+            yield self.input_ids[start : start + batch_size], self.attention_mask[start : start + batch_size]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.description)
+
+
+def _tokenize_body(tokenizer: Any, text: str) -> list[int]:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*sequence length is longer than.*")
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _stack(windows: list[list[int]]) -> Calibration:
+    ids = torch.tensor(windows, dtype=torch.long)
+    return Calibration(ids, torch.ones_like(ids))
+
+
+def sample_windows(
+    tokenizer: Any,
+    source: str | Path = "default",
+    *,
+    num_windows: int = 10,
+    seq_len: int = 128,
+    seed: int = 1234,
+    text: str | None = None,
+) -> Calibration:
+    """``num_windows`` random non-overlapping windows of ``seq_len`` tokens (seeded).
+
+    The text is cut into consecutive slots of ``seq_len`` tokens and
+    ``num_windows`` slots are drawn without replacement, as ShortGPT's
+    non-overlapping windows and SLM's random 128-token samples both require.
+    """
+    if num_windows < 1 or seq_len < 2:
+        raise CalibrationError("need at least 1 window of at least 2 tokens")
+    if text is None:
+        text, desc = read_text(source)
+    else:
+        desc = "inline text"
+    prefix = special_prefix(tokenizer)
+    body_len = seq_len - len(prefix)
+    ids = _tokenize_body(tokenizer, text)
+    slots = len(ids) // body_len
+    if slots == 0:
+        raise CalibrationError(
+            f"calibration text has {len(ids)} tokens, shorter than one {seq_len}-token window; "
+            "use a longer text or a smaller --seq-len"
+        )
+    if slots < num_windows:
+        raise CalibrationError(
+            f"calibration text holds only {slots} windows of {seq_len} tokens but {num_windows} were "
+            "requested; use a longer text, fewer windows or a smaller --seq-len"
+        )
+    picked = sorted(random.Random(seed).sample(range(slots), num_windows))
+    windows = [prefix + ids[s * body_len : (s + 1) * body_len] for s in picked]
+    cal = _stack(windows)
+    cal.description = {
+        "source": desc,
+        "num_windows": num_windows,
+        "seq_len": seq_len,
+        "seed": seed,
+        "special_prefix": prefix,
+        "text_tokens": len(ids),
+    }
+    return cal
+
+
+def consecutive_windows(
+    tokenizer: Any,
+    source: str | Path,
+    *,
+    seq_len: int = 128,
+    max_windows: int | None = None,
+    text: str | None = None,
+) -> Calibration:
+    """Non-overlapping windows from the start of the text (the perplexity protocol)."""
+    if text is None:
+        text, desc = read_text(source)
+    else:
+        desc = "inline text"
+    prefix = special_prefix(tokenizer)
+    body_len = seq_len - len(prefix)
+    if body_len < 1:
+        raise CalibrationError(f"--seq-len {seq_len} leaves no room after the special prefix")
+    ids = _tokenize_body(tokenizer, text)
+    n = len(ids) // body_len
+    if n == 0:
+        raise CalibrationError(
+            f"text has {len(ids)} tokens, shorter than one {seq_len}-token window"
+        )
+    if max_windows is not None:
+        n = min(n, max_windows)
+    cal = _stack([prefix + ids[i * body_len : (i + 1) * body_len] for i in range(n)])
+    cal.description = {"source": desc, "num_windows": n, "seq_len": seq_len, "special_prefix": prefix}
+    return cal
+
+
+def sentences(tokenizer: Any, texts: list[str], *, max_len: int = 256) -> Calibration:
+    """A few sentences (LaCo's few-shot calibration), right-padded with a mask."""
+    if not texts:
+        raise CalibrationError("no calibration sentences given")
+    enc = [tokenizer(t, add_special_tokens=True)["input_ids"][:max_len] for t in texts]
+    width = max(len(e) for e in enc)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.full((len(enc), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(enc), width), dtype=torch.long)
+    for i, e in enumerate(enc):
+        ids[i, : len(e)] = torch.tensor(e)
+        mask[i, : len(e)] = 1
+    return Calibration(ids, mask, {"source": "sentences", "num_windows": len(enc), "max_len": max_len})
+
+
+__all__ = [
+    "Calibration",
+    "CalibrationError",
+    "HUB_TEXTS",
+    "HubText",
+    "consecutive_windows",
+    "read_text",
+    "sample_windows",
+    "sentences",
+    "special_prefix",
+]

@@ -1,0 +1,293 @@
+"""Architecture facts, described as data, in one place.
+
+Every method, the search engine and surgery ask this module where a model's
+decoder layers live instead of hard-coding ``model.model.layers``. Adding a
+family means adding one :class:`ArchSpec` to ``ARCHITECTURES``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Where the pieces of one model family live.
+
+    Paths are dotted attribute paths from the ``*ForCausalLM`` module.
+    ``per_layer_config`` names config fields holding one entry per layer
+    (e.g. ``layer_types``: sliding vs full attention); surgery must shorten
+    them, or the saved checkpoint describes layers that no longer exist.
+    ``projections`` maps the role of each weight matrix in a decoder layer to
+    its dotted path inside the layer; merge operators and LoRA use it. Every
+    other parameter of a layer (its norms) is never merged.
+    """
+
+    family: str
+    model_types: tuple[str, ...]
+    base_model: str
+    layers: str
+    final_norm: str | None
+    attention: str
+    num_layers_field: str = "num_hidden_layers"
+    per_layer_config: tuple[str, ...] = ("layer_types",)
+    projections: dict[str, str] = field(default_factory=dict)
+
+
+_LLAMA_PROJ = {
+    "q": "self_attn.q_proj",
+    "k": "self_attn.k_proj",
+    "v": "self_attn.v_proj",
+    "o": "self_attn.o_proj",
+    "gate": "mlp.gate_proj",
+    "up": "mlp.up_proj",
+    "down": "mlp.down_proj",
+}
+
+
+def _llama_like(family: str, *model_types: str, **kw: Any) -> ArchSpec:
+    kw.setdefault("projections", _LLAMA_PROJ)
+    return ArchSpec(
+        family=family,
+        model_types=model_types,
+        base_model="model",
+        layers="model.layers",
+        final_norm="model.norm",
+        attention="self_attn",
+        **kw,
+    )
+
+
+ARCHITECTURES: tuple[ArchSpec, ...] = (
+    _llama_like("llama", "llama"),
+    _llama_like("mistral", "mistral"),
+    _llama_like("qwen2", "qwen2"),
+    _llama_like("qwen3", "qwen3"),
+    _llama_like("gemma2", "gemma2"),
+    _llama_like("gemma3", "gemma3_text"),
+    _llama_like(
+        "phi3",
+        "phi3",
+        projections={
+            "qkv": "self_attn.qkv_proj",
+            "o": "self_attn.o_proj",
+            "gate_up": "mlp.gate_up_proj",
+            "down": "mlp.down_proj",
+        },
+    ),
+    ArchSpec(
+        family="gpt2",
+        model_types=("gpt2",),
+        base_model="transformer",
+        layers="transformer.h",
+        final_norm="transformer.ln_f",
+        attention="attn",
+        num_layers_field="n_layer",
+        projections={
+            "qkv": "attn.c_attn",
+            "o": "attn.c_proj",
+            "up": "mlp.c_fc",
+            "down": "mlp.c_proj",
+        },
+    ),
+    ArchSpec(
+        family="gpt_neox",
+        model_types=("gpt_neox",),
+        base_model="gpt_neox",
+        layers="gpt_neox.layers",
+        final_norm="gpt_neox.final_layer_norm",
+        attention="attention",
+        projections={
+            "qkv": "attention.query_key_value",
+            "o": "attention.dense",
+            "up": "mlp.dense_h_to_4h",
+            "down": "mlp.dense_4h_to_h",
+        },
+    ),
+    ArchSpec(
+        family="opt",
+        model_types=("opt",),
+        base_model="model.decoder",
+        layers="model.decoder.layers",
+        final_norm="model.decoder.final_layer_norm",
+        attention="self_attn",
+        projections={
+            "q": "self_attn.q_proj",
+            "k": "self_attn.k_proj",
+            "v": "self_attn.v_proj",
+            "o": "self_attn.out_proj",
+            "up": "fc1",
+            "down": "fc2",
+        },
+    ),
+)
+
+_BY_MODEL_TYPE = {mt: spec for spec in ARCHITECTURES for mt in spec.model_types}
+
+
+class UnsupportedArchitectureError(ValueError):
+    pass
+
+
+def supported_model_types() -> list[str]:
+    return sorted(_BY_MODEL_TYPE)
+
+
+def spec_for(model_or_config: nn.Module | Any) -> ArchSpec:
+    config = getattr(model_or_config, "config", model_or_config)
+    model_type = getattr(config, "model_type", None)
+    spec = _BY_MODEL_TYPE.get(model_type)
+    if spec is None:
+        raise UnsupportedArchitectureError(
+            f"depthprune does not know the architecture {model_type!r}. "
+            f"Supported model types: {', '.join(supported_model_types())}. "
+            "Add an ArchSpec to depthprune/models/arch.py to support it."
+        )
+    _check_layer_idx_semantics(config)
+    return spec
+
+
+def _check_layer_idx_semantics(config: Any) -> None:
+    """Refuse configs where a layer's *number* enters its math.
+
+    GPT-2 can scale attention by 1/(layer_idx+1); renumbering layers after
+    pruning would silently change what the kept layers compute.
+    """
+    if getattr(config, "scale_attn_by_inverse_layer_idx", False):
+        raise UnsupportedArchitectureError(
+            "this GPT-2 config sets scale_attn_by_inverse_layer_idx=True: attention depends on "
+            "the layer's index, so removing layers would change the remaining layers' outputs."
+        )
+
+
+def get_path(root: nn.Module, path: str) -> Any:
+    obj: Any = root
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def set_path(root: nn.Module, path: str, value: Any) -> None:
+    parent_path, _, name = path.rpartition(".")
+    parent = get_path(root, parent_path) if parent_path else root
+    setattr(parent, name, value)
+
+
+def get_layers(model: nn.Module) -> nn.ModuleList:
+    return get_path(model, spec_for(model).layers)
+
+
+def get_base_model(model: nn.Module) -> nn.Module:
+    """The decoder stack without the LM head: searches never need the head."""
+    return get_path(model, spec_for(model).base_model)
+
+
+def num_layers(model: nn.Module) -> int:
+    return len(get_layers(model))
+
+
+def per_layer_config_values(config: Any, spec: ArchSpec) -> dict[str, list]:
+    """Per-layer config lists present on this config (absent ones are skipped)."""
+    values = {}
+    for name in spec.per_layer_config:
+        value = getattr(config, name, None)
+        if value is not None:
+            values[name] = list(value)
+    return values
+
+
+def renumber_layers(layers: nn.ModuleList) -> None:
+    """Set ``layer_idx`` on every submodule to the layer's new position.
+
+    The KV cache is indexed by ``layer_idx``; a stale index makes cached
+    generation read and write another layer's keys and values.
+    """
+    for new_idx, layer in enumerate(layers):
+        for module in layer.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = new_idx
+
+
+def set_layer_stack(
+    model: nn.Module, modules: list[nn.Module], per_layer: dict[str, list] | None = None
+) -> None:
+    """Install ``modules`` as the decoder stack and make the config agree.
+
+    ``per_layer`` gives the new per-layer config lists (one entry per module).
+    Used both by surgery (permanently) and by the search engine (temporarily,
+    see :func:`temporary_layer_stack`).
+    """
+    spec = spec_for(model)
+    new_layers = nn.ModuleList(modules)
+    set_path(model, spec.layers, new_layers)
+    renumber_layers(new_layers)
+    setattr(model.config, spec.num_layers_field, len(modules))
+    for name, values in (per_layer or {}).items():
+        if len(values) != len(modules):
+            raise ValueError(f"config.{name} needs {len(modules)} entries, got {len(values)}")
+        setattr(model.config, name, list(values))
+    _sync_sub_configs(model)
+
+
+def _sync_sub_configs(model: nn.Module) -> None:
+    """Keep the base model's config object in step when it is a distinct object."""
+    base = get_base_model(model)
+    if getattr(base, "config", model.config) is not model.config:
+        base.config = model.config
+
+
+def stale_per_layer_fields(config: Any, old_num_layers: int, spec: ArchSpec) -> list[str]:
+    """Config list fields still sized for the old depth that the spec does not declare.
+
+    A guard, not a fix: surgery raises naming the field, so the spec gets it.
+    """
+    stale = []
+    for name, value in vars(config).items():
+        if name in spec.per_layer_config or name.startswith("_"):
+            continue
+        if isinstance(value, (list, tuple)) and len(value) == old_num_layers:
+            stale.append(name)
+    return stale
+
+
+class temporary_layer_stack:
+    """Context manager: run the model with another decoder stack, then restore.
+
+    The search engine evaluates a candidate by swapping in a list of existing
+    modules (plus one freshly merged layer) rather than deep-copying the model.
+    """
+
+    def __init__(self, model: nn.Module, modules: list[nn.Module], per_layer: dict[str, list]):
+        self.model = model
+        self.modules = modules
+        self.per_layer = per_layer
+
+    def __enter__(self) -> nn.Module:
+        spec = spec_for(self.model)
+        self._saved_layers = get_path(self.model, spec.layers)
+        self._saved_n = getattr(self.model.config, spec.num_layers_field)
+        self._saved_lists = per_layer_config_values(self.model.config, spec)
+        self._saved_idx = [
+            [(m, m.layer_idx) for m in layer.modules() if hasattr(m, "layer_idx")]
+            for layer in self.modules
+        ]
+        set_layer_stack(self.model, self.modules, self.per_layer)
+        return self.model
+
+    def __exit__(self, *exc: object) -> None:
+        spec = spec_for(self.model)
+        set_path(self.model, spec.layers, self._saved_layers)
+        setattr(self.model.config, spec.num_layers_field, self._saved_n)
+        for name, values in self._saved_lists.items():
+            setattr(self.model.config, name, values)
+        for saved in self._saved_idx:
+            for module, idx in saved:
+                module.layer_idx = idx
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device

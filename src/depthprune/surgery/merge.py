@@ -1,0 +1,104 @@
+"""Merge operators: fold decoder layers ``low..high`` into one layer.
+
+Only the *projection* parameters (the matrices and biases named in the
+architecture's ``projections``) are merged; every other parameter (the norms)
+comes from layer ``low``. With ``theta_k`` a projection of layer ``low + k``,
+``m = high - low``:
+
+``rdsc``       LaCo/SLM paper formula ("Reserving Differences while Seeking Common"):
+               ``theta* = theta_0 + sum_{k=1..m} (theta_k - theta_0)``
+``reference``  what the released LaCo and SLM code computes: an in-place loop
+               ``base += theta_k - base`` for k = 1..m, which telescopes to
+               ``theta_m`` (layer high's projections under layer low's norms),
+               reproduced step by step so rounding matches bit for bit
+``average``    ``theta* = mean_{k=0..m} theta_k``
+``drop``       ``theta* = theta_0``: keep layer low, drop the others
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..models.arch import ArchSpec
+
+Operator = Callable[[list[torch.Tensor]], torch.Tensor]
+
+
+def _rdsc(ts: list[torch.Tensor]) -> torch.Tensor:
+    base = ts[0]
+    out = base.clone()
+    for t in ts[1:]:
+        out += t - base
+    return out
+
+
+def _reference(ts: list[torch.Tensor]) -> torch.Tensor:
+    base = ts[0].clone()
+    for t in ts[1:]:
+        base += t - base
+    return base
+
+
+def _average(ts: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack(ts).float().mean(dim=0).to(ts[0].dtype)
+
+
+def _drop(ts: list[torch.Tensor]) -> torch.Tensor:
+    return ts[0].clone()
+
+
+OPERATORS: dict[str, Operator] = {
+    "rdsc": _rdsc,
+    "reference": _reference,
+    "average": _average,
+    "drop": _drop,
+}
+
+
+def check_operator(name: str) -> None:
+    if name not in OPERATORS:
+        raise ValueError(f"unknown merge operator {name!r}: use one of {', '.join(OPERATORS)}")
+
+
+def is_projection(param_name: str, spec: ArchSpec) -> bool:
+    return any(param_name.startswith(path + ".") for path in spec.projections.values())
+
+
+def merged_parameters(layers: list[nn.Module], operator: str, spec: ArchSpec) -> dict[str, torch.Tensor]:
+    """The merged value of every projection parameter of ``layers[0]``."""
+    check_operator(operator)
+    fn = OPERATORS[operator]
+    params = [dict(layer.named_parameters()) for layer in layers]
+    return {
+        name: fn([p[name].detach() for p in params])
+        for name in params[0]
+        if is_projection(name, spec)
+    }
+
+
+@torch.no_grad()
+def merge_into_first(layers: list[nn.Module], operator: str, spec: ArchSpec) -> nn.Module:
+    """Overwrite ``layers[0]``'s projections with the merge (surgery: no extra layer in memory)."""
+    if len(layers) < 2 or operator == "drop":
+        check_operator(operator)
+        return layers[0]
+    merged = merged_parameters(layers, operator, spec)
+    own = dict(layers[0].named_parameters())
+    for name, value in merged.items():
+        own[name].copy_(value)
+    return layers[0]
+
+
+@torch.no_grad()
+def merged_copy(layers: list[nn.Module], operator: str, spec: ArchSpec) -> nn.Module:
+    """A new module holding the merge; the input layers are untouched (search engine)."""
+    if operator == "drop":
+        check_operator(operator)
+        return layers[0]
+    new = copy.deepcopy(layers[0])
+    merge_into_first([new, *layers[1:]], operator, spec)
+    return new

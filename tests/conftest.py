@@ -1,0 +1,64 @@
+"""Shared fixtures: real models load once per test session; tiny random models per architecture."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+WIKITEXT = SHARED_DATA / "wikitext-2" / "test.txt"
+EMMA = SHARED_DATA / "austen" / "emma.txt"
+PIQA_DIR = SHARED_DATA / "piqa"
+
+
+def pytest_configure(config):
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.fail(f"test data not found at {SHARED_DATA} (the repository is expected beside ../shared)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> str:
+    """The converted SmolLM2-135M directory (converted from GGUF once, then cached)."""
+    from depthprune.models.load import resolve_source
+
+    return str(resolve_source("smollm2-135m"))
+
+
+@pytest.fixture()
+def smollm2(smollm2_path):
+    """A fresh SmolLM2-135M (tests prune it in place)."""
+    from depthprune import load_model
+
+    return load_model(smollm2_path)
+
+
+@pytest.fixture(scope="session")
+def smollm2_readonly(smollm2_path):
+    """One shared SmolLM2-135M that tests must not modify."""
+    from depthprune import load_model
+
+    return load_model(smollm2_path)
+
+
+@pytest.fixture(scope="session")
+def gemma3_path() -> str:
+    from depthprune.models.load import resolve_source
+
+    return str(resolve_source("gemma3-270m"))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,98 @@
+"""Calibration windows: sources, BOS handling, determinism, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from depthprune.data.calibration import (
+    CalibrationError,
+    HubText,
+    consecutive_windows,
+    read_hub_text,
+    read_text,
+    sample_windows,
+    special_prefix,
+)
+
+
+def test_default_text_is_shipped_and_split(smollm2_readonly):
+    cal, desc = read_text("default")
+    held, held_desc = read_text("default-heldout")
+    assert len(cal) > 300_000 and len(held) > 50_000
+    assert "Pride and Prejudice" in desc and "heldout" in held_desc
+    assert held[:200] not in cal
+
+
+def test_windows_are_seeded_and_sized(smollm2_readonly):
+    tok = smollm2_readonly.tokenizer
+    a = sample_windows(tok, num_windows=6, seq_len=64, seed=1)
+    b = sample_windows(tok, num_windows=6, seq_len=64, seed=1)
+    c = sample_windows(tok, num_windows=6, seq_len=64, seed=2)
+    assert a.input_ids.shape == (6, 64)
+    assert torch.equal(a.input_ids, b.input_ids)
+    assert not torch.equal(a.input_ids, c.input_ids)
+    assert a.description["seed"] == 1 and a.description["num_windows"] == 6
+
+
+def test_local_txt_and_jsonl(tmp_path, smollm2_readonly, shared_data):
+    tok = smollm2_readonly.tokenizer
+    emma = (shared_data / "austen" / "emma.txt").read_text()
+    jl = tmp_path / "d.jsonl"
+    jl.write_text("\n".join(json.dumps({"text": p}) for p in emma.split("\n\n")[:400]))
+    cal = sample_windows(tok, jl, num_windows=4, seq_len=32)
+    assert cal.input_ids.shape == (4, 32)
+    txt = sample_windows(tok, shared_data / "austen" / "emma.txt", num_windows=4, seq_len=32)
+    assert txt.description["source"].startswith("file:")
+
+
+def test_hub_loader_code_path_on_local_files(tmp_path, smollm2_readonly):
+    """The real datasets.load_dataset path, pointed at a local file instead of the hub."""
+    f = tmp_path / "train.txt"
+    f.write_text("\n".join(f"line {i} of a local corpus" for i in range(500)))
+    text = read_hub_text(HubText("text", None, "train", data_files=str(f), streaming=False))
+    assert text.startswith("line 0 of a local corpus") and "line 499" in text
+
+
+def test_hub_dataset_offline_fails_clearly(monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CalibrationError, match="Offline"):
+        read_hub_text(HubText("definitely-not/a-dataset", None, "train"))
+
+
+def test_bos_is_inside_the_window(gemma3_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gemma3_path)
+    prefix = special_prefix(tok)
+    assert prefix == [tok.bos_token_id]
+    cal = sample_windows(tok, num_windows=3, seq_len=32)
+    assert cal.input_ids.shape == (3, 32)
+    assert (cal.input_ids[:, 0] == tok.bos_token_id).all()
+    ppl_windows = consecutive_windows(tok, "default-heldout", seq_len=32, max_windows=2)
+    assert (ppl_windows.input_ids[:, 0] == tok.bos_token_id).all()
+
+
+def test_no_bos_for_smollm2(smollm2_readonly):
+    assert special_prefix(smollm2_readonly.tokenizer) == []
+
+
+def test_errors(tmp_path, smollm2_readonly):
+    tok = smollm2_readonly.tokenizer
+    short = tmp_path / "short.txt"
+    short.write_text("Too short.")
+    with pytest.raises(CalibrationError, match="shorter than one 128-token window"):
+        sample_windows(tok, short)
+    with pytest.raises(CalibrationError, match="only"):
+        sample_windows(tok, short, num_windows=3, seq_len=2)
+    with pytest.raises(CalibrationError, match="not found"):
+        sample_windows(tok, tmp_path / "missing.txt")
+    binary = tmp_path / "bad.txt"
+    binary.write_bytes(b"\xff\xfe\x00\x80" * 100)
+    with pytest.raises(CalibrationError, match="cannot read"):
+        sample_windows(tok, binary)
+    with pytest.raises(CalibrationError, match="unknown text source"):
+        sample_windows(tok, "nonsense-name")

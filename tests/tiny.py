@@ -1,0 +1,55 @@
+"""Tiny random models of every supported family, built from configs (no downloads)."""
+
+from __future__ import annotations
+
+import torch
+import transformers as tf
+
+VOCAB = 128
+HIDDEN = 64
+LAYERS = 6
+
+_LLAMA_LIKE = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=LAYERS,
+                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+
+
+def _alternating(n: int, period: int = 2) -> list[str]:
+    return ["full_attention" if (i + 1) % period == 0 else "sliding_attention" for i in range(n)]
+
+
+CONFIGS = {
+    "llama": lambda: tf.LlamaConfig(**_LLAMA_LIKE),
+    "mistral": lambda: tf.MistralConfig(**_LLAMA_LIKE, sliding_window=None),
+    "qwen2": lambda: tf.Qwen2Config(**_LLAMA_LIKE),
+    "qwen3": lambda: tf.Qwen3Config(**_LLAMA_LIKE, head_dim=16),
+    "gemma2": lambda: tf.Gemma2Config(**_LLAMA_LIKE, head_dim=16, sliding_window=4,
+                                      layer_types=_alternating(LAYERS)),
+    "gemma3": lambda: tf.Gemma3TextConfig(**_LLAMA_LIKE, head_dim=16, sliding_window=4,
+                                          layer_types=_alternating(LAYERS, 3)),
+    "phi3": lambda: tf.Phi3Config(**_LLAMA_LIKE),
+    "gpt2": lambda: tf.GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=4, n_positions=128),
+    "gpt_neox": lambda: tf.GPTNeoXConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
+                                         num_attention_heads=4, intermediate_size=128,
+                                         max_position_embeddings=128),
+    "opt": lambda: tf.OPTConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
+                                num_attention_heads=4, ffn_dim=128, word_embed_proj_dim=HIDDEN,
+                                max_position_embeddings=128),
+}
+
+
+def tiny_config(family: str):
+    config = CONFIGS[family]()
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = 1, 2, 0
+    return config
+
+
+def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = tf.AutoModelForCausalLM.from_config(tiny_config(family))
+    model.eval()
+    return model
+
+
+def tiny_inputs(batch: int = 2, seq: int = 12, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (batch, seq), generator=g)
