@@ -37,15 +37,19 @@ CONFIGS = {
 }
 
 
-def tiny_config(family: str):
+def tiny_config(family: str, layers: int = LAYERS):
     config = CONFIGS[family]()
     config.bos_token_id, config.eos_token_id, config.pad_token_id = 1, 2, 0
+    if layers != LAYERS:
+        config.num_hidden_layers = layers
+        if getattr(config, "layer_types", None):
+            config.layer_types = (config.layer_types * layers)[:layers]
     return config
 
 
-def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
+def tiny_model(family: str, seed: int = 0, layers: int = LAYERS) -> torch.nn.Module:
     torch.manual_seed(seed)
-    model = tf.AutoModelForCausalLM.from_config(tiny_config(family))
+    model = tf.AutoModelForCausalLM.from_config(tiny_config(family, layers))
     model.eval()
     return model
 

@@ -49,10 +49,10 @@ def _load(model: str, dtype: str | None, device: str):
     return load_model(model, dtype=dtype, device=device)
 
 
-def _calib(calib: str, samples: int, seq_len: int, seed: int):
+def _calib(calib: str, samples: int, seq_len: int, seed: int, sentences_file: Path | None = None):
     from .pipeline import CalibrationSpec
 
-    return CalibrationSpec(calib, samples, seq_len, seed)
+    return CalibrationSpec(calib, samples, seq_len, seed, sentences_file)
 
 
 @app.command()
@@ -101,6 +101,21 @@ def prune(
     keep_layers: Annotated[Optional[int], typer.Option(help="Number of layers to keep.")] = None,
     block: Annotated[Optional[int], typer.Option(help="angular: size of the contiguous block to remove.")] = None,
     metric: Annotated[str, typer.Option(help="shortgpt: bi or angular score.")] = "bi",
+    threshold: Annotated[Optional[float], typer.Option(
+        help="slm/laco: similarity threshold T in (0, 1) (defaults: slm 0.72, laco 0.65). "
+        "Give either T or a depth target; with a target, T is found by bisection.")] = None,
+    operator: Annotated[Optional[str], typer.Option(
+        help="slm/laco merge operator: reference (released code; slm default), rdsc (paper formula; "
+        "laco default), average, drop.")] = None,
+    final_window: Annotated[str, typer.Option(
+        help="slm: a window still passing when the loop reaches layer 0 is 'commit'ted (default) "
+        "or 'skip'ped (released code).")] = "commit",
+    merge_layers: Annotated[int, typer.Option(help="laco: C, layers collapsed per merge.")] = 4,
+    interval: Annotated[int, typer.Option(help="laco: I, step down after an accepted merge.")] = 2,
+    lowest: Annotated[int, typer.Option(help="laco: lowest merge position L_low.")] = 1,
+    highest: Annotated[Optional[int], typer.Option(help="laco: top of the layer range H (default L).")] = None,
+    calib_sentences: Annotated[Optional[Path], typer.Option(
+        help="Calibration = these sentences, one per line (LaCo's few-shot set), instead of windows.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --out.")] = False,
     eval_ppl: Annotated[bool, typer.Option("--eval-ppl/--no-eval-ppl", help="Perplexity before and after.")] = False,
     ppl_data: Annotated[str, typer.Option(help="Perplexity text: default-heldout, wikitext2, ptb or a file.")] = "default-heldout",
@@ -130,8 +145,10 @@ def prune(
     ppl = PerplexitySpec(ppl_data, seq_len, ppl_windows or None) if eval_ppl else None
     result = run_prune(
         loaded, method, target,
-        calibration=_calib(calib, calib_samples, seq_len, seed), out=out, overwrite=overwrite,
-        ppl=ppl, progress=not quiet, block=block, metric=metric, batch_size=batch_size,
+        calibration=_calib(calib, calib_samples, seq_len, seed, calib_sentences), out=out,
+        overwrite=overwrite, ppl=ppl, progress=not quiet, block=block, metric=metric, batch_size=batch_size,
+        threshold=threshold, operator=operator, final_window=final_window, merge_layers=merge_layers,
+        interval=interval, lowest=lowest, highest=highest,
     )
     _print_result(result)
 
@@ -193,6 +210,48 @@ def eval_ppl_cmd(
                f"{res.tokens} scored tokens, {res.source})")
     if json_out:
         write_json(json_out, {"model": model, **res.to_dict()})
+
+
+@app.command()
+def analyze(
+    model: ModelOpt = "smollm2-135m",
+    out: Annotated[Path, typer.Option(help="Directory for cka.json, cka.npy and cka.png.")] = Path("analysis"),
+    kernel: Annotated[str, typer.Option(help="CKA kernel: linear or rbf (median-heuristic bandwidth).")] = "linear",
+    plan: Annotated[Optional[Path], typer.Option(
+        help="A depthprune_plan.json (or a pruned checkpoint directory) whose merged/removed windows "
+        "are outlined on the heatmap.")] = None,
+    calib: CalibOpt = "default",
+    calib_samples: SamplesOpt = 10,
+    seq_len: SeqLenOpt = 128,
+    seed: SeedOpt = 1234,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per CKA minibatch.")] = 2,
+    dtype: DtypeOpt = None,
+    device: DeviceOpt = "cpu",
+    quiet: QuietOpt = False,
+) -> None:
+    """Layer x layer CKA of layer outputs (SLM's "patches" analysis): JSON, NPY and a heatmap."""
+    import numpy as np
+
+    from .analysis.layer_cka import layer_similarity
+    from .analysis.cka import plot_cka_heatmap
+    from .io import write_json
+    from .plan import Plan
+
+    if kernel not in ("linear", "rbf"):
+        _fail(f"unknown kernel {kernel!r}: use linear or rbf")
+    windows = None
+    if plan is not None:
+        loaded_plan = Plan.load(plan)
+        windows = [(m.low, m.high) for m in loaded_plan.merges] + [(i, i) for i in loaded_plan.remove]
+    loaded = _load(model, dtype, device)
+    cal = _calib(calib, calib_samples, seq_len, seed).windows(loaded.tokenizer)
+    result = layer_similarity(loaded.model, cal, kernel=kernel, batch_size=batch_size, progress=not quiet)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "cka.json", {"model": model, **result.to_dict()})
+    np.save(out / "cka.npy", result.matrix)
+    plot_cka_heatmap(result.matrix, out / "cka.png", title=f"{model}: {kernel} CKA of layer outputs",
+                     merged_windows=windows)
+    typer.echo(f"wrote {out / 'cka.json'}, {out / 'cka.npy'} and {out / 'cka.png'}")
 
 
 @app.command()

@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from .data.calibration import Calibration, sample_windows
+from .data.calibration import Calibration, sample_windows, sentences_from_file
 from .evaluate.perplexity import PerplexityResult, perplexity
 from .io import check_output_dir, save
 from .methods import Target, make_plan
@@ -26,12 +26,17 @@ REPORT_FILE = "report.json"
 
 @dataclass
 class CalibrationSpec:
+    """Where calibration comes from: sampled token windows, or a file of sentences (LaCo)."""
+
     source: str = "default"
     num_windows: int = 10
     seq_len: int = 128
     seed: int = 1234
+    sentences_file: Path | None = None
 
     def windows(self, tokenizer: Any) -> Calibration:
+        if self.sentences_file is not None:
+            return sentences_from_file(tokenizer, self.sentences_file, max_len=self.seq_len)
         return sample_windows(tokenizer, self.source, num_windows=self.num_windows,
                               seq_len=self.seq_len, seed=self.seed)
 

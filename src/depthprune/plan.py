@@ -21,14 +21,20 @@ class PlanError(ValueError):
 
 @dataclass(frozen=True)
 class Merge:
-    """Fold layers ``low..high`` (inclusive) into one layer at position ``low``."""
+    """Fold the layers still standing in ``low..high`` (inclusive) into one layer at ``low``.
+
+    Merges apply in plan order. A later merge may contain an earlier one
+    (LaCo can collapse an already-merged layer again); the earlier merge's
+    result then takes part as a single layer, exactly as in LaCo's loop over
+    the current model.
+    """
 
     low: int
     high: int
     operator: str
 
     @property
-    def members(self) -> range:
+    def window(self) -> range:
         return range(self.low, self.high + 1)
 
 
@@ -48,9 +54,7 @@ class Plan:
 
     def __post_init__(self) -> None:
         self.remove = sorted(int(i) for i in self.remove)
-        self.merges = sorted(
-            (m if isinstance(m, Merge) else Merge(**m) for m in self.merges), key=lambda m: m.low
-        )
+        self.merges = [m if isinstance(m, Merge) else Merge(**m) for m in self.merges]
         if self.version is None:
             from . import __version__
 
@@ -58,29 +62,45 @@ class Plan:
         self.validate()
 
     def validate(self) -> None:
-        seen: set[int] = set()
+        removed: set[int] = set()
         for i in self.remove:
             if not 0 <= i < self.num_layers:
                 raise PlanError(f"layer {i} is outside 0..{self.num_layers - 1}")
-            if i in seen:
+            if i in removed:
                 raise PlanError(f"layer {i} is removed twice")
-            seen.add(i)
+            removed.add(i)
+        done: list[Merge] = []
         for m in self.merges:
             if not 0 <= m.low < m.high < self.num_layers:
                 raise PlanError(f"merge {m.low}..{m.high} is not a window inside 0..{self.num_layers - 1}")
-            overlap = seen.intersection(m.members)
-            if overlap:
-                raise PlanError(f"merge {m.low}..{m.high} overlaps layers already removed or merged: {sorted(overlap)}")
-            seen.update(m.members)
+            if removed.intersection(m.window):
+                raise PlanError(f"merge {m.low}..{m.high} overlaps removed layers {sorted(removed.intersection(m.window))}")
+            for prev in done:
+                inside = prev.low >= m.low and prev.high <= m.high
+                apart = prev.high < m.low or prev.low > m.high
+                if not (inside or apart):
+                    raise PlanError(
+                        f"merge {m.low}..{m.high} cuts through the earlier merge {prev.low}..{prev.high}"
+                    )
+                if inside and prev.low == m.low and prev.high == m.high:
+                    raise PlanError(f"merge {m.low}..{m.high} is given twice")
+            done.append(m)
         if self.num_layers_after < 1:
             raise PlanError(f"the plan removes all {self.num_layers} layers; keep at least one")
+
+    def merge_members(self, index: int) -> list[int]:
+        """Original indices of the layers standing in merge ``index``'s window when it applies."""
+        gone = set(self.remove)
+        for m in self.merges[:index]:
+            gone.update(i for i in m.window if i != m.low)
+        return [i for i in self.merges[index].window if i not in gone]
 
     @property
     def dropped(self) -> list[int]:
         """Original layers that no longer exist as their own layer (removed or merged away)."""
         gone = set(self.remove)
         for m in self.merges:
-            gone.update(range(m.low + 1, m.high + 1))
+            gone.update(i for i in m.window if i != m.low)
         return sorted(gone)
 
     @property

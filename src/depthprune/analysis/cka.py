@@ -30,12 +30,13 @@ from __future__ import annotations
 
 import math
 import os
-import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Sequence
 
 import numpy as np
 import torch
+
+from ..report import save_figure
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -374,22 +375,4 @@ def plot_cka_heatmap(
     if title is not None:
         axes.set_title(title)
     figure.tight_layout()
-    return _save_atomically(figure, Path(path))
-
-
-def _save_atomically(figure: Figure, target: Path) -> Path:
-    """Save ``figure`` as PNG via a same-directory temp file and ``os.replace``.
-
-    The temp file is opened with mode "xb" (not ``tempfile.mkstemp``) so the
-    final PNG gets the usual umask-derived permissions instead of 0600.
-    """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(temp, "xb") as stream:
-            figure.savefig(stream, format="png")
-        os.replace(temp, target)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    return target
+    return save_figure(figure, Path(path))

@@ -260,6 +260,14 @@ def sentences(tokenizer: Any, texts: list[str], *, max_len: int = 256) -> Calibr
     return Calibration(ids, mask, {"source": "sentences", "num_windows": len(enc), "max_len": max_len})
 
 
+def sentences_from_file(tokenizer: Any, path: str | Path, *, max_len: int = 256) -> Calibration:
+    """One calibration sample per non-empty line of a text file."""
+    lines = [line.strip() for line in _read_local(Path(path)).splitlines() if line.strip()]
+    cal = sentences(tokenizer, lines, max_len=max_len)
+    cal.description["source"] = f"sentences:{path}"
+    return cal
+
+
 __all__ = [
     "Calibration",
     "CalibrationError",
@@ -269,5 +277,6 @@ __all__ = [
     "read_text",
     "sample_windows",
     "sentences",
+    "sentences_from_file",
     "special_prefix",
 ]

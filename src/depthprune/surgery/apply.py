@@ -36,8 +36,8 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
             f"config fields {stale} look per-layer but the {spec.family} spec does not list them; "
             "add them to per_layer_config in depthprune/models/arch.py"
         )
-    for m in plan.merges:
-        merge_into_first([layers[i] for i in m.members], m.operator, spec)
+    for index, m in enumerate(plan.merges):
+        merge_into_first([layers[i] for i in plan.merge_members(index)], m.operator, spec)
     kept = plan.kept
     per_layer = {
         name: [values[i] for i in kept]

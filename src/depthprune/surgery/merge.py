@@ -17,7 +17,6 @@ comes from layer ``low``. With ``theta_k`` a projection of layer ``low + k``,
 
 from __future__ import annotations
 
-import copy
 from typing import Callable
 
 import torch
@@ -68,37 +67,27 @@ def is_projection(param_name: str, spec: ArchSpec) -> bool:
     return any(param_name.startswith(path + ".") for path in spec.projections.values())
 
 
-def merged_parameters(layers: list[nn.Module], operator: str, spec: ArchSpec) -> dict[str, torch.Tensor]:
-    """The merged value of every projection parameter of ``layers[0]``."""
+def merge_params(
+    param_dicts: list[dict[str, torch.Tensor]], operator: str, spec: ArchSpec
+) -> dict[str, torch.Tensor]:
+    """The merged value of every projection parameter, from each layer's named parameters."""
     check_operator(operator)
     fn = OPERATORS[operator]
-    params = [dict(layer.named_parameters()) for layer in layers]
     return {
-        name: fn([p[name].detach() for p in params])
-        for name in params[0]
+        name: fn([p[name].detach() for p in param_dicts])
+        for name in param_dicts[0]
         if is_projection(name, spec)
     }
 
 
 @torch.no_grad()
 def merge_into_first(layers: list[nn.Module], operator: str, spec: ArchSpec) -> nn.Module:
-    """Overwrite ``layers[0]``'s projections with the merge (surgery: no extra layer in memory)."""
+    """Overwrite ``layers[0]``'s projections with the merge, in place (no extra layer in memory)."""
+    check_operator(operator)
     if len(layers) < 2 or operator == "drop":
-        check_operator(operator)
         return layers[0]
-    merged = merged_parameters(layers, operator, spec)
+    merged = merge_params([dict(layer.named_parameters()) for layer in layers], operator, spec)
     own = dict(layers[0].named_parameters())
     for name, value in merged.items():
         own[name].copy_(value)
     return layers[0]
-
-
-@torch.no_grad()
-def merged_copy(layers: list[nn.Module], operator: str, spec: ArchSpec) -> nn.Module:
-    """A new module holding the merge; the input layers are untouched (search engine)."""
-    if operator == "drop":
-        check_operator(operator)
-        return layers[0]
-    new = copy.deepcopy(layers[0])
-    merge_into_first([new, *layers[1:]], operator, spec)
-    return new

@@ -1,0 +1,1 @@
+"""Similarity search engine shared by SLM and LaCo."""

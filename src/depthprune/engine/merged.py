@@ -1,0 +1,53 @@
+"""A merged layer for the search engine that costs no model copy.
+
+``MergedLayer`` runs the first member's module with the merged projection
+weights substituted through ``torch.func.functional_call``; the merged tensors
+exist only while a candidate is evaluated (``release()`` frees them), and the
+original layers are never written to.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from ..models.arch import ArchSpec
+from ..surgery.merge import merge_params
+
+
+def layer_params(module: nn.Module) -> dict[str, torch.Tensor]:
+    if isinstance(module, MergedLayer):
+        return module.params()
+    return dict(module.named_parameters())
+
+
+class MergedLayer(nn.Module):
+    def __init__(self, members: list[nn.Module], operator: str, spec: ArchSpec):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.operator = operator
+        self.spec = spec
+        self._params: dict[str, torch.Tensor] | None = None
+
+    @property
+    def base(self) -> nn.Module:
+        first = self.members[0]
+        return first.base if isinstance(first, MergedLayer) else first
+
+    def params(self) -> dict[str, torch.Tensor]:
+        """Parameters of the merged layer (projections merged, the rest from the first member)."""
+        if self._params is None:
+            first = layer_params(self.members[0])
+            merged = merge_params([layer_params(m) for m in self.members], self.operator, self.spec)
+            self._params = {**first, **merged}
+        return self._params
+
+    def release(self) -> None:
+        self._params = None
+        for m in self.members:
+            if isinstance(m, MergedLayer):
+                m.release()
+
+    def forward(self, *args, **kwargs):
+        return functional_call(self.base, self.params(), args, kwargs)

@@ -1,0 +1,103 @@
+"""LaCo: Layer Collapse (Yang et al., arXiv 2402.11187).
+
+Walk a merge point ``l`` down from ``H - C`` to ``L_low``. At each point,
+collapse the C layers ``l..l+C-1`` of the *current* model into layer ``l``
+(RDSC in the paper; the operator is configurable) and compare the result with
+the original model (final-hidden-state cosine on the calibration set D)::
+
+    l = H - C
+    while l >= L_low:
+        candidate = merge(current, l, l+1, ..., l+C-1)
+        if sim(original, candidate) > T:  current = candidate; l -= I     # accept
+        else:                             l -= 1                          # move on
+        stop once the target layer count is reached
+
+Indices are positions in the current model, so with I < C a later merge can
+collapse an earlier merged layer again (recorded as a merge containing the
+earlier one). With a layer budget, the last merge takes only as many layers
+as are still wanted.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..engine.search import SimilarityEngine
+from ..engine.stack import CurrentStack
+from ..plan import Merge, Plan, PlanError
+
+DEFAULT_THRESHOLD = 0.65
+DEFAULT_OPERATOR = "rdsc"
+DEFAULT_MERGE_LAYERS = 4
+DEFAULT_INTERVAL = 2
+
+
+def check_laco_options(num_layers: int, merge_layers: int, interval: int, lowest: int, highest: int) -> None:
+    if merge_layers < 2:
+        raise PlanError(f"LaCo needs C >= 2 layers per merge, got {merge_layers}")
+    if interval < 1:
+        raise PlanError(f"LaCo's interval I must be at least 1, got {interval}")
+    if not 0 <= lowest < highest <= num_layers:
+        raise PlanError(
+            f"LaCo layer range [{lowest}, {highest}] is empty or outside the model's 0..{num_layers}"
+        )
+    if highest - merge_layers < lowest:
+        raise PlanError(
+            f"LaCo layer range [{lowest}, {highest}] holds no window of C={merge_layers} layers"
+        )
+
+
+def laco_search(
+    engine: SimilarityEngine,
+    threshold: float,
+    *,
+    operator: str = DEFAULT_OPERATOR,
+    merge_layers: int = DEFAULT_MERGE_LAYERS,
+    interval: int = DEFAULT_INTERVAL,
+    lowest: int = 1,
+    highest: int | None = None,
+    max_remove: int | None = None,
+    memo: dict | None = None,
+    progress: Any = None,
+) -> Plan:
+    """One LaCo pass at ``threshold``; every merge tried is logged with its similarity and decision."""
+    L = engine.num_layers
+    highest = L if highest is None else highest
+    check_laco_options(L, merge_layers, interval, lowest, highest)
+    memo = {} if memo is None else memo
+    stack = CurrentStack(engine, operator)
+    merges: list[Merge] = []
+    log: list[dict[str, Any]] = []
+    l = highest - merge_layers
+    while l >= lowest:
+        last = min(l + merge_layers - 1, len(stack) - 1)
+        if max_remove is not None:
+            last = min(last, l + max_remove - stack.removed)
+        key = stack.candidate_key(l, last)
+        if key not in memo:
+            memo[key] = stack.similarity(l, last)
+        sim = memo[key]
+        window = (stack.entries[l].low, stack.entries[last].high)
+        log.append({"position": l, "low": window[0], "high": window[1], "layers": last - l + 1,
+                    "similarity": sim})
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(at=l, sim=f"{sim:.4f}", merged=stack.removed)
+        if sim > threshold:
+            stack.commit(l, last)
+            merges.append(Merge(window[0], window[1], operator))
+            log[-1]["decision"] = f"accept: collapse {window[0]}..{window[1]}"
+            l -= interval
+            if max_remove is not None and stack.removed >= max_remove:
+                break
+        else:
+            log[-1]["decision"] = "reject"
+            l -= 1
+    return Plan(
+        method="laco",
+        num_layers=L,
+        merges=merges,
+        params={"threshold": threshold, "operator": operator, "merge_layers": merge_layers,
+                "interval": interval, "lowest": lowest, "highest": highest, "max_remove": max_remove},
+        log=log,
+    )

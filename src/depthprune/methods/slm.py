@@ -1,0 +1,101 @@
+"""SLM: Sliding Layer Merging (Ding et al., arXiv 2502.19159).
+
+Slide a window from the top of the model down; grow it while the model with
+the window merged stays similar to the *original* (final-hidden-state cosine
+> T); when it stops passing, commit the last passing window and start a new
+one just below it. The last layer is never merged::
+
+    high = L-2; low = high-1
+    while low >= 0:
+        if sim(original, current with low..high merged) > T:  low -= 1          # grow down
+        elif low+1 != high:  commit low+1..high; high = low; low = high-1       # merge last passing
+        else:                high -= 1; low -= 1                                 # slide
+
+Edge case: the released code never commits a window that still passes when the
+loop ends (it reached layer 0). depthprune commits it by default
+(``final_window="commit"``: it passed the same test as every other window);
+``final_window="skip"`` reproduces the released code.
+
+With a layer budget (``max_remove``) a passing window is committed as soon as
+it removes exactly the layers still wanted, and the search stops.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..engine.search import SimilarityEngine
+from ..engine.stack import CurrentStack
+from ..plan import Merge, Plan, PlanError
+
+DEFAULT_THRESHOLD = 0.72
+DEFAULT_OPERATOR = "reference"
+FINAL_WINDOW = ("commit", "skip")
+
+
+def slm_search(
+    engine: SimilarityEngine,
+    threshold: float,
+    *,
+    operator: str = DEFAULT_OPERATOR,
+    max_remove: int | None = None,
+    final_window: str = "commit",
+    memo: dict | None = None,
+    progress: Any = None,
+) -> Plan:
+    """One SLM pass at ``threshold``; every window tried is logged with its similarity and decision."""
+    if final_window not in FINAL_WINDOW:
+        raise PlanError(f"final_window must be one of {FINAL_WINDOW}, got {final_window!r}")
+    memo = {} if memo is None else memo
+    stack = CurrentStack(engine, operator)
+    merges: list[Merge] = []
+    log: list[dict[str, Any]] = []
+    L = engine.num_layers
+
+    def commit(low: int, high: int, why: str) -> None:
+        stack.commit(low, high)
+        merges.append(Merge(low, high, operator))
+        log[-1]["decision"] = why
+
+    high, low = L - 2, L - 3
+    pending = False
+    while low >= 0:
+        key = stack.candidate_key(low, high)
+        if key not in memo:
+            memo[key] = stack.similarity(low, high)
+        sim = memo[key]
+        log.append({"low": low, "high": high, "similarity": sim})
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(window=f"{low}-{high}", sim=f"{sim:.4f}", merged=stack.removed)
+        passed = sim > threshold
+        if passed and max_remove is not None and high - low >= max_remove - stack.removed:
+            commit(low, high, f"pass: commit {low}..{high} (layer budget reached)")
+            pending = False
+            break
+        if passed:
+            log[-1]["decision"] = "pass: grow window"
+            low -= 1
+            pending = True
+        elif low + 1 != high:
+            log[-1]["decision"] = "fail"
+            commit(low + 1, high, f"fail: commit {low + 1}..{high}")
+            high, low = low, low - 1
+            pending = False
+        else:
+            log[-1]["decision"] = "fail: slide"
+            high, low = high - 1, low - 1
+            pending = False
+    if pending:
+        if final_window == "commit":
+            commit(0, high, f"loop ended with window 0..{high} passing: commit")
+        else:
+            log[-1]["decision"] += " (loop ended; window not committed, as in the released code)"
+    return Plan(
+        method="slm",
+        num_layers=L,
+        merges=merges,
+        params={"threshold": threshold, "operator": operator, "final_window": final_window,
+                "max_remove": max_remove},
+        log=log,
+    )

@@ -1,0 +1,71 @@
+"""Slow, straightforward SLM and LaCo loops: deep copy + surgery + full forward per candidate.
+
+Independent of depthprune's engine (no cached states, no swapped stacks, no
+functional merged layers); it only shares the Plan/surgery code, whose merges
+are tested against their formulas separately.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from depthprune import Merge, Plan, apply_plan
+
+
+def final_states(model, ids, mask):
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+
+
+def similarity(original_final, model, merges, ids, mask, num_layers):
+    candidate = copy.deepcopy(model)
+    apply_plan(candidate, Plan(method="ref", num_layers=num_layers, merges=merges))
+    out = final_states(candidate, ids, mask)
+    sims = []
+    for b in range(ids.shape[0]):
+        keep = mask[b].bool()
+        a, c = original_final[b][keep].flatten().double(), out[b][keep].flatten().double()
+        sims.append(float(a @ c / (a.norm() * c.norm())))
+    return sum(sims) / len(sims)
+
+
+def slow_slm(model, ids, mask, threshold, operator, num_layers):
+    """Returns the plan's merges for final_window="commit" and for "skip" (the released code)."""
+    orig = final_states(model, ids, mask)
+    merges: list[Merge] = []
+    high, low = num_layers - 2, num_layers - 3
+    passing = False
+    while low >= 0:
+        sim = similarity(orig, model, merges + [Merge(low, high, operator)], ids, mask, num_layers)
+        if sim > threshold:
+            low -= 1
+            passing = True
+        elif low + 1 != high:
+            merges.append(Merge(low + 1, high, operator))
+            high, low = low, low - 1
+            passing = False
+        else:
+            high, low = high - 1, low - 1
+            passing = False
+    committed = merges + [Merge(0, high, operator)] if passing else merges
+    return {"commit": committed, "skip": merges}
+
+
+def slow_laco(model, ids, mask, threshold, operator, num_layers, merge_layers, interval, lowest, highest):
+    orig = final_states(model, ids, mask)
+    spans = [(i, i) for i in range(num_layers)]
+    merges: list[Merge] = []
+    l = highest - merge_layers
+    while l >= lowest:
+        last = min(l + merge_layers - 1, len(spans) - 1)
+        candidate = Merge(spans[l][0], spans[last][1], operator)
+        sim = similarity(orig, model, merges + [candidate], ids, mask, num_layers)
+        if sim > threshold:
+            merges.append(candidate)
+            spans[l : last + 1] = [(candidate.low, candidate.high)]
+            l -= interval
+        else:
+            l -= 1
+    return merges
