@@ -3,17 +3,28 @@
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
 from typing import Sequence
 
 
-def _save_figure(fig, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    os.replace(tmp, path)
-    return path
+def save_figure(figure, path: str | Path) -> Path:
+    """Save a matplotlib figure as PNG via a same-directory temp file and ``os.replace``.
+
+    Opened with mode "xb" (not ``mkstemp``) so the PNG gets the usual
+    umask-derived permissions instead of 0600; a reader never sees half a file.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(temp, "xb") as stream:
+            figure.savefig(stream, format="png", dpi=120, bbox_inches="tight")
+        os.replace(temp, target)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    return target
 
 
 def plot_layer_scores(
@@ -42,4 +53,4 @@ def plot_layer_scores(
         from matplotlib.patches import Patch
 
         ax.legend(handles=[Patch(color="tab:red", label="removed")], loc="upper center")
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
