@@ -161,6 +161,44 @@ def _tokenize_body(tokenizer: Any, text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+@dataclass
+class _Slots:
+    """A text's tokens cut into consecutive window bodies, each to be led by the special prefix."""
+
+    ids: list[int]
+    prefix: list[int]
+    seq_len: int
+    source: str
+
+    @classmethod
+    def cut(cls, tokenizer: Any, source: str | Path, text: str | None, seq_len: int) -> "_Slots":
+        text, desc = read_text(source) if text is None else (text, "inline text")
+        prefix = special_prefix(tokenizer)
+        if seq_len - len(prefix) < 1:
+            raise CalibrationError(f"--seq-len {seq_len} leaves no room after the special prefix")
+        slots = cls(_tokenize_body(tokenizer, text), prefix, seq_len, desc)
+        if len(slots) == 0:
+            raise CalibrationError(
+                f"text has {len(slots.ids)} tokens, shorter than one {seq_len}-token window; "
+                "use a longer text or a smaller --seq-len"
+            )
+        return slots
+
+    @property
+    def body_len(self) -> int:
+        return self.seq_len - len(self.prefix)
+
+    def __len__(self) -> int:
+        return len(self.ids) // self.body_len
+
+    def window(self, i: int) -> list[int]:
+        return self.prefix + self.ids[i * self.body_len : (i + 1) * self.body_len]
+
+    def description(self) -> dict[str, Any]:
+        return {"source": self.source, "seq_len": self.seq_len, "special_prefix": self.prefix,
+                "text_tokens": len(self.ids)}
+
+
 def _stack(windows: list[list[int]]) -> Calibration:
     ids = torch.tensor(windows, dtype=torch.long)
     return Calibration(ids, torch.ones_like(ids))
@@ -183,35 +221,15 @@ def sample_windows(
     """
     if num_windows < 1 or seq_len < 2:
         raise CalibrationError("need at least 1 window of at least 2 tokens")
-    if text is None:
-        text, desc = read_text(source)
-    else:
-        desc = "inline text"
-    prefix = special_prefix(tokenizer)
-    body_len = seq_len - len(prefix)
-    ids = _tokenize_body(tokenizer, text)
-    slots = len(ids) // body_len
-    if slots == 0:
+    slots = _Slots.cut(tokenizer, source, text, seq_len)
+    if len(slots) < num_windows:
         raise CalibrationError(
-            f"calibration text has {len(ids)} tokens, shorter than one {seq_len}-token window; "
-            "use a longer text or a smaller --seq-len"
-        )
-    if slots < num_windows:
-        raise CalibrationError(
-            f"calibration text holds only {slots} windows of {seq_len} tokens but {num_windows} were "
+            f"calibration text holds only {len(slots)} windows of {seq_len} tokens but {num_windows} were "
             "requested; use a longer text, fewer windows or a smaller --seq-len"
         )
-    picked = sorted(random.Random(seed).sample(range(slots), num_windows))
-    windows = [prefix + ids[s * body_len : (s + 1) * body_len] for s in picked]
-    cal = _stack(windows)
-    cal.description = {
-        "source": desc,
-        "num_windows": num_windows,
-        "seq_len": seq_len,
-        "seed": seed,
-        "special_prefix": prefix,
-        "text_tokens": len(ids),
-    }
+    picked = sorted(random.Random(seed).sample(range(len(slots)), num_windows))
+    cal = _stack([slots.window(i) for i in picked])
+    cal.description = {**slots.description(), "num_windows": num_windows, "seed": seed}
     return cal
 
 
@@ -224,24 +242,10 @@ def consecutive_windows(
     text: str | None = None,
 ) -> Calibration:
     """Non-overlapping windows from the start of the text (the perplexity protocol)."""
-    if text is None:
-        text, desc = read_text(source)
-    else:
-        desc = "inline text"
-    prefix = special_prefix(tokenizer)
-    body_len = seq_len - len(prefix)
-    if body_len < 1:
-        raise CalibrationError(f"--seq-len {seq_len} leaves no room after the special prefix")
-    ids = _tokenize_body(tokenizer, text)
-    n = len(ids) // body_len
-    if n == 0:
-        raise CalibrationError(
-            f"text has {len(ids)} tokens, shorter than one {seq_len}-token window"
-        )
-    if max_windows is not None:
-        n = min(n, max_windows)
-    cal = _stack([prefix + ids[i * body_len : (i + 1) * body_len] for i in range(n)])
-    cal.description = {"source": desc, "num_windows": n, "seq_len": seq_len, "special_prefix": prefix}
+    slots = _Slots.cut(tokenizer, source, text, seq_len)
+    n = len(slots) if max_windows is None else min(len(slots), max_windows)
+    cal = _stack([slots.window(i) for i in range(n)])
+    cal.description = {**slots.description(), "num_windows": n}
     return cal
 
 
