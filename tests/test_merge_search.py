@@ -195,3 +195,13 @@ def test_plan_log_records_every_window():
     plan = make_plan("slm", model, _cal(), threshold=0.5, progress=False)
     assert plan.log and all({"low", "high", "similarity", "decision"} <= set(e) for e in plan.log)
     assert plan.params["candidates_evaluated"] == len(plan.log)
+
+
+def test_drop_merge_equals_removing_the_window_tail():
+    ids = tiny_inputs()
+    merged, removed = tiny_model("gemma3"), tiny_model("gemma3")
+    apply_plan(merged, Plan(method="t", num_layers=LAYERS, merges=[Merge(1, 3, "drop")]))
+    apply_plan(removed, Plan(method="t", num_layers=LAYERS, remove=[2, 3]))
+    with torch.no_grad():
+        assert torch.equal(merged(ids).logits, removed(ids).logits)
+    assert merged.config.layer_types == removed.config.layer_types
