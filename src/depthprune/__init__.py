@@ -16,15 +16,22 @@ __version__ = "0.1.0"
 from .analysis.stats import LayerStats, layer_statistics as score_layers
 from .data.calibration import Calibration, sample_windows as calibration_windows, sentences
 from .evaluate.perplexity import perplexity
+from .heal import HealConfig, heal
 from .io import save
 from .methods.angular import plan_angular
 from .methods.shortgpt import plan_shortgpt
 from .models.load import load_model
 from .plan import Merge, Plan, layers_to_remove
 from .surgery import apply_plan
+from .surgery.width import WidthPlan, apply_width_plan, width_plan
 
 __all__ = [
     "Calibration",
+    "HealConfig",
+    "WidthPlan",
+    "apply_width_plan",
+    "heal",
+    "width_plan",
     "LayerStats",
     "Merge",
     "Plan",

@@ -263,6 +263,11 @@ def methods() -> None:
         typer.echo(f"{info.name:10s} {info.summary}")
 
 
+def _register_commands() -> None:
+    """Commands defined in sibling modules register themselves on ``app`` when imported."""
+    from . import cli_heal  # noqa: F401
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; errors caused by input print one line (no traceback) and exit with 2."""
     from .data.calibration import CalibrationError
@@ -271,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     from .plan import PlanError
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    _register_commands()
     try:
         app(args=argv, prog_name="depthprune")
     except SystemExit as done:

@@ -45,7 +45,7 @@ from ..analysis.importance import (
     score_units,
 )
 from ..data.calibration import Calibration
-from ..models.arch import get_layers, get_path, spec_for
+from ..models.arch import get_base_model, get_layers, get_path, spec_for
 
 WIDTH_PLAN_FILE = "depthprune_width_plan.json"
 
@@ -86,6 +86,8 @@ class WidthPlan:
         ):
             if keep is None:
                 continue
+            if total is None:
+                raise WidthError(f"{name} is given but sizes_before does not record the matching size")
             if len(keep) != self.num_layers:
                 raise WidthError(f"{name} has {len(keep)} layers, the plan says {self.num_layers}")
             sizes = {len(k) for k in keep}
@@ -254,6 +256,17 @@ def _keep_units(share: Share, units: list[int]) -> None:
         setattr(module, "nf" if share.side == "out" else "nx", n)
 
 
+def _set_config(model: nn.Module, values: dict[str, int]) -> None:
+    """Set config fields on the model's config and on the base model's, when that is a distinct object."""
+    configs = [model.config]
+    base_config = getattr(get_base_model(model), "config", model.config)
+    if base_config is not model.config:
+        configs.append(base_config)
+    for config in configs:
+        for name, value in values.items():
+            setattr(config, name, value)
+
+
 def _parent(layer: nn.Module, path: str) -> nn.Module:
     parent, _, _ = path.rpartition(".")
     return get_path(layer, parent) if parent else layer
@@ -284,21 +297,22 @@ def apply_width_plan(model: nn.Module, plan: WidthPlan) -> nn.Module:
         if sizes.get(name) != value:
             raise WidthError(f"the width plan was made for {name}={value} but the model has {sizes.get(name)}; "
                              "apply it to the model it was made for")
-    config = model.config
+    if plan.keep_mlp is not None:
+        check_mlp_supported(spec)
+    if plan.keep_groups is not None:
+        check_heads_supported(spec)
     after = plan.sizes_after
 
     if plan.keep_mlp is not None:
-        check_mlp_supported(spec)
         for layer, keep in zip(layers, plan.keep_mlp):
             for share in mlp_shares(layer, spec):
                 _keep_units(share, keep)
             _set_existing(_parent(layer, spec.projections["down"]), {"intermediate_size": after["intermediate_size"]})
-        setattr(config, MLP_SIZE_FIELD[spec.family], after["intermediate_size"])
+        _set_config(model, {MLP_SIZE_FIELD[spec.family]: after["intermediate_size"]})
 
     if plan.keep_groups is not None:
-        check_heads_supported(spec)
         head_dim = plan.sizes_before["head_dim"]
-        shares = [head_shares(layer, spec, config, head_dim) for layer in layers]
+        shares = [head_shares(layer, spec, model.config, head_dim) for layer in layers]
         for layer_shares, keep in zip(shares, plan.keep_groups):
             for share in layer_shares:
                 _keep_units(share, keep)
@@ -312,9 +326,8 @@ def apply_width_plan(model: nn.Module, plan: WidthPlan) -> nn.Module:
         }
         for layer in layers:
             _set_existing(get_path(layer, spec.attention), values)
-        config.num_attention_heads = after["num_attention_heads"]
-        config.num_key_value_heads = after["num_key_value_heads"]
-        config.head_dim = head_dim
+        _set_config(model, {"num_attention_heads": after["num_attention_heads"],
+                            "num_key_value_heads": after["num_key_value_heads"], "head_dim": head_dim})
     return model
 
 

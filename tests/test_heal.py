@@ -1,0 +1,270 @@
+"""LoRA healing: data formats, targets, resume, clear errors, and a real heal of a pruned SmolLM2-135M."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as tf
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+import depthprune as dp
+from depthprune.heal import (
+    HealConfig,
+    HealDataError,
+    HealError,
+    heal,
+    load_heal_data,
+    lora_targets,
+)
+from tiny import tiny_model
+
+EXPECTED_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n### Instruction:\nTranslate to French."
+    "\n\n### Input:\nGood morning\n\n### Response:\nBonjour"
+)
+EXPECTED_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the "
+    "request.\n\n### Instruction:\nName a primary colour.\n\n### Response:\nRed"
+)
+RECORDS = [
+    {"instruction": "Translate to French.", "input": "Good morning", "output": "Bonjour"},
+    {"instruction": "Name a primary colour.", "input": "", "output": "Red"},
+]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """On a shared 2-core machine a second torch thread mostly spins; one thread is several times faster here."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tok(smollm2_path):
+    return AutoTokenizer.from_pretrained(smollm2_path)
+
+
+def _tiny_llama(tok, seed: int = 0):
+    """A 2-layer random Llama sharing SmolLM2's tokenizer (so real text can be tokenized)."""
+    torch.manual_seed(seed)
+    config = tf.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    return tf.AutoModelForCausalLM.from_config(config).eval()
+
+
+def _tiny_config(**kw) -> HealConfig:
+    base = dict(max_steps=4, batch_size=2, grad_accum=1, cutoff_len=32, max_items=24, val_size=4, eval_steps=2,
+                logging_steps=1, lr=1e-3, progress=False)
+    base.update(kw)
+    return HealConfig(**base)
+
+
+def test_alpaca_json_is_formatted_with_the_alpaca_prompt(tok, tmp_path):
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(RECORDS))
+    data = load_heal_data(path, tok, HealConfig(val_size=0, cutoff_len=256))
+    assert data.kind == "alpaca" and len(data.train) == 2 and data.val == []
+    texts = sorted(tok.decode(item["input_ids"]) for item in data.train)
+    assert texts == sorted([EXPECTED_WITH_INPUT + tok.eos_token, EXPECTED_NO_INPUT + tok.eos_token])
+    assert all(item["labels"] == item["input_ids"] for item in data.train)
+
+    jsonl = tmp_path / "data.jsonl"
+    jsonl.write_text("\n".join(json.dumps(r) for r in RECORDS))
+    response_only = load_heal_data(jsonl, tok, HealConfig(val_size=0, train_on="response"))
+    for item in response_only.train:
+        targets = [t for t, label in zip(item["input_ids"], item["labels"]) if label != -100]
+        assert tok.decode(targets) in ("Bonjour" + tok.eos_token, "Red" + tok.eos_token)
+
+
+def test_alpaca_cleaned_goes_through_datasets_load_dataset(tok, monkeypatch):
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(path, *args, **kwargs):
+        calls.append((path, kwargs.get("split")))
+        return datasets.Dataset.from_list(RECORDS * 10)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    data = load_heal_data("alpaca-cleaned", tok, HealConfig(max_items=5, val_size=1))
+    assert calls == [("yahma/alpaca-cleaned", "train")]
+    assert (len(data.train), len(data.val)) == (4, 1) and data.description["source"] == "hub:yahma/alpaca-cleaned"
+
+    monkeypatch.undo()
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(HealDataError, match="could not load dataset 'yahma/alpaca-cleaned'.*local .json"):
+        load_heal_data("alpaca-cleaned", tok, HealConfig())
+
+
+def test_text_files_become_cutoff_length_blocks(tok, shared_data):
+    data = load_heal_data(shared_data / "austen" / "emma.txt", tok, HealConfig(cutoff_len=64, max_items=50,
+                                                                                val_size=0.1))
+    assert data.kind == "text" and (len(data.train), len(data.val)) == (45, 5)
+    assert all(len(item["input_ids"]) == 64 and item["labels"] == item["input_ids"] for item in data.train)
+
+
+@pytest.mark.parametrize("data, message", [
+    ("missing.json", "not found"),
+    ("no/such/dir/data.txt", "not found"),
+    ("nonsense", "unknown healing data"),
+])
+def test_bad_data_is_a_clear_error(tok, data, message):
+    with pytest.raises(HealDataError, match=message):
+        load_heal_data(data, tok, HealConfig())
+
+
+def test_malformed_alpaca_records_are_refused(tok, tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps([{"question": "?", "answer": "!"}]))
+    with pytest.raises(HealDataError, match="alpaca layout"):
+        load_heal_data(path, tok, HealConfig())
+    path.write_text("{not json")
+    with pytest.raises(HealDataError, match="cannot read"):
+        load_heal_data(path, tok, HealConfig())
+
+
+def test_lora_targets_follow_the_architecture():
+    assert lora_targets(tiny_model("llama")) == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                 "down_proj"]
+    assert lora_targets(tiny_model("llama"), "gromov") == ["gate_proj", "up_proj", "down_proj"]
+    assert lora_targets(tiny_model("gpt2")) == ["c_attn", "c_proj", "c_fc"]
+    import re
+
+    gromov_gpt2 = lora_targets(tiny_model("gpt2"), "gromov")
+    assert re.fullmatch(gromov_gpt2, "transformer.h.3.mlp.c_proj")
+    assert not re.fullmatch(gromov_gpt2, "transformer.h.3.attn.c_proj")
+
+
+def test_qlora_without_cuda_is_a_clear_error(tok, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(HealError, match="QLoRA needs a CUDA GPU"):
+        heal(_tiny_llama(tok), tok, "unused.txt", HealConfig(qlora=True), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+class _Interrupt(TrainerCallback):
+    """Simulates a crash right after the checkpoint at ``step`` is written."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+def _lora_free(model) -> bool:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return not any(isinstance(m, BaseTunerLayer) for m in model.modules()) and \
+        not any("lora" in name for name, _ in model.named_parameters())
+
+
+def test_interrupted_run_resumes_and_writes_only_its_output_dir(tok, shared_data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    emma = shared_data / "austen" / "emma.txt"
+    straight = heal(_tiny_llama(tok), tok, emma, _tiny_config(), tmp_path / "straight")
+
+    with pytest.raises(KeyboardInterrupt):
+        heal(_tiny_llama(tok), tok, emma, _tiny_config(), tmp_path / "run", callbacks=[_Interrupt(2)])
+    assert (tmp_path / "run" / "checkpoints" / "checkpoint-2").is_dir()
+    with pytest.raises(HealError, match="resume"):
+        heal(_tiny_llama(tok), tok, emma, _tiny_config(), tmp_path / "run")
+    resumed = heal(_tiny_llama(tok), tok, emma, _tiny_config(), tmp_path / "run", resume=True,
+                   save_adapter=True)
+
+    assert resumed.resumed_from.endswith("checkpoint-2") and resumed.global_step == 4
+    assert [s for s, _ in resumed.eval_losses] == [0, 2, 4]
+    for a, b in zip(straight.model.state_dict().values(), resumed.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert _lora_free(resumed.model) and isinstance(resumed.model, tf.LlamaForCausalLM)
+    untouched = _tiny_llama(tok).model.layers[0].mlp.down_proj.weight
+    assert not torch.equal(resumed.model.model.layers[0].mlp.down_proj.weight, untouched), "adapter not merged"
+    assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "straight"]
+
+
+def _digest(folder: Path) -> str:
+    h = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            h.update(path.name.encode() + path.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.fixture()
+def run_cli(capsys):
+    from depthprune.cli import main
+    import depthprune.cli_heal  # noqa: F401  (registers the commands)
+
+    def run(*args: str, check: bool = True):
+        capsys.readouterr()
+        code = main(list(args))
+        out, err = capsys.readouterr()
+        if check and code != 0:
+            raise AssertionError(f"exit {code}\n{out}\n{err}")
+        return code, out, err
+
+    return run
+
+
+def test_heal_command(tok, shared_data, tmp_path, run_cli, monkeypatch):
+    src = tmp_path / "pruned"
+    dp.save(_tiny_llama(tok), tok, src, dp.Plan(method="manual", num_layers=3, remove=[1]))
+    before = _digest(src)
+    out = tmp_path / "healed"
+    _, stdout, _ = run_cli("heal", "--model", str(src), "--data", str(shared_data / "austen" / "emma.txt"),
+                           "--out", str(out), "--max-steps", "2", "--batch-size", "2", "--grad-accum", "1",
+                           "--cutoff-len", "32", "--max-items", "12", "--val-size", "2", "--eval-steps", "2",
+                           "--save-adapter", "-q")
+    assert "healed 2 steps" in stdout and "saved to" in stdout
+    assert _digest(src) == before
+    assert not (tmp_path / "healed.heal-work").exists()
+    report = json.loads((out / "heal_report.json").read_text())
+    assert report["heal"]["global_step"] == 2 and report["heal"]["data"]["kind"] == "text"
+    assert report["heal"]["best_checkpoint"] == "checkpoint-2"
+    assert json.loads((out / "depthprune_plan.json").read_text())["stages"][0]["stage"] == "heal"
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 2
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for args, message in [
+        (["--out", str(tmp_path / "q"), "--qlora"], "QLoRA needs a CUDA GPU"),
+        (["--out", str(tmp_path / "q"), "--data", str(tmp_path / "none.txt")], "not found"),
+        (["--out", str(tmp_path / "q"), "--preset", "attention"], "unknown preset"),
+        (["--out", str(src)], "overlaps the input"),
+        ([], "--out is required"),
+    ]:
+        code, _, err = run_cli("heal", "--model", str(src), *args, check=False)
+        assert code == 2 and message in err, err
+
+
+def test_healing_lowers_perplexity_of_pruned_smollm2(smollm2, shared_data, tmp_path):
+    """Remove 7 of SmolLM2's 30 layers, heal briefly on Emma, measure WikiText-2 (never trained on)."""
+    model, tok = smollm2
+    dp.apply_plan(model, dp.Plan(method="manual", num_layers=30, remove=list(range(20, 27))))
+    wikitext = shared_data / "wikitext-2" / "test.txt"
+    before = dp.perplexity(model, tok, wikitext, max_windows=8, progress=False).perplexity
+
+    config = HealConfig(max_steps=12, batch_size=2, grad_accum=1, cutoff_len=128, lr=1e-3, max_items=200,
+                        val_size=4, eval_steps=12, eval_on_start=False, progress=False)
+    result = heal(model, tok, shared_data / "austen" / "emma.txt", config, tmp_path / "run")
+    after = dp.perplexity(result.model, tok, wikitext, max_windows=8, progress=False).perplexity
+    assert after < 0.8 * before, (before, after)
+    assert result.global_step == 12 and result.best_eval_loss is not None
+    assert _lora_free(result.model)
+
+    dp.save(result.model, tok, tmp_path / "healed")
+    assert not (tmp_path / "healed" / "adapter_config.json").exists()
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "healed").eval()
+    ids = tok("It is a truth universally acknowledged", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, result.model(ids).logits, rtol=0, atol=1e-5)
