@@ -59,6 +59,11 @@ def test_help_explains_commands(run_cli):
         (["score", "--metric", "nope"], "unknown metric"),
         (["prune", "--model", "/no/such/model", "--ratio", "0.2", "--out", "X"], "not found"),
         (["prune", "--model", "missing.gguf", "--ratio", "0.2", "--out", "X"], "GGUF file not found"),
+        (["prune", "--ratio", "0.2", "--then-width", "1.5", "--out", "X"], "must be in [0, 1)"),
+        (["prune", "--ratio", "0.2", "--then-width", "0.2", "--width-scorer", "x", "--out", "X"], "unknown width scorer"),
+        (["prune", "--ratio", "0.2", "--heal", "/no/such.txt", "--out", "X"], "healing data file not found"),
+        (["prune", "--method", "slm", "--threshold", "1.5", "--out", "X"], "between 0 and 1"),
+        (["analyze", "--kernel", "poly"], "unknown kernel"),
     ],
 )
 def test_bad_input_messages(args, message, tmp_path, run_cli):

@@ -268,3 +268,26 @@ def test_healing_lowers_perplexity_of_pruned_smollm2(smollm2, shared_data, tmp_p
     ids = tok("It is a truth universally acknowledged", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, result.model(ids).logits, rtol=0, atol=1e-5)
+
+
+def test_prune_then_width_then_heal_records_every_stage(smollm2, shared_data, tmp_path):
+    """The combined pipeline (depth -> width -> LoRA) in one call, as `prune --then-width --heal` runs it."""
+    import json
+
+    from depthprune.heal import HealConfig
+    from depthprune.methods import Target
+    from depthprune.pipeline import CalibrationSpec, HealSpec, WidthSpec, prune
+
+    config = HealConfig(max_steps=2, batch_size=1, grad_accum=1, cutoff_len=64, val_size=4, eval_steps=2,
+                        max_items=40, progress=False)
+    out = tmp_path / "combined"
+    result = prune(smollm2, "shortgpt", Target(remove=4), calibration=CalibrationSpec(num_windows=4, seq_len=64),
+                   out=out, width=WidthSpec(0.25, 0.0, "magnitude"),
+                   heal=HealSpec(str(shared_data / "austen" / "emma.txt"), config), progress=False)
+    plan = json.loads((out / "depthprune_plan.json").read_text())
+    assert [s["stage"] for s in plan["stages"]] == ["width", "heal"]
+    assert plan["num_layers_after"] == 26 and plan["stages"][1]["steps"] == 2
+    assert json.loads((out / "config.json").read_text())["intermediate_size"] == 1152
+    assert (out / "depthprune_width_plan.json").exists()
+    assert not (tmp_path / "combined.heal-work").exists(), "trainer checkpoints are cleaned up"
+    assert result.layers_after == 26

@@ -116,6 +116,15 @@ def prune(
     highest: Annotated[Optional[int], typer.Option(help="laco: top of the layer range H (default L).")] = None,
     calib_sentences: Annotated[Optional[Path], typer.Option(
         help="Calibration = these sentences, one per line (LaCo's few-shot set), instead of windows.")] = None,
+    then_width: Annotated[Optional[float], typer.Option(
+        help="After depth pruning, remove this fraction of MLP channels in every layer (width stage).")] = None,
+    then_width_heads: Annotated[float, typer.Option(
+        help="Width stage: fraction of key/value groups (with their query heads) to remove.")] = 0.0,
+    width_scorer: Annotated[str, typer.Option(help="Width stage scorer: taylor, wanda or magnitude.")] = "taylor",
+    heal: Annotated[Optional[str], typer.Option(
+        help="Heal with LoRA after pruning on this data (alpaca .json/.jsonl, .txt, or alpaca-cleaned).")] = None,
+    heal_steps: Annotated[int, typer.Option(help="Healing: max optimizer steps (-1 = --heal-epochs).")] = -1,
+    heal_epochs: Annotated[float, typer.Option(help="Healing: epochs when --heal-steps is -1.")] = 2.0,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --out.")] = False,
     eval_ppl: Annotated[bool, typer.Option("--eval-ppl/--no-eval-ppl", help="Perplexity before and after.")] = False,
     ppl_data: Annotated[str, typer.Option(help="Perplexity text: default-heldout, wikitext2, ptb or a file.")] = "default-heldout",
@@ -131,8 +140,9 @@ def prune(
 ) -> None:
     """Plan with a method, remove/merge layers, and save a plain transformers checkpoint + plan JSON."""
     from .io import check_output_dir
-    from .methods import METHODS, Target
+    from .methods import METHODS, Target, check_threshold
     from .pipeline import PerplexitySpec
+    from .surgery.merge import check_operator
     from .pipeline import prune as run_prune
 
     if method not in METHODS:
@@ -141,6 +151,12 @@ def prune(
         _fail("--out is required: the directory to write the pruned checkpoint to")
     target = Target(ratio, remove_layers, keep_layers).validate()
     check_output_dir(out, inputs=[model], overwrite=overwrite)
+    if threshold is not None:
+        check_threshold(threshold)
+    if operator is not None:
+        check_operator(operator)
+    width = _width_spec(then_width, then_width_heads, width_scorer)
+    healing = _heal_spec(heal, heal_steps, heal_epochs)
     loaded = _load(model, dtype, device)
     ppl = PerplexitySpec(ppl_data, seq_len, ppl_windows or None) if eval_ppl else None
     result = run_prune(
@@ -148,9 +164,37 @@ def prune(
         calibration=_calib(calib, calib_samples, seq_len, seed, calib_sentences), out=out,
         overwrite=overwrite, ppl=ppl, progress=not quiet, block=block, metric=metric, batch_size=batch_size,
         threshold=threshold, operator=operator, final_window=final_window, merge_layers=merge_layers,
-        interval=interval, lowest=lowest, highest=highest,
+        interval=interval, lowest=lowest, highest=highest, width=width, heal=healing,
     )
     _print_result(result)
+
+
+def _width_spec(ratio_mlp: float | None, ratio_heads: float, scorer: str):
+    from .analysis.importance import SCORERS
+    from .pipeline import WidthSpec
+
+    if ratio_mlp is None and not ratio_heads:
+        return None
+    if scorer not in SCORERS:
+        _fail(f"unknown width scorer {scorer!r}: use one of {', '.join(SCORERS)}")
+    for name, value in (("--then-width", ratio_mlp or 0.0), ("--then-width-heads", ratio_heads)):
+        if not 0.0 <= value < 1.0:
+            _fail(f"{name} must be in [0, 1), got {value}")
+    return WidthSpec(ratio_mlp or 0.0, ratio_heads, scorer)
+
+
+def _heal_spec(data: str | None, steps: int, epochs: float):
+    if data is None:
+        return None
+    from .heal import HealConfig, data_paths
+    from .pipeline import HealSpec
+
+    for path in data_paths(data) or []:
+        if not path.is_file():
+            _fail(f"healing data file not found: {path}")
+    config = HealConfig(max_steps=steps, epochs=epochs)
+    config.validate()
+    return HealSpec(data, config)
 
 
 def _print_result(result) -> None:

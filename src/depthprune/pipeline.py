@@ -5,6 +5,7 @@ The CLI commands and ``bench`` call these functions; nothing here parses options
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,24 @@ class PerplexitySpec:
 
 
 @dataclass
+class WidthSpec:
+    """Width stage after depth pruning (the SLM paper's depth + width combination)."""
+
+    ratio_mlp: float = 0.2
+    ratio_heads: float = 0.0
+    scorer: str = "taylor"
+
+
+@dataclass
+class HealSpec:
+    """LoRA healing appended after surgery; ``work_dir`` holds the Trainer's checkpoints."""
+
+    data: str
+    config: Any = None
+    work_dir: Path | None = None
+
+
+@dataclass
 class PruneResult:
     plan: Plan
     out: Path | None
@@ -84,10 +103,13 @@ def prune(
     out: str | Path | None = None,
     overwrite: bool = False,
     ppl: PerplexitySpec | None = None,
+    width: WidthSpec | None = None,
+    heal: HealSpec | None = None,
     progress: bool = True,
     **method_options: Any,
 ) -> PruneResult:
-    """Plan with ``method``, apply the plan to ``loaded.model`` in place, and save to ``out``."""
+    """Plan with ``method``, apply the plan to ``loaded.model`` in place, optionally prune width and
+    heal, and save to ``out``. Every stage is recorded in ``plan.stages``."""
     timings: dict[str, float] = {}
     if out is not None:
         check_output_dir(out, inputs=[loaded.path], overwrite=overwrite)
@@ -112,6 +134,28 @@ def prune(
 
     apply_plan(model, plan)
     timings["surgery"] = time.perf_counter() - t
+    extra: dict[str, Any] = {}
+
+    if width is not None:
+        t = time.perf_counter()
+        from .surgery.width import WIDTH_PLAN_FILE, apply_width_plan, width_plan
+
+        needs_data = width.scorer != "magnitude"
+        wplan = width_plan(model, windows if needs_data else None, width.ratio_mlp, width.ratio_heads,
+                           width.scorer, progress=progress)
+        apply_width_plan(model, wplan)
+        plan.stages.append({"stage": "width", "summary": wplan.summary(), "file": WIDTH_PLAN_FILE})
+        extra[WIDTH_PLAN_FILE] = wplan.to_dict()
+        timings["width"] = time.perf_counter() - t
+
+    if heal is not None:
+        t = time.perf_counter()
+        from .heal import heal as run_heal
+
+        healed = run_heal(model, tok, heal.data, heal.config, heal.work_dir or _heal_work_dir(out))
+        plan.stages.append({"stage": "heal", "data": healed.data, "steps": healed.global_step,
+                            "best_eval_loss": healed.best_eval_loss, "config": healed.config})
+        timings["heal"] = time.perf_counter() - t
 
     ppl_after = None
     if ppl is not None:
@@ -124,10 +168,20 @@ def prune(
         t = time.perf_counter()
         result.out = Path(out).expanduser().resolve()
         result.out = save(model, tok, out, plan, inputs=[loaded.path], overwrite=overwrite,
-                          extra_json={REPORT_FILE: result.to_dict()},
+                          extra_json={REPORT_FILE: result.to_dict(), **extra},
                           writers=[lambda tmp: plot_plan_scores(plan, tmp / "layer_scores.png")])
         timings["save"] = time.perf_counter() - t
+        if heal is not None and heal.work_dir is None:
+            shutil.rmtree(_heal_work_dir(out), ignore_errors=True)
     return result
+
+
+def _heal_work_dir(out: str | Path | None) -> Path:
+    """Trainer checkpoints live beside the output (never inside it: the save is atomic)."""
+    if out is None:
+        return Path("depthprune-heal-work").resolve()
+    out = Path(out).expanduser().resolve()
+    return out.parent / f"{out.name}.heal-work"
 
 
 def plot_plan_scores(plan: Plan, path: Path) -> Path | None:
