@@ -82,8 +82,16 @@ def test_score_prune_and_errors_on_real_model(smollm2_path, tmp_path, run_cli):
     assert (scores_dir / "scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     out = tmp_path / "pruned"
+    from conftest import PIQA_DIR
+
     proc = run_cli("prune", "--model", smollm2_path, "--method", "angular", "--block", "4", "--calib-samples",
-                   "4", "--out", str(out), "-q")
+                   "4", "--out", str(out), "--eval", "ppl,piqa", "--piqa-dir", str(PIQA_DIR), "--eval-limit", "10",
+                   "--ppl-windows", "2", "-q")
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["metrics"]) == {"perplexity", "piqa_local"}
+    assert report["after"]["perplexity"] > report["before"]["perplexity"]
+    assert "| piqa_local" in (out / "report.md").read_text()
+    assert "piqa_local:" in proc.stdout
     plan = json.loads((out / "depthprune_plan.json").read_text())
     assert plan["method"] == "angular" and len(plan["remove"]) == 4 and plan["num_layers_after"] == 26
     assert plan["remove"] == list(range(plan["remove"][0], plan["remove"][0] + 4))

@@ -126,7 +126,12 @@ def prune(
     heal_steps: Annotated[int, typer.Option(help="Healing: max optimizer steps (-1 = --heal-epochs).")] = -1,
     heal_epochs: Annotated[float, typer.Option(help="Healing: epochs when --heal-steps is -1.")] = 2.0,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --out.")] = False,
-    eval_ppl: Annotated[bool, typer.Option("--eval-ppl/--no-eval-ppl", help="Perplexity before and after.")] = False,
+    eval_: Annotated[Optional[str], typer.Option("--eval", help=(
+        "Evaluate before and after, comma separated: ppl and/or lm-eval tasks (piqa = the offline "
+        "piqa_local task when --piqa-dir or $DEPTHPRUNE_PIQA_DIR is set). Writes report.md/json."))] = None,
+    eval_ppl: Annotated[bool, typer.Option("--eval-ppl/--no-eval-ppl", help="Same as --eval ppl.")] = False,
+    eval_limit: Annotated[Optional[int], typer.Option(help="Zero-shot: use the first N items per task.")] = None,
+    piqa_dir: Annotated[Optional[Path], typer.Option(help="PIQA release folder (valid.jsonl, valid-labels.lst).")] = None,
     ppl_data: Annotated[str, typer.Option(help="Perplexity text: default-heldout, wikitext2, ptb or a file.")] = "default-heldout",
     ppl_windows: Annotated[int, typer.Option(help="Maximum perplexity windows (0 = all).")] = 40,
     calib: CalibOpt = "default",
@@ -157,16 +162,33 @@ def prune(
         check_operator(operator)
     width = _width_spec(then_width, then_width_heads, width_scorer)
     healing = _heal_spec(heal, heal_steps, heal_epochs)
+    wants_ppl, zeroshot = _eval_specs(eval_, piqa_dir, eval_limit)
     loaded = _load(model, dtype, device)
-    ppl = PerplexitySpec(ppl_data, seq_len, ppl_windows or None) if eval_ppl else None
+    ppl = PerplexitySpec(ppl_data, seq_len, ppl_windows or None) if eval_ppl or wants_ppl else None
     result = run_prune(
         loaded, method, target,
         calibration=_calib(calib, calib_samples, seq_len, seed, calib_sentences), out=out,
-        overwrite=overwrite, ppl=ppl, progress=not quiet, block=block, metric=metric, batch_size=batch_size,
+        overwrite=overwrite, ppl=ppl, zeroshot=zeroshot, progress=not quiet, block=block, metric=metric, batch_size=batch_size,
         threshold=threshold, operator=operator, final_window=final_window, merge_layers=merge_layers,
         interval=interval, lowest=lowest, highest=highest, width=width, heal=healing,
     )
     _print_result(result)
+
+
+def _eval_specs(names: str | None, piqa_dir: Path | None, limit: int | None):
+    """Split ``--eval`` into perplexity and lm-eval tasks; check the tasks before any model loads."""
+    from .evaluate.zeroshot import PIQA_LOCAL_TASK, resolve_piqa_dir
+    from .pipeline import ZeroShotSpec
+
+    wanted = [n.strip() for n in (names or "").split(",") if n.strip()]
+    tasks = [n for n in wanted if n != "ppl"]
+    if "piqa" in tasks and resolve_piqa_dir(str(piqa_dir) if piqa_dir else None) is not None:
+        tasks[tasks.index("piqa")] = PIQA_LOCAL_TASK
+    zeroshot = None
+    if tasks:
+        zeroshot = ZeroShotSpec(tasks, limit, piqa_dir=str(piqa_dir) if piqa_dir else None)
+        zeroshot.check()
+    return "ppl" in wanted, zeroshot
 
 
 def _width_spec(ratio_mlp: float | None, ratio_heads: float, scorer: str):
@@ -204,8 +226,10 @@ def _print_result(result) -> None:
             f"perplexity ({result.ppl_after.source}, {result.ppl_after.windows} x {result.ppl_after.seq_len} tokens): "
             f"{result.ppl_before.perplexity:.2f} dense -> {result.ppl_after.perplexity:.2f} pruned"
         )
+    for task, value in (result.tasks_after or {}).items():
+        typer.echo(f"{task}: {result.tasks_before[task]:.4f} dense -> {value:.4f} pruned")
     if result.out:
-        typer.echo(f"saved to {result.out}")
+        typer.echo(f"saved to {result.out} (report.md, report.json, depthprune_plan.json)")
 
 
 @app.command()
@@ -309,12 +333,13 @@ def methods() -> None:
 
 def _register_commands() -> None:
     """Commands defined in sibling modules register themselves on ``app`` when imported."""
-    from . import cli_heal  # noqa: F401
+    from . import cli_eval, cli_heal  # noqa: F401
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; errors caused by input print one line (no traceback) and exit with 2."""
     from .data.calibration import CalibrationError
+    from .evaluate.zeroshot import HubTaskUnavailableError
     from .io import OutputError
     from .models.arch import UnsupportedArchitectureError
     from .plan import PlanError
@@ -326,11 +351,13 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as done:
         return done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
     except (CalibrationError, OutputError, PlanError, UnsupportedArchitectureError, UserError,
-            FileNotFoundError, ModuleNotFoundError, ValueError) as err:
+            HubTaskUnavailableError, FileNotFoundError, ModuleNotFoundError, ValueError) as err:
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
         return 2
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from depthprune.cli import main as package_main  # the module's own name, so sibling commands register
+
+    sys.exit(package_main())

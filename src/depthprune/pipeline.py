@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +21,7 @@ from .methods import Target, make_plan
 from .models.arch import num_layers
 from .models.load import LoadedModel
 from .plan import Plan
-from .report import plot_layer_scores
-
-REPORT_FILE = "report.json"
-
+from .report import write_run_report
 
 @dataclass
 class CalibrationSpec:
@@ -55,6 +53,37 @@ class PerplexitySpec:
 
 
 @dataclass
+class ZeroShotSpec:
+    """lm-eval tasks and how to run them (see :func:`depthprune.evaluate.zeroshot.evaluate_zeroshot`)."""
+
+    tasks: list[str]
+    limit: int | float | None = None
+    batch_size: int = 8
+    num_fewshot: int = 0
+    task_dir: str | None = None
+    piqa_dir: str | None = None
+    seed: int = 1234
+
+    def check(self) -> None:
+        """Validate before any model work; pin folders (and ``$DEPTHPRUNE_PIQA_DIR``) to absolute paths
+        so the settings recorded, and compared on resume, say which data was used."""
+        from .evaluate.zeroshot import PIQA_LOCAL_TASK, check_tasks, resolve_piqa_dir
+
+        check_tasks(self.tasks, task_dir=self.task_dir, piqa_dir=self.piqa_dir)
+        if self.task_dir is not None:
+            self.task_dir = str(Path(self.task_dir).resolve())
+        piqa = resolve_piqa_dir(self.piqa_dir) if PIQA_LOCAL_TASK in self.tasks else None
+        self.piqa_dir = str(piqa.resolve()) if piqa is not None else None
+
+    def run(self, model: Any, tokenizer: Any, progress: bool = False):
+        from .evaluate.zeroshot import evaluate_zeroshot
+
+        return evaluate_zeroshot(model, tokenizer, self.tasks, limit=self.limit, batch_size=self.batch_size,
+                                 num_fewshot=self.num_fewshot, task_dir=self.task_dir, piqa_dir=self.piqa_dir,
+                                 seed=self.seed, progress=progress)
+
+
+@dataclass
 class WidthSpec:
     """Width stage after depth pruning (the SLM paper's depth + width combination)."""
 
@@ -81,6 +110,16 @@ class PruneResult:
     ppl_before: PerplexityResult | None = None
     ppl_after: PerplexityResult | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    tasks_before: dict[str, float] | None = None
+    tasks_after: dict[str, float] | None = None
+
+    def metrics(self, when: str) -> dict[str, float | None]:
+        """Perplexity and task scores measured ``before`` or ``after`` pruning, by name."""
+        ppl = self.ppl_before if when == "before" else self.ppl_after
+        tasks = self.tasks_before if when == "before" else self.tasks_after
+        out: dict[str, float | None] = {"perplexity": ppl.perplexity} if ppl else {}
+        out.update(tasks or {})
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -90,6 +129,8 @@ class PruneResult:
             "out": str(self.out) if self.out else None,
             "perplexity_before": self.ppl_before.to_dict() if self.ppl_before else None,
             "perplexity_after": self.ppl_after.to_dict() if self.ppl_after else None,
+            "tasks_before": self.tasks_before,
+            "tasks_after": self.tasks_after,
             "timings_s": self.timings,
         }
 
@@ -103,6 +144,7 @@ def prune(
     out: str | Path | None = None,
     overwrite: bool = False,
     ppl: PerplexitySpec | None = None,
+    zeroshot: ZeroShotSpec | None = None,
     width: WidthSpec | None = None,
     heal: HealSpec | None = None,
     progress: bool = True,
@@ -118,11 +160,9 @@ def prune(
     windows = calibration.windows(tok)
     before = num_layers(model)
 
-    ppl_before = None
-    if ppl is not None:
-        t = time.perf_counter()
-        ppl_before = ppl.run(model, tok, progress)
-        timings["perplexity_before"] = time.perf_counter() - t
+    t = time.perf_counter()
+    ppl_before, tasks_before = _evaluate(model, tok, ppl, zeroshot, progress)
+    timings["evaluate_before"] = time.perf_counter() - t
 
     t = time.perf_counter()
     plan = make_plan(method, model, windows, target, progress=progress, **method_options)
@@ -157,19 +197,22 @@ def prune(
                             "best_eval_loss": healed.best_eval_loss, "config": healed.config})
         timings["heal"] = time.perf_counter() - t
 
-    ppl_after = None
-    if ppl is not None:
-        t = time.perf_counter()
-        ppl_after = ppl.run(model, tok, progress)
-        timings["perplexity_after"] = time.perf_counter() - t
+    t = time.perf_counter()
+    ppl_after, tasks_after = _evaluate(model, tok, ppl, zeroshot, progress)
+    timings["evaluate_after"] = time.perf_counter() - t
 
-    result = PruneResult(plan, None, before, num_layers(model), ppl_before, ppl_after, timings)
+    result = PruneResult(plan, None, before, num_layers(model), ppl_before, ppl_after, timings,
+                         tasks_before, tasks_after)
     if out is not None:
         t = time.perf_counter()
         result.out = Path(out).expanduser().resolve()
+        settings = {"calibration": plan.calibration, "perplexity": asdict(ppl) if ppl else None,
+                    "zeroshot": asdict(zeroshot) if zeroshot else None}
+        report = partial(write_run_report, plan=plan, before=result.metrics("before"),
+                         after=result.metrics("after"), model=loaded.source, settings=settings,
+                         timings=timings, extra=result.to_dict())
         result.out = save(model, tok, out, plan, inputs=[loaded.path], overwrite=overwrite,
-                          extra_json={REPORT_FILE: result.to_dict(), **extra},
-                          writers=[lambda tmp: plot_plan_scores(plan, tmp / "layer_scores.png")])
+                          extra_json=extra, writers=[report])
         timings["save"] = time.perf_counter() - t
         if heal is not None and heal.work_dir is None:
             shutil.rmtree(_heal_work_dir(out), ignore_errors=True)
@@ -184,9 +227,10 @@ def _heal_work_dir(out: str | Path | None) -> Path:
     return out.parent / f"{out.name}.heal-work"
 
 
-def plot_plan_scores(plan: Plan, path: Path) -> Path | None:
-    """Bar chart of the plan's first per-layer score, dropped layers in red."""
-    for metric, scores in plan.scores.items():
-        if len(scores) == plan.num_layers:
-            return plot_layer_scores(scores, path, metric=metric, highlight=plan.dropped, title=plan.summary())
-    return None
+def _evaluate(model: nn.Module, tok: Any, ppl: PerplexitySpec | None, zeroshot: ZeroShotSpec | None,
+              progress: bool) -> tuple[PerplexityResult | None, dict[str, float] | None]:
+    ppl_result = ppl.run(model, tok, progress) if ppl is not None else None
+    tasks = None
+    if zeroshot is not None:
+        tasks = {name: score.value for name, score in zeroshot.run(model, tok, progress).scores.items()}
+    return ppl_result, tasks
