@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -62,3 +63,37 @@ def gemma3_path() -> str:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@dataclass
+class CliResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    code = property(lambda self: self.returncode)
+    out = property(lambda self: self.stdout)
+    err = property(lambda self: self.stderr)
+
+    def __iter__(self):
+        return iter((self.returncode, self.stdout, self.stderr))
+
+
+@pytest.fixture()
+def run_cli(capsys):
+    """Run the CLI in-process (loading torch per call would dominate the suite's time).
+
+    ``check=True`` (default) fails the test on a non-zero exit; pass ``check=False`` to test errors.
+    """
+    from depthprune.cli import main
+
+    def run(*args, check: bool = True) -> CliResult:
+        capsys.readouterr()
+        code = main([str(a) for a in args])
+        captured = capsys.readouterr()
+        result = CliResult(code, captured.out, captured.err)
+        if check and code != 0:
+            raise AssertionError(f"exit {code}\n{result.stdout}\n{result.stderr}")
+        return result
+
+    return run

@@ -5,34 +5,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from dataclasses import dataclass
 
 import pytest
 
-from depthprune.cli import main
-
-
-@dataclass
-class Result:
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-@pytest.fixture()
-def run_cli(capsys):
-    """Run the CLI in-process (loading torch per call would dominate the suite's time)."""
-
-    def run(*args: str, check: bool = True) -> Result:
-        capsys.readouterr()
-        code = main(list(args))
-        captured = capsys.readouterr()
-        result = Result(code, captured.out, captured.err)
-        if check and code != 0:
-            raise AssertionError(f"exit {code}\n{result.stdout}\n{result.stderr}")
-        return result
-
-    return run
 
 
 def test_console_script_entry_point():

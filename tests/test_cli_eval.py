@@ -3,36 +3,16 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 
 import pytest
 
 import depthprune.cli_eval  # noqa: F401  (registers the commands)
 from conftest import PIQA_DIR
 from depthprune import Plan, apply_plan
-from depthprune.cli import main
 from depthprune.evaluate.zeroshot import evaluate_zeroshot
 from tiny import LAYERS, tiny_model
 
 LIMIT = 10
-
-
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
-
-
-@pytest.fixture()
-def run_cli(capsys):
-    def run(*args: str) -> Result:
-        capsys.readouterr()
-        code = main([str(a) for a in args])
-        captured = capsys.readouterr()
-        return Result(code, captured.out, captured.err)
-
-    return run
 
 
 def test_eval_zeroshot_equals_api(smollm2_readonly, smollm2_path, shared_data, tmp_path, run_cli):
@@ -60,7 +40,7 @@ def test_eval_zeroshot_equals_api(smollm2_readonly, smollm2_path, shared_data, t
     ],
 )
 def test_eval_zeroshot_bad_input(args, message, run_cli):
-    res = run_cli("eval-zeroshot", "--model", "/no/such/model", *args)
+    res = run_cli("eval-zeroshot", "--model", "/no/such/model", *args, check=False)
     assert res.code == 2 and message in res.err
 
 
@@ -68,7 +48,7 @@ def test_eval_zeroshot_hub_task_offline_is_an_input_error(smollm2_path, run_cli,
     import datasets.config
 
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets")
-    res = run_cli("eval-zeroshot", "--model", smollm2_path, "--tasks", "boolq", "--limit", 2, "-q")
+    res = run_cli("eval-zeroshot", "--model", smollm2_path, "--tasks", "boolq", "--limit", 2, "-q", check=False)
     assert res.code == 2
     assert "Hugging Face Hub" in res.err and "--task-dir" in res.err and "Traceback" not in res.err
 
@@ -111,5 +91,5 @@ def test_eval_speed_single_model_and_bad_input(tiny_pair, run_cli):
     res = run_cli("eval-speed", "--model", pruned, "--prompt-len", 8, "--gen-len", 2, "--repeats", 1,
                   "--warmup", 0)
     assert res.code == 0 and f"{LAYERS - 2} layers" in res.out and "decode" in res.out
-    bad = run_cli("eval-speed", "--model", "/no/such/model", "--gen-len", 0)
+    bad = run_cli("eval-speed", "--model", "/no/such/model", "--gen-len", 0, check=False)
     assert bad.code == 2 and "--gen-len must be at least 1" in bad.err

@@ -200,20 +200,6 @@ def _digest(folder: Path) -> str:
     return h.hexdigest()
 
 
-@pytest.fixture()
-def run_cli(capsys):
-    from depthprune.cli import main
-    import depthprune.cli_heal  # noqa: F401  (registers the commands)
-
-    def run(*args: str, check: bool = True):
-        capsys.readouterr()
-        code = main(list(args))
-        out, err = capsys.readouterr()
-        if check and code != 0:
-            raise AssertionError(f"exit {code}\n{out}\n{err}")
-        return code, out, err
-
-    return run
 
 
 def test_heal_command(tok, shared_data, tmp_path, run_cli, monkeypatch):

@@ -239,20 +239,6 @@ def test_bad_input_is_refused_with_a_clear_message():
         WidthPlan("manual", 0.1, 0.0, 2, {"intermediate_size": 8}, keep_mlp=[[0, 1], [0]])
 
 
-@pytest.fixture()
-def run_cli(capsys):
-    from depthprune.cli import main
-    import depthprune.cli_heal  # noqa: F401  (registers the commands)
-
-    def run(*args: str, check: bool = True):
-        capsys.readouterr()
-        code = main(list(args))
-        out, err = capsys.readouterr()
-        if check and code != 0:
-            raise AssertionError(f"exit {code}\n{out}\n{err}")
-        return code, out, err
-
-    return run
 
 
 def test_width_command(smollm2_path, tmp_path, run_cli):
