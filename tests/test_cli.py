@@ -77,6 +77,9 @@ def test_score_prune_and_errors_on_real_model(smollm2_path, tmp_path, run_cli):
     into_input = run_cli("prune", "--model", str(out), "--remove-layers", "2", "--out", str(out),
                          "--overwrite", check=False)
     assert into_input.returncode == 2 and "overlaps the input" in into_input.stderr
+    for command in ("score", "analyze"):
+        refused = run_cli(command, "--model", str(out), "--out", str(out / "scores"), check=False)
+        assert refused.returncode == 2 and "overlaps the input" in refused.stderr, command
     too_many = run_cli("prune", "--model", str(out), "--remove-layers", "26", "--out", str(tmp_path / "x"),
                        check=False)
     assert too_many.returncode == 2 and "at least one layer must remain" in too_many.stderr

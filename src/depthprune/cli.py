@@ -71,11 +71,13 @@ def score(
 ) -> None:
     """Score every layer's redundancy (low score = safe to remove) and save JSON + a bar chart."""
     from .analysis.stats import METRICS, layer_statistics
-    from .io import write_json
+    from .io import check_output_dir, write_json
     from .report import plot_layer_scores
 
     if metric not in METRICS:
         _fail(f"unknown metric {metric!r}: use one of {', '.join(METRICS)}")
+    if out is not None:
+        check_output_dir(out, inputs=[model], overwrite=True)
     loaded = _load(model, dtype, device)
     windows = _calib(calib, calib_samples, seq_len, seed).windows(loaded.tokenizer)
     stats = layer_statistics(loaded.model, windows, batch_size=batch_size, progress=not quiet)
@@ -302,11 +304,12 @@ def analyze(
 
     from .analysis.layer_cka import layer_similarity
     from .analysis.cka import plot_cka_heatmap
-    from .io import write_json
+    from .io import check_output_dir, write_json
     from .plan import Plan
 
     if kernel not in ("linear", "rbf"):
         _fail(f"unknown kernel {kernel!r}: use linear or rbf")
+    check_output_dir(out, inputs=[model], overwrite=True)
     windows = None
     if plan is not None:
         loaded_plan = Plan.load(plan)
