@@ -60,6 +60,16 @@ def gemma3_path() -> str:
     return str(resolve_source("gemma3-270m"))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module: tiny models and short training gain nothing from a second one, and on a
+    shared 2-core machine its spin-waiting makes them several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

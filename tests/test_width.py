@@ -20,13 +20,7 @@ from tiny import LAYERS, tiny_inputs, tiny_model
 HEAD_DIM = 16  # tiny configs: hidden 64 / 4 heads
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from a second thread; on a shared 2-core machine its spinning makes them ~10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _calibration(padded: bool = False) -> Calibration:
