@@ -148,7 +148,6 @@ def prune(
     """Plan with a method, remove/merge layers, and save a plain transformers checkpoint + plan JSON."""
     from .io import check_output_dir
     from .methods import METHODS, Target, check_threshold
-    from .pipeline import PerplexitySpec
     from .surgery.merge import check_operator
     from .pipeline import prune as run_prune
 
@@ -166,7 +165,7 @@ def prune(
     healing = _heal_spec(heal, heal_steps, heal_epochs)
     wants_ppl, zeroshot = _eval_specs(eval_, piqa_dir, eval_limit)
     loaded = _load(model, dtype, device)
-    ppl = PerplexitySpec(ppl_data, seq_len, ppl_windows or None) if eval_ppl or wants_ppl else None
+    ppl = _ppl_spec(eval_ppl or wants_ppl, ppl_data, seq_len, ppl_windows)
     result = run_prune(
         loaded, method, target,
         calibration=_calib(calib, calib_samples, seq_len, seed, calib_sentences), out=out,
@@ -191,6 +190,13 @@ def _eval_specs(names: str | None, piqa_dir: Path | None, limit: int | None):
         zeroshot = ZeroShotSpec(tasks, limit, piqa_dir=str(piqa_dir) if piqa_dir else None)
         zeroshot.check()
     return "ppl" in wanted, zeroshot
+
+
+def _ppl_spec(enabled: bool, data: str, seq_len: int, windows: int):
+    """Perplexity settings from the shared --ppl-* options; ``windows=0`` means every window."""
+    from .pipeline import PerplexitySpec
+
+    return PerplexitySpec(data, seq_len, windows or None) if enabled else None
 
 
 def _width_spec(ratio_mlp: float | None, ratio_heads: float, scorer: str):

@@ -25,6 +25,7 @@ from .cli import (
     SeqLenOpt,
     UserError,
     _load,
+    _ppl_spec,
     app,
 )
 
@@ -215,7 +216,7 @@ def bench(
     """Compare methods at several depths: every method x ratio plus dense, as a table, JSON and a plot."""
     from .bench import SpeedSpec, ZeroShotSpec, run_bench, summary_line
     from .evaluate.zeroshot import HubTaskUnavailableError
-    from .pipeline import CalibrationSpec, PerplexitySpec
+    from .pipeline import CalibrationSpec
 
     if out is None:
         raise UserError("--out is required: the directory for results.json, results.md and the plot")
@@ -228,7 +229,7 @@ def bench(
         result = run_bench(
             model, _split(methods), parse_ratios(ratios), out,
             calibration=CalibrationSpec(calib, calib_samples, seq_len, seed),
-            ppl=None if no_ppl else PerplexitySpec(ppl_data, seq_len, ppl_windows or None),
+            ppl=_ppl_spec(not no_ppl, ppl_data, seq_len, ppl_windows),
             zeroshot=zeroshot, speed=SpeedSpec() if speed else None, dtype=dtype, device=device,
             method_options={"batch_size": batch_size}, resume=resume, progress=not quiet,
         )

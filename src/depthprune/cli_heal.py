@@ -31,8 +31,10 @@ from .cli import (
     _calib,
     _fail,
     _load,
+    _ppl_spec,
     app,
 )
+from .pipeline import heal_work_dir
 
 HEAL_REPORT = "heal_report.json"
 WIDTH_REPORT = "width_report.json"
@@ -75,12 +77,6 @@ def _copy_from_input(model_dir: str, names: list[str]) -> Callable[[Path], None]
                 shutil.copy2(src, tmp / name)
 
     return write
-
-
-def _ppl(enabled: bool, data: str, seq_len: int, windows: int):
-    from .pipeline import PerplexitySpec
-
-    return PerplexitySpec(data, seq_len, windows or None) if enabled else None
 
 
 def _check_inputs(model: str, out: Path | None, overwrite: bool) -> Path:
@@ -152,11 +148,11 @@ def heal_cmd(
     for path in data_paths(data) or []:
         if not path.is_file():
             raise HealDataError(f"healing data file not found: {path}")
-    work = check_output_dir(work_dir or out.parent / f"{out.name}.heal-work", inputs=[model, out],
+    work = check_output_dir(work_dir or heal_work_dir(out), inputs=[model, out],
                             overwrite=True)
 
     loaded = _load(model, dtype, device)
-    ppl = _ppl(eval_ppl, ppl_data, seq_len, ppl_windows)
+    ppl = _ppl_spec(eval_ppl, ppl_data, seq_len, ppl_windows)
     timings: dict[str, float] = {}
     ppl_before = ppl.run(loaded.model, loaded.tokenizer, not quiet) if ppl else None
     t = time.perf_counter()
@@ -236,7 +232,7 @@ def width_cmd(
     loaded = _load(model, dtype, device)
     tok = loaded.tokenizer
     windows = _calib(calib, calib_samples, seq_len, seed).windows(tok) if scorer != "magnitude" else None
-    ppl = _ppl(eval_ppl, ppl_data, seq_len, ppl_windows)
+    ppl = _ppl_spec(eval_ppl, ppl_data, seq_len, ppl_windows)
     ppl_before = ppl.run(loaded.model, tok, not quiet) if ppl else None
     params_before = count_parameters(loaded.model)
     t = time.perf_counter()

@@ -22,6 +22,8 @@ from .models.arch import num_layers
 from .models.load import LoadedModel
 from .plan import Plan
 from .report import write_run_report
+from .surgery import apply_plan
+
 
 @dataclass
 class CalibrationSpec:
@@ -170,8 +172,6 @@ def prune(
     timings["plan"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    from .surgery import apply_plan
-
     apply_plan(model, plan)
     timings["surgery"] = time.perf_counter() - t
     extra: dict[str, Any] = {}
@@ -192,7 +192,7 @@ def prune(
         t = time.perf_counter()
         from .heal import heal as run_heal
 
-        healed = run_heal(model, tok, heal.data, heal.config, heal.work_dir or _heal_work_dir(out))
+        healed = run_heal(model, tok, heal.data, heal.config, heal.work_dir or heal_work_dir(out))
         plan.stages.append({"stage": "heal", "data": healed.data, "steps": healed.global_step,
                             "best_eval_loss": healed.best_eval_loss, "config": healed.config})
         timings["heal"] = time.perf_counter() - t
@@ -215,11 +215,11 @@ def prune(
                           extra_json=extra, writers=[report])
         timings["save"] = time.perf_counter() - t
         if heal is not None and heal.work_dir is None:
-            shutil.rmtree(_heal_work_dir(out), ignore_errors=True)
+            shutil.rmtree(heal_work_dir(out), ignore_errors=True)
     return result
 
 
-def _heal_work_dir(out: str | Path | None) -> Path:
+def heal_work_dir(out: str | Path | None) -> Path:
     """Trainer checkpoints live beside the output (never inside it: the save is atomic)."""
     if out is None:
         return Path("depthprune-heal-work").resolve()

@@ -31,15 +31,12 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Sequence
+from typing import Literal, Sequence
 
 import numpy as np
 import torch
 
 from ..report import save_figure
-
-if TYPE_CHECKING:
-    from matplotlib.figure import Figure
 
 KernelName = Literal["linear", "rbf"]
 

@@ -167,10 +167,6 @@ def _laco(model: nn.Module, calibration: Calibration, target: Target | None = No
                              operator, engine_batch_size, progress)
 
 
-def method_names() -> list[str]:
-    return list(METHODS)
-
-
 def make_plan(method: str, model: nn.Module, calibration: Calibration, target: Target | None = None,
               **options: Any) -> Plan:
     """Run a registered method; unknown names get an error listing the known ones."""
