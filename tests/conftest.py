@@ -16,10 +16,20 @@ EMMA = SHARED_DATA / "austen" / "emma.txt"
 PIQA_DIR = SHARED_DATA / "piqa"
 
 
+REAL_MODEL_FIXTURES = {"smollm2_path", "smollm2", "smollm2_readonly", "gemma3_path"}
+
+
 def pytest_configure(config):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test that loads a real pretrained model is `slow`: `pytest -m "not slow"` is the fast unit set."""
+    for item in items:
+        if REAL_MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

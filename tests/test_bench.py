@@ -10,24 +10,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import depthprune.cli_eval  # noqa: F401  (registers the commands)
 from conftest import PIQA_DIR
-from depthprune import Plan, apply_plan, save
-from depthprune.bench import (
-    RESULTS_JSON,
-    RESULTS_MD,
-    RESULTS_PLOT,
-    ROWS_DIR,
-    BenchError,
-    SpeedSpec,
-    ZeroShotSpec,
-    run_bench,
-)
+from depthprune import CalibrationSpec, Evaluation, PerplexitySpec, Plan, SpeedSpec, ZeroShotSpec, apply_plan, save
+from depthprune.bench import RESULTS_JSON, RESULTS_MD, RESULTS_PLOT, ROWS_DIR, BenchError, run_bench
 from depthprune.cli import main
 from depthprune.models.arch import num_layers
 from depthprune.models.load import load_model
-from depthprune.pipeline import CalibrationSpec, PerplexitySpec
-from depthprune.report import write_run_report
+from depthprune.report import compare_metrics, write_run_report
 from tiny import LAYERS, tiny_config, tiny_model
 
 RATIO = 0.2  # 30 layers -> 6 removed, 24 kept
@@ -36,23 +25,25 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 # The CLI equivalent of the API call in `first_run`; both must give the same settings fingerprint.
 CLI_ARGS = ["--methods", "shortgpt,angular,boom", "--ratios", str(RATIO), "--ppl-windows", "4",
-            "--tasks", "piqa_local", "--piqa-dir", str(PIQA_DIR), "--limit", str(LIMIT), "--calib-samples", "4",
-            "-q"]
+            "--eval", "ppl,piqa_local", "--piqa-dir", str(PIQA_DIR), "--limit", str(LIMIT), "--calib-samples", "4",
+            "--batch-size", "4", "-q"]
 
 
 @pytest.fixture(scope="module")
 def planning_calls():
     """Count every planning call per method, and register 'boom', a method that always raises."""
-    from depthprune.methods import METHODS, MethodInfo
+    from dataclasses import replace
+
+    from depthprune.methods import METHODS, Method, MethodOptions
 
     calls: Counter[str] = Counter()
 
-    def counted(info: MethodInfo) -> MethodInfo:
+    def counted(method: Method) -> Method:
         def fn(*args, **kwargs):
-            calls[info.name] += 1
-            return info.fn(*args, **kwargs)
+            calls[method.name] += 1
+            return method.plan(*args, **kwargs)
 
-        return MethodInfo(info.name, fn, info.summary)
+        return replace(method, plan=fn)
 
     def boom(*args, **kwargs):
         calls["boom"] += 1
@@ -61,7 +52,7 @@ def planning_calls():
     with pytest.MonkeyPatch.context() as mp:
         for name in ("shortgpt", "angular"):
             mp.setitem(METHODS, name, counted(METHODS[name]))
-        mp.setitem(METHODS, "boom", MethodInfo("boom", boom, "always fails"))
+        mp.setitem(METHODS, "boom", Method("boom", "always fails", MethodOptions, boom))
         yield calls
 
 
@@ -71,9 +62,9 @@ def first_run(planning_calls, smollm2_path, shared_data, tmp_path_factory):
     result = run_bench(
         smollm2_path, ["shortgpt", "angular", "boom"], [RATIO], out,
         calibration=CalibrationSpec(num_windows=4),
-        ppl=PerplexitySpec("default-heldout", 128, 4),
-        zeroshot=ZeroShotSpec(["piqa_local"], limit=LIMIT, piqa_dir=str(PIQA_DIR)),
-        method_options={"batch_size": 4}, progress=False,
+        evaluation=Evaluation(PerplexitySpec("default-heldout", 128, 4, batch_size=4),
+                              ZeroShotSpec(["piqa_local"], limit=LIMIT, batch_size=4, piqa_dir=str(PIQA_DIR))),
+        batch_size=4, progress=False,
     )
     mtimes = {p.name: p.stat().st_mtime_ns for p in (out / ROWS_DIR).iterdir()}
     return result, Counter(planning_calls), mtimes
@@ -97,14 +88,15 @@ def test_bench_writes_table_json_and_plot(first_run):
         assert row["params"] < dense["params"]
         assert row["perplexity_ratio"] == pytest.approx(row["perplexity"] / dense["perplexity"])
         assert row["accuracy_retention"] == pytest.approx(row["task_mean"] / dense["task_mean"])
-        assert set(row["timings_s"]) >= {"load", "plan", "surgery", "perplexity", "zeroshot", "total"}
+        assert set(row["timings_s"]) >= {"load", "depth", "perplexity", "zeroshot", "total"}
         assert row["details"]["zeroshot"]["n_samples"]["piqa_local"]["effective"] == LIMIT
     assert 0 < dense["tasks"]["piqa_local"] <= 1 and dense["task_mean"] == dense["tasks"]["piqa_local"]
     assert rows["boom", RATIO]["error"] == "RuntimeError: boom never plans anything"
     assert set(data["versions"]) >= {"torch", "transformers", "lm_eval", "depthprune"}
     settings = data["settings"]
-    assert settings["calibration"]["num_windows"] == 4 and settings["perplexity"]["max_windows"] == 4
-    assert settings["zeroshot"]["limit"] == LIMIT and settings["zeroshot"]["piqa_dir"] == str(PIQA_DIR.resolve())
+    evaluation = settings["evaluation"]
+    assert settings["calibration"]["num_windows"] == 4 and evaluation["perplexity"]["max_windows"] == 4
+    assert evaluation["zeroshot"]["limit"] == LIMIT and evaluation["zeroshot"]["piqa_dir"] == str(PIQA_DIR.resolve())
 
     table = [line for line in (out / RESULTS_MD).read_text().splitlines() if line.startswith("| ")]
     header, body = table[0], table[1:]
@@ -147,8 +139,8 @@ def test_bench_api_with_a_loaded_model_speed_and_changed_settings(smollm2_readon
     def bench(windows: int):
         return run_bench(loaded, ["shortgpt"], [0.34], tmp_path / "out", progress=False,
                          calibration=CalibrationSpec(num_windows=2, seq_len=32),
-                         ppl=PerplexitySpec("default-heldout", 32, windows),
-                         speed=SpeedSpec(prompt_len=8, gen_len=2, warmup=0, repeats=1))
+                         evaluation=Evaluation(PerplexitySpec("default-heldout", 32, windows),
+                                               speed=SpeedSpec(prompt_len=8, gen_len=2, warmup=0, repeats=1)))
 
     result = bench(2)
     assert num_layers(loaded.model) == LAYERS
@@ -170,11 +162,13 @@ def test_bench_api_with_a_loaded_model_speed_and_changed_settings(smollm2_readon
         (["--methods", "shortgpt", "--ratios", "0.2,1.5"], "between 0 and 1"),
         (["--methods", "shortgpt", "--ratios", "0"], "between 0 and 1"),
         (["--methods", "shortgpt", "--ratios", "a,b"], "comma-separated fractions"),
-        (["--methods", "shortgpt", "--tasks", "piqa_local", "--piqa-dir", "/no/such/piqa"], "does not exist"),
+        (["--methods", "shortgpt", "--eval", "piqa_local", "--piqa-dir", "/no/such/piqa"], "does not exist"),
         (["--methods", "shortgpt", "--ppl-data", "/no/such/text.txt"], "neither a file nor a known text"),
-        (["--methods", "shortgpt", "--tasks", "piqa_local,no_such_task_xyz", "--piqa-dir", str(PIQA_DIR)],
+        (["--methods", "shortgpt", "--eval", "piqa_local,no_such_task_xyz", "--piqa-dir", str(PIQA_DIR)],
          "unknown lm-eval task"),
-        (["--methods", "shortgpt", "--no-ppl"], "nothing to measure"),
+        (["--methods", "shortgpt", "--eval", ""], "nothing to measure"),
+        (["--methods", "shortgpt", "--threshold", "0.5"], "does not take --threshold"),
+        (["--methods", "shortgpt,slm", "--final-window", "nope"], "must be one of commit, skip"),
     ],
 )
 def test_bad_input_fails_before_loading(args, message, tmp_path, capsys, monkeypatch):
@@ -183,6 +177,7 @@ def test_bad_input_fails_before_loading(args, message, tmp_path, capsys, monkeyp
         raise AssertionError("the model was loaded before the input was checked")
 
     monkeypatch.setattr("depthprune.bench.load_model", no_loading)
+    monkeypatch.setattr("depthprune.models.load.resolve_source", no_loading)
     code = main(["bench", "--model", "/no/such/model", "--out", str(tmp_path / "out"), *args])
     assert code == 2
     assert message in capsys.readouterr().err
@@ -205,39 +200,48 @@ def _plan_with_scores() -> Plan:
 
 
 def test_run_report_inside_atomic_save(tmp_path):
-    """As `prune --eval` will call it: a writer of io.save, inside the temporary checkpoint directory."""
+    """As a job calls it: a writer of io.save, inside the temporary checkpoint directory."""
     model = tiny_model("llama")
     plan = _plan_with_scores()
     apply_plan(model, plan)
     before = {"perplexity": 60.0, "piqa_local": 0.65}
     after = {"perplexity": 90.0, "piqa_local": 0.60}
+    report = {"model": "tiny", "stages": [{"stage": "depth", "summary": plan.summary()}],
+              "metrics": compare_metrics(before, after, {"perplexity": False, "piqa_local": True}),
+              "before": before, "after": after, "timings_s": {"depth": 1.5}, "settings": {"batch_size": 8}}
     seen = []
 
     def writer(tmp):
         seen.append(tmp)
-        write_run_report(tmp, plan=plan, before=before, after=after, model="tiny", timings={"plan": 1.5},
-                         settings={"ppl_data": "default-heldout"}, extra={"out": "ckpt"})
+        write_run_report(tmp, report, plan)
 
     out = save(model, None, tmp_path / "ckpt", plan, writers=[writer])
     assert seen[0] != out and not seen[0].exists()
     data = json.loads((out / "report.json").read_text())
-    assert data["plan"]["removed"] == [2, 3] and data["plan"]["num_layers_after"] == 4
     ppl, piqa = data["metrics"]["perplexity"], data["metrics"]["piqa_local"]
-    assert ppl["lower_is_better"] and ppl["ratio"] == pytest.approx(1.5)
-    assert not piqa["lower_is_better"] and piqa["change"] == pytest.approx(-0.05)
-    assert data["out"] == "ckpt" and data["scores_plot"] == "layer_scores.png"
+    assert not ppl["higher_is_better"] and ppl["ratio"] == pytest.approx(1.5)
+    assert piqa["higher_is_better"] and piqa["change"] == pytest.approx(-0.05)
+    assert data["scores_plot"] == "layer_scores.png"
     assert (out / "layer_scores.png").read_bytes()[:8] == PNG
 
     md = (out / "report.md").read_text()
     assert "`shortgpt: 6 -> 4 layers; remove [2, 3]`" in md
     assert "| perplexity (lower is better) | 60.00 | 90.00 | x1.50 |" in md
     assert "| piqa_local (higher is better) | 0.6500 | 0.6000 | -0.0500 (92.3% retained) |" in md
-    assert "](layer_scores.png)" in md and "- plan: 1.5 s" in md
+    assert "](layer_scores.png)" in md and "- depth: 1.5 s" in md
+
+
+def test_direction_comes_from_the_evaluation_not_the_name():
+    """A task whose metric is lower-is-better (as lm-eval declares it) is reported as such, whatever its name."""
+    compared = compare_metrics({"my_task": 4.0, "perplexity": 10.0}, {"my_task": 2.0, "perplexity": 12.0},
+                               {"my_task": False, "perplexity": False})
+    assert not compared["my_task"]["higher_is_better"] and compared["my_task"]["ratio"] == 0.5
 
 
 def test_run_report_without_scores_has_no_plot(tmp_path):
     plan = Plan("manual", 6, remove=[1])
-    md, js = write_run_report(tmp_path, plan=plan, before={"perplexity": 10.0}, after={"perplexity": None})
+    report = {"metrics": compare_metrics({"perplexity": 10.0}, {"perplexity": None}, {"perplexity": False})}
+    md, js = write_run_report(tmp_path, report, plan)
     assert not (tmp_path / "layer_scores.png").exists()
     assert json.loads(js.read_text())["metrics"]["perplexity"]["ratio"] is None
     assert "layer_scores.png" not in md.read_text() and "| 10.00 | - | - |" in md.read_text()

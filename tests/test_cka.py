@@ -17,9 +17,9 @@ from depthprune.analysis.cka import (
     hsic_unbiased,
     linear_kernel,
     median_heuristic_sigma,
-    plot_cka_heatmap,
     rbf_kernel,
 )
+from depthprune.report import plot_cka_heatmap
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -35,6 +35,12 @@ def test_help_explains_commands(run_cli):
         (["prune", "--model", "/no/such/model", "--ratio", "0.2", "--out", "X"], "not found"),
         (["prune", "--model", "missing.gguf", "--ratio", "0.2", "--out", "X"], "GGUF file not found"),
         (["prune", "--ratio", "0.2", "--then-width", "1.5", "--out", "X"], "must be in [0, 1)"),
+        (["prune", "--method", "shortgpt", "--ratio", "0.2", "--threshold", "0.5", "--out", "X"],
+         "does not take --threshold"),
+        (["prune", "--method", "slm", "--block", "3", "--out", "X"], "does not take --block"),
+        (["prune", "--method", "slm", "--operator", "magic", "--out", "X"], "must be one of"),
+        (["prune", "--ratio", "0.2", "--no-such-flag", "--out", "X"], "no such option --no-such-flag"),
+        (["prune", "--method", "laco", "--merge-layers", "x", "--out", "X"], "takes a int"),
         (["prune", "--ratio", "0.2", "--then-width", "0.2", "--width-scorer", "x", "--out", "X"], "unknown width scorer"),
         (["prune", "--ratio", "0.2", "--heal", "/no/such.txt", "--out", "X"], "healing data file not found"),
         (["prune", "--method", "slm", "--threshold", "1.5", "--out", "X"], "between 0 and 1"),
@@ -60,13 +66,14 @@ def test_score_prune_and_errors_on_real_model(smollm2_path, tmp_path, run_cli):
     from conftest import PIQA_DIR
 
     proc = run_cli("prune", "--model", smollm2_path, "--method", "angular", "--block", "4", "--calib-samples",
-                   "4", "--out", str(out), "--eval", "ppl,piqa", "--piqa-dir", str(PIQA_DIR), "--eval-limit", "10",
+                   "4", "--out", str(out), "--eval", "ppl,piqa", "--piqa-dir", str(PIQA_DIR), "--limit", "10",
                    "--ppl-windows", "2", "-q")
     report = json.loads((out / "report.json").read_text())
     assert set(report["metrics"]) == {"perplexity", "piqa_local"}
     assert report["after"]["perplexity"] > report["before"]["perplexity"]
     assert "| piqa_local" in (out / "report.md").read_text()
     assert "piqa_local:" in proc.stdout
+    assert report["stages"][0]["stage"] == "depth" and report["layers"] == {"before": 30, "after": 26}
     plan = json.loads((out / "depthprune_plan.json").read_text())
     assert plan["method"] == "angular" and len(plan["remove"]) == 4 and plan["num_layers_after"] == 26
     assert plan["remove"] == list(range(plan["remove"][0], plan["remove"][0] + 4))

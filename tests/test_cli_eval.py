@@ -6,7 +6,6 @@ import json
 
 import pytest
 
-import depthprune.cli_eval  # noqa: F401  (registers the commands)
 from conftest import PIQA_DIR
 from depthprune import Plan, apply_plan
 from depthprune.evaluate.zeroshot import evaluate_zeroshot

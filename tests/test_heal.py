@@ -205,12 +205,14 @@ def test_heal_command(tok, shared_data, tmp_path, run_cli, monkeypatch):
                            "--out", str(out), "--max-steps", "2", "--batch-size", "2", "--grad-accum", "1",
                            "--cutoff-len", "32", "--max-items", "12", "--val-size", "2", "--eval-steps", "2",
                            "--save-adapter", "-q")
-    assert "healed 2 steps" in stdout and "saved to" in stdout
+    assert "heal: 2 LoRA steps" in stdout and "saved to" in stdout
     assert _digest(src) == before
-    assert not (tmp_path / "healed.heal-work").exists()
-    report = json.loads((out / "heal_report.json").read_text())
-    assert report["heal"]["global_step"] == 2 and report["heal"]["data"]["kind"] == "text"
-    assert report["heal"]["best_checkpoint"] == "checkpoint-2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["healed", "pruned"], "no work directory left behind"
+    assert not (out / ".depthprune-work").exists()
+    report = json.loads((out / "report.json").read_text())
+    stage = report["stages"][0]
+    assert stage["stage"] == "heal" and stage["steps"] == 2 and stage["data"]["kind"] == "text"
+    assert stage["result"]["best_checkpoint"] == "checkpoint-2"
     assert json.loads((out / "depthprune_plan.json").read_text())["stages"][0]["stage"] == "heal"
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 2
@@ -221,6 +223,7 @@ def test_heal_command(tok, shared_data, tmp_path, run_cli, monkeypatch):
         (["--out", str(tmp_path / "q"), "--data", str(tmp_path / "none.txt")], "not found"),
         (["--out", str(tmp_path / "q"), "--preset", "attention"], "unknown preset"),
         (["--out", str(src)], "overlaps the input"),
+        (["--out", str(tmp_path / "q"), "--resume"], "--work-dir"),
         ([], "--out is required"),
     ]:
         code, _, err = run_cli("heal", "--model", str(src), *args, check=False)
@@ -254,20 +257,18 @@ def test_prune_then_width_then_heal_records_every_stage(smollm2, shared_data, tm
     """The combined pipeline (depth -> width -> LoRA) in one call, as `prune --then-width --heal` runs it."""
     import json
 
-    from depthprune.heal import HealConfig
-    from depthprune.methods import Target
-    from depthprune.pipeline import CalibrationSpec, HealSpec, WidthSpec, prune
-
     config = HealConfig(max_steps=2, batch_size=1, grad_accum=1, cutoff_len=64, val_size=4, eval_steps=2,
                         max_items=40, progress=False)
     out = tmp_path / "combined"
-    result = prune(smollm2, "shortgpt", Target(remove=4), calibration=CalibrationSpec(num_windows=4, seq_len=64),
-                   out=out, width=WidthSpec(0.25, 0.0, "magnitude"),
-                   heal=HealSpec(str(shared_data / "austen" / "emma.txt"), config), progress=False)
+    job = dp.Job([dp.DepthStage("shortgpt", dp.Target(remove=4)), dp.WidthStage(0.25, 0.0, "magnitude"),
+                  dp.HealStage(str(shared_data / "austen" / "emma.txt"), config)],
+                 calibration=dp.CalibrationSpec(num_windows=4, seq_len=64), progress=False)
+    result = dp.run_job(smollm2, job, out=out)
     plan = json.loads((out / "depthprune_plan.json").read_text())
     assert [s["stage"] for s in plan["stages"]] == ["width", "heal"]
     assert plan["num_layers_after"] == 26 and plan["stages"][1]["steps"] == 2
     assert json.loads((out / "config.json").read_text())["intermediate_size"] == 1152
     assert (out / "depthprune_width_plan.json").exists()
-    assert not (tmp_path / "combined.heal-work").exists(), "trainer checkpoints are cleaned up"
-    assert result.layers_after == 26
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["combined"], "trainer checkpoints are cleaned up"
+    assert result.layers == {"before": 30, "after": 26}
+    assert [r["stage"] for r in json.loads((out / "report.json").read_text())["stages"]] == ["depth", "width", "heal"]

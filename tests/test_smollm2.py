@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from depthprune import apply_plan, calibration_windows, perplexity, plan_shortgpt, save, score_layers
 from depthprune.evaluate.perplexity import perplexity_on
 from depthprune.data.calibration import consecutive_windows
-from depthprune.plan import layers_to_remove
+from depthprune.methods import layers_to_remove
 from test_scoring import slow_block_influence
 
 

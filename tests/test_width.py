@@ -225,9 +225,9 @@ def test_bad_input_is_refused_with_a_clear_message():
         width_plan(model, None, scorer="random")
     with pytest.raises(WidthError, match="needs calibration"):
         width_plan(model, None, scorer="wanda")
-    with pytest.raises(NotImplementedError, match="head pruning is not implemented for gpt2.*llama"):
+    with pytest.raises(WidthError, match="head pruning is not implemented for gpt2.*llama"):
         width_plan(tiny_model("gpt2"), None, ratio_mlp=0.0, ratio_heads=0.5)
-    with pytest.raises(NotImplementedError, match="phi3.*Supported families"):
+    with pytest.raises(WidthError, match="phi3.*Supported families"):
         width_plan(tiny_model("phi3"), None, ratio_mlp=0.2)
     with pytest.raises(WidthError, match="same width in every layer"):
         WidthPlan("manual", 0.1, 0.0, 2, {"intermediate_size": 8}, keep_mlp=[[0, 1], [0]])
@@ -252,13 +252,14 @@ def test_width_command(smollm2_path, tmp_path, run_cli):
     assert "MLP 128 -> 96" in stdout and "saved to" in stdout
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     assert reloaded.config.intermediate_size == 96 and reloaded.config.num_key_value_heads == 1
-    report = json.loads((out / "width_report.json").read_text())
-    assert report["parameters_after"] < report["parameters_before"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["parameters"]["after"] < report["parameters"]["before"]
+    assert report["stages"][0]["sizes_after"]["intermediate_size"] == 96
     assert json.loads((out / "depthprune_plan.json").read_text())["stages"][0]["stage"] == "width"
     assert WidthPlan.load(out).calibration["num_windows"] == 3
 
     for args, message in [
-        (["--scorer", "nope"], "unknown scorer"),
+        (["--scorer", "nope"], "unknown width scorer"),
         (["--ratio-mlp", "1.5"], "must be in [0, 1)"),
         (["--ratio-mlp", "0"], "nothing to prune"),
         ([], "--out is required"),

@@ -26,7 +26,7 @@ from depthprune.evaluate.zeroshot import (
     resolve_piqa_dir,
     task_cache_dir,
 )
-from depthprune.models.load import CACHE_ENV
+from depthprune.paths import CACHE_ENV
 
 LIMIT = 40
 BATCH_SIZE = 16

@@ -57,3 +57,32 @@ def tiny_model(family: str, seed: int = 0, layers: int = LAYERS) -> torch.nn.Mod
 def tiny_inputs(batch: int = 2, seq: int = 12, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (batch, seq), generator=g)
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer built in code (259 tokens: <pad>, <s>, </s> and the 256 bytes), no download.
+
+    It adds no BOS (like SmolLM2), so every window is plain text tokens.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[ch] = len(vocab)
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    return tf.PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>",
+                                      pad_token="<pad>")
+
+
+def save_tiny_checkpoint(path, family: str = "llama", layers: int = LAYERS, seed: int = 0):
+    """A tiny random model with a working tokenizer saved as a plain checkpoint (as a user's input model)."""
+    tok = byte_tokenizer()
+    config = tiny_config(family, layers)
+    config.vocab_size = len(tok)
+    torch.manual_seed(seed)
+    model = tf.AutoModelForCausalLM.from_config(config).eval()
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

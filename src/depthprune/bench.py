@@ -1,16 +1,16 @@
 """Compare methods at several depths on one model: every registered method x every ratio, plus dense.
 
-Each (method, ratio) row loads the model fresh (methods prune in place),
-plans with :func:`depthprune.methods.make_plan`, applies the plan and
-evaluates it: perplexity, lm-eval zero-shot tasks, and optionally speed.
-Finished rows are cached one JSON file each under ``OUT/rows/``, so an
-interrupted or extended run recomputes only what is missing; a method that
-fails becomes a row with its error instead of ending the run.
+Each (method, ratio) row loads the model fresh (methods prune in place) and
+runs the same job as ``prune`` (:func:`depthprune.job.run_job` with one
+:class:`~depthprune.job.DepthStage`) with the bench's one
+:class:`~depthprune.evaluate.suite.Evaluation`: perplexity, lm-eval
+zero-shot tasks, and optionally speed. Finished rows are cached one JSON file
+each under ``OUT/rows/``, so an interrupted or extended run recomputes only
+what is missing; a method that fails becomes a row with its error instead of
+ending the run.
 
-Calibration windows and perplexity windows are tokenized once and shared by
-every row (perplexity is :func:`depthprune.evaluate.perplexity.perplexity_on`
-on the windows :func:`~depthprune.evaluate.perplexity.perplexity` would
-build), so rows differ only in the model.
+Calibration and perplexity windows are tokenized once and shared by every
+row, so rows differ only in the model.
 
 Reloading beats copying: from the converted safetensors directory a reload
 of SmolLM2-135M takes about 0.3 s once the files are in the page cache (the
@@ -27,19 +27,20 @@ import platform
 import re
 import time
 import traceback
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 from tqdm.auto import tqdm
 
-from .data.calibration import HUB_TEXTS, Calibration, consecutive_windows
-from .evaluate.perplexity import PPL_DATASETS, perplexity_on
-from .io import write_json
+from .data.calibration import CalibrationSpec
+from .errors import InputError
+from .evaluate.suite import Evaluation
+from .io import atomic_write, write_json
+from .job import DepthStage, Job, run_job
+from .methods import Target, build_options
 from .models.load import LoadedModel, load_model
-from .pipeline import CalibrationSpec, PerplexitySpec, ZeroShotSpec
-from .report import format_number, format_params, markdown_table, plot_depth_curves, write_text
+from .report import format_number, format_params, markdown_table, plot_depth_curves
 
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
@@ -48,24 +49,8 @@ ROWS_DIR = "rows"
 DENSE = "dense"
 
 
-class BenchError(ValueError):
+class BenchError(InputError):
     """Bench input that cannot work; raised before any model is loaded."""
-
-
-@dataclass
-class SpeedSpec:
-    """One fixed workload for :func:`depthprune.evaluate.speed.measure_speed`, the same for every row."""
-
-    prompt_len: int = 128
-    gen_len: int = 64
-    batch_size: int = 1
-    warmup: int = 1
-    repeats: int = 3
-
-    def run(self, model: Any, tokenizer: Any):
-        from .evaluate.speed import measure_speed
-
-        return measure_speed(model, tokenizer, **asdict(self))
 
 
 @dataclass
@@ -123,7 +108,7 @@ class BenchResult:
 
     @property
     def tasks(self) -> list[str]:
-        zs = self.settings.get("zeroshot")
+        zs = self.settings["evaluation"].get("zeroshot")
         return list(zs["tasks"]) if zs else []
 
     def derived(self, row: BenchRow) -> dict[str, float | None]:
@@ -148,7 +133,7 @@ class BenchResult:
 
     def markdown(self) -> str:
         """The results table: one row per model, dense first."""
-        speed = self.settings.get("speed") is not None
+        speed = self.settings["evaluation"].get("speed") is not None
         headers = ["method", "ratio", "layers", "removed / merged", "params", "PPL", *self.tasks]
         many = len(self.tasks) > 1
         if self.tasks:
@@ -177,7 +162,7 @@ class BenchResult:
         settings = self.settings
         head = (f"# depthprune bench: {settings['model']}\n\n"
                 f"{_describe_settings(settings)}\n\n")
-        write_text(self.out / RESULTS_MD, head + self.markdown() + f"\n![metrics vs layers removed]({RESULTS_PLOT})\n")
+        atomic_write(self.out / RESULTS_MD, head + self.markdown() + f"\n![metrics vs layers removed]({RESULTS_PLOT})\n")
         self.plot(self.out / RESULTS_PLOT)
 
     def plot(self, path: Path) -> Path:
@@ -220,15 +205,16 @@ def _percent(x: float | None) -> str:
 def _describe_settings(s: dict[str, Any]) -> str:
     parts = [f"calibration: {s['calibration']['source']}, {s['calibration']['num_windows']} x "
              f"{s['calibration']['seq_len']} tokens, seed {s['calibration']['seed']}"]
-    if s.get("perplexity"):
-        p = s["perplexity"]
+    evaluation = s["evaluation"]
+    if evaluation.get("perplexity"):
+        p = evaluation["perplexity"]
         parts.append(f"PPL: {p['dataset']}, {p['max_windows'] or 'all'} windows x {p['seq_len']} tokens")
-    if s.get("zeroshot"):
-        z = s["zeroshot"]
+    if evaluation.get("zeroshot"):
+        z = evaluation["zeroshot"]
         parts.append(f"zero-shot: {', '.join(z['tasks'])} (lm-eval, {z['num_fewshot']}-shot, "
                      f"limit {z['limit'] if z['limit'] is not None else 'none'})")
-    if s.get("speed"):
-        v = s["speed"]
+    if evaluation.get("speed"):
+        v = evaluation["speed"]
         parts.append(f"speed: greedy decode {v['gen_len']} tokens after a {v['prompt_len']}-token prompt, "
                      f"batch {v['batch_size']}, median of {v['repeats']}; speedup = decode tokens/s vs dense, "
                      "ideal = L/(L-k)")
@@ -272,15 +258,6 @@ def check_ratios(ratios: Sequence[float]) -> list[float]:
     return values
 
 
-def check_text_source(source: str, option: str) -> None:
-    """A named source or an existing file; anything else is a typo caught before loading the model."""
-    if source in ("default", "default-heldout") or source in HUB_TEXTS or source in PPL_DATASETS:
-        return
-    if not Path(source).expanduser().is_file():
-        raise BenchError(f"{option} {source!r} is neither a file nor a known text (default, default-heldout, "
-                         f"{', '.join(HUB_TEXTS)}); pass a .txt/.jsonl path")
-
-
 def _prepare_out(out: str | Path, inputs: Sequence[str | Path]) -> Path:
     """Accept a new or empty directory, or an earlier bench output (to resume); refuse anything else."""
     out = Path(out).expanduser().resolve()
@@ -304,8 +281,8 @@ def _row_file(out: Path, method: str, ratio: float | None) -> Path:
 
 def _settings_key(settings: dict[str, Any]) -> str:
     """Fingerprint of everything that changes a row's numbers; cached rows count only when it matches."""
-    relevant = {k: settings[k] for k in ("model_path", "dtype", "device", "calibration", "perplexity",
-                                         "zeroshot", "speed", "method_options")}
+    relevant = {k: settings[k] for k in ("model_path", "dtype", "device", "calibration", "evaluation",
+                                         "method_options", "batch_size")}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -319,131 +296,58 @@ def _load_cached(path: Path, key: str) -> BenchRow | None:
     return row if row.ok and row.settings_key == key else None
 
 
-@contextmanager
-def _timed(timings: dict[str, float], step: str) -> Iterator[None]:
-    start = time.perf_counter()
-    try:
-        yield
-    finally:
-        timings[step] = time.perf_counter() - start
-
-
 class _Session:
-    """The model source, shared inputs built once (calibration, PPL windows), and fresh models on demand."""
+    """The model source and fresh copies of it on demand."""
 
-    def __init__(self, model: str | LoadedModel, dtype: Any, device: str | None, calibration: CalibrationSpec,
-                 ppl: PerplexitySpec | None, progress: bool):
-        from .models.load import resolve_device, resolve_dtype
+    def __init__(self, model: str | LoadedModel, dtype: Any, device: str | None, progress: bool):
+        from .models.load import resolve_device, resolve_dtype, resolve_source
 
         self.given = model if isinstance(model, LoadedModel) else None
-        self.source = model.source if isinstance(model, LoadedModel) else model
-        self.path = model.path if isinstance(model, LoadedModel) else None
-        self.device = device
-        self.dtype = resolve_dtype(dtype, resolve_device(device))
+        self.progress = progress
         if self.given is not None:
-            self.dtype = next(self.given.model.parameters()).dtype
-            self.device = "auto" if getattr(self.given.model, "hf_device_map", None) else str(
-                next(self.given.model.parameters()).device)
-        self.calibration_spec, self.ppl_spec, self.progress = calibration, ppl, progress
-        self._calibration: Calibration | None = None
-        self._ppl_windows: Calibration | None = None
+            params = next(self.given.model.parameters())
+            self.source, self.path, self.dtype = self.given.source, self.given.path, params.dtype
+            self.device = "auto" if getattr(self.given.model, "hf_device_map", None) else str(params.device)
+        else:
+            self.source, self.device = str(model), device
+            self.dtype = resolve_dtype(dtype, resolve_device(device))
+            self.path = str(resolve_source(self.source))
 
     def dense(self) -> LoadedModel:
         """The caller's model if one was passed (it is only evaluated), else a fresh load."""
-        if self.given is not None:
-            return self.given
-        return self.fresh()
+        return self.given if self.given is not None else self.fresh()
 
     def fresh(self) -> LoadedModel:
-        from transformers.utils import logging as hf_logging
-
         gc.collect()
-        shown = hf_logging.is_progress_bar_enabled()
-        if not self.progress:
-            hf_logging.disable_progress_bar()
-        try:
-            loaded = load_model(self.path or self.source, dtype=self.dtype, device=self.device)
-        finally:
-            if shown:
-                hf_logging.enable_progress_bar()
-        self.path = loaded.path
-        return loaded
-
-    def calibration(self, tokenizer: Any) -> Calibration:
-        if self._calibration is None:
-            self._calibration = self.calibration_spec.windows(tokenizer)
-        return self._calibration
-
-    def ppl_windows(self, tokenizer: Any) -> Calibration:
-        if self._ppl_windows is None:
-            spec = self.ppl_spec
-            source = PPL_DATASETS.get(spec.dataset, spec.dataset)
-            self._ppl_windows = consecutive_windows(tokenizer, source, seq_len=spec.seq_len,
-                                                    max_windows=spec.max_windows)
-        return self._ppl_windows
+        return load_model(self.path, dtype=self.dtype, device=self.device, progress=self.progress)
 
 
-def _evaluate(row: BenchRow, loaded: LoadedModel, session: _Session, zeroshot: ZeroShotSpec | None,
-              speed: SpeedSpec | None) -> None:
-    from .evaluate.speed import count_parameters
-    from .models.arch import num_layers
-
-    model, tok = loaded
-    row.layers = num_layers(model)
-    row.params = count_parameters(model)
-    if session.ppl_spec is not None:
-        with _timed(row.timings_s, "perplexity"):
-            ppl = perplexity_on(model, session.ppl_windows(tok), batch_size=session.ppl_spec.batch_size,
-                                progress=False)
-        row.perplexity = ppl.perplexity
-        row.details["perplexity"] = ppl.to_dict()
-    if zeroshot is not None:
-        with _timed(row.timings_s, "zeroshot"):
-            zs = zeroshot.run(model, tok)
-        row.tasks, row.task_mean = zs.metrics, zs.mean
-        row.details["zeroshot"] = {"scores": {k: asdict(v) for k, v in zs.scores.items()},
-                                   "n_samples": zs.raw.get("n-samples")}
-    if speed is not None:
-        with _timed(row.timings_s, "speed"):
-            sp = speed.run(model, tok)
-        row.decode_tokens_per_s, row.prefill_latency_s = sp.decode_tokens_per_s, sp.prefill_latency_s
-        row.details["speed"] = sp.to_dict()
-
-
-def _dense_row(session: _Session, zeroshot: ZeroShotSpec | None, speed: SpeedSpec | None, key: str) -> BenchRow:
-    """Errors here end the run: without a baseline there is nothing to compare against."""
-    row = BenchRow(DENSE, None, layers_removed=0, settings_key=key)
-    start = time.perf_counter()
-    with _timed(row.timings_s, "load"):
-        loaded = session.dense()
-    _evaluate(row, loaded, session, zeroshot, speed)
-    row.timings_s["total"] = time.perf_counter() - start
-    return row
-
-
-def _pruned_row(method: str, ratio: float, session: _Session, zeroshot: ZeroShotSpec | None,
-                speed: SpeedSpec | None, method_options: dict[str, Any], key: str) -> BenchRow:
-    """Plan, apply and evaluate one (method, ratio); any failure becomes the row's error."""
-    from .methods import Target, make_plan
-    from .surgery import apply_plan
-
+def _row(method: str, ratio: float | None, session: _Session, job: Job, key: str) -> BenchRow:
+    """Plan, apply and evaluate one (method, ratio), or evaluate the dense model; a pruned row's failure
+    becomes its error (a broken method must not end a long comparison), the dense row's ends the run."""
     row = BenchRow(method, ratio, settings_key=key)
     start = time.perf_counter()
     try:
-        with _timed(row.timings_s, "load"):
-            loaded = session.fresh()
-        model, tok = loaded
-        with _timed(row.timings_s, "calibration"):
-            calibration = session.calibration(tok)
-        with _timed(row.timings_s, "plan"):
-            plan = make_plan(method, model, calibration, Target(ratio=ratio), progress=False, **method_options)
-        plan.model = session.source
-        with _timed(row.timings_s, "surgery"):
-            apply_plan(model, plan)
-        row.layers_removed = len(plan.dropped)
-        row.plan = {"summary": plan.summary(), "dropped": plan.dropped, **plan.to_dict()}
-        _evaluate(row, loaded, session, zeroshot, speed)
-    except Exception as err:  # a broken method must not end a long comparison
+        loaded = session.dense() if ratio is None else session.fresh()
+        row.timings_s["load"] = time.perf_counter() - start
+        result = run_job(loaded, job)
+        row.layers, row.params = result.layers["after"], result.parameters["after"]
+        row.layers_removed = result.layers["before"] - result.layers["after"]
+        after = result.after
+        row.timings_s.update({**result.timings, **after.timings})
+        if after.perplexity is not None:
+            row.perplexity = after.perplexity.perplexity
+        if after.zeroshot is not None:
+            row.tasks, row.task_mean = after.zeroshot.metrics, after.zeroshot.mean
+        if after.speed is not None:
+            row.decode_tokens_per_s, row.prefill_latency_s = after.speed.decode_tokens_per_s, \
+                after.speed.prefill_latency_s
+        row.details = after.to_dict()
+        if result.plan is not None:
+            row.plan = {"summary": result.plan.summary(), "dropped": result.plan.dropped, **result.plan.to_dict()}
+    except Exception as err:
+        if ratio is None:
+            raise
         row.error = f"{type(err).__name__}: {err}"
         row.details["traceback"] = traceback.format_exc()
     row.timings_s["total"] = time.perf_counter() - start
@@ -457,12 +361,11 @@ def run_bench(
     out: str | Path,
     *,
     calibration: CalibrationSpec | None = None,
-    ppl: PerplexitySpec | None = PerplexitySpec(),
-    zeroshot: ZeroShotSpec | None = None,
-    speed: SpeedSpec | None = None,
+    evaluation: Evaluation | None = None,
+    method_options: dict[str, dict[str, Any]] | None = None,
+    batch_size: int = 8,
     dtype: str | None = None,
     device: str | None = "cpu",
-    method_options: dict[str, Any] | None = None,
     resume: bool = True,
     progress: bool = True,
 ) -> BenchResult:
@@ -470,35 +373,37 @@ def run_bench(
 
     ``model`` is a source for :func:`depthprune.load_model` or an already
     loaded, unpruned :class:`LoadedModel` (used as is for the dense row; each
-    pruned row reloads from its ``path``).  Inputs are checked before any
-    model is loaded.  With ``resume`` (the default), rows already in
-    ``out/rows/`` that were computed with the same settings are reused.
-    ``method_options`` go to every method (e.g. ``batch_size``); methods ignore
-    options they don't take.  Writes ``results.json``, ``results.md`` and
-    ``results.png`` into ``out``.
+    pruned row reloads from its ``path``). ``evaluation`` defaults to
+    perplexity on the held-out default text. ``method_options`` maps a method
+    name to its options (``{"slm": {"operator": "average"}}``); an option the
+    method does not take is refused. Inputs are checked before any model is
+    loaded. With ``resume`` (the default), rows already in ``out/rows/`` that
+    were computed with the same settings are reused. Writes ``results.json``,
+    ``results.md`` and ``results.png`` into ``out``.
     """
+    from .evaluate.suite import PerplexitySpec
+
     t0 = time.perf_counter()
     methods, ratios = check_methods(methods), check_ratios(ratios)
-    calibration = calibration or CalibrationSpec()
-    check_text_source(calibration.source, "--calib")
-    if ppl is not None:
-        check_text_source(ppl.dataset, "--ppl-data")
-    if zeroshot is not None:
-        zeroshot.check()
-    if ppl is None and zeroshot is None and speed is None:
+    calibration = (calibration or CalibrationSpec()).check()
+    evaluation = (evaluation or Evaluation(perplexity=PerplexitySpec())).check()
+    if evaluation.empty:
         raise BenchError("nothing to measure: enable perplexity, zero-shot tasks or speed")
+    unknown = sorted(set(method_options or {}) - set(methods))
+    if unknown:
+        raise BenchError(f"options given for {', '.join(unknown)}, which is not among --methods")
+    options = {m: build_options(m, (method_options or {}).get(m)) for m in methods}
+    stages = {(m, r): DepthStage(m, Target(ratio=r), options[m]) for m in methods for r in ratios}
+    for stage in stages.values():
+        stage.check()
     out = _prepare_out(out, [model.path if isinstance(model, LoadedModel) else model])
-    session = _Session(model, dtype, device, calibration, ppl, progress)
-    if session.path is None:
-        from .models.load import resolve_source
-
-        session.path = str(resolve_source(session.source))
+    session = _Session(model, dtype, device, progress)
     (out / ROWS_DIR).mkdir(parents=True, exist_ok=True)
     settings = {
         "model": session.source, "model_path": session.path, "dtype": str(session.dtype),
         "device": session.device, "methods": methods, "ratios": ratios, "calibration": asdict(calibration),
-        "perplexity": asdict(ppl) if ppl else None, "zeroshot": asdict(zeroshot) if zeroshot else None,
-        "speed": asdict(speed) if speed else None, "method_options": dict(method_options or {}),
+        "evaluation": evaluation.to_dict(), "batch_size": batch_size,
+        "method_options": {m: options[m].to_dict() for m in methods},
     }
     key = _settings_key(settings)
     todo: list[tuple[str, float | None]] = [(DENSE, None)] + [(m, r) for m in methods for r in ratios]
@@ -513,8 +418,9 @@ def run_bench(
                 bar.set_postfix_str(f"{row.name} (cached)")
             else:
                 bar.set_postfix_str(method if ratio is None else f"{method}@{ratio:g}")
-                row = (_dense_row(session, zeroshot, speed, key) if ratio is None else
-                       _pruned_row(method, ratio, session, zeroshot, speed, dict(method_options or {}), key))
+                job = Job([] if ratio is None else [stages[method, ratio]], calibration, evaluation,
+                          evaluate_before=False, batch_size=batch_size, progress=False)
+                row = _row(method, ratio, session, job, key)
                 write_json(path, row.to_dict())
                 if row.error:
                     tqdm.write(f"{row.name} failed: {row.error}")

@@ -45,6 +45,9 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import nn
 
+from .data.calibration import special_prefix
+from .errors import InputError
+from .io import write_json
 from .models.arch import spec_for
 
 log = logging.getLogger(__name__)
@@ -53,7 +56,6 @@ ALPACA_HUB = {"alpaca-cleaned": "yahma/alpaca-cleaned", "yahma/alpaca-cleaned": 
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 JSON_SUFFIXES = (".json", ".jsonl")
 PRESETS = ("default", "gromov")
-MLP_ROLES = ("gate", "up", "down", "gate_up")
 CHECKPOINTS = "checkpoints"
 ADAPTER = "adapter"
 CONFIG_FILE = "heal_config.json"
@@ -75,7 +77,7 @@ QLORA_NEEDS_CUDA = (
 )
 
 
-class HealError(ValueError):
+class HealError(InputError):
     pass
 
 
@@ -167,7 +169,7 @@ def lora_targets(model: nn.Module, preset: str = "default") -> list[str] | str:
     if preset not in PRESETS:
         raise HealError(f"unknown preset {preset!r}: use one of {', '.join(PRESETS)}")
     spec = spec_for(model)
-    chosen = [p for role, p in spec.projections.items() if preset == "default" or role in MLP_ROLES]
+    chosen = list(spec.projections.values()) if preset == "default" else spec.mlp_paths
     others = [p for p in spec.projections.values() if p not in chosen]
     if not chosen:
         raise HealError(f"the {spec.family} spec names no projections for preset {preset!r}")
@@ -257,12 +259,6 @@ def _read_text_file(path: Path) -> str:
         raise HealDataError(f"cannot read {path} as UTF-8 text ({err})") from err
 
 
-def _special_prefix(tokenizer: Any) -> list[int]:
-    from .data.calibration import special_prefix
-
-    return special_prefix(tokenizer)
-
-
 def tokenize_alpaca(records: Iterable[dict[str, str]], tokenizer: Any, cutoff_len: int,
                     train_on: str = "full") -> list[dict[str, list[int]]]:
     """alpaca-lora's tokenization: prompt + output, truncated to ``cutoff_len``, EOS appended if it fits."""
@@ -289,7 +285,7 @@ def tokenize_alpaca(records: Iterable[dict[str, str]], tokenizer: Any, cutoff_le
 
 def text_blocks(texts: Sequence[str], tokenizer: Any, cutoff_len: int) -> list[dict[str, list[int]]]:
     """Consecutive ``cutoff_len``-token blocks of the joined texts (BOS, if the tokenizer adds one, first)."""
-    prefix = _special_prefix(tokenizer)
+    prefix = special_prefix(tokenizer)
     body = cutoff_len - len(prefix)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*sequence length is longer than.*")
@@ -485,7 +481,7 @@ def _write_run_config(output_dir: Path, config: HealConfig, data: dict[str, Any]
         if changed:
             log.warning("resuming with changed settings %s; the checkpoint was made with %s", changed,
                         {k: before["config"].get(k) for k in changed})
-    path.write_text(json.dumps(record, indent=2, default=str))
+    write_json(path, record)
 
 
 def _quantized_copy(model: nn.Module, workdir: Path, config: HealConfig) -> nn.Module:

@@ -1,8 +1,9 @@
-"""Write checkpoints atomically and never over the user's input.
+"""Write files and checkpoints atomically and never over the user's input.
 
-Everything is written into a temporary sibling directory and renamed into
-place at the end, so an interrupted run leaves either the old directory or
-the complete new one, never a half-written checkpoint.
+Every file goes to a uniquely named temporary sibling first and is renamed into
+place (``os.replace``), so a reader never sees half a file. A checkpoint is
+built in a temporary sibling directory and renamed at the end, so an
+interrupted run leaves either the old directory or the complete new one.
 """
 
 from __future__ import annotations
@@ -11,17 +12,50 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from torch import nn
 
+from .errors import InputError
 from .plan import PLAN_FILE, Plan
 
 
-class OutputError(ValueError):
+class OutputError(InputError):
     pass
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: str | Path, data: bytes | str | Callable[[Any], None]) -> Path:
+    """Write ``data`` (bytes, text, or a function writing to a binary stream) to ``path`` atomically.
+
+    The temporary file is opened with mode ``xb`` (not ``mkstemp``) so the result
+    gets the usual umask-derived permissions instead of 0600.
+    """
+    target = Path(path)
+    temp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        with open(temp, "xb") as stream:
+            if callable(data):
+                data(stream)
+            else:
+                stream.write(data.encode("utf-8") if isinstance(data, str) else data)
+        os.replace(temp, target)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    return target
+
+
+def write_json(path: str | Path, data: Any) -> Path:
+    return atomic_write(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 def check_output_dir(out: str | Path, *, inputs: list[str | Path] = (), overwrite: bool = False) -> Path:
@@ -69,18 +103,31 @@ def atomic_directory(out: str | Path, *, overwrite: bool = False) -> Iterator[Pa
 
 def _apply_umask(root: Path) -> None:
     """mkdtemp and some writers create owner-only files; give them the user's usual modes."""
-    umask = os.umask(0)
-    os.umask(umask)
+    umask = _umask()
     os.chmod(root, 0o777 & ~umask)
     for path in root.rglob("*"):
         os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
-def write_json(path: str | Path, data: Any) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
+def write_checkpoint(
+    directory: Path,
+    model: nn.Module,
+    tokenizer: Any,
+    plan: Plan | None = None,
+    *,
+    extra_json: dict[str, Any] | None = None,
+    writers: list[Callable[[Path], Any]] = (),
+) -> None:
+    """Write model (safetensors), tokenizer, plan and extra files into an existing ``directory``."""
+    model.save_pretrained(directory, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    if plan is not None:
+        write_json(directory / PLAN_FILE, plan.to_dict())
+    for name, data in (extra_json or {}).items():
+        write_json(directory / name, data)
+    for writer in writers:
+        writer(directory)
 
 
 def save(
@@ -94,7 +141,7 @@ def save(
     extra_json: dict[str, Any] | None = None,
     writers: list[Callable[[Path], Any]] = (),
 ) -> Path:
-    """Save a pruned model as a plain transformers checkpoint (safetensors).
+    """Save a pruned model as a plain transformers checkpoint (safetensors), atomically.
 
     ``inputs`` lists paths that must not be written over (the source model).
     ``extra_json`` maps file names to JSON-serialisable objects written beside it;
@@ -102,13 +149,5 @@ def save(
     """
     out = check_output_dir(out, inputs=inputs, overwrite=overwrite)
     with atomic_directory(out, overwrite=overwrite) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if plan is not None:
-            write_json(tmp / PLAN_FILE, plan.to_dict())
-        for name, data in (extra_json or {}).items():
-            write_json(tmp / name, data)
-        for writer in writers:
-            writer(tmp)
+        write_checkpoint(tmp, model, tokenizer, plan, extra_json=extra_json, writers=writers)
     return out

@@ -7,15 +7,17 @@ All layer indices are *original* indices (positions in the unpruned model).
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
+
+from ._version import __version__
+from .errors import InputError
+from .records import JsonRecord
 
 PLAN_FILE = "depthprune_plan.json"
 
 
-class PlanError(ValueError):
+class PlanError(InputError):
     pass
 
 
@@ -39,7 +41,11 @@ class Merge:
 
 
 @dataclass
-class Plan:
+class Plan(JsonRecord):
+    FILE = PLAN_FILE
+    KIND = "depthprune plan"
+    ERROR = PlanError
+
     method: str
     num_layers: int
     remove: list[int] = field(default_factory=list)
@@ -53,11 +59,15 @@ class Plan:
     stages: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.remove = sorted(int(i) for i in self.remove)
-        self.merges = [m if isinstance(m, Merge) else Merge(**m) for m in self.merges]
+        try:
+            self.num_layers = int(self.num_layers)
+            self.remove = sorted(int(i) for i in self.remove)
+            self.merges = [m if isinstance(m, Merge) else Merge(int(m["low"]), int(m["high"]), str(m["operator"]))
+                           for m in self.merges]
+        except (TypeError, ValueError, KeyError) as err:
+            raise PlanError(f"malformed plan: {err!r} (remove: a list of layer indices; merges: "
+                            "objects with low, high, operator)") from err
         if self.version is None:
-            from . import __version__
-
             self.version = __version__
         self.validate()
 
@@ -120,57 +130,13 @@ class Plan:
             parts.append(f"merge {m.low}..{m.high} ({m.operator})")
         return "; ".join(parts)
 
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["num_layers_after"] = self.num_layers_after
-        d["kept"] = self.kept
-        return d
+    def _derived(self) -> dict[str, Any]:
+        return {"num_layers_after": self.num_layers_after, "kept": self.kept}
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Plan":
-        known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in d.items() if k in known})
-
-    @classmethod
-    def load(cls, path: str | Path) -> "Plan":
-        path = Path(path)
-        if path.is_dir():
-            path = path / PLAN_FILE
-        if not path.is_file():
-            raise PlanError(f"no plan file at {path}")
-        return cls.from_dict(json.loads(path.read_text()))
-
-
-def layers_to_remove(
-    num_layers: int,
-    *,
-    ratio: float | None = None,
-    remove: int | None = None,
-    keep: int | None = None,
-) -> int:
-    """Turn exactly one of ratio / remove / keep into a number of layers to remove.
-
-    ``ratio`` removes ``floor(ratio * L)`` layers (at least one), so
-    ``--ratio 0.25`` on a 30-layer model removes 7 and keeps 23.
-    """
-    given = [x is not None for x in (ratio, remove, keep)]
-    if sum(given) != 1:
-        raise PlanError("give exactly one of --ratio, --remove-layers, --keep-layers")
-    if ratio is not None:
-        if not 0.0 < ratio < 1.0:
-            raise PlanError(f"--ratio must be between 0 and 1 (exclusive), got {ratio}")
-        n = max(1, int(ratio * num_layers + 1e-9))
-    elif remove is not None:
-        n = int(remove)
-    else:
-        n = num_layers - int(keep)  # type: ignore[arg-type]
-    if n < 1:
-        raise PlanError(f"nothing to remove: the model has {num_layers} layers")
-    if n >= num_layers:
-        raise PlanError(
-            f"cannot remove {n} of {num_layers} layers; at least one layer must remain"
-        )
-    return n
+    def check_model_depth(self, num_layers: int, what: str = "the model") -> None:
+        """Refuse to use a plan on a model of another depth (its indices would point at other layers)."""
+        if num_layers != self.num_layers:
+            raise PlanError(
+                f"the plan was made for a model of {self.num_layers} layers but {what} has {num_layers}; "
+                "use the plan with the model it was made for"
+            )

@@ -3,29 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+import numpy as np
+
+from .io import atomic_write, write_json
+
 
 def save_figure(figure, path: str | Path) -> Path:
-    """Save a matplotlib figure as PNG via a same-directory temp file and ``os.replace``.
-
-    Opened with mode "xb" (not ``mkstemp``) so the PNG gets the usual
-    umask-derived permissions instead of 0600; a reader never sees half a file.
-    """
+    """Save a matplotlib figure as PNG, atomically (see :func:`depthprune.io.atomic_write`)."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    temp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(temp, "xb") as stream:
-            figure.savefig(stream, format="png", dpi=120, bbox_inches="tight")
-        os.replace(temp, target)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    return target
+    return atomic_write(target, lambda stream: figure.savefig(stream, format="png", dpi=120, bbox_inches="tight"))
 
 
 def plot_layer_scores(
@@ -87,25 +77,6 @@ def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str
     return "\n".join(lines) + "\n"
 
 
-def write_text(path: str | Path, text: str) -> Path:
-    """Write via a uniquely named temporary sibling and rename, so readers never see half a file."""
-    target = Path(path)
-    temp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        temp.write_text(text, encoding="utf-8")
-        os.replace(temp, target)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    return target
-
-
-def lower_is_better(metric: str) -> bool:
-    """Perplexity-like metrics go down when the model gets better; task scores go up."""
-    name = metric.lower()
-    return any(word in name for word in ("perplexity", "ppl", "nll", "loss"))
-
-
 def plot_plan_scores(plan: Any, path: str | Path) -> Path | None:
     """Bar chart of the plan's first per-layer score, dropped layers in red; None if it has none."""
     for metric, scores in plan.scores.items():
@@ -119,7 +90,9 @@ RUN_REPORT_MD = "report.md"
 RUN_REPORT_JSON = "report.json"
 
 
-def _compare(before: Mapping[str, float | None], after: Mapping[str, float | None]) -> dict[str, dict[str, Any]]:
+def compare_metrics(before: Mapping[str, float | None], after: Mapping[str, float | None],
+                    higher_is_better: Mapping[str, bool]) -> dict[str, dict[str, Any]]:
+    """Per metric: before, after, change, ratio and its direction (as the evaluation declared it)."""
     out: dict[str, dict[str, Any]] = {}
     for name in list(dict.fromkeys([*before, *after])):
         b, a = before.get(name), after.get(name)
@@ -129,7 +102,7 @@ def _compare(before: Mapping[str, float | None], after: Mapping[str, float | Non
             "after": a,
             "change": a - b if both else None,
             "ratio": a / b if both and b else None,
-            "lower_is_better": lower_is_better(name),
+            "higher_is_better": bool(higher_is_better.get(name, True)),
         }
     return out
 
@@ -137,92 +110,63 @@ def _compare(before: Mapping[str, float | None], after: Mapping[str, float | Non
 def _change_text(entry: Mapping[str, Any]) -> str:
     if entry["ratio"] is None:
         return "-"
-    if entry["lower_is_better"]:
+    if not entry["higher_is_better"]:
         return f"x{entry['ratio']:.2f}"
     return f"{entry['change']:+.4f} ({100 * entry['ratio']:.1f}% retained)"
 
 
-def plan_summary(plan: Any) -> dict[str, Any]:
-    """What a reader of a report needs from a plan: which layers went and with which parameters."""
-    return {
-        "method": plan.method,
-        "summary": plan.summary(),
-        "num_layers": plan.num_layers,
-        "num_layers_after": plan.num_layers_after,
-        "removed": list(plan.remove),
-        "merges": [{"low": m.low, "high": m.high, "operator": m.operator} for m in plan.merges],
-        "dropped": list(plan.dropped),
-        "params": plan.params,
-    }
+def write_run_report(directory: str | Path, report: Mapping[str, Any], plan: Any = None) -> tuple[Path, Path]:
+    """Write ``report.md`` and ``report.json`` of one job into ``directory`` (the checkpoint being written).
 
-
-def write_run_report(
-    directory: str | Path,
-    *,
-    plan: Any,
-    before: Mapping[str, float | None],
-    after: Mapping[str, float | None],
-    model: str | None = None,
-    settings: Mapping[str, Any] | None = None,
-    timings: Mapping[str, float] | None = None,
-    extra: Mapping[str, Any] | None = None,
-) -> tuple[Path, Path]:
-    """Write ``report.md`` and ``report.json`` for one prune run into ``directory``.
-
-    ``before``/``after`` map metric names (``perplexity``, ``piqa_local``, ...)
-    to numbers; a name containing perplexity/ppl/nll/loss counts as lower-is-
-    better.  The per-layer score plot (``layer_scores.png``) is drawn here when
-    the directory lacks it and the plan has per-layer scores, so the markdown
-    never points at a missing image.  ``extra`` is merged into the JSON as is.
-    Meant to run inside the checkpoint's temporary directory, which
-    :func:`depthprune.io.save` renames into place only after every writer
-    finished; each file is also written atomically on its own.
+    ``report`` is :meth:`depthprune.job.JobResult.to_dict`; ``plan`` the depth
+    plan saved with the checkpoint (its per-layer scores are drawn into
+    ``layer_scores.png`` when the directory lacks the plot, so the markdown
+    never points at a missing image).
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     plot = directory / SCORES_PLOT
-    if not plot.exists():
+    if plan is not None and not plot.exists():
         plot_plan_scores(plan, plot)
-    compared = _compare(before, after)
-    summary = plan_summary(plan)
-    data = {
-        "model": model,
-        "plan": summary,
-        "metrics": compared,
-        "before": dict(before),
-        "after": dict(after),
-        "settings": dict(settings or {}),
-        "timings_s": dict(timings or {}),
-        "scores_plot": SCORES_PLOT if plot.exists() else None,
-        **dict(extra or {}),
-    }
-    from .io import write_json
-
-    json_path = directory / RUN_REPORT_JSON
-    write_json(json_path, data)
+    data = {**report, "scores_plot": SCORES_PLOT if plot.exists() else None}
+    json_path = write_json(directory / RUN_REPORT_JSON, data)
 
     rows = [
-        (f"{name} ({'lower' if e['lower_is_better'] else 'higher'} is better)",
+        (f"{name} ({'higher' if e['higher_is_better'] else 'lower'} is better)",
          format_number(e["before"]), format_number(e["after"]), _change_text(e))
-        for name, e in compared.items()
+        for name, e in report.get("metrics", {}).items()
     ]
-    parts = [f"# Pruning report\n\n`{summary['summary']}`\n"]
-    if model:
-        parts.append(f"Model: `{model}`\n")
-    parts.append(markdown_table(("metric", "before", "after", "change"), rows) if rows else "No metrics measured.\n")
-    merged = ", ".join(f"{m.low}..{m.high} ({m.operator})" for m in plan.merges) or "none"
-    parts.append(
-        f"## Plan\n\n- method: `{plan.method}`\n- layers: {plan.num_layers} -> {plan.num_layers_after}\n"
-        f"- removed: {summary['removed'] or 'none'}\n- merged: {merged}\n"
-        f"- parameters: `{json.dumps(plan.params, default=str)}`\n"
-    )
+    layers, params = report.get("layers", {}), report.get("parameters", {})
+    parts = ["# depthprune report\n"]
+    if report.get("model"):
+        parts.append(f"Model: `{report['model']}`\n")
+    sizes = [f"layers {layers.get('before')} -> {layers.get('after')}"] if layers else []
+    if params.get("before") and params.get("after"):
+        sizes.append(f"parameters {format_params(params['before'])} -> {format_params(params['after'])} "
+                     f"({params['after'] / params['before']:.1%})")
+    if sizes:
+        parts.append("; ".join(sizes) + "\n")
+    stages = "".join(f"{i}. `{st.get('summary', st.get('stage'))}`\n" for i, st in enumerate(report.get("stages", []), 1))
+    parts.append("## Stages\n\n" + (stages or "none\n"))
+    parts.append("## Metrics\n\n" + (markdown_table(("metric", "before", "after", "change"), rows) if rows
+                                     else "No metrics measured.\n"))
+    if plan is not None:
+        merged = ", ".join(f"{m.low}..{m.high} ({m.operator})" for m in plan.merges) or "none"
+        parts.append(
+            f"## Plan\n\n- method: `{plan.method}`\n- layers: {plan.num_layers} -> {plan.num_layers_after}\n"
+            f"- removed: {list(plan.remove) or 'none'}\n- merged: {merged}\n"
+            f"- parameters: `{json.dumps(plan.params, default=str)}`\n"
+        )
     if data["scores_plot"]:
         parts.append(f"## Per-layer scores\n\n![per-layer scores; removed layers in red]({SCORES_PLOT})\n")
+    settings = report.get("settings") or {}
     if settings:
-        parts.append("## Settings\n\n" + "".join(f"- {k}: `{v}`\n" for k, v in settings.items()))
+        parts.append("## Settings\n\n" + "".join(f"- {k}: `{json.dumps(v, default=str)}`\n"
+                                                  for k, v in settings.items()))
+    timings = report.get("timings_s") or {}
     if timings:
         parts.append("## Wall time\n\n" + "".join(f"- {k}: {v:.1f} s\n" for k, v in timings.items()))
-    md_path = write_text(directory / RUN_REPORT_MD, "\n".join(parts))
+    md_path = atomic_write(directory / RUN_REPORT_MD, "\n".join(parts))
     return md_path, json_path
 
 
@@ -277,3 +221,65 @@ def plot_depth_curves(
     if title:
         fig.suptitle(title)
     return save_figure(fig, path)
+
+
+def _validate_windows(windows: Sequence[tuple[int, int]], size: int) -> list[tuple[int, int]]:
+    checked = []
+    for low, high in windows:
+        if not 0 <= low <= high < size:
+            raise ValueError(
+                f"merged window ({low}, {high}) is not an inclusive layer range inside [0, {size - 1}]"
+            )
+        checked.append((int(low), int(high)))
+    return checked
+
+
+def plot_cka_heatmap(
+    matrix: Any,
+    path: str | Path,
+    title: str | None = None,
+    merged_windows: Sequence[tuple[int, int]] | None = None,
+) -> Path:
+    """Write the (L, L) CKA matrix as a heatmap PNG and return its path.
+
+    Layer 0 is at the bottom-left so the diagonal runs upwards.  Each
+    ``merged_windows`` entry (low, high), inclusive layer indices, is outlined
+    as the square block [low, high] x [low, high] on the diagonal, so the
+    patches an SLM plan merged can be checked against the CKA patches.
+
+    The figure is rendered with the non-interactive Agg canvas (no pyplot
+    global state, safe in headless jobs) and saved atomically: written to a
+    temporary file in the target directory and renamed into place, so a
+    reader never sees a half-written PNG.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+    from matplotlib.ticker import MaxNLocator
+
+    data = np.asarray(matrix.detach().cpu() if hasattr(matrix, "detach") else matrix, dtype=np.float64)
+    if data.ndim != 2 or data.shape[0] != data.shape[1]:
+        raise ValueError(f"matrix must be square (L, L), got shape {data.shape}")
+    windows = _validate_windows(merged_windows or (), data.shape[0])
+
+    figure = Figure(figsize=(6.0, 5.0))
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    finite = data[np.isfinite(data)]
+    vmin = min(0.0, float(finite.min())) if finite.size else 0.0
+    vmax = max(1.0, float(finite.max())) if finite.size else 1.0
+    image = axes.imshow(data, origin="lower", cmap="viridis", vmin=vmin, vmax=vmax, interpolation="nearest")
+    figure.colorbar(image, ax=axes, label="CKA")
+    for low, high in windows:
+        side = high - low + 1
+        axes.add_patch(
+            Rectangle((low - 0.5, low - 0.5), side, side, fill=False, edgecolor="red", linewidth=2.0)
+        )
+    axes.set_xlabel("layer")
+    axes.set_ylabel("layer")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.yaxis.set_major_locator(MaxNLocator(integer=True))
+    if title is not None:
+        axes.set_title(title)
+    figure.tight_layout()
+    return save_figure(figure, Path(path))

@@ -29,14 +29,11 @@ large sums, so float32 would lose precision to cancellation.
 from __future__ import annotations
 
 import math
-import os
-from pathlib import Path
 from typing import Literal, Sequence
 
 import numpy as np
 import torch
 
-from ..report import save_figure
 
 KernelName = Literal["linear", "rbf"]
 
@@ -311,65 +308,3 @@ def cka_full_batch(
     L = _kernel(y, kernel, sigma).to(K.device)
     denominator = torch.sqrt(_hsic_biased(K, K) * _hsic_biased(L, L))
     return float(_hsic_biased(K, L) / denominator)
-
-
-def _validate_windows(windows: Sequence[tuple[int, int]], size: int) -> list[tuple[int, int]]:
-    checked = []
-    for low, high in windows:
-        if not 0 <= low <= high < size:
-            raise ValueError(
-                f"merged window ({low}, {high}) is not an inclusive layer range inside [0, {size - 1}]"
-            )
-        checked.append((int(low), int(high)))
-    return checked
-
-
-def plot_cka_heatmap(
-    matrix: np.ndarray | torch.Tensor,
-    path: str | os.PathLike[str],
-    title: str | None = None,
-    merged_windows: Sequence[tuple[int, int]] | None = None,
-) -> Path:
-    """Write the (L, L) CKA matrix as a heatmap PNG and return its path.
-
-    Layer 0 is at the bottom-left so the diagonal runs upwards.  Each
-    ``merged_windows`` entry (low, high), inclusive layer indices, is outlined
-    as the square block [low, high] x [low, high] on the diagonal, so the
-    patches an SLM plan merged can be checked against the CKA patches.
-
-    The figure is rendered with the non-interactive Agg canvas (no pyplot
-    global state, safe in headless jobs) and saved atomically: written to a
-    temporary file in the target directory and moved into place with
-    ``os.replace``, so a reader never sees a half-written PNG.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.patches import Rectangle
-    from matplotlib.ticker import MaxNLocator
-
-    data = np.asarray(matrix.detach().cpu() if isinstance(matrix, torch.Tensor) else matrix, dtype=np.float64)
-    if data.ndim != 2 or data.shape[0] != data.shape[1]:
-        raise ValueError(f"matrix must be square (L, L), got shape {data.shape}")
-    windows = _validate_windows(merged_windows or (), data.shape[0])
-
-    figure = Figure(figsize=(6.0, 5.0))
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    finite = data[np.isfinite(data)]
-    vmin = min(0.0, float(finite.min())) if finite.size else 0.0
-    vmax = max(1.0, float(finite.max())) if finite.size else 1.0
-    image = axes.imshow(data, origin="lower", cmap="viridis", vmin=vmin, vmax=vmax, interpolation="nearest")
-    figure.colorbar(image, ax=axes, label="CKA")
-    for low, high in windows:
-        side = high - low + 1
-        axes.add_patch(
-            Rectangle((low - 0.5, low - 0.5), side, side, fill=False, edgecolor="red", linewidth=2.0)
-        )
-    axes.set_xlabel("layer")
-    axes.set_ylabel("layer")
-    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-    axes.yaxis.set_major_locator(MaxNLocator(integer=True))
-    if title is not None:
-        axes.set_title(title)
-    figure.tight_layout()
-    return save_figure(figure, Path(path))

@@ -38,49 +38,32 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data.calibration import Calibration
-from ..models.arch import ArchSpec, get_base_model, get_layers, get_path, model_device, spec_for
+from ..errors import InputError
+from ..models.arch import ARCHITECTURES, ArchSpec, get_layers, get_path, model_device, spec_for
+from ..models.forward import decoder_passes
 
 Side = Literal["out", "in"]
 
-#: Config field holding the MLP width, per family. Phi-3 fuses gate and up
-#: into one matrix and is not supported yet.
-MLP_SIZE_FIELD = {
-    "llama": "intermediate_size",
-    "mistral": "intermediate_size",
-    "qwen2": "intermediate_size",
-    "qwen3": "intermediate_size",
-    "gemma2": "intermediate_size",
-    "gemma3": "intermediate_size",
-    "gpt_neox": "intermediate_size",
-    "opt": "ffn_dim",
-    "gpt2": "n_inner",
-}
 
-#: Families whose attention has separate q/k/v projections and reads
-#: ``head_dim`` from the config, so removing heads leaves a loadable config.
-#: GPT-2 and GPT-NeoX fuse q/k/v into one matrix; OPT (like those two) derives
-#: head_dim = hidden_size / num_heads when it loads, which a smaller head count
-#: would silently change.
-HEAD_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3")
-
-
-class WidthError(ValueError):
+class WidthError(InputError):
     pass
 
 
 def check_mlp_supported(spec: ArchSpec) -> None:
-    if spec.family not in MLP_SIZE_FIELD:
-        raise NotImplementedError(
+    if spec.mlp_size_field is None:
+        supported = sorted(a.family for a in ARCHITECTURES if a.mlp_size_field)
+        raise WidthError(
             f"MLP width pruning is not implemented for {spec.family} (its MLP fuses gate and up). "
-            f"Supported families: {', '.join(MLP_SIZE_FIELD)}."
+            f"Supported families: {', '.join(supported)}."
         )
 
 
 def check_heads_supported(spec: ArchSpec) -> None:
-    if spec.family not in HEAD_FAMILIES:
-        raise NotImplementedError(
+    if not spec.head_pruning:
+        supported = sorted(a.family for a in ARCHITECTURES if a.head_pruning)
+        raise WidthError(
             f"attention-head pruning is not implemented for {spec.family}. Supported families: "
-            f"{', '.join(HEAD_FAMILIES)}. Use --ratio-heads 0 to prune only MLP channels."
+            f"{', '.join(supported)}. Use --ratio-heads 0 to prune only MLP channels."
         )
 
 
@@ -96,6 +79,7 @@ class Share:
     module: nn.Module
     side: Side
     unit_size: int
+    transposed: bool = False
 
     @property
     def weight(self) -> torch.Tensor:
@@ -103,13 +87,12 @@ class Share:
 
     @property
     def axis(self) -> int:
-        """The weight axis that indexes features on ``side`` (GPT-2's Conv1D stores W transposed)."""
-        transposed = not isinstance(self.module, nn.Linear)
-        return int((self.side == "out") == transposed)
+        """The weight axis that indexes features on ``side`` (GPT-2's Conv1D stores W as (in, out))."""
+        return int((self.side == "out") == self.transposed)
 
     @property
     def input_axis(self) -> int:
-        return 1 if isinstance(self.module, nn.Linear) else 0
+        return 0 if self.transposed else 1
 
     def per_unit(self, elementwise: torch.Tensor) -> torch.Tensor:
         """Sum an elementwise score (shaped like the weight) over each unit's slice."""
@@ -130,8 +113,8 @@ def mlp_shares(layer: nn.Module, spec: ArchSpec) -> list[Share]:
     check_mlp_supported(spec)
     proj = spec.projections
     producers = [proj[role] for role in ("gate", "up") if role in proj]
-    return [Share(get_path(layer, p), "out", 1) for p in producers] + [
-        Share(get_path(layer, proj["down"]), "in", 1)
+    return [Share(get_path(layer, p), "out", 1, spec.conv1d) for p in producers] + [
+        Share(get_path(layer, spec.down_proj), "in", 1, spec.conv1d)
     ]
 
 
@@ -140,10 +123,10 @@ def head_shares(layer: nn.Module, spec: ArchSpec, config: object, head_dim: int)
     proj = spec.projections
     group = config.num_attention_heads // config.num_key_value_heads
     return [
-        Share(get_path(layer, proj["q"]), "out", group * head_dim),
-        Share(get_path(layer, proj["k"]), "out", head_dim),
-        Share(get_path(layer, proj["v"]), "out", head_dim),
-        Share(get_path(layer, proj["o"]), "in", group * head_dim),
+        Share(get_path(layer, proj["q"]), "out", group * head_dim, spec.conv1d),
+        Share(get_path(layer, proj["k"]), "out", head_dim, spec.conv1d),
+        Share(get_path(layer, proj["v"]), "out", head_dim, spec.conv1d),
+        Share(get_path(layer, proj["o"]), "in", group * head_dim, spec.conv1d),
     ]
 
 
@@ -231,12 +214,10 @@ def wanda_scores(model: nn.Module, shares: UnitShares, calibration: Calibration,
                  batch_size: int = 4, progress: bool = True) -> UnitScores:
     """|W| times the L2 norm of each input feature, summed over the unit's weights."""
     norms = _InputNorms(shares.all_modules())
-    base, device = get_base_model(model), model_device(model)
     try:
-        batches = list(calibration.batches(batch_size))
-        for ids, mask in tqdm(batches, desc="wanda activations", disable=not progress, unit="batch"):
-            norms.mask = mask
-            base(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+        for _ in decoder_passes(model, calibration, batch_size=batch_size, progress=progress,
+                                desc="wanda activations", before=lambda ids, mask: setattr(norms, "mask", mask)):
+            pass
     finally:
         norms.remove()
 
@@ -316,8 +297,6 @@ def score_units(
 
 
 __all__ = [
-    "HEAD_FAMILIES",
-    "MLP_SIZE_FIELD",
     "SCORERS",
     "Share",
     "UnitScores",

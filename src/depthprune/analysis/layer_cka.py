@@ -14,10 +14,9 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
-
 from ..data.calibration import Calibration
-from ..models.arch import get_base_model, get_layers, model_device
+from ..models.arch import get_layers
+from ..models.forward import decoder_passes, layer_hooks
 from .cka import MinibatchCKA
 
 
@@ -43,26 +42,13 @@ def layer_similarity(
     progress: bool = True,
 ) -> LayerSimilarity:
     """CKA between the outputs of every pair of decoder layers (decoder only, no LM head)."""
-    layers = get_layers(model)
-    base = get_base_model(model)
-    device = model_device(model)
     cka = MinibatchCKA(kernel=kernel)
     outputs: list[torch.Tensor] = []
-
-    def grab(module, args, kwargs, output):
-        outputs.append(output[0] if isinstance(output, tuple) else output)
-
-    handles = [layer.register_forward_hook(grab, with_kwargs=True) for layer in layers]
     tokens = 0
-    try:
-        for ids, mask in tqdm(list(calibration.batches(batch_size)), desc="CKA", disable=not progress):
-            outputs.clear()
-            base(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
-            keep = mask.bool().reshape(-1)
-            reps = [o.reshape(-1, o.shape[-1])[keep.to(o.device)].double() for o in outputs]
-            cka.update(reps)
+    with layer_hooks(get_layers(model), post=lambda i, out: outputs.append(out)):
+        for p in decoder_passes(model, calibration, batch_size=batch_size, progress=progress, desc="CKA",
+                                before=lambda ids, mask: outputs.clear()):
+            keep = p.mask.bool().reshape(-1)
+            cka.update([o.reshape(-1, o.shape[-1])[keep.to(o.device)].double() for o in outputs])
             tokens += int(keep.sum())
-    finally:
-        for h in handles:
-            h.remove()
     return LayerSimilarity(cka.compute(), kernel, tokens, calibration.to_dict())

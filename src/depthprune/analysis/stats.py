@@ -20,10 +20,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..data.calibration import Calibration
-from ..models.arch import get_base_model, get_layers, model_device
+from ..plan import PlanError
+from ..models.arch import get_layers
+from ..models.forward import decoder_passes, layer_hooks
 
 METRICS = ("bi", "angular")
 
@@ -44,7 +45,7 @@ class LayerStats:
     def angular_distance(self, block: int) -> list[float]:
         """``d(l, block)`` for every start l with ``l + block <= L``."""
         if not 1 <= block < self.num_layers:
-            raise ValueError(f"block size must be between 1 and {self.num_layers - 1}, got {block}")
+            raise PlanError(f"block size must be between 1 and {self.num_layers - 1}, got {block}")
         h = self.last_token_states
         dists = []
         for start in range(self.num_layers - block + 1):
@@ -58,7 +59,7 @@ class LayerStats:
             return list(self.bi)
         if metric == "angular":
             return self.angular_distance(1)
-        raise ValueError(f"unknown metric {metric!r}: use one of {', '.join(METRICS)}")
+        raise PlanError(f"unknown metric {metric!r}: use one of {', '.join(METRICS)}")
 
 
 def _last_token_index(mask: torch.Tensor) -> torch.Tensor:
@@ -66,62 +67,42 @@ def _last_token_index(mask: torch.Tensor) -> torch.Tensor:
     return (positions * mask).argmax(dim=1)
 
 
-def _hidden_from(args: tuple, kwargs: dict) -> torch.Tensor:
-    return args[0] if args else kwargs["hidden_states"]
-
-
 @torch.inference_mode()
 def layer_statistics(
     model: nn.Module,
     calibration: Calibration,
     *,
-    batch_size: int = 4,
+    batch_size: int = 8,
     progress: bool = True,
 ) -> LayerStats:
     """One forward pass of the decoder stack (no LM head) collecting every layer's statistics."""
     layers = get_layers(model)
-    base = get_base_model(model)
-    device = model_device(model)
     n_layers = len(layers)
     cos_sum = torch.zeros(n_layers, dtype=torch.float64)
     last_states: list[list[torch.Tensor]] = [[] for _ in range(n_layers + 1)]
-    state: dict[str, Any] = {}
-    total_tokens = 0
+    batch: dict[str, torch.Tensor] = {}
+    entering: dict[int, torch.Tensor] = {}
 
-    def pre_hook(idx: int):
-        def hook(module, args, kwargs):
-            h = _hidden_from(args, kwargs)
-            state["input"] = h
-            if idx == 0:
-                last_states[0].append(h[state["rows"].to(h.device), state["last"].to(h.device)].float().cpu())
-        return hook
+    def last_tokens(h: torch.Tensor) -> torch.Tensor:
+        return h[batch["rows"].to(h.device), batch["last"].to(h.device)].float().cpu()
 
-    def post_hook(idx: int):
-        def hook(module, args, kwargs, output):
-            out = output[0] if isinstance(output, tuple) else output
-            h_in = state.pop("input")
-            mask = state["mask"].to(out.device)
-            cos = F.cosine_similarity(h_in.float(), out.float(), dim=-1)
-            cos_sum[idx] += float((cos * mask).sum())
-            last_states[idx + 1].append(out[state["rows"].to(out.device), state["last"].to(out.device)].float().cpu())
-        return hook
+    def pre(i: int, h: torch.Tensor) -> None:
+        entering[i] = h
+        if i == 0:
+            last_states[0].append(last_tokens(h))
 
-    handles = []
-    for i, layer in enumerate(layers):
-        handles.append(layer.register_forward_pre_hook(pre_hook(i), with_kwargs=True))
-        handles.append(layer.register_forward_hook(post_hook(i), with_kwargs=True))
-    try:
-        batches = list(calibration.batches(batch_size))
-        for ids, mask in tqdm(batches, desc="scoring layers", disable=not progress, unit="batch"):
-            ids, mask = ids.to(device), mask.to(device)
-            state["mask"] = mask.float()
-            state["last"] = _last_token_index(mask)
-            state["rows"] = torch.arange(ids.shape[0], device=device)
-            total_tokens += int(mask.sum())
-            base(input_ids=ids, attention_mask=mask, use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
+    def post(i: int, out: torch.Tensor) -> None:
+        cos = F.cosine_similarity(entering.pop(i).float(), out.float(), dim=-1)
+        cos_sum[i] += float((cos * batch["mask"].to(out.device)).sum())
+        last_states[i + 1].append(last_tokens(out))
+
+    def before(ids: torch.Tensor, mask: torch.Tensor) -> None:
+        batch.update(mask=mask.float(), last=_last_token_index(mask), rows=torch.arange(ids.shape[0]))
+
+    with layer_hooks(layers, pre=pre, post=post):
+        passes = decoder_passes(model, calibration, batch_size=batch_size, progress=progress,
+                                desc="scoring layers", before=before)
+        total_tokens = sum(int(p.mask.sum()) for p in passes)
     bi = (1.0 - cos_sum / max(total_tokens, 1)).tolist()
     stacked = torch.stack([torch.cat(s) for s in last_states])
     return LayerStats(bi=bi, last_token_states=stacked, tokens=total_tokens, calibration=calibration.to_dict())

@@ -22,8 +22,10 @@ from typing import Any
 
 import torch
 
+from ..errors import InputError
 
-class CalibrationError(ValueError):
+
+class CalibrationError(InputError):
     pass
 
 
@@ -68,6 +70,8 @@ def _default_split(source: str) -> tuple[str, str]:
 
 
 def _read_local(path: Path) -> str:
+    if path.is_dir():
+        raise CalibrationError(f"{path} is a directory; pass a .txt or .jsonl file")
     if not path.is_file():
         raise CalibrationError(f"text file not found: {path}")
     try:
@@ -151,6 +155,61 @@ class Calibration:
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.description)
+
+
+@dataclass
+class CalibrationSpec:
+    """Where calibration comes from: sampled token windows, or a file of sentences (LaCo)."""
+
+    source: str = "default"
+    num_windows: int = 10
+    seq_len: int = 128
+    seed: int = 1234
+    sentences_file: str | None = None
+
+    def check(self) -> "CalibrationSpec":
+        """What can be checked before a model is loaded."""
+        if self.num_windows < 1:
+            raise CalibrationError(f"--calib-samples must be at least 1, got {self.num_windows}")
+        if self.seq_len < 2:
+            raise CalibrationError(f"--seq-len must be at least 2 tokens, got {self.seq_len}")
+        check_text_source(self.source, "--calib")
+        if self.sentences_file is not None:
+            check_text_source(self.sentences_file, "--calib-sentences")
+        return self
+
+    def windows(self, tokenizer: Any) -> "Calibration":
+        """The windows for ``tokenizer``; tokenized once per tokenizer and reused (e.g. by every bench row)."""
+        key = tokenizer_key(tokenizer)
+        cache = self.__dict__.setdefault("_cache", {})
+        if key not in cache:
+            if self.sentences_file is not None:
+                cache[key] = sentences_from_file(tokenizer, self.sentences_file, max_len=self.seq_len)
+            else:
+                cache[key] = sample_windows(tokenizer, self.source, num_windows=self.num_windows,
+                                            seq_len=self.seq_len, seed=self.seed)
+        return cache[key]
+
+
+def tokenizer_key(tokenizer: Any) -> tuple:
+    """Identifies a tokenizer's behaviour well enough to reuse windows made with an equal one."""
+    return (type(tokenizer).__name__, getattr(tokenizer, "name_or_path", None), len(tokenizer),
+            tuple(special_prefix(tokenizer)))
+
+
+NAMED_TEXTS = ("default", "default-heldout")
+
+
+def check_text_source(source: str | Path, option: str) -> None:
+    """A named text or an existing file; anything else is a typo caught before loading the model."""
+    if str(source) in NAMED_TEXTS or str(source) in HUB_TEXTS:
+        return
+    path = Path(source).expanduser()
+    if path.is_dir():
+        raise CalibrationError(f"{option} {source} is a directory; pass a .txt or .jsonl file")
+    if not path.is_file():
+        raise CalibrationError(f"{option} {source!r} is neither a file nor a known text ({', '.join(NAMED_TEXTS)}, "
+                               f"{', '.join(HUB_TEXTS)}); pass a .txt/.jsonl path")
 
 
 def _tokenize_body(tokenizer: Any, text: str) -> list[int]:
@@ -275,6 +334,8 @@ def sentences_from_file(tokenizer: Any, path: str | Path, *, max_len: int = 256)
 __all__ = [
     "Calibration",
     "CalibrationError",
+    "CalibrationSpec",
+    "check_text_source",
     "HUB_TEXTS",
     "HubText",
     "consecutive_windows",

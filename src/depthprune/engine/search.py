@@ -26,13 +26,13 @@ from torch import nn
 
 from ..data.calibration import Calibration
 from ..models.arch import (
-    get_base_model,
     get_layers,
     model_device,
     per_layer_config_values,
     spec_for,
     temporary_layer_stack,
 )
+from ..models.forward import decoder_passes, layer_hooks, run_decoder
 from .merged import MergedLayer
 
 
@@ -83,26 +83,13 @@ class SimilarityEngine:
 
     @torch.inference_mode()
     def _capture_original(self) -> list[torch.Tensor]:
-        wanted = set(range(0, self.num_layers, self.every))
+        wanted = list(range(0, self.num_layers, self.every))
         grabbed: dict[int, list[torch.Tensor]] = {i: [] for i in wanted}
-
-        def grab(i: int):
-            def hook(module, args, kwargs):
-                grabbed[i].append(args[0] if args else kwargs["hidden_states"])
-            return hook
-
-        handles = [self.layers[i].register_forward_pre_hook(grab(i), with_kwargs=True) for i in wanted]
-        try:
-            finals = [self._base(ids, mask) for ids, mask in self.batches]
-        finally:
-            for h in handles:
-                h.remove()
+        with layer_hooks([self.layers[i] for i in wanted], indices=wanted,
+                         pre=lambda i, h: grabbed[i].append(h)):
+            finals = [p.hidden for p in decoder_passes(self.model, self.batches)]
         self._checkpoints = grabbed
         return finals
-
-    def _base(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        base = get_base_model(self.model)
-        return base(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
 
     def _stack(self, start: int, modules: list[nn.Module], per_layer: dict[str, list]):
         """Positions 0..start-1 replay/skip the original layers; candidate layers follow."""
@@ -124,22 +111,14 @@ class SimilarityEngine:
             end = min(start + self.every, self.num_layers)
             self._segment = {}
             outputs: dict[int, list[torch.Tensor]] = {i: [] for i in range(start + 1, end)}
-
-            def keep(i: int):
-                def hook(module, args, kwargs, output):
-                    outputs[i].append(output[0] if isinstance(output, tuple) else output)
-                return hook
-
             run = self.layers[start : end - 1]
-            handles = [layer.register_forward_hook(keep(start + 1 + j), with_kwargs=True) for j, layer in enumerate(run)]
             try:
-                with self._stack(start, run, self.original_per_layer(list(range(start, end - 1)))):
+                with layer_hooks(run, indices=range(start + 1, end), post=lambda i, h: outputs[i].append(h)), \
+                        self._stack(start, run, self.original_per_layer(list(range(start, end - 1)))):
                     for b, (ids, mask) in enumerate(self.batches):
                         self._replay.state = self._checkpoints[start][b]
-                        self._base(ids, mask)
+                        run_decoder(self.model, ids, mask)
             finally:
-                for h in handles:
-                    h.remove()
                 self._replay.state = None
             self._segment = outputs
         return self._segment[index]
@@ -159,7 +138,7 @@ class SimilarityEngine:
                 for b, (ids, mask) in enumerate(self.batches):
                     if h_start is not None:
                         self._replay.state = h_start[b]
-                    final = self._base(ids, mask)
+                    final = run_decoder(self.model, ids, mask)
                     sims.extend(_flat_cosine(self.reference[b], final, mask))
         finally:
             self._replay.state = None

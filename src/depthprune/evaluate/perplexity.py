@@ -14,10 +14,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
-
 from ..data.calibration import Calibration, consecutive_windows
-from ..models.arch import get_base_model, model_device
+from ..errors import InputError
+from ..models.forward import decoder_passes
 
 PPL_DATASETS = {"wikitext2": "wikitext2-test", "ptb": "ptb"}
 
@@ -75,16 +74,18 @@ def perplexity_on(
     Tokens of the special prefix (BOS) are context, never targets; the first
     real token of each window is predicted from BOS when there is one.
     """
-    base = get_base_model(model)
-    device = model_device(model)
     first_target = max(1, len(windows.description.get("special_prefix", [])))
+    if windows.input_ids.shape[1] <= first_target:
+        raise InputError(f"windows of {windows.input_ids.shape[1]} tokens leave nothing to predict after the "
+                         "special prefix; use --seq-len 2 or more (the papers use 128)")
     total, count = 0.0, 0
-    batches = list(windows.batches(batch_size))
-    for ids, mask in tqdm(batches, desc="perplexity", disable=not progress, unit="batch"):
-        hidden = base(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).last_hidden_state
-        t, c = _window_nll(model, hidden, ids, mask, first_target, chunk_tokens)
+    for p in decoder_passes(model, windows, batch_size=batch_size, progress=progress, desc="perplexity"):
+        t, c = _window_nll(model, p.hidden, p.ids, p.mask, first_target, chunk_tokens)
         total, count = total + t, count + c
-    nll = total / max(count, 1)
+    if count == 0:
+        raise InputError("perplexity over zero scored tokens means nothing: the text gave no window with a "
+                         "target token; use a longer text or a smaller --seq-len")
+    nll = total / count
     return PerplexityResult(
         perplexity=math.exp(nll),
         nll=nll,

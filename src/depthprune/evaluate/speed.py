@@ -34,6 +34,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import InputError, MissingInputError
+from ..models.arch import count_parameters, num_layers
+
 CHECKPOINT_SUFFIXES = (".safetensors", ".bin")
 
 
@@ -93,7 +96,7 @@ def checkpoint_size(directory: str | os.PathLike[str]) -> int:
     """
     path = Path(directory)
     if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+        raise MissingInputError(f"checkpoint directory {path} does not exist")
     weights = [f for f in path.iterdir() if f.is_file() and f.name.endswith(CHECKPOINT_SUFFIXES)]
     return sum(f.stat().st_size for f in weights)
 
@@ -103,25 +106,6 @@ def ideal_speedup(dense_layers: int, pruned_layers: int) -> float:
     if not 0 < pruned_layers <= dense_layers:
         raise ValueError(f"need 0 < pruned_layers <= dense_layers, got {pruned_layers} and {dense_layers}")
     return dense_layers / pruned_layers
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Tied weights count once, as ``parameters()`` deduplicates them."""
-    return sum(p.numel() for p in model.parameters())
-
-
-def count_layers(model: nn.Module) -> int | None:
-    """Decoder layers actually present, which after pruning is what matters, not the config."""
-    try:
-        from depthprune.models.arch import num_layers
-
-        return num_layers(model)
-    except (ImportError, ValueError, AttributeError):
-        pass
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if isinstance(layers, nn.ModuleList):
-        return len(layers)
-    return getattr(getattr(model, "config", None), "num_hidden_layers", None)
 
 
 def _synchronize(device: torch.device) -> None:
@@ -189,7 +173,7 @@ def _time_once(
 def _check_positive(**values: int) -> None:
     for name, value in values.items():
         if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
+            raise InputError(f"{name} must be >= 1, got {value}")
 
 
 def measure_speed(
@@ -215,7 +199,7 @@ def measure_speed(
     """
     _check_positive(prompt_len=prompt_len, gen_len=gen_len, batch_size=batch_size, repeats=repeats)
     if warmup < 0:
-        raise ValueError(f"warmup must be >= 0, got {warmup}")
+        raise InputError(f"warmup must be >= 0, got {warmup}")
     if device is not None:
         model.to(device)
     param = next(model.parameters())
@@ -240,7 +224,7 @@ def measure_speed(
     decode_s = statistics.median(decode_times)
     return SpeedResult(
         num_params=count_parameters(model),
-        num_layers=count_layers(model),
+        num_layers=num_layers(model),
         device=str(device),
         dtype=str(param.dtype).removeprefix("torch."),
         batch_size=batch_size,

@@ -28,7 +28,7 @@ hash, a directory holding the merged JSONL plus a rendered copy of
 ``depthprune/tasks/piqa_local.yaml`` whose ``data_files`` is that JSONL's
 absolute path; that directory is what we pass as ``include_path``.  The
 directory lives under ``tasks/`` in depthprune's cache
-(:func:`depthprune.models.load.cache_dir`: ``$DEPTHPRUNE_CACHE``, default
+(:func:`depthprune.paths.cache_dir`: ``$DEPTHPRUNE_CACHE``, default
 ``~/.cache/depthprune``), never in the repo.
 """
 
@@ -48,7 +48,9 @@ from typing import Any
 
 import yaml
 
-from ..models.load import cache_dir
+from ..errors import DepthpruneError, InputError, MissingInputError
+from ..io import atomic_write
+from ..paths import cache_dir
 
 PAPER_TASKS: dict[str, str] = {
     "boolq": "acc",
@@ -79,11 +81,11 @@ _RAW_RESULT_KEYS = (
 )
 
 
-class HubTaskUnavailableError(RuntimeError):
+class HubTaskUnavailableError(DepthpruneError, RuntimeError):
     """A requested task needs data from the Hugging Face Hub, which is unreachable."""
 
 
-class PiqaDataError(FileNotFoundError):
+class PiqaDataError(MissingInputError):
     """PIQA release files are missing or inconsistent."""
 
 
@@ -95,6 +97,7 @@ class TaskScore:
     metric: str
     value: float
     stderr: float | None
+    higher_is_better: bool = True
 
 
 @dataclass
@@ -161,9 +164,7 @@ def _write_if_changed(path: Path, data: bytes) -> None:
     """Atomic and idempotent, so concurrent runs sharing a cache dir never see half a file."""
     if path.is_file() and path.read_bytes() == data:
         return
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    atomic_write(path, data)
 
 
 def _render_piqa_yaml(splits: dict[str, Path]) -> bytes:
@@ -286,8 +287,11 @@ def _metric_names(entry: dict[str, Any]) -> list[str]:
     return names
 
 
-def pick_score(task: str, entry: dict[str, Any]) -> TaskScore:
-    """Paper metric for paper tasks; ``acc`` or else lm-eval's first metric for anything else."""
+def pick_score(task: str, entry: dict[str, Any], directions: dict[str, Any] | None = None) -> TaskScore:
+    """Paper metric for paper tasks; ``acc`` or else lm-eval's first metric for anything else.
+
+    ``directions`` is lm-eval's ``higher_is_better`` entry for the task (metric -> bool).
+    """
     available = _metric_names(entry)
     wanted = PAPER_TASKS.get(task) or LOCAL_TASK_METRICS.get(task)
     if wanted is None:
@@ -299,7 +303,9 @@ def pick_score(task: str, entry: dict[str, Any]) -> TaskScore:
     value = _metric_value(entry, key)
     if value is None:
         raise ValueError(f"task {task!r}: lm-eval returned non-numeric {key}={entry[key]!r}")
-    return TaskScore(task, wanted, value, _metric_value(entry, f"{wanted}_stderr,{filter_name}"))
+    higher = (directions or {}).get(wanted, True)
+    return TaskScore(task, wanted, value, _metric_value(entry, f"{wanted}_stderr,{filter_name}"),
+                     bool(higher) if higher is not None else True)
 
 
 def _jsonable(obj: Any) -> Any:
@@ -324,7 +330,7 @@ def _include_paths(
     paths = []
     if task_dir is not None:
         if not Path(task_dir).is_dir():
-            raise FileNotFoundError(f"task directory {task_dir} does not exist")
+            raise MissingInputError(f"task directory {task_dir} does not exist")
         paths.append(str(Path(task_dir).resolve()))
     if PIQA_LOCAL_TASK in tasks:
         resolved = resolve_piqa_dir(piqa_dir)
@@ -364,7 +370,7 @@ def _task_manager(tasks: Sequence[str], include_paths: list[str]) -> Any:
     manager = _full_task_manager(tuple(include_paths))
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
-        raise ValueError(
+        raise InputError(
             f"unknown lm-eval task(s) {unknown}; use a built-in task name, a task defined in "
             f"--task-dir, or '{PIQA_LOCAL_TASK}'"
         )
@@ -387,7 +393,7 @@ def check_tasks(
     """
     task_list = list(tasks)
     if not task_list:
-        raise ValueError("no tasks given: name at least one lm-eval task, e.g. piqa_local")
+        raise InputError("no tasks given: name at least one lm-eval task, e.g. piqa_local")
     include_paths = _include_paths(task_list, task_dir, piqa_dir)
     _task_manager(task_list, include_paths)
     return include_paths
@@ -445,7 +451,7 @@ def evaluate_zeroshot(
 
     task_list = list(tasks) if tasks is not None else list(PAPER_TASKS)
     if not task_list:
-        raise ValueError("no tasks given: name at least one lm-eval task, e.g. piqa_local")
+        raise InputError("no tasks given: name at least one lm-eval task, e.g. piqa_local")
     include_paths = _include_paths(task_list, task_dir, piqa_dir)
 
     with hub_offline() as forced_offline:
@@ -475,11 +481,12 @@ def evaluate_zeroshot(
     per_task = {**output.get("groups", {}), **output["results"]}
     missing = [t for t in task_list if t not in per_task]
     if missing:
-        raise ValueError(
+        raise InputError(
             f"lm-eval produced no result named {missing} (a tag expands to its tasks without "
             f"an aggregate); request the individual tasks instead"
         )
-    scores = {task: pick_score(task, per_task[task]) for task in task_list}
+    directions = output.get("higher_is_better", {})
+    scores = {task: pick_score(task, per_task[task], directions.get(task)) for task in task_list}
     return ZeroShotResult(
         scores=scores,
         mean=statistics.fmean(s.value for s in scores.values()),

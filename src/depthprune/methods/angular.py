@@ -8,8 +8,31 @@ output are closest in direction.
 
 from __future__ import annotations
 
-from ..analysis.stats import LayerStats
-from ..plan import Plan
+from dataclasses import dataclass
+
+from torch import nn
+
+from ..analysis.stats import LayerStats, layer_statistics
+from ..data.calibration import Calibration
+from ..models.arch import num_layers
+from ..plan import Plan, PlanError
+from .registry import MethodOptions, RunContext, option, register
+from .target import Target, given, require
+
+
+@dataclass
+class AngularOptions(MethodOptions):
+    block: int | None = option(None, "size n of the contiguous block to remove (instead of a depth target)")
+
+    def validate(self) -> None:
+        if self.block is not None and self.block < 1:
+            raise PlanError(f"--block must be at least 1, got {self.block}")
+
+    def check_target(self, method: str, target: Target | None) -> None:
+        if self.block is None:
+            require(method, target)
+        elif given(target):
+            raise PlanError("--method angular takes either --block or a depth target, not both")
 
 
 def plan_angular(stats: LayerStats, block: int, *, model: str | None = None) -> Plan:
@@ -25,3 +48,15 @@ def plan_angular(stats: LayerStats, block: int, *, model: str | None = None) -> 
         calibration=stats.calibration,
         model=model,
     )
+
+
+@register("angular", "remove the contiguous block with the smallest angular distance", AngularOptions,
+          reference="Gromov et al., arXiv 2403.17887")
+def plan(model: nn.Module, calibration: Calibration, target: Target | None, options: AngularOptions,
+         run: RunContext) -> Plan:
+    L = num_layers(model)
+    block = options.block if options.block is not None else require("angular", target).n_remove(L)
+    if not 1 <= block < L:
+        raise PlanError(f"--block must be between 1 and {L - 1}, got {block}")
+    stats = layer_statistics(model, calibration, batch_size=run.batch_size, progress=run.progress)
+    return plan_angular(stats, block)

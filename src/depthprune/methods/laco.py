@@ -20,16 +20,50 @@ as are still wanted.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
+from torch import nn
+
+from ..data.calibration import Calibration
 from ..engine.search import SimilarityEngine
 from ..engine.stack import CurrentStack
+from ..models.arch import num_layers
 from ..plan import Merge, Plan, PlanError
+from ..surgery.merge import OPERATORS
+from .merging import ThresholdOptions, run_threshold_search
+from .registry import RunContext, option, register
+from .target import Target
 
 DEFAULT_THRESHOLD = 0.65
 DEFAULT_OPERATOR = "rdsc"
 DEFAULT_MERGE_LAYERS = 4
 DEFAULT_INTERVAL = 2
+
+
+@dataclass
+class LaCoOptions(ThresholdOptions):
+    operator: str = option(DEFAULT_OPERATOR, "merge operator (rdsc = the paper's formula)",
+                           choices=OPERATORS)
+    merge_layers: int = option(DEFAULT_MERGE_LAYERS, "C: layers collapsed per merge")
+    interval: int = option(DEFAULT_INTERVAL, "I: positions to step down after an accepted merge")
+    lowest: int = option(1, "L_low: lowest merge position")
+    highest: int | None = option(None, "H: top of the layer range (default: the model's depth L)")
+
+    threshold: float | None = option(
+        None, f"similarity threshold T in (0, 1) ({DEFAULT_THRESHOLD} when no depth target is given); with a "
+        "depth target T is found by bisection instead")
+
+    DEFAULT_THRESHOLD = DEFAULT_THRESHOLD
+
+    def validate(self) -> None:
+        super().validate()
+        if self.merge_layers < 2:
+            raise PlanError(f"LaCo needs C >= 2 layers per merge, got {self.merge_layers}")
+        if self.interval < 1:
+            raise PlanError(f"LaCo's interval I must be at least 1, got {self.interval}")
+        if self.lowest < 0:
+            raise PlanError(f"LaCo's lowest merge position must be 0 or more, got {self.lowest}")
 
 
 def check_laco_options(num_layers: int, merge_layers: int, interval: int, lowest: int, highest: int) -> None:
@@ -101,3 +135,18 @@ def laco_search(
                 "interval": interval, "lowest": lowest, "highest": highest, "max_remove": max_remove},
         log=log,
     )
+
+
+@register("laco", "layer collapse: merge C layers into one while similarity stays above T", LaCoOptions,
+          reference="LaCo, arXiv 2402.11187")
+def plan(model: nn.Module, calibration: Calibration, target: Target | None, options: LaCoOptions,
+         run: RunContext) -> Plan:
+    L = num_layers(model)
+    highest = L if options.highest is None else options.highest
+    check_laco_options(L, options.merge_layers, options.interval, options.lowest, highest)
+
+    def search(engine, t, **kw):
+        return laco_search(engine, t, operator=options.operator, merge_layers=options.merge_layers,
+                           interval=options.interval, lowest=options.lowest, highest=highest, **kw)
+
+    return run_threshold_search("laco", search, model, calibration, target, options, run)

@@ -8,8 +8,22 @@ are chosen at once from one scoring pass (one-shot, as in the paper).
 
 from __future__ import annotations
 
-from ..analysis.stats import LayerStats
+from dataclasses import dataclass
+
+from torch import nn
+
+from ..analysis.stats import METRICS, LayerStats, layer_statistics
+from ..data.calibration import Calibration
+from ..models.arch import num_layers
 from ..plan import Plan
+from .registry import MethodOptions, RunContext, option, register
+from .target import Target, require
+
+
+@dataclass
+class ShortGPTOptions(MethodOptions):
+    metric: str = option("bi", "per-layer score: bi (Block Influence) or angular (d(l, 1) of each layer)",
+                         choices=METRICS)
 
 
 def plan_shortgpt(stats: LayerStats, n_remove: int, *, metric: str = "bi", model: str | None = None) -> Plan:
@@ -25,3 +39,12 @@ def plan_shortgpt(stats: LayerStats, n_remove: int, *, metric: str = "bi", model
         calibration=stats.calibration,
         model=model,
     )
+
+
+@register("shortgpt", "remove the k layers with the lowest Block Influence", ShortGPTOptions,
+          reference="ShortGPT, arXiv 2403.03853")
+def plan(model: nn.Module, calibration: Calibration, target: Target | None, options: ShortGPTOptions,
+         run: RunContext) -> Plan:
+    n = require("shortgpt", target).n_remove(num_layers(model))
+    stats = layer_statistics(model, calibration, batch_size=run.batch_size, progress=run.progress)
+    return plan_shortgpt(stats, n, metric=options.metric)

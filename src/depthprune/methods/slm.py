@@ -22,15 +22,37 @@ it removes exactly the layers still wanted, and the search stops.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
+from torch import nn
+
+from ..data.calibration import Calibration
 from ..engine.search import SimilarityEngine
 from ..engine.stack import CurrentStack
 from ..plan import Merge, Plan, PlanError
+from ..surgery.merge import OPERATORS
+from .merging import ThresholdOptions, run_threshold_search
+from .registry import RunContext, option, register
+from .target import Target
 
 DEFAULT_THRESHOLD = 0.72
 DEFAULT_OPERATOR = "reference"
 FINAL_WINDOW = ("commit", "skip")
+
+
+@dataclass
+class SLMOptions(ThresholdOptions):
+    operator: str = option(DEFAULT_OPERATOR, "merge operator (reference = the released code)",
+                           choices=OPERATORS)
+    final_window: str = option("commit", "a window still passing when the loop reaches layer 0: commit it, "
+                               "or skip it as the released code does", choices=FINAL_WINDOW)
+
+    threshold: float | None = option(
+        None, f"similarity threshold T in (0, 1) ({DEFAULT_THRESHOLD} when no depth target is given); with a "
+        "depth target T is found by bisection instead")
+
+    DEFAULT_THRESHOLD = DEFAULT_THRESHOLD
 
 
 def slm_search(
@@ -99,3 +121,13 @@ def slm_search(
                 "max_remove": max_remove},
         log=log,
     )
+
+
+@register("slm", "sliding-window layer merging, top down, threshold T on final-state similarity", SLMOptions,
+          reference="SLM, arXiv 2502.19159")
+def plan(model: nn.Module, calibration: Calibration, target: Target | None, options: SLMOptions,
+         run: RunContext) -> Plan:
+    def search(engine, t, **kw):
+        return slm_search(engine, t, operator=options.operator, final_window=options.final_window, **kw)
+
+    return run_threshold_search("slm", search, model, calibration, target, options, run)

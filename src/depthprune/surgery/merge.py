@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..models.arch import ArchSpec
+from ..plan import PlanError
 
 Operator = Callable[[list[torch.Tensor]], torch.Tensor]
 
@@ -60,7 +61,7 @@ OPERATORS: dict[str, Operator] = {
 
 def check_operator(name: str) -> None:
     if name not in OPERATORS:
-        raise ValueError(f"unknown merge operator {name!r}: use one of {', '.join(OPERATORS)}")
+        raise PlanError(f"unknown merge operator {name!r}: use one of {', '.join(OPERATORS)}")
 
 
 def is_projection(param_name: str, spec: ArchSpec) -> bool:

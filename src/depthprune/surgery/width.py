@@ -23,16 +23,14 @@ otherwise transformers would recompute it as hidden_size / num_heads on load.
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from .._version import __version__
 from ..analysis.importance import (
-    MLP_SIZE_FIELD,
     SCORERS,
     Share,
     UnitScores,
@@ -45,13 +43,14 @@ from ..analysis.importance import (
     score_units,
 )
 from ..data.calibration import Calibration
-from ..models.arch import get_base_model, get_layers, get_path, spec_for
+from ..models.arch import get_layers, get_path, set_config, spec_for
+from ..records import JsonRecord
 
 WIDTH_PLAN_FILE = "depthprune_width_plan.json"
 
 
 @dataclass
-class WidthPlan:
+class WidthPlan(JsonRecord):
     """Which MLP channels and key/value groups every layer keeps (indices into the unpruned layer).
 
     ``keep_mlp`` / ``keep_groups`` are ``None`` when that kind of unit is not
@@ -72,10 +71,12 @@ class WidthPlan:
     version: str | None = None
     method: str = "width"
 
+    FILE = WIDTH_PLAN_FILE
+    KIND = "depthprune width plan"
+    ERROR = WidthError
+
     def __post_init__(self) -> None:
         if self.version is None:
-            from .. import __version__
-
             self.version = __version__
         self.validate()
 
@@ -121,27 +122,8 @@ class WidthPlan:
             parts.append("nothing pruned")
         return "; ".join(parts) + f" in all {self.num_layers} layers"
 
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["sizes_after"] = self.sizes_after
-        return d
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "WidthPlan":
-        known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in d.items() if k in known})
-
-    @classmethod
-    def load(cls, path: str | Path) -> "WidthPlan":
-        path = Path(path)
-        if path.is_dir():
-            path = path / WIDTH_PLAN_FILE
-        if not path.is_file():
-            raise WidthError(f"no width plan file at {path}")
-        return cls.from_dict(json.loads(path.read_text()))
+    def _derived(self) -> dict[str, Any]:
+        return {"sizes_after": self.sizes_after}
 
 
 def current_sizes(model: nn.Module) -> dict[str, int]:
@@ -149,7 +131,7 @@ def current_sizes(model: nn.Module) -> dict[str, int]:
     spec = spec_for(model)
     layer = get_layers(model)[0]
     sizes: dict[str, int] = {}
-    if spec.family in MLP_SIZE_FIELD:
+    if spec.mlp_size_field is not None:
         down = mlp_shares(layer, spec)[-1]
         sizes["intermediate_size"] = int(down.weight.shape[down.axis])
     config = model.config
@@ -256,17 +238,6 @@ def _keep_units(share: Share, units: list[int]) -> None:
         setattr(module, "nf" if share.side == "out" else "nx", n)
 
 
-def _set_config(model: nn.Module, values: dict[str, int]) -> None:
-    """Set config fields on the model's config and on the base model's, when that is a distinct object."""
-    configs = [model.config]
-    base_config = getattr(get_base_model(model), "config", model.config)
-    if base_config is not model.config:
-        configs.append(base_config)
-    for config in configs:
-        for name, value in values.items():
-            setattr(config, name, value)
-
-
 def _parent(layer: nn.Module, path: str) -> nn.Module:
     parent, _, _ = path.rpartition(".")
     return get_path(layer, parent) if parent else layer
@@ -308,7 +279,7 @@ def apply_width_plan(model: nn.Module, plan: WidthPlan) -> nn.Module:
             for share in mlp_shares(layer, spec):
                 _keep_units(share, keep)
             _set_existing(_parent(layer, spec.projections["down"]), {"intermediate_size": after["intermediate_size"]})
-        _set_config(model, {MLP_SIZE_FIELD[spec.family]: after["intermediate_size"]})
+        set_config(model, **{spec.mlp_size_field: after["intermediate_size"]})
 
     if plan.keep_groups is not None:
         head_dim = plan.sizes_before["head_dim"]
@@ -326,21 +297,15 @@ def apply_width_plan(model: nn.Module, plan: WidthPlan) -> nn.Module:
         }
         for layer in layers:
             _set_existing(get_path(layer, spec.attention), values)
-        _set_config(model, {"num_attention_heads": after["num_attention_heads"],
-                            "num_key_value_heads": after["num_key_value_heads"], "head_dim": head_dim})
+        set_config(model, num_attention_heads=after["num_attention_heads"],
+                   num_key_value_heads=after["num_key_value_heads"], head_dim=head_dim)
     return model
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Distinct parameters (tied embeddings counted once)."""
-    return sum(p.numel() for p in model.parameters())
 
 
 __all__ = [
     "WIDTH_PLAN_FILE",
     "WidthPlan",
     "apply_width_plan",
-    "count_parameters",
     "current_sizes",
     "width_plan",
 ]

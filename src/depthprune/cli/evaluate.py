@@ -1,0 +1,221 @@
+"""Evaluation commands: ``eval-ppl``, ``eval-zeroshot``, ``eval-speed`` and ``bench``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .app import app
+from .options import (
+    BatchOpt,
+    CalibOpt,
+    DeviceOpt,
+    DtypeOpt,
+    EvalOpt,
+    FewshotOpt,
+    JsonOpt,
+    LimitOpt,
+    ModelOpt,
+    PiqaDirOpt,
+    PplDataOpt,
+    PplWindowsOpt,
+    QuietOpt,
+    SamplesOpt,
+    SeedOpt,
+    SeqLenOpt,
+    TaskDirOpt,
+    calibration,
+    evaluation,
+    load,
+    split_list,
+)
+from .prune import METHOD_FLAGS, MethodOptionsHelp, method_flags
+
+
+@app.command("eval-ppl")
+def eval_ppl_cmd(
+    model: ModelOpt = "smollm2-135m",
+    dataset: Annotated[str, typer.Option(
+        help="default-heldout (shipped, offline), wikitext2, ptb (need the Hub), or a text file.")] = "default-heldout",
+    seq_len: SeqLenOpt = 128,
+    batch_size: BatchOpt = 8,
+    max_windows: Annotated[int, typer.Option(help="Use at most this many windows (0 = all).")] = 0,
+    json_out: JsonOpt = None,
+    dtype: DtypeOpt = None,
+    device: DeviceOpt = "cpu",
+    quiet: QuietOpt = False,
+) -> None:
+    """Perplexity on non-overlapping windows (BOS as the tokenizer adds it)."""
+    from ..io import write_json
+
+    spec = evaluation("ppl", ppl_data=dataset, ppl_windows=max_windows, seq_len=seq_len,
+                      batch_size=batch_size).perplexity
+    loaded = load(model, dtype, device, quiet)
+    res = spec.run(loaded.model, loaded.tokenizer, not quiet)
+    typer.echo(f"perplexity {res.perplexity:.3f}  ({res.windows} windows x {res.seq_len} tokens, "
+               f"{res.tokens} scored tokens, {res.source})")
+    if json_out:
+        write_json(json_out, {"model": model, **res.to_dict()})
+
+
+TasksOpt = Annotated[str, typer.Option(
+    "--tasks", help="Comma-separated lm-eval tasks. 'paper' = the seven paper tasks (boolq, piqa, hellaswag, "
+    "winogrande, arc_easy, arc_challenge, openbookqa; need the Hugging Face Hub); 'piqa_local' = PIQA "
+    "from local files (--piqa-dir).")]
+
+
+@app.command("eval-zeroshot")
+def eval_zeroshot_cmd(
+    model: ModelOpt = "smollm2-135m",
+    tasks: TasksOpt = "paper",
+    limit: LimitOpt = None,
+    batch_size: BatchOpt = 8,
+    num_fewshot: FewshotOpt = 0,
+    task_dir: TaskDirOpt = None,
+    piqa_dir: PiqaDirOpt = None,
+    seed: SeedOpt = 1234,
+    json_out: JsonOpt = None,
+    dtype: DtypeOpt = None,
+    device: DeviceOpt = "cpu",
+    quiet: QuietOpt = False,
+) -> None:
+    """Zero-shot accuracy through lm-evaluation-harness (the metric each paper reports, and the mean)."""
+    from ..errors import InputError
+    from ..io import write_json
+
+    if not split_list(tasks):
+        raise InputError("no tasks given: name at least one lm-eval task, e.g. piqa_local")
+    spec = evaluation(tasks, limit=limit, num_fewshot=num_fewshot, task_dir=task_dir, piqa_dir=piqa_dir,
+                      batch_size=batch_size, seed=seed).zeroshot
+    loaded = load(model, dtype, device, quiet)
+    result = spec.run(loaded.model, loaded.tokenizer, not quiet)
+    width = max(len(t) for t in spec.tasks)
+    for name, score in result.scores.items():
+        stderr = f" +- {score.stderr:.4f}" if score.stderr is not None else ""
+        typer.echo(f"{name:{width}s}  {score.metric:8s} {score.value:.4f}{stderr}")
+    n = spec.limit
+    typer.echo(f"{'mean':{width}s}  {'':8s} {result.mean:.4f}  ({len(spec.tasks)} task"
+               f"{'s' * (len(spec.tasks) > 1)}, {num_fewshot}-shot, limit {n if n is not None else 'none'})")
+    if json_out:
+        write_json(json_out, {"model": model, **result.to_dict()})
+
+
+@app.command("eval-speed")
+def eval_speed_cmd(
+    model: ModelOpt = "smollm2-135m",
+    baseline: Annotated[Optional[str], typer.Option(
+        help="Dense model to compare with (same sources as --model): prints both side by side.")] = None,
+    prompt_len: Annotated[int, typer.Option(help="Prompt tokens (random ids, seeded).")] = 128,
+    gen_len: Annotated[int, typer.Option(help="Generated tokens timed in the decode loop.")] = 64,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per forward pass: prompts decoded "
+                                            "together.")] = 1,
+    repeats: Annotated[int, typer.Option(help="Timed runs; the median is reported.")] = 5,
+    warmup: Annotated[int, typer.Option(help="Untimed runs first.")] = 2,
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads for torch (default: torch's choice).")] = None,
+    json_out: JsonOpt = None,
+    dtype: DtypeOpt = None,
+    device: DeviceOpt = "cpu",
+    quiet: QuietOpt = False,
+) -> None:
+    """Prefill latency and greedy decode throughput; with --baseline, measured speedup vs the ideal L/(L-k)."""
+    import gc
+
+    import torch
+
+    from ..errors import InputError
+    from ..evaluate.speed import compare_speed, measure_speed, speed_table
+    from ..evaluate.suite import SpeedSpec
+    from ..io import write_json
+
+    workload = SpeedSpec(prompt_len, gen_len, batch_size, warmup, repeats)
+    workload.check()
+    if threads is not None and threads < 1:
+        raise InputError(f"--threads must be at least 1, got {threads}")
+    if threads:
+        torch.set_num_threads(threads)
+
+    def measure(source: str):
+        loaded = load(source, dtype, device, quiet)
+        ckpt = loaded.path if Path(loaded.path).is_dir() else None
+        result = measure_speed(loaded.model, loaded.tokenizer, checkpoint_dir=ckpt, **vars(workload))
+        del loaded
+        gc.collect()
+        return result
+
+    dense = measure(baseline) if baseline else None
+    pruned = measure(model)
+    data: dict = {"model": model, "baseline": baseline, "threads": torch.get_num_threads(),
+                  "result": pruned.to_dict()}
+    if dense is None:
+        size = f", checkpoint {pruned.checkpoint_bytes / 1e6:.1f} MB" if pruned.checkpoint_bytes else ""
+        typer.echo(f"{pruned.num_layers} layers, {pruned.num_params / 1e6:.1f}M parameters{size}")
+        typer.echo(f"prefill {pruned.prefill_latency_s * 1e3:.1f} ms ({pruned.prefill_tokens_per_s:.0f} tok/s), "
+                   f"decode {pruned.decode_tokens_per_s:.1f} tok/s ({pruned.device} {pruned.dtype}, "
+                   f"batch {batch_size}, prompt {prompt_len}, {gen_len} new tokens, median of {repeats})")
+    else:
+        typer.echo(speed_table(dense, pruned, labels=("baseline", "model")))
+        data.update(baseline_result=dense.to_dict(), comparison=compare_speed(dense, pruned).to_dict())
+    if json_out:
+        write_json(json_out, data)
+
+
+def parse_ratios(value: str) -> list[float]:
+    from ..errors import InputError
+
+    try:
+        return [float(x) for x in split_list(value)]
+    except ValueError:
+        raise InputError(f"--ratios {value!r}: give comma-separated fractions such as 0.2,0.35") from None
+
+
+@app.command(context_settings=METHOD_FLAGS, cls=MethodOptionsHelp)
+def bench(
+    ctx: typer.Context,
+    model: ModelOpt = "smollm2-135m",
+    methods: Annotated[str, typer.Option(
+        help="Comma-separated methods (see `depthprune methods`).")] = "shortgpt,angular",
+    ratios: Annotated[str, typer.Option(help="Comma-separated fractions of layers to remove.")] = "0.25",
+    out: Annotated[Optional[Path], typer.Option(help="Directory for results.json/.md/.png and rows/.")] = None,
+    eval_: EvalOpt = "ppl",
+    ppl_data: PplDataOpt = "default-heldout",
+    ppl_windows: PplWindowsOpt = 40,
+    limit: LimitOpt = None,
+    num_fewshot: FewshotOpt = 0,
+    task_dir: TaskDirOpt = None,
+    piqa_dir: PiqaDirOpt = None,
+    speed: Annotated[bool, typer.Option(
+        "--speed/--no-speed", help="Also time prefill and decode of every row.")] = False,
+    resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Reuse finished rows in OUT/rows/ "
+                                         "computed with the same settings.")] = True,
+    calib: CalibOpt = "default",
+    calib_samples: SamplesOpt = 10,
+    seq_len: SeqLenOpt = 128,
+    seed: SeedOpt = 1234,
+    batch_size: BatchOpt = 8,
+    dtype: DtypeOpt = None,
+    device: DeviceOpt = "cpu",
+    quiet: QuietOpt = False,
+) -> None:
+    """Compare methods at several depths: every method x ratio plus dense, as a table, JSON and a plot.
+
+    Method flags (e.g. --operator average) go to every listed method that takes them."""
+    from ..bench import check_methods, run_bench, summary_line
+    from ..errors import InputError
+
+    names = check_methods(split_list(methods))
+    options = {m: o for m, o in method_flags(ctx, names, "bench").items() if o}
+    if out is None:
+        raise InputError("--out is required: the directory for results.json, results.md and the plot")
+    result = run_bench(
+        model, names, parse_ratios(ratios), out,
+        calibration=calibration(calib, calib_samples, seq_len, seed),
+        evaluation=evaluation(eval_, ppl_data=ppl_data, ppl_windows=ppl_windows, seq_len=seq_len, limit=limit,
+                              num_fewshot=num_fewshot, task_dir=task_dir, piqa_dir=piqa_dir,
+                              batch_size=batch_size, seed=seed, speed=speed),
+        method_options=options, batch_size=batch_size, dtype=dtype, device=device, resume=resume,
+        progress=not quiet,
+    )
+    typer.echo(result.markdown())
+    typer.echo(summary_line(result))

@@ -1,0 +1,146 @@
+"""Options shared by several commands, declared once, and the helpers that turn them into API objects.
+
+Groups: the model (``--model``, ``--dtype``, ``--device``), calibration
+(``--calib``, ``--calib-samples``, ``--seq-len``, ``--seed``), evaluation
+(``--eval``, ``--ppl-data``, ``--ppl-windows``, ``--limit``, ``--num-fewshot``,
+``--task-dir``, ``--piqa-dir``) and output (``--out``, ``--overwrite``,
+``--json``). The same word means the same thing in every command:
+``--batch-size`` is always sequences per forward pass, and ``--max-steps 0``
+always means "train for ``--epochs`` instead".
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Optional
+
+import typer
+
+from ..errors import InputError
+
+if TYPE_CHECKING:
+    from ..data.calibration import CalibrationSpec
+    from ..evaluate.suite import Evaluation
+    from ..models.load import LoadedModel
+
+# ------------------------------------------------------------------ model
+
+ModelOpt = Annotated[str, typer.Option(
+    "--model", "-m", help="Hub id, local directory, .gguf file, or alias (smollm2-135m, gemma3-270m).")]
+DtypeOpt = Annotated[Optional[str], typer.Option(help="float32 (CPU default), bfloat16 or float16 (GPU default).")]
+DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:N, or auto (accelerate device_map over all GPUs).")]
+BatchOpt = Annotated[int, typer.Option(
+    "--batch-size", help="Sequences per forward pass (calibration, perplexity, lm-eval requests).")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars (transformers' own included).")]
+
+# ------------------------------------------------------------------ calibration
+
+CalibOpt = Annotated[str, typer.Option(
+    "--calib", help="Calibration text: 'default' (shipped novel), bookcorpus, pg19, c4, wikitext2, or a "
+    ".txt/.jsonl file.")]
+SamplesOpt = Annotated[int, typer.Option("--calib-samples", help="Number of calibration windows.")]
+SeqLenOpt = Annotated[int, typer.Option(
+    "--seq-len", help="Tokens per calibration / perplexity window (BOS included when the tokenizer adds one).")]
+SeedOpt = Annotated[int, typer.Option(help="Seed for sampling calibration windows.")]
+
+# ------------------------------------------------------------------ evaluation
+
+EvalOpt = Annotated[Optional[str], typer.Option(
+    "--eval", help="What to measure, comma separated: ppl and/or lm-eval tasks ('paper' = the seven paper "
+    "tasks; piqa = the offline piqa_local task when --piqa-dir or $DEPTHPRUNE_PIQA_DIR is set).")]
+PplDataOpt = Annotated[str, typer.Option(
+    help="Perplexity text: default-heldout (shipped, offline), wikitext2, ptb (need the Hub) or a file.")]
+PplWindowsOpt = Annotated[int, typer.Option(help="Maximum perplexity windows (0 = all).")]
+LimitOpt = Annotated[Optional[float], typer.Option(
+    help="Zero-shot: only the first N items of each task (a value below 1 is a fraction).")]
+FewshotOpt = Annotated[int, typer.Option("--num-fewshot", help="Few-shot examples per item (the papers use 0).")]
+TaskDirOpt = Annotated[Optional[Path], typer.Option(
+    "--task-dir", help="Extra folder of lm-eval task YAMLs (e.g. tasks reading local files).")]
+PiqaDirOpt = Annotated[Optional[Path], typer.Option(
+    "--piqa-dir", help="Folder with PIQA's valid.jsonl + valid-labels.lst for piqa_local "
+    "(default: $DEPTHPRUNE_PIQA_DIR).")]
+
+# ------------------------------------------------------------------ output
+
+OutOpt = Annotated[Optional[Path], typer.Option(help="Output checkpoint directory (never the input).")]
+OverwriteOpt = Annotated[bool, typer.Option(help="Replace an existing --out that depthprune wrote.")]
+JsonOpt = Annotated[Optional[Path], typer.Option("--json", help="Also write the result as JSON to this file.")]
+
+
+def split_list(value: str | None) -> list[str]:
+    return [x.strip() for x in (value or "").split(",") if x.strip()]
+
+
+def require_out(out: Path | None, what: str = "the checkpoint") -> Path:
+    if out is None:
+        raise InputError(f"--out is required: the directory to write {what} to")
+    return out
+
+
+def load(model: str, dtype: str | None, device: str, quiet: bool) -> "LoadedModel":
+    from ..models.load import load_model
+
+    typer.echo(f"loading {model} ...", err=True)
+    return load_model(model, dtype=dtype, device=device, progress=not quiet)
+
+
+def calibration(calib: str, samples: int, seq_len: int, seed: int,
+                sentences_file: Path | None = None) -> "CalibrationSpec":
+    from ..data.calibration import CalibrationSpec
+
+    return CalibrationSpec(calib, samples, seq_len, seed, str(sentences_file) if sentences_file else None)
+
+
+def parse_limit(limit: float | None) -> int | float | None:
+    """lm-eval reads an int as a count and a float below 1 as a fraction."""
+    if limit is None:
+        return None
+    if limit <= 0:
+        raise InputError(f"--limit must be positive, got {limit:g}")
+    if limit >= 1:
+        if not float(limit).is_integer():
+            raise InputError(f"--limit {limit:g}: give a whole number of items, or a fraction below 1")
+        return int(limit)
+    return limit
+
+
+def parse_tasks(names: list[str], piqa_dir: Path | None) -> list[str]:
+    """lm-eval task names: ``paper`` expands to the papers' seven, ``piqa`` is the offline copy when it can be."""
+    from ..evaluate.zeroshot import PAPER_TASKS, PIQA_LOCAL_TASK, resolve_piqa_dir
+
+    tasks: list[str] = []
+    for name in names:
+        tasks.extend(PAPER_TASKS if name == "paper" else [name])
+    local = resolve_piqa_dir(str(piqa_dir) if piqa_dir else None) is not None
+    return list(dict.fromkeys(PIQA_LOCAL_TASK if (t == "piqa" and local) else t for t in tasks))
+
+
+def evaluation(
+    what: str | None,
+    *,
+    ppl_data: str = "default-heldout",
+    ppl_windows: int = 40,
+    seq_len: int = 128,
+    limit: float | None = None,
+    num_fewshot: int = 0,
+    task_dir: Path | None = None,
+    piqa_dir: Path | None = None,
+    batch_size: int = 8,
+    seed: int = 1234,
+    speed: bool = False,
+) -> "Evaluation":
+    """The ``--eval`` list and its options as an :class:`~depthprune.evaluate.suite.Evaluation` (checked)."""
+    from ..evaluate.suite import Evaluation, PerplexitySpec, SpeedSpec, ZeroShotSpec
+
+    names = split_list(what)
+    if ppl_windows < 0:
+        raise InputError(f"--ppl-windows must be 0 (all) or more, got {ppl_windows}")
+    tasks = parse_tasks([n for n in names if n != "ppl"], piqa_dir)
+    result = Evaluation(
+        perplexity=PerplexitySpec(ppl_data, seq_len, ppl_windows or None, batch_size) if "ppl" in names else None,
+        zeroshot=ZeroShotSpec(tasks, parse_limit(limit), batch_size, num_fewshot,
+                              str(task_dir) if task_dir else None, str(piqa_dir) if piqa_dir else None,
+                              seed) if tasks else None,
+        speed=SpeedSpec() if speed else None,
+    )
+    return result.check()

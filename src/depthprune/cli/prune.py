@@ -1,0 +1,259 @@
+"""Depth commands: ``methods``, ``score``, ``prune``, ``run`` and ``analyze``.
+
+Each command checks its input, builds API objects and calls the API; nothing
+here computes. Method options are flags generated from each method's options
+dataclass (``--threshold 0.7`` for slm), parsed from the command's extra
+arguments, so a flag the chosen method does not take is refused by name.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from typer.core import TyperCommand
+
+from .app import app
+from .options import (
+    BatchOpt,
+    CalibOpt,
+    DeviceOpt,
+    DtypeOpt,
+    EvalOpt,
+    FewshotOpt,
+    LimitOpt,
+    ModelOpt,
+    OutOpt,
+    OverwriteOpt,
+    PiqaDirOpt,
+    PplDataOpt,
+    PplWindowsOpt,
+    QuietOpt,
+    SamplesOpt,
+    SeedOpt,
+    SeqLenOpt,
+    TaskDirOpt,
+    calibration,
+    evaluation,
+    load,
+    require_out,
+)
+
+METHOD_FLAGS = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+class MethodOptionsHelp(TyperCommand):
+    """Appends every registered method's options to ``--help`` (built when help is shown, not at import)."""
+
+    def format_epilog(self, ctx, formatter) -> None:
+        from ..methods import describe_methods
+
+        formatter.write_paragraph()
+        formatter.write("Method options (flags after the command's own; see `depthprune methods`):\n\n")
+        for line in describe_methods().splitlines():
+            formatter.write(f"  {line}\n")
+
+
+def method_flags(ctx: typer.Context, methods: list[str], command: str) -> dict[str, dict]:
+    from ..methods import parse_flags
+
+    return parse_flags(list(ctx.args), methods, command=command)
+
+
+@app.command("methods")
+def methods_cmd() -> None:
+    """List the pruning methods with their options, defaults and help."""
+    from ..methods import describe_methods
+
+    typer.echo(describe_methods())
+
+
+@app.command()
+def score(
+    model: ModelOpt = "smollm2-135m",
+    metric: Annotated[str, typer.Option(help="bi (ShortGPT Block Influence) or angular (Gromov et al.).")] = "bi",
+    out: Annotated[Optional[Path], typer.Option(help="Directory for scores.json and scores.png.")] = None,
+    calib: CalibOpt = "default",
+    calib_samples: SamplesOpt = 10,
+    seq_len: SeqLenOpt = 128,
+    seed: SeedOpt = 1234,
+    batch_size: BatchOpt = 8,
+    dtype: DtypeOpt = None,
+    device: DeviceOpt = "cpu",
+    quiet: QuietOpt = False,
+) -> None:
+    """Score every layer's redundancy (low score = safe to remove) and save JSON + a bar chart."""
+    from ..analysis.stats import METRICS, layer_statistics
+    from ..errors import InputError
+    from ..io import check_output_dir, write_json
+    from ..report import plot_layer_scores
+
+    if metric not in METRICS:
+        raise InputError(f"unknown metric {metric!r}: use one of {', '.join(METRICS)}")
+    spec = calibration(calib, calib_samples, seq_len, seed).check()
+    if out is not None:
+        check_output_dir(out, inputs=[model], overwrite=True)
+    loaded = load(model, dtype, device, quiet)
+    stats = layer_statistics(loaded.model, spec.windows(loaded.tokenizer), batch_size=batch_size,
+                             progress=not quiet)
+    values = stats.scores(metric)
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    for i, v in enumerate(values):
+        typer.echo(f"layer {i:3d}  {metric}={v:.5f}  rank={order.index(i) + 1}")
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "scores.json", {"model": model, "metric": metric, "scores": values,
+                                          "tokens": stats.tokens, "calibration": stats.calibration})
+        plot_layer_scores(values, out / "scores.png", metric=metric, title=f"{model}: {metric}")
+        typer.echo(f"wrote {out / 'scores.json'} and {out / 'scores.png'}")
+
+
+@app.command(context_settings=METHOD_FLAGS, cls=MethodOptionsHelp)
+def prune(
+    ctx: typer.Context,
+    model: ModelOpt = "smollm2-135m",
+    method: Annotated[str, typer.Option(help="Pruning method (see `depthprune methods`).")] = "shortgpt",
+    out: OutOpt = None,
+    ratio: Annotated[Optional[float], typer.Option(help="Fraction of layers to remove, in (0, 1).")] = None,
+    remove_layers: Annotated[Optional[int], typer.Option(help="Number of layers to remove.")] = None,
+    keep_layers: Annotated[Optional[int], typer.Option(help="Number of layers to keep.")] = None,
+    calib_sentences: Annotated[Optional[Path], typer.Option(
+        help="Calibration = these sentences, one per line (LaCo's few-shot set), instead of windows.")] = None,
+    then_width: Annotated[Optional[float], typer.Option(
+        help="After depth pruning, remove this fraction of MLP channels in every layer (width stage).")] = None,
+    then_width_heads: Annotated[float, typer.Option(
+        help="Width stage: fraction of key/value groups (with their query heads) to remove.")] = 0.0,
+    width_scorer: Annotated[str, typer.Option(help="Width stage scorer: taylor, wanda or magnitude.")] = "taylor",
+    heal: Annotated[Optional[str], typer.Option(
+        help="Heal with LoRA after pruning on this data (alpaca .json/.jsonl, .txt, or alpaca-cleaned).")] = None,
+    heal_max_steps: Annotated[int, typer.Option(help="Healing: optimizer steps (0 = --heal-epochs).")] = 0,
+    heal_epochs: Annotated[float, typer.Option(help="Healing: epochs when --heal-max-steps is 0.")] = 2.0,
+    overwrite: OverwriteOpt = False,
+    eval_: EvalOpt = None,
+    ppl_data: PplDataOpt = "default-heldout",
+    ppl_windows: PplWindowsOpt = 40,
+    limit: LimitOpt = None,
+    num_fewshot: FewshotOpt = 0,
+    task_dir: TaskDirOpt = None,
+    piqa_dir: PiqaDirOpt = None,
+    calib: CalibOpt = "default",
+    calib_samples: SamplesOpt = 10,
+    seq_len: SeqLenOpt = 128,
+    seed: SeedOpt = 1234,
+    batch_size: BatchOpt = 8,
+    dtype: DtypeOpt = None,
+    device: DeviceOpt = "cpu",
+    quiet: QuietOpt = False,
+) -> None:
+    """Plan with a method, remove/merge layers (then optionally width-prune and heal), save a plain
+    transformers checkpoint with its plan and report."""
+    from ..job import DepthStage, HealStage, Job, WidthStage, run_job
+    from ..methods import Target, build_options, get_method
+
+    get_method(method)
+    options = build_options(method, method_flags(ctx, [method], "prune")[method])
+    stages: list = [DepthStage(method, Target(ratio, remove_layers, keep_layers), options)]
+    if then_width is not None or then_width_heads:
+        stages.append(WidthStage(then_width or 0.0, then_width_heads, width_scorer))
+    if heal is not None:
+        from ..heal import HealConfig
+
+        stages.append(HealStage(heal, HealConfig(max_steps=heal_max_steps, epochs=heal_epochs,
+                                                 progress=not quiet)))
+    job = Job(stages, calibration(calib, calib_samples, seq_len, seed, calib_sentences),
+              evaluation(eval_, ppl_data=ppl_data, ppl_windows=ppl_windows, seq_len=seq_len, limit=limit,
+                         num_fewshot=num_fewshot, task_dir=task_dir, piqa_dir=piqa_dir, batch_size=batch_size,
+                         seed=seed),
+              batch_size=batch_size, progress=not quiet).check()
+    out = require_out(out)
+    _check_out(out, model, overwrite)
+    result = run_job(load(model, dtype, device, quiet), job, out=out, overwrite=overwrite)
+    print_result(result)
+
+
+def _check_out(out: Path, model: str, overwrite: bool) -> None:
+    from ..io import check_output_dir
+
+    check_output_dir(out, inputs=[model], overwrite=overwrite)
+
+
+def print_result(result) -> None:
+    """What a job did, in a few lines: each stage, before/after metrics, where it was saved."""
+    for record in result.stages:
+        typer.echo(record.get("summary", record["stage"]))
+    for name, entry in result.metrics().items():
+        if entry["before"] is not None and entry["after"] is not None:
+            typer.echo(f"{name}: {entry['before']:.4f} before -> {entry['after']:.4f} after")
+        elif entry["after"] is not None:
+            typer.echo(f"{name}: {entry['after']:.4f}")
+    if result.out:
+        typer.echo(f"saved to {result.out} (report.md, report.json, depthprune_plan.json)")
+
+
+@app.command()
+def run(
+    model: ModelOpt = "smollm2-135m",
+    method: Annotated[str, typer.Option(help="Pruning method.")] = "shortgpt",
+    ratio: Annotated[float, typer.Option(help="Fraction of layers to remove.")] = 0.25,
+    out: Annotated[Path, typer.Option(help="Output directory.")] = Path("runs/smollm2-135m-shortgpt-0.25"),
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """The default job: prune 25% of SmolLM2-135M's layers, offline, with perplexity before and after."""
+    from ..evaluate.suite import Evaluation, PerplexitySpec
+    from ..job import DepthStage, Job, run_job
+    from ..methods import Target, build_options
+
+    job = Job([DepthStage(method, Target(ratio=ratio), build_options(method))],
+              evaluation=Evaluation(perplexity=PerplexitySpec()), progress=not quiet).check()
+    _check_out(out, model, overwrite)
+    result = run_job(load(model, None, "cpu", quiet), job, out=out, overwrite=overwrite)
+    print_result(result)
+
+
+@app.command()
+def analyze(
+    model: ModelOpt = "smollm2-135m",
+    out: Annotated[Path, typer.Option(help="Directory for cka.json, cka.npy and cka.png.")] = Path("analysis"),
+    kernel: Annotated[str, typer.Option(help="CKA kernel: linear or rbf (median-heuristic bandwidth).")] = "linear",
+    plan: Annotated[Optional[Path], typer.Option(
+        help="A depthprune_plan.json (or a pruned checkpoint directory) whose merged/removed windows "
+        "are outlined on the heatmap.")] = None,
+    calib: CalibOpt = "default",
+    calib_samples: SamplesOpt = 10,
+    seq_len: SeqLenOpt = 128,
+    seed: SeedOpt = 1234,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per CKA minibatch.")] = 2,
+    dtype: DtypeOpt = None,
+    device: DeviceOpt = "cpu",
+    quiet: QuietOpt = False,
+) -> None:
+    """Layer x layer CKA of layer outputs (SLM's "patches" analysis): JSON, NPY and a heatmap."""
+    import numpy as np
+
+    from ..analysis.layer_cka import layer_similarity
+    from ..errors import InputError
+    from ..io import atomic_write, check_output_dir, write_json
+    from ..models.arch import num_layers
+    from ..plan import Plan
+    from ..report import plot_cka_heatmap
+
+    if kernel not in ("linear", "rbf"):
+        raise InputError(f"unknown kernel {kernel!r}: use linear or rbf")
+    spec = calibration(calib, calib_samples, seq_len, seed).check()
+    check_output_dir(out, inputs=[model], overwrite=True)
+    loaded_plan = Plan.load(plan) if plan is not None else None
+    loaded = load(model, dtype, device, quiet)
+    windows = None
+    if loaded_plan is not None:
+        loaded_plan.check_model_depth(num_layers(loaded.model), f"--model {model}")
+        windows = [(m.low, m.high) for m in loaded_plan.merges] + [(i, i) for i in loaded_plan.remove]
+    result = layer_similarity(loaded.model, spec.windows(loaded.tokenizer), kernel=kernel, batch_size=batch_size,
+                              progress=not quiet)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "cka.json", {"model": model, **result.to_dict()})
+    atomic_write(out / "cka.npy", lambda stream: np.save(stream, result.matrix))
+    plot_cka_heatmap(result.matrix, out / "cka.png", title=f"{model}: {kernel} CKA of layer outputs",
+                     merged_windows=windows)
+    typer.echo(f"wrote {out / 'cka.json'}, {out / 'cka.npy'} and {out / 'cka.png'}")

@@ -1,0 +1,340 @@
+"""The job runner: one recipe for every command that writes a checkpoint.
+
+    load -> evaluate before -> stages (depth, width, heal, ...) -> evaluate after -> report -> atomic save
+
+``prune`` runs ``[DepthStage, WidthStage?, HealStage?]``, ``width`` runs
+``[WidthStage]``, ``heal`` runs ``[HealStage]`` and every ``bench`` row runs
+``[DepthStage]`` without saving. A stage changes the model in place and
+returns a record (what it did, with its numbers) for the report and the plan.
+
+The output is written into a temporary sibling of ``out`` that is renamed into
+place at the end; scratch space a stage needs (the Trainer's checkpoints while
+healing) lives inside it and is removed before the rename, so an interrupted
+job leaves nothing half-written at ``out``.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import torch
+from torch import nn
+
+from .data.calibration import Calibration, CalibrationSpec
+from .errors import InputError
+from .evaluate.suite import EvalResult, Evaluation
+from .io import atomic_directory, check_output_dir, write_checkpoint
+from .methods import MethodOptions, RunContext, Target, build_options, check_request, make_plan
+from .models.arch import count_parameters, num_layers
+from .models.load import LoadedModel, quiet_transformers
+from .plan import PLAN_FILE, Plan, PlanError
+from .report import compare_metrics, write_run_report
+from .surgery import apply_plan
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StageContext:
+    """What stages share: the model, calibration windows (built on first use), scratch space, outputs."""
+
+    loaded: LoadedModel
+    calibration_spec: CalibrationSpec
+    run: RunContext
+    scratch: Path
+    plan: Plan | None = None
+    files: dict[str, Any] = field(default_factory=dict)
+    writers: list[Callable[[Path], None]] = field(default_factory=list)
+    _calibration: Calibration | None = None
+
+    @property
+    def model(self) -> nn.Module:
+        return self.loaded.model
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.loaded.tokenizer
+
+    @property
+    def calibration(self) -> Calibration:
+        if self._calibration is None:
+            self._calibration = self.calibration_spec.windows(self.tokenizer)
+        return self._calibration
+
+
+class Stage(Protocol):
+    name: str
+    uses_calibration: bool
+
+    def check(self) -> None:
+        """Everything that can be checked before a model is loaded."""
+
+    def run(self, ctx: StageContext) -> dict[str, Any]:
+        """Change ``ctx.model`` in place; return the record of what was done."""
+
+
+@dataclass
+class DepthStage:
+    """Plan with a registered method and apply the plan (remove / merge layers)."""
+
+    method: str
+    target: Target | None = None
+    options: MethodOptions | None = None
+    name: str = field(default="depth", init=False)
+    uses_calibration: bool = field(default=True, init=False)
+
+    def check(self) -> None:
+        if self.options is None:
+            self.options = build_options(self.method)
+        check_request(self.method, self.target, self.options)
+
+    def run(self, ctx: StageContext) -> dict[str, Any]:
+        self.check()
+        plan = make_plan(self.method, ctx.model, ctx.calibration, self.target, options=self.options,
+                         batch_size=ctx.run.batch_size, progress=ctx.run.progress)
+        plan.model = ctx.loaded.source
+        apply_plan(ctx.model, plan)
+        ctx.plan = plan
+        return {"stage": self.name, "method": self.method, "summary": plan.summary(),
+                "options": self.options.to_dict() if self.options else {},
+                "target": self.target.to_dict() if self.target else None}
+
+
+@dataclass
+class WidthStage:
+    """Structured width pruning: the same number of MLP channels / key-value groups removed in every layer."""
+
+    ratio_mlp: float = 0.2
+    ratio_heads: float = 0.0
+    scorer: str = "taylor"
+    name: str = field(default="width", init=False)
+
+    @property
+    def uses_calibration(self) -> bool:
+        return self.scorer != "magnitude"
+
+    def check(self) -> None:
+        from .analysis.importance import SCORERS, WidthError
+
+        if self.scorer not in SCORERS:
+            raise WidthError(f"unknown width scorer {self.scorer!r}: use one of {', '.join(SCORERS)}")
+        for what, value in (("MLP", self.ratio_mlp), ("heads", self.ratio_heads)):
+            if not 0.0 <= value < 1.0:
+                raise WidthError(f"the width ratio for {what} must be in [0, 1), got {value}")
+        if self.ratio_mlp == 0 and self.ratio_heads == 0:
+            raise WidthError("nothing to prune: give an MLP and/or a heads ratio above 0")
+
+    def run(self, ctx: StageContext) -> dict[str, Any]:
+        from .surgery.width import WIDTH_PLAN_FILE, apply_width_plan, width_plan
+
+        wplan = width_plan(ctx.model, ctx.calibration if self.uses_calibration else None, self.ratio_mlp,
+                           self.ratio_heads, self.scorer, batch_size=ctx.run.batch_size,
+                           progress=ctx.run.progress)
+        wplan.model = ctx.loaded.source
+        apply_width_plan(ctx.model, wplan)
+        ctx.files[WIDTH_PLAN_FILE] = wplan.to_dict()
+        return {"stage": self.name, "summary": wplan.summary(), "file": WIDTH_PLAN_FILE,
+                "sizes_before": wplan.sizes_before, "sizes_after": wplan.sizes_after}
+
+
+@dataclass
+class HealStage:
+    """LoRA healing merged into the weights; Trainer checkpoints in ``work_dir`` or the job's scratch space."""
+
+    data: str
+    config: Any = None
+    work_dir: Path | None = None
+    resume: bool = False
+    save_adapter: bool = False
+    keep_checkpoints: bool = False
+    name: str = field(default="heal", init=False)
+    uses_calibration: bool = field(default=False, init=False)
+
+    def check(self) -> None:
+        from .heal import QLORA_NEEDS_CUDA, HealConfig, HealDataError, HealError, data_paths
+
+        self.config = (self.config or HealConfig()).validate()
+        if self.config.qlora and not torch.cuda.is_available():
+            raise HealError(QLORA_NEEDS_CUDA)
+        for path in data_paths(self.data) or []:
+            if not path.is_file():
+                raise HealDataError(f"healing data file not found: {path}")
+        if self.resume and self.work_dir is None:
+            raise HealError("--resume continues the Trainer checkpoints in --work-dir: pass the --work-dir "
+                            "of the interrupted run")
+
+    def run(self, ctx: StageContext) -> dict[str, Any]:
+        from .heal import heal
+
+        work = Path(self.work_dir) if self.work_dir is not None else ctx.scratch / "heal-work"
+        result = heal(ctx.model, ctx.tokenizer, self.data, self.config, work, resume=self.resume,
+                      save_adapter=self.save_adapter)
+        ctx.loaded.model = result.model
+        if result.adapter_dir:
+            adapter = Path(result.adapter_dir)
+            ctx.writers.append(lambda tmp: shutil.copytree(adapter, tmp / "adapter"))
+        if self.work_dir is not None and not self.keep_checkpoints:
+            ctx.writers.append(lambda tmp: shutil.rmtree(work, ignore_errors=True))
+        summary = result.to_dict()
+        if summary.get("best_checkpoint") and self.work_dir is None:
+            summary["best_checkpoint"] = Path(summary["best_checkpoint"]).name
+        return {"stage": self.name, "summary": f"heal: {result.global_step} LoRA steps on "
+                f"{result.data.get('kind')} data, best validation loss {result.best_eval_loss}",
+                "data": result.data, "steps": result.global_step, "best_eval_loss": result.best_eval_loss,
+                "config": result.config, "result": summary}
+
+
+@dataclass
+class Job:
+    """Stages plus what every stage shares: calibration, evaluation and how to run."""
+
+    stages: list[Any]
+    calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
+    evaluation: Evaluation = field(default_factory=Evaluation)
+    evaluate_before: bool = True
+    batch_size: int = 8
+    progress: bool = True
+
+    def check(self) -> "Job":
+        """Check every input that can be checked without a model (call before loading one)."""
+        if self.batch_size < 1:
+            raise InputError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if any(stage.uses_calibration for stage in self.stages):
+            self.calibration.check()
+        for stage in self.stages:
+            stage.check()
+        self.evaluation.check()
+        return self
+
+
+@dataclass
+class JobResult:
+    source: str
+    stages: list[dict[str, Any]]
+    plan: Plan | None
+    before: EvalResult | None
+    after: EvalResult | None
+    layers: dict[str, int]
+    parameters: dict[str, int]
+    settings: dict[str, Any]
+    timings: dict[str, float]
+    out: Path | None = None
+
+    def metrics(self) -> dict[str, dict[str, Any]]:
+        """Every measured value before and after, with its change and direction."""
+        before = self.before.values() if self.before else {}
+        after = self.after.values() if self.after else {}
+        directions = {**(self.before.higher_is_better() if self.before else {}),
+                      **(self.after.higher_is_better() if self.after else {})}
+        return compare_metrics(before, after, directions)
+
+    def to_dict(self) -> dict[str, Any]:
+        from ._version import __version__
+
+        return {
+            "written_by": f"depthprune {__version__}",
+            "model": self.source,
+            "out": str(self.out) if self.out else None,
+            "layers": self.layers,
+            "parameters": self.parameters,
+            "stages": self.stages,
+            "plan": self.plan.to_dict() if self.plan else None,
+            "metrics": self.metrics(),
+            "before": self.before.values() if self.before else {},
+            "after": self.after.values() if self.after else {},
+            "evaluation": {"before": self.before.to_dict() if self.before else None,
+                           "after": self.after.to_dict() if self.after else None},
+            "settings": self.settings,
+            "timings_s": self.timings,
+        }
+
+
+def _carried_plan(model_dir: str) -> Plan | None:
+    """The depth plan saved beside the input model (provenance of an earlier job), if readable."""
+    path = Path(model_dir) / PLAN_FILE
+    if not path.is_file():
+        return None
+    try:
+        return Plan.load(path)
+    except PlanError as err:
+        log.warning("not carrying the input's plan into the output: %s", err)
+        return None
+
+
+def _copy_provenance(model_dir: str, names: list[str]) -> Callable[[Path], None]:
+    """A checkpoint writer copying provenance files of the input (an earlier width plan) it lacks."""
+
+    def write(tmp: Path) -> None:
+        for name in names:
+            src = Path(model_dir) / name
+            if src.is_file() and not (tmp / name).exists():
+                shutil.copy2(src, tmp / name)
+
+    return write
+
+
+def run_job(loaded: LoadedModel, job: Job, *, out: str | Path | None = None, overwrite: bool = False) -> JobResult:
+    """Run ``job`` on ``loaded.model`` (changed in place); save to ``out`` atomically when given."""
+    from .surgery.width import WIDTH_PLAN_FILE
+
+    job.check()
+    if out is not None:
+        out = check_output_dir(out, inputs=[loaded.path], overwrite=overwrite)
+    timings: dict[str, float] = {}
+    layers = {"before": num_layers(loaded.model)}
+    parameters = {"before": count_parameters(loaded.model)}
+    with ExitStack() as stack:
+        if out is not None:
+            tmp = stack.enter_context(atomic_directory(out, overwrite=overwrite))
+            scratch = tmp / ".depthprune-work"
+            scratch.mkdir()
+        else:
+            tmp = None
+            scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="depthprune-work-")))
+        ctx = StageContext(loaded, job.calibration, RunContext(job.batch_size, job.progress), scratch)
+
+        before = None
+        if job.evaluate_before and not job.evaluation.empty:
+            start = time.perf_counter()
+            before = job.evaluation.run(loaded.model, loaded.tokenizer, job.progress)
+            timings["evaluate_before"] = time.perf_counter() - start
+        records = []
+        for stage in job.stages:
+            start = time.perf_counter()
+            record = stage.run(ctx)
+            record["seconds"] = timings[stage.name] = time.perf_counter() - start
+            records.append(record)
+        after = None
+        if not job.evaluation.empty:
+            start = time.perf_counter()
+            after = job.evaluation.run(ctx.model, loaded.tokenizer, job.progress)
+            timings["evaluate_after"] = time.perf_counter() - start
+        layers["after"] = num_layers(ctx.model)
+        parameters["after"] = count_parameters(ctx.model)
+
+        plan = ctx.plan
+        saved_plan = plan if plan is not None else (_carried_plan(loaded.path) if out is not None else None)
+        if saved_plan is not None:
+            saved_plan.stages.extend(r for r in records if r["stage"] != "depth")
+        settings = {"calibration": asdict(job.calibration) if ctx._calibration is not None else None,
+                    "evaluation": job.evaluation.to_dict(), "batch_size": job.batch_size}
+        result = JobResult(loaded.source, records, plan, before, after, layers, parameters, settings, timings,
+                           out)
+        if tmp is not None:
+            start = time.perf_counter()
+            report = result.to_dict()
+            writers = [*ctx.writers, _copy_provenance(loaded.path, [WIDTH_PLAN_FILE]),
+                       lambda directory: write_run_report(directory, report, saved_plan)]
+            with quiet_transformers(not job.progress):
+                write_checkpoint(tmp, ctx.model, loaded.tokenizer, saved_plan, extra_json=ctx.files,
+                                 writers=writers)
+            shutil.rmtree(scratch, ignore_errors=True)
+            timings["save"] = time.perf_counter() - start
+    return result

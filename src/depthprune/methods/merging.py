@@ -1,0 +1,58 @@
+"""What SLM and LaCo share: a similarity threshold T *or* a depth target, a merge operator, and one
+driver that builds the similarity engine once and runs the search at T or bisects T for the target."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..data.calibration import Calibration
+from ..engine.search import SimilarityEngine
+from ..models.arch import num_layers
+from ..plan import Plan, PlanError
+from ..surgery.merge import OPERATORS
+from .registry import MethodOptions, RunContext, option
+from .target import Target, given, threshold_for_target
+
+
+@dataclass
+class ThresholdOptions(MethodOptions):
+    threshold: float | None = option(
+        None, "similarity threshold T in (0, 1); give T or a depth target (then T is found by bisection)")
+    operator: str = option("reference", "merge operator", choices=OPERATORS)
+
+    #: T used when neither a threshold nor a depth target is given.
+    DEFAULT_THRESHOLD = 0.5
+
+    def validate(self) -> None:
+        if self.threshold is not None and not 0.0 < self.threshold < 1.0:
+            raise PlanError(f"--threshold must be between 0 and 1 (exclusive), got {self.threshold}")
+
+    def check_target(self, method: str, target: Target | None) -> None:
+        if given(target) and self.threshold is not None:
+            raise PlanError(f"--method {method} takes either --threshold or a depth target, not both")
+
+
+Search = Callable[..., Plan]
+
+
+def run_threshold_search(name: str, search: Search, model: nn.Module, calibration: Calibration,
+                         target: Target | None, options: ThresholdOptions, run: RunContext) -> Plan:
+    """``search(engine, T, max_remove=, memo=, progress=)`` at T, or under bisection for a target."""
+    n = target.n_remove(num_layers(model)) if given(target) else None
+    engine = SimilarityEngine(model, calibration, batch_size=run.batch_size)
+    memo: dict = {}
+    with tqdm(desc=f"{name} windows", unit="window", disable=not run.progress) as bar:
+        if n is None:
+            t = options.threshold if options.threshold is not None else options.DEFAULT_THRESHOLD
+            plan = search(engine, t, memo=memo, progress=bar)
+        else:
+            plan = threshold_for_target(
+                lambda t, budget: search(engine, t, max_remove=budget, memo=memo, progress=bar), n
+            )
+    plan.calibration = calibration.to_dict()
+    plan.params["candidates_evaluated"] = engine.evaluations
+    return plan

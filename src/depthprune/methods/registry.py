@@ -1,0 +1,279 @@
+"""The method registry: every method declares its options and registers a ``plan`` function.
+
+A method module (``shortgpt.py``, ``slm.py``, ...) defines
+
+* an options dataclass derived from :class:`MethodOptions` whose fields carry
+  a default and a help text (:func:`option`), checked in ``validate``;
+* ``plan(model, calibration, target, options, run) -> Plan``, decorated with
+  :func:`register`.
+
+The registry builds options from plain values (Python keywords or command-line
+flags), so an option a method does not take is an error that names the options
+it does take, and ``depthprune methods`` / ``prune --help`` print every
+method's options from the same declarations.
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any, Callable, Literal, Mapping, Sequence
+
+from torch import nn
+
+from ..data.calibration import Calibration
+from ..plan import Plan, PlanError
+from .target import Target, require
+
+
+def option(default: Any, help: str, *, choices: Sequence[Any] | None = None) -> Any:
+    """A method option: its default, one line of help, and (optionally) the values it accepts."""
+    return field(default=default, metadata={"help": help, "choices": tuple(choices) if choices else None})
+
+
+@dataclass(frozen=True)
+class OptionInfo:
+    name: str
+    type: type
+    optional: bool
+    default: Any
+    help: str
+    choices: tuple[Any, ...] | None
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def describe(self) -> str:
+        default = "" if self.default is None else f" [default: {self.default}]"
+        choices = f" (one of: {', '.join(map(str, self.choices))})" if self.choices else ""
+        kind = "" if self.type is bool else " " + {str: "TEXT"}.get(self.type, self.type.__name__.upper())
+        return f"{self.flag}{kind}: {self.help}{choices}{default}"
+
+
+def _unwrap(hint: Any) -> tuple[type, bool]:
+    """(base type, accepts None) of an annotation such as ``int | None``."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return _unwrap(args[0])[0], True
+    if origin is Literal:
+        return type(typing.get_args(hint)[0]), False
+    return hint, False
+
+
+@dataclass
+class MethodOptions:
+    """Base of every method's options; subclasses declare fields with :func:`option`."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check values that can be checked without the model (raise :class:`PlanError`)."""
+
+    def check_target(self, method: str, target: Target | None) -> None:
+        """Most methods need a depth target; threshold and block methods override this."""
+        require(method, target)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def infos(cls) -> list[OptionInfo]:
+        hints = typing.get_type_hints(cls)
+        out = []
+        for f in fields(cls):
+            base, optional = _unwrap(hints[f.name])
+            default = None if f.default is MISSING else f.default
+            out.append(OptionInfo(f.name, base, optional, default, f.metadata.get("help", ""),
+                                  f.metadata.get("choices")))
+        return out
+
+    def check_choices(self) -> None:
+        for info in self.infos():
+            value = getattr(self, info.name)
+            if info.choices and value is not None and value not in info.choices:
+                raise PlanError(f"{info.flag} must be one of {', '.join(map(str, info.choices))}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """How a method runs, not what it decides: forward batch size (sequences per pass) and progress bars."""
+
+    batch_size: int = 8
+    progress: bool = True
+
+
+PlanFn = Callable[[nn.Module, Calibration, "Target | None", Any, RunContext], Plan]
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    summary: str
+    options: type[MethodOptions]
+    plan: PlanFn
+    reference: str = ""
+
+    def describe(self) -> str:
+        lines = [f"{self.name}: {self.summary}" + (f" ({self.reference})" if self.reference else "")]
+        infos = self.options.infos()
+        lines += [f"    {info.describe()}" for info in infos] or ["    (no options of its own)"]
+        return "\n".join(lines)
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(name: str, summary: str, options: type[MethodOptions], *, reference: str = ""):
+    """Decorator: register ``plan`` as method ``name`` with its options class."""
+
+    def deco(fn: PlanFn) -> PlanFn:
+        METHODS[name] = Method(name, summary, options, fn, reference)
+        return fn
+
+    return deco
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise PlanError(f"unknown method {name!r}: use one of {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def _flags(method: Method) -> str:
+    names = [info.flag for info in method.options.infos()]
+    return ", ".join(names) if names else "none"
+
+
+def build_options(method: str, values: Mapping[str, Any] | None = None) -> MethodOptions:
+    """The options of ``method`` from plain values; an option it does not declare is an error."""
+    spec = get_method(method)
+    values = dict(values or {})
+    declared = {info.name for info in spec.options.infos()}
+    unknown = [k for k in values if k not in declared]
+    if unknown:
+        flags = ", ".join("--" + k.replace("_", "-") for k in unknown)
+        raise PlanError(f"--method {method} does not take {flags}; its options: {_flags(spec)} "
+                        "(see `depthprune methods`)")
+    opts = spec.options(**values)
+    opts.check_choices()
+    return opts
+
+
+def check_request(method: str, target: Target | None, options: MethodOptions) -> None:
+    """Everything about a planning request that can be checked before a model is loaded."""
+    if target is not None:
+        target.validate()
+    options.check_target(method, target)
+
+
+def make_plan(
+    method: str,
+    model: nn.Module,
+    calibration: Calibration,
+    target: Target | None = None,
+    *,
+    options: MethodOptions | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+    **values: Any,
+) -> Plan:
+    """Run a registered method: ``make_plan("slm", model, cal, threshold=0.72)`` or with ``options=``."""
+    spec = get_method(method)
+    if options is None:
+        options = build_options(method, values)
+    elif values:
+        raise PlanError("pass method options either as options= or as keywords, not both")
+    elif not isinstance(options, spec.options):
+        raise PlanError(f"--method {method} takes {spec.options.__name__}, got {type(options).__name__}")
+    check_request(method, target, options)
+    if batch_size < 1:
+        raise PlanError(f"--batch-size must be at least 1, got {batch_size}")
+    plan = spec.plan(model, calibration, target, options, RunContext(batch_size, progress))
+    if target is not None and target.given:
+        plan.params.setdefault("target", target.to_dict())
+    if not plan.calibration:
+        plan.calibration = calibration.to_dict()
+    return plan
+
+
+# ---------------------------------------------------------------- command-line flags
+
+
+def coerce(info: OptionInfo, text: str | bool) -> Any:
+    """Turn a flag's text into the option's type (``none`` clears an optional value)."""
+    if isinstance(text, bool):
+        return text
+    if info.optional and text.lower() in ("none", "null", ""):
+        return None
+    if info.type is bool:
+        lowered = text.lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise PlanError(f"{info.flag} takes true or false, got {text!r}")
+    try:
+        return info.type(text)
+    except ValueError:
+        raise PlanError(f"{info.flag} takes a {info.type.__name__}, got {text!r}") from None
+
+
+def parse_flags(args: Sequence[str], methods: Sequence[str], *, command: str) -> dict[str, dict[str, Any]]:
+    """Method options given as flags (``--threshold 0.7``, ``--operator=average``, ``--no-flag``).
+
+    Each flag goes to every listed method that declares it; a flag none of
+    them declares is an error naming the options they do take.
+    """
+    specs = [get_method(m) for m in methods]
+    infos: dict[str, list[tuple[str, OptionInfo]]] = {}
+    for spec in specs:
+        for info in spec.options.infos():
+            infos.setdefault(info.name, []).append((spec.name, info))
+    out: dict[str, dict[str, Any]] = {m: {} for m in methods}
+    i = 0
+    while i < len(args):
+        token = args[i]
+        if not token.startswith("--") or token == "--":
+            raise PlanError(f"unexpected argument {token!r} for `depthprune {command}`")
+        name, has_value, value = token[2:].partition("=")
+        key = name.replace("-", "_")
+        negated = key.startswith("no_") and key[3:] in infos and infos[key[3:]][0][1].type is bool
+        if negated:
+            key = key[3:]
+        if key not in infos:
+            raise PlanError(_unknown_flag(name, key, specs, command))
+        is_bool = infos[key][0][1].type is bool
+        if negated:
+            raw: str | bool = False
+        elif has_value:
+            raw = value
+        elif is_bool:
+            raw = True
+        else:
+            if i + 1 >= len(args):
+                raise PlanError(f"--{name} needs a value")
+            i += 1
+            raw = args[i]
+        for method, info in infos[key]:
+            out[method][key] = coerce(info, raw)
+        i += 1
+    return out
+
+
+def _unknown_flag(name: str, key: str, specs: list[Method], command: str) -> str:
+    takers = [m.name for m in METHODS.values() if any(i.name == key for i in m.options.infos())]
+    listed = ", ".join(s.name for s in specs)
+    own = "; ".join(f"{s.name}: {_flags(s)}" for s in specs)
+    if takers:
+        return (f"--method {listed} does not take --{name} (an option of {', '.join(takers)}); "
+                f"its options: {own} (see `depthprune methods`)")
+    return (f"no such option --{name}: not an option of `depthprune {command}` (see --help) nor of "
+            f"--method {listed} (options: {own})")
+
+
+def describe_methods() -> str:
+    return "\n\n".join(m.describe() for m in METHODS.values())
