@@ -187,7 +187,7 @@ def test_bad_input_fails_before_loading(args, message, tmp_path, capsys, monkeyp
 def test_out_must_be_new_or_a_bench_dir(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("mine")
     assert main(["bench", "--model", "/no/such/model", "--methods", "shortgpt", "--out", str(tmp_path)]) == 2
-    assert "not an earlier bench output" in capsys.readouterr().err
+    assert "did not write it as bench output" in capsys.readouterr().err
     assert main(["bench", "--methods", "shortgpt"]) == 2
     assert "--out is required" in capsys.readouterr().err
     with pytest.raises(BenchError, match="dense"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import depthprune.bench  # noqa: F401  (bound before any test patches load_model)
 from depthprune import Calibration
 from depthprune.cli import main
 from depthprune.errors import DepthpruneError
@@ -42,7 +43,8 @@ def test_an_option_the_method_does_not_take_is_refused(method):
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_cli_refuses_a_foreign_option_before_loading(method, run_cli, tmp_path, monkeypatch):
-    monkeypatch.setattr("depthprune.models.load.load_model", _no_loading)
+    for where in ("depthprune.models.load.load_model", "depthprune.bench.load_model"):
+        monkeypatch.setattr(where, _no_loading)
     foreign = _foreign_option(method)
     flag = "--" + foreign.replace("_", "-")
     res = run_cli("prune", "--model", "/no/such/model", "--method", method, "--ratio", "0.2", flag, "1",

@@ -81,21 +81,28 @@ def test_out_equal_to_input_is_refused(tmp_path):
             check_output_dir(out, inputs=[model_dir], overwrite=True)
 
 
-def test_non_empty_out_needs_overwrite(tmp_path):
+def test_non_empty_out_needs_overwrite_and_must_be_ours(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("user data")
-    with pytest.raises(OutputError, match="--overwrite"):
-        save(tiny_model("llama"), None, out)
+    for overwrite in (False, True):
+        with pytest.raises(OutputError, match="depthprune did not write it"):
+            save(tiny_model("llama"), None, out, overwrite=overwrite)
     assert (out / "keep.txt").read_text() == "user data"
-    save(tiny_model("llama"), None, out, overwrite=True)
-    assert not (out / "keep.txt").exists() and (out / "config.json").exists()
+    ours = tmp_path / "ours"
+    save(tiny_model("llama"), None, ours)
+    with pytest.raises(OutputError, match="--overwrite"):
+        save(tiny_model("llama"), None, ours)
+    (ours / "stale.txt").write_text("from the last run")
+    save(tiny_model("llama"), None, ours, overwrite=True)
+    assert not (ours / "stale.txt").exists() and (ours / "config.json").exists()
 
 
 def test_failed_write_leaves_previous_output_intact(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("previous result")
+    (out / ".depthprune").write_text('{"kind": "checkpoint"}')
     with pytest.raises(RuntimeError):
         with atomic_directory(out, overwrite=True) as tmp:
             (tmp / "partial.bin").write_bytes(b"x")

@@ -83,6 +83,9 @@ def save_tiny_checkpoint(path, family: str = "llama", layers: int = LAYERS, seed
     config.vocab_size = len(tok)
     torch.manual_seed(seed)
     model = tf.AutoModelForCausalLM.from_config(config).eval()
-    model.save_pretrained(path)
+    from depthprune.models.load import quiet_transformers
+
+    with quiet_transformers():
+        model.save_pretrained(path)
     tok.save_pretrained(path)
     return path

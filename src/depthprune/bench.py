@@ -36,10 +36,10 @@ from tqdm.auto import tqdm
 from .data.calibration import CalibrationSpec
 from .errors import InputError
 from .evaluate.suite import Evaluation
-from .io import atomic_write, write_json
+from .io import atomic_write, check_output_dir, prepare_dir, write_json
 from .job import DepthStage, Job, run_job
 from .methods import Target, build_options
-from .models.load import LoadedModel, load_model
+from .models.load import LoadedModel, check_context, load_model, local_config
 from .report import format_number, format_params, markdown_table, plot_depth_curves
 
 RESULTS_JSON = "results.json"
@@ -258,22 +258,6 @@ def check_ratios(ratios: Sequence[float]) -> list[float]:
     return values
 
 
-def _prepare_out(out: str | Path, inputs: Sequence[str | Path]) -> Path:
-    """Accept a new or empty directory, or an earlier bench output (to resume); refuse anything else."""
-    out = Path(out).expanduser().resolve()
-    for src in inputs:
-        src_path = Path(src).expanduser()
-        if src_path.exists():
-            src_path = src_path.resolve()
-            if out == src_path or out.is_relative_to(src_path) or src_path.is_relative_to(out):
-                raise BenchError(f"--out {out} overlaps the input model {src_path}; choose a new directory")
-    if out.exists() and not out.is_dir():
-        raise BenchError(f"--out {out} is a file; choose a directory")
-    if out.is_dir() and any(out.iterdir()) and not ((out / ROWS_DIR).is_dir() or (out / RESULTS_JSON).is_file()):
-        raise BenchError(f"--out {out} is not empty and is not an earlier bench output; choose a new directory")
-    return out
-
-
 def _row_file(out: Path, method: str, ratio: float | None) -> Path:
     stem = DENSE if ratio is None else f"{re.sub(r'[^A-Za-z0-9_.-]', '_', method)}-{ratio:g}"
     return out / ROWS_DIR / f"{stem}.json"
@@ -396,8 +380,13 @@ def run_bench(
     stages = {(m, r): DepthStage(m, Target(ratio=r), options[m]) for m in methods for r in ratios}
     for stage in stages.values():
         stage.check()
-    out = _prepare_out(out, [model.path if isinstance(model, LoadedModel) else model])
+    out = check_output_dir(out, inputs=[model.path if isinstance(model, LoadedModel) else model], kind="bench")
     session = _Session(model, dtype, device, progress)
+    config = local_config(session.path)
+    if config is not None:
+        for option, length in Job(list(stages.values())[:1], calibration, evaluation).window_lengths():
+            check_context(config, length, option)
+    prepare_dir(out, "bench")
     (out / ROWS_DIR).mkdir(parents=True, exist_ok=True)
     settings = {
         "model": session.source, "model_path": session.path, "dtype": str(session.dtype),

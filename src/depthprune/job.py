@@ -30,10 +30,10 @@ from torch import nn
 from .data.calibration import Calibration, CalibrationSpec
 from .errors import InputError
 from .evaluate.suite import EvalResult, Evaluation
-from .io import atomic_directory, check_output_dir, write_checkpoint
+from .io import atomic_directory, check_output_dir, kind_of, prepare_dir, write_checkpoint
 from .methods import MethodOptions, RunContext, Target, build_options, check_request, make_plan
 from .models.arch import count_parameters, num_layers
-from .models.load import LoadedModel, quiet_transformers
+from .models.load import LoadedModel, check_context, quiet_transformers
 from .plan import PLAN_FILE, Plan, PlanError
 from .report import compare_metrics, write_run_report
 from .surgery import apply_plan
@@ -169,18 +169,22 @@ class HealStage:
         if self.resume and self.work_dir is None:
             raise HealError("--resume continues the Trainer checkpoints in --work-dir: pass the --work-dir "
                             "of the interrupted run")
+        if self.work_dir is not None:
+            self.work_dir = check_output_dir(self.work_dir, kind="work", option="--work-dir")
+            if self.resume and not self.work_dir.is_dir():
+                raise HealError(f"--resume: {self.work_dir} does not exist, so there is nothing to continue")
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
         from .heal import heal
 
-        work = Path(self.work_dir) if self.work_dir is not None else ctx.scratch / "heal-work"
+        work = prepare_dir(self.work_dir, "work") if self.work_dir is not None else ctx.scratch / "heal-work"
         result = heal(ctx.model, ctx.tokenizer, self.data, self.config, work, resume=self.resume,
                       save_adapter=self.save_adapter)
         ctx.loaded.model = result.model
         if result.adapter_dir:
             adapter = Path(result.adapter_dir)
             ctx.writers.append(lambda tmp: shutil.copytree(adapter, tmp / "adapter"))
-        if self.work_dir is not None and not self.keep_checkpoints:
+        if self.work_dir is not None and not self.keep_checkpoints and kind_of(work) == "work":
             ctx.writers.append(lambda tmp: shutil.rmtree(work, ignore_errors=True))
         summary = result.to_dict()
         if summary.get("best_checkpoint") and self.work_dir is None:
@@ -212,6 +216,20 @@ class Job:
             stage.check()
         self.evaluation.check()
         return self
+
+    def window_lengths(self) -> list[tuple[str, int]]:
+        """(option, tokens) of every sequence the job will run, to check against the model's context."""
+        lengths = []
+        if any(stage.uses_calibration for stage in self.stages):
+            lengths.append(("--seq-len", self.calibration.seq_len))
+        lengths += [("--cutoff-len", stage.config.cutoff_len) for stage in self.stages if isinstance(stage, HealStage)
+                    and stage.config is not None]
+        if self.evaluation.perplexity is not None:
+            lengths.append(("--seq-len", self.evaluation.perplexity.seq_len))
+        if self.evaluation.speed is not None:
+            speed = self.evaluation.speed
+            lengths.append(("--prompt-len + --gen-len", speed.prompt_len + speed.gen_len + 1))
+        return lengths
 
 
 @dataclass
@@ -285,6 +303,8 @@ def run_job(loaded: LoadedModel, job: Job, *, out: str | Path | None = None, ove
     from .surgery.width import WIDTH_PLAN_FILE
 
     job.check()
+    for option, length in job.window_lengths():
+        check_context(loaded.model.config, length, option)
     if out is not None:
         out = check_output_dir(out, inputs=[loaded.path], overwrite=overwrite)
     timings: dict[str, float] = {}

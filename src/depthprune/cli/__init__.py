@@ -9,6 +9,7 @@ any other exception is a bug and keeps its traceback.
 from __future__ import annotations
 
 import logging
+import signal
 
 import typer
 
@@ -16,10 +17,25 @@ from . import evaluate, prune, recover  # noqa: F401  (each registers its comman
 from .app import app
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised as an exception so every ``finally`` (temporary outputs, scratch space) cleans up.
+
+    A ``BaseException`` like ``KeyboardInterrupt``, so no ``except Exception`` swallows it.
+    """
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     from ..errors import DepthpruneError
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    try:
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread: leave signal handling to the host
+        previous = None
     try:
         app(args=argv, prog_name="depthprune")
     except SystemExit as done:
@@ -27,6 +43,12 @@ def main(argv: list[str] | None = None) -> int:
     except DepthpruneError as err:
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
         return 2
+    except (KeyboardInterrupt, Terminated) as stop:
+        typer.secho("interrupted: nothing half-written was left at the output", fg=typer.colors.RED, err=True)
+        return 143 if isinstance(stop, Terminated) else 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

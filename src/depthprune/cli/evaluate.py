@@ -27,14 +27,18 @@ from .options import (
     SeqLenOpt,
     TaskDirOpt,
     calibration,
+    check_json,
+    check_model,
     evaluation,
     load,
+    quiet_when_asked,
     split_list,
 )
 from .prune import METHOD_FLAGS, MethodOptionsHelp, method_flags
 
 
 @app.command("eval-ppl")
+@quiet_when_asked
 def eval_ppl_cmd(
     model: ModelOpt = "smollm2-135m",
     dataset: Annotated[str, typer.Option(
@@ -48,16 +52,18 @@ def eval_ppl_cmd(
     quiet: QuietOpt = False,
 ) -> None:
     """Perplexity on non-overlapping windows (BOS as the tokenizer adds it)."""
-    from ..io import write_json
+    from ..io import write_result
 
+    json_out = check_json(json_out)
     spec = evaluation("ppl", ppl_data=dataset, ppl_windows=max_windows, seq_len=seq_len,
                       batch_size=batch_size).perplexity
+    check_model(model, ("--seq-len", seq_len))
     loaded = load(model, dtype, device, quiet)
     res = spec.run(loaded.model, loaded.tokenizer, not quiet)
     typer.echo(f"perplexity {res.perplexity:.3f}  ({res.windows} windows x {res.seq_len} tokens, "
                f"{res.tokens} scored tokens, {res.source})")
     if json_out:
-        write_json(json_out, {"model": model, **res.to_dict()})
+        write_result(json_out, {"model": model, **res.to_dict()})
 
 
 TasksOpt = Annotated[str, typer.Option(
@@ -67,6 +73,7 @@ TasksOpt = Annotated[str, typer.Option(
 
 
 @app.command("eval-zeroshot")
+@quiet_when_asked
 def eval_zeroshot_cmd(
     model: ModelOpt = "smollm2-135m",
     tasks: TasksOpt = "paper",
@@ -83,12 +90,14 @@ def eval_zeroshot_cmd(
 ) -> None:
     """Zero-shot accuracy through lm-evaluation-harness (the metric each paper reports, and the mean)."""
     from ..errors import InputError
-    from ..io import write_json
+    from ..io import write_result
 
     if not split_list(tasks):
         raise InputError("no tasks given: name at least one lm-eval task, e.g. piqa_local")
+    json_out = check_json(json_out)
     spec = evaluation(tasks, limit=limit, num_fewshot=num_fewshot, task_dir=task_dir, piqa_dir=piqa_dir,
                       batch_size=batch_size, seed=seed).zeroshot
+    check_model(model)
     loaded = load(model, dtype, device, quiet)
     result = spec.run(loaded.model, loaded.tokenizer, not quiet)
     width = max(len(t) for t in spec.tasks)
@@ -99,10 +108,11 @@ def eval_zeroshot_cmd(
     typer.echo(f"{'mean':{width}s}  {'':8s} {result.mean:.4f}  ({len(spec.tasks)} task"
                f"{'s' * (len(spec.tasks) > 1)}, {num_fewshot}-shot, limit {n if n is not None else 'none'})")
     if json_out:
-        write_json(json_out, {"model": model, **result.to_dict()})
+        write_result(json_out, {"model": model, **result.to_dict()})
 
 
 @app.command("eval-speed")
+@quiet_when_asked
 def eval_speed_cmd(
     model: ModelOpt = "smollm2-135m",
     baseline: Annotated[Optional[str], typer.Option(
@@ -127,12 +137,15 @@ def eval_speed_cmd(
     from ..errors import InputError
     from ..evaluate.speed import compare_speed, measure_speed, speed_table
     from ..evaluate.suite import SpeedSpec
-    from ..io import write_json
+    from ..io import write_result
 
     workload = SpeedSpec(prompt_len, gen_len, batch_size, warmup, repeats)
     workload.check()
     if threads is not None and threads < 1:
         raise InputError(f"--threads must be at least 1, got {threads}")
+    json_out = check_json(json_out)
+    for source in filter(None, (baseline, model)):
+        check_model(source, ("--prompt-len + --gen-len", prompt_len + gen_len + 1))
     if threads:
         torch.set_num_threads(threads)
 
@@ -158,7 +171,7 @@ def eval_speed_cmd(
         typer.echo(speed_table(dense, pruned, labels=("baseline", "model")))
         data.update(baseline_result=dense.to_dict(), comparison=compare_speed(dense, pruned).to_dict())
     if json_out:
-        write_json(json_out, data)
+        write_result(json_out, data)
 
 
 def parse_ratios(value: str) -> list[float]:
@@ -171,13 +184,14 @@ def parse_ratios(value: str) -> list[float]:
 
 
 @app.command(context_settings=METHOD_FLAGS, cls=MethodOptionsHelp)
+@quiet_when_asked
 def bench(
     ctx: typer.Context,
     model: ModelOpt = "smollm2-135m",
     methods: Annotated[str, typer.Option(
         help="Comma-separated methods (see `depthprune methods`).")] = "shortgpt,angular",
     ratios: Annotated[str, typer.Option(help="Comma-separated fractions of layers to remove.")] = "0.25",
-    out: Annotated[Optional[Path], typer.Option(help="Directory for results.json/.md/.png and rows/.")] = None,
+    out: Annotated[Optional[str], typer.Option(help="Directory for results.json/.md/.png and rows/.")] = None,
     eval_: EvalOpt = "ppl",
     ppl_data: PplDataOpt = "default-heldout",
     ppl_windows: PplWindowsOpt = 40,
@@ -219,3 +233,7 @@ def bench(
     )
     typer.echo(result.markdown())
     typer.echo(summary_line(result))
+    if not any(row.ok for row in result.rows):
+        typer.secho("error: every pruned row failed (see the note column and results.json)", err=True,
+                    fg=typer.colors.RED)
+        raise typer.Exit(1)

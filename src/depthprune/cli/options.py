@@ -11,8 +11,9 @@ always means "train for ``--epochs`` instead".
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Callable, Optional
 
 import typer
 
@@ -62,16 +63,17 @@ PiqaDirOpt = Annotated[Optional[Path], typer.Option(
 
 # ------------------------------------------------------------------ output
 
-OutOpt = Annotated[Optional[Path], typer.Option(help="Output checkpoint directory (never the input).")]
+OutOpt = Annotated[Optional[str], typer.Option(help="Output checkpoint directory (never the input).")]
 OverwriteOpt = Annotated[bool, typer.Option(help="Replace an existing --out that depthprune wrote.")]
-JsonOpt = Annotated[Optional[Path], typer.Option("--json", help="Also write the result as JSON to this file.")]
+JsonOpt = Annotated[Optional[str], typer.Option("--json", help="Also write the result as JSON to this file.")]
 
 
 def split_list(value: str | None) -> list[str]:
     return [x.strip() for x in (value or "").split(",") if x.strip()]
 
 
-def require_out(out: Path | None, what: str = "the checkpoint") -> Path:
+def require_out(out: str | None, what: str = "the checkpoint") -> str:
+    """Output paths stay strings until checked, so an empty ``--out ""`` is seen as empty (not as ".")."""
     if out is None:
         raise InputError(f"--out is required: the directory to write {what} to")
     return out
@@ -82,6 +84,36 @@ def load(model: str, dtype: str | None, device: str, quiet: bool) -> "LoadedMode
 
     typer.echo(f"loading {model} ...", err=True)
     return load_model(model, dtype=dtype, device=device, progress=not quiet)
+
+
+def check_model(model: str, *seq_lens: tuple[str, int]) -> dict | None:
+    """Check a model source on disk without loading it: a damaged checkpoint is named, and windows longer than
+    its context are refused (``seq_lens`` are (option, length) pairs). Returns its config when on disk."""
+    from ..models.load import check_context, local_config
+
+    config = local_config(model)
+    if config is not None:
+        for option, length in seq_lens:
+            check_context(config, length, option)
+    return config
+
+
+def quiet_when_asked(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Run a command with transformers', the Hub's and datasets' progress bars off when ``--quiet`` is given."""
+    from ..models.load import quiet_transformers
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with quiet_transformers(bool(kwargs.get("quiet"))):
+            return command(*args, **kwargs)
+
+    return wrapper
+
+
+def check_json(path: str | None) -> Path | None:
+    from ..io import check_output_file
+
+    return check_output_file(path, option="--json") if path is not None else None
 
 
 def calibration(calib: str, samples: int, seq_len: int, seed: int,

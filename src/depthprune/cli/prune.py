@@ -35,8 +35,10 @@ from .options import (
     SeqLenOpt,
     TaskDirOpt,
     calibration,
+    check_model,
     evaluation,
     load,
+    quiet_when_asked,
     require_out,
 )
 
@@ -70,10 +72,11 @@ def methods_cmd() -> None:
 
 
 @app.command()
+@quiet_when_asked
 def score(
     model: ModelOpt = "smollm2-135m",
     metric: Annotated[str, typer.Option(help="bi (ShortGPT Block Influence) or angular (Gromov et al.).")] = "bi",
-    out: Annotated[Optional[Path], typer.Option(help="Directory for scores.json and scores.png.")] = None,
+    out: Annotated[Optional[str], typer.Option(help="Directory for scores.json and scores.png.")] = None,
     calib: CalibOpt = "default",
     calib_samples: SamplesOpt = 10,
     seq_len: SeqLenOpt = 128,
@@ -86,14 +89,17 @@ def score(
     """Score every layer's redundancy (low score = safe to remove) and save JSON + a bar chart."""
     from ..analysis.stats import METRICS, layer_statistics
     from ..errors import InputError
-    from ..io import check_output_dir, write_json
+    from ..io import check_output_dir, prepare_dir, write_json
     from ..report import plot_layer_scores
 
     if metric not in METRICS:
         raise InputError(f"unknown metric {metric!r}: use one of {', '.join(METRICS)}")
+    if batch_size < 1:
+        raise InputError(f"--batch-size must be at least 1, got {batch_size}")
     spec = calibration(calib, calib_samples, seq_len, seed).check()
     if out is not None:
-        check_output_dir(out, inputs=[model], overwrite=True)
+        out = check_output_dir(out, inputs=[model], kind="scores")
+    check_model(model, ("--seq-len", seq_len))
     loaded = load(model, dtype, device, quiet)
     stats = layer_statistics(loaded.model, spec.windows(loaded.tokenizer), batch_size=batch_size,
                              progress=not quiet)
@@ -102,7 +108,7 @@ def score(
     for i, v in enumerate(values):
         typer.echo(f"layer {i:3d}  {metric}={v:.5f}  rank={order.index(i) + 1}")
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
+        prepare_dir(out, "scores")
         write_json(out / "scores.json", {"model": model, "metric": metric, "scores": values,
                                           "tokens": stats.tokens, "calibration": stats.calibration})
         plot_layer_scores(values, out / "scores.png", metric=metric, title=f"{model}: {metric}")
@@ -110,6 +116,7 @@ def score(
 
 
 @app.command(context_settings=METHOD_FLAGS, cls=MethodOptionsHelp)
+@quiet_when_asked
 def prune(
     ctx: typer.Context,
     model: ModelOpt = "smollm2-135m",
@@ -166,16 +173,18 @@ def prune(
                          num_fewshot=num_fewshot, task_dir=task_dir, piqa_dir=piqa_dir, batch_size=batch_size,
                          seed=seed),
               batch_size=batch_size, progress=not quiet).check()
-    out = require_out(out)
-    _check_out(out, model, overwrite)
+    out = check_out(require_out(out), model, overwrite, job)
     result = run_job(load(model, dtype, device, quiet), job, out=out, overwrite=overwrite)
     print_result(result)
 
 
-def _check_out(out: Path, model: str, overwrite: bool) -> None:
+def check_out(out: str, model: str, overwrite: bool, job) -> Path:
+    """The job's output directory and model source, checked before the model loads."""
     from ..io import check_output_dir
 
-    check_output_dir(out, inputs=[model], overwrite=overwrite)
+    out = check_output_dir(out, inputs=[model], overwrite=overwrite)
+    check_model(model, *job.window_lengths())
+    return out
 
 
 def print_result(result) -> None:
@@ -192,11 +201,12 @@ def print_result(result) -> None:
 
 
 @app.command()
+@quiet_when_asked
 def run(
     model: ModelOpt = "smollm2-135m",
     method: Annotated[str, typer.Option(help="Pruning method.")] = "shortgpt",
     ratio: Annotated[float, typer.Option(help="Fraction of layers to remove.")] = 0.25,
-    out: Annotated[Path, typer.Option(help="Output directory.")] = Path("runs/smollm2-135m-shortgpt-0.25"),
+    out: Annotated[str, typer.Option(help="Output directory.")] = "runs/smollm2-135m-shortgpt-0.25",
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -207,15 +217,16 @@ def run(
 
     job = Job([DepthStage(method, Target(ratio=ratio), build_options(method))],
               evaluation=Evaluation(perplexity=PerplexitySpec()), progress=not quiet).check()
-    _check_out(out, model, overwrite)
+    out = check_out(out, model, overwrite, job)
     result = run_job(load(model, None, "cpu", quiet), job, out=out, overwrite=overwrite)
     print_result(result)
 
 
 @app.command()
+@quiet_when_asked
 def analyze(
     model: ModelOpt = "smollm2-135m",
-    out: Annotated[Path, typer.Option(help="Directory for cka.json, cka.npy and cka.png.")] = Path("analysis"),
+    out: Annotated[str, typer.Option(help="Directory for cka.json, cka.npy and cka.png.")] = "analysis",
     kernel: Annotated[str, typer.Option(help="CKA kernel: linear or rbf (median-heuristic bandwidth).")] = "linear",
     plan: Annotated[Optional[Path], typer.Option(
         help="A depthprune_plan.json (or a pruned checkpoint directory) whose merged/removed windows "
@@ -234,16 +245,22 @@ def analyze(
 
     from ..analysis.layer_cka import layer_similarity
     from ..errors import InputError
-    from ..io import atomic_write, check_output_dir, write_json
+    from ..io import atomic_write, check_output_dir, prepare_dir, write_json
     from ..models.arch import num_layers
+    from ..models.load import config_num_layers
     from ..plan import Plan
     from ..report import plot_cka_heatmap
 
     if kernel not in ("linear", "rbf"):
         raise InputError(f"unknown kernel {kernel!r}: use linear or rbf")
+    if batch_size < 1:
+        raise InputError(f"--batch-size must be at least 1, got {batch_size}")
     spec = calibration(calib, calib_samples, seq_len, seed).check()
-    check_output_dir(out, inputs=[model], overwrite=True)
+    out = check_output_dir(out, inputs=[model], kind="analysis")
     loaded_plan = Plan.load(plan) if plan is not None else None
+    config = check_model(model, ("--seq-len", seq_len))
+    if loaded_plan is not None and config is not None:
+        loaded_plan.check_model_depth(config_num_layers(config), f"--model {model}")
     loaded = load(model, dtype, device, quiet)
     windows = None
     if loaded_plan is not None:
@@ -251,7 +268,7 @@ def analyze(
         windows = [(m.low, m.high) for m in loaded_plan.merges] + [(i, i) for i in loaded_plan.remove]
     result = layer_similarity(loaded.model, spec.windows(loaded.tokenizer), kernel=kernel, batch_size=batch_size,
                               progress=not quiet)
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_dir(out, "analysis")
     write_json(out / "cka.json", {"model": model, **result.to_dict()})
     atomic_write(out / "cka.npy", lambda stream: np.save(stream, result.matrix))
     plot_cka_heatmap(result.matrix, out / "cka.png", title=f"{model}: {kernel} CKA of layer outputs",

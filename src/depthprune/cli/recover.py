@@ -30,12 +30,14 @@ from .options import (
     calibration,
     evaluation,
     load,
+    quiet_when_asked,
     require_out,
 )
-from .prune import _check_out, print_result
+from .prune import check_out, print_result
 
 
 @app.command("heal")
+@quiet_when_asked
 def heal_cmd(
     model: ModelOpt = "smollm2-135m",
     data: Annotated[str, typer.Option(
@@ -67,7 +69,7 @@ def heal_cmd(
                                         "bitsandbytes); the adapter is merged into the float weights.")] = False,
     save_adapter: Annotated[bool, typer.Option(help="Also write the adapter alone to OUT/adapter.")] = False,
     resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint in --work-dir.")] = False,
-    work_dir: Annotated[Optional[Path], typer.Option(
+    work_dir: Annotated[Optional[str], typer.Option(
         help="Keep Trainer checkpoints here (needed for --resume); default: scratch space inside the output "
         "being written, removed when the job ends.")] = None,
     keep_checkpoints: Annotated[bool, typer.Option(help="Keep --work-dir after a successful run.")] = False,
@@ -86,6 +88,7 @@ def heal_cmd(
 ) -> None:
     """Heal a pruned model with LoRA (PEFT + transformers Trainer), merge the adapter, save a plain checkpoint."""
     from ..heal import HealConfig
+    from ..io import check_output_dir
     from ..job import HealStage, Job, run_job
 
     config = HealConfig(
@@ -100,14 +103,14 @@ def heal_cmd(
                                              limit=limit, num_fewshot=num_fewshot, task_dir=task_dir,
                                              piqa_dir=piqa_dir),
               progress=not quiet).check()
-    out = require_out(out)
-    _check_out(out, model, overwrite)
+    out = check_out(require_out(out), model, overwrite, job)
     if work_dir is not None:
-        _check_out(work_dir, model, True)
+        check_output_dir(work_dir, inputs=[model, out], kind="work", option="--work-dir")
     print_result(run_job(load(model, dtype, device, quiet), job, out=out, overwrite=overwrite))
 
 
 @app.command("width")
+@quiet_when_asked
 def width_cmd(
     model: ModelOpt = "smollm2-135m",
     out: OutOpt = None,
@@ -142,6 +145,5 @@ def width_cmd(
                          num_fewshot=num_fewshot, task_dir=task_dir, piqa_dir=piqa_dir, batch_size=batch_size,
                          seed=seed),
               batch_size=batch_size, progress=not quiet).check()
-    out = require_out(out)
-    _check_out(out, model, overwrite)
+    out = check_out(require_out(out), model, overwrite, job)
     print_result(run_job(load(model, dtype, device, quiet), job, out=out, overwrite=overwrite))

