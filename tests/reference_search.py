@@ -69,3 +69,33 @@ def slow_laco(model, ids, mask, threshold, operator, num_layers, merge_layers, i
         else:
             l -= 1
     return merges
+
+
+def next_token_loss(model, ids, mask, objective, dense_logprobs=None, first_target=1):
+    """Mean nll (or KL from the dense model) over predicted tokens, from a full forward with the LM head."""
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits.float()
+    logp = torch.log_softmax(logits[:, first_target - 1 : -1], dim=-1)
+    valid = mask[:, first_target:].bool()
+    if objective == "nll":
+        per_token = -logp.gather(-1, ids[:, first_target:, None])[..., 0]
+    else:
+        per_token = (dense_logprobs.exp() * (dense_logprobs - logp)).sum(-1)
+    return float(per_token[valid].double().mean()), logp
+
+
+def slow_sleb(model, ids, mask, n_remove, objective, num_layers, first_target=1):
+    """SLEB as its paper states it: each round, copy the model without each remaining layer, run it fully,
+    keep the removal with the lowest loss."""
+    _, dense = next_token_loss(model, ids, mask, "nll", first_target=first_target)
+    removed: list[int] = []
+    for _ in range(n_remove):
+        losses = {}
+        for layer in range(num_layers):
+            if layer in removed:
+                continue
+            candidate = copy.deepcopy(model)
+            apply_plan(candidate, Plan(method="ref", num_layers=num_layers, remove=removed + [layer]))
+            losses[layer], _ = next_token_loss(candidate, ids, mask, objective, dense, first_target)
+        removed.append(min(losses, key=lambda i: (losses[i], i)))
+    return sorted(removed)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -44,20 +44,35 @@ def logits_from_hidden(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def _window_nll(model: nn.Module, hidden: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
-                first_target: int, chunk_tokens: int) -> tuple[float, int]:
-    total, count = 0.0, 0
-    for row in range(hidden.shape[0]):
-        h = hidden[row, first_target - 1 : -1]
-        targets = ids[row, first_target:].to(h.device)
-        valid = mask[row, first_target:].bool().to(h.device)
-        for start in range(0, h.shape[0], chunk_tokens):
-            sl = slice(start, start + chunk_tokens)
-            logits = logits_from_hidden(model, h[sl]).float()
-            nll = F.cross_entropy(logits, targets[sl], reduction="none")
-            total += float(nll[valid[sl]].sum())
-            count += int(valid[sl].sum())
-    return total, count
+def prediction_pairs(hidden: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
+                     first_target: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, hidden) final states that predict a real token, and the N tokens they predict.
+
+    Padding is never a target, and neither is the special prefix (BOS): the
+    first real token is predicted from BOS when there is one.
+    """
+    h = hidden[:, first_target - 1 : -1]
+    targets = ids[:, first_target:].to(h.device)
+    valid = mask[:, first_target:].bool().to(h.device)
+    return h[valid], targets[valid]
+
+
+def chunked_logits(model: nn.Module, states: torch.Tensor,
+                   chunk_tokens: int = 512) -> Iterator[tuple[slice, torch.Tensor]]:
+    """float32 logits of ``states`` a chunk of tokens at a time: full-vocabulary logits for a whole batch
+    never exist at once (262k-token vocabularies make them gigabytes)."""
+    for start in range(0, states.shape[0], chunk_tokens):
+        part = slice(start, start + chunk_tokens)
+        yield part, logits_from_hidden(model, states[part]).float()
+
+
+def nll_sum(model: nn.Module, hidden: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, first_target: int,
+            chunk_tokens: int = 512) -> tuple[float, int]:
+    """Summed next-token negative log-likelihood over every predicted token, and their number."""
+    states, targets = prediction_pairs(hidden, ids, mask, first_target)
+    total = sum(float(F.cross_entropy(logits, targets[part], reduction="sum"))
+                for part, logits in chunked_logits(model, states, chunk_tokens))
+    return total, int(targets.numel())
 
 
 @torch.inference_mode()
@@ -80,7 +95,7 @@ def perplexity_on(
                          "special prefix; use --seq-len 2 or more (the papers use 128)")
     total, count = 0.0, 0
     for p in decoder_passes(model, windows, batch_size=batch_size, progress=progress, desc="perplexity"):
-        t, c = _window_nll(model, p.hidden, p.ids, p.mask, first_target, chunk_tokens)
+        t, c = nll_sum(model, p.hidden, p.ids, p.mask, first_target, chunk_tokens)
         total, count = total + t, count + c
     if count == 0:
         raise InputError("perplexity over zero scored tokens means nothing: the text gave no window with a "

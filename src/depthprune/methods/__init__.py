@@ -9,6 +9,7 @@ from __future__ import annotations
 # Each module registers itself; the order here is the order `depthprune methods` lists them in.
 from . import shortgpt  # noqa: F401  isort: skip
 from . import angular  # noqa: F401  isort: skip
+from . import sleb  # noqa: F401  isort: skip
 from . import slm  # noqa: F401  isort: skip
 from . import laco  # noqa: F401  isort: skip
 from .registry import (

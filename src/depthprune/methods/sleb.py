@@ -1,0 +1,106 @@
+"""SLEB: Streamlining LLMs through Redundancy Verification and Elimination of transformer Blocks
+(Song et al., arXiv 2402.09025).
+
+Remove one layer per round, each time the layer whose removal gives the
+lowest calibration loss of the model pruned so far::
+
+    current = all layers
+    repeat k times:
+        j* = argmin_j  loss(current without j)       # nll (SLEB) or kl to the dense model (EvoPress)
+        current = current without j*
+
+Unlike one-shot scores (ShortGPT), each round sees the model as pruned so
+far, so it never removes two layers that only look redundant together.
+Candidates run on the loss engine: cached states entering each layer of the
+current model, only the layers above the candidate run, the LM head a chunk of
+tokens at a time. ``protect_first`` / ``protect_last`` keep the first / last
+layers out of reach.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..data.calibration import Calibration
+from ..engine.loss import OBJECTIVES, LossEngine
+from ..engine.states import StackRunner
+from ..models.arch import num_layers
+from ..plan import Plan, PlanError
+from .registry import MethodOptions, RunContext, option, register
+from .target import Target, require
+
+
+@dataclass
+class SLEBOptions(MethodOptions):
+    objective: str = option("nll", "calibration loss to minimise: nll (SLEB) or kl (KL to the dense model's "
+                            "next-token distribution, as EvoPress)", choices=OBJECTIVES)
+    protect_first: int = option(0, "never remove the first N layers")
+    protect_last: int = option(0, "never remove the last N layers")
+
+    def validate(self) -> None:
+        if self.protect_first < 0 or self.protect_last < 0:
+            raise PlanError("--protect-first and --protect-last must be 0 or more")
+
+
+def sleb_search(engine: LossEngine, n_remove: int, *, protect_first: int = 0, protect_last: int = 0,
+                progress: Any = None) -> Plan:
+    """Greedy removal of ``n_remove`` layers; every candidate's loss in every round is logged."""
+    L = engine.num_layers
+    removable = [i for i in range(L) if protect_first <= i < L - protect_last]
+    if len(removable) < n_remove:
+        raise PlanError(f"only {len(removable)} layers are outside the protected ones, fewer than the "
+                        f"{n_remove} to remove; protect fewer layers or remove fewer")
+    current = list(range(L))
+    runner = engine.original
+    log: list[dict[str, Any]] = []
+    first_round: dict[int, float] = {}
+    for round_ in range(n_remove):
+        losses: dict[int, float] = {}
+        for position in reversed(range(len(current))):
+            layer = current[position]
+            if layer not in removable:
+                continue
+            above = current[position + 1 :]
+            losses[layer] = engine.loss_from(runner, position, [engine.layers[i] for i in above],
+                                             engine.per_layer_of(above))
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(round=round_ + 1, layer=layer, loss=f"{losses[layer]:.4f}")
+        chosen = min(losses, key=lambda i: (losses[i], i))
+        first_round = first_round or dict(losses)
+        log.append({"round": round_ + 1, "removed": chosen, "loss": losses[chosen],
+                    "losses": {str(i): losses[i] for i in sorted(losses)}})
+        current.remove(chosen)
+        if round_ + 1 < n_remove:
+            runner = StackRunner(engine.model, engine.batches, [engine.layers[i] for i in current],
+                                 engine.per_layer_of(current))
+    scores = {}
+    if len(first_round) == L:
+        scores[f"{engine.objective}_without_layer"] = [first_round[i] for i in range(L)]
+    return Plan(
+        method="sleb",
+        num_layers=L,
+        remove=sorted(set(range(L)) - set(current)),
+        params={"objective": engine.objective, "n_remove": n_remove, "protect_first": protect_first,
+                "protect_last": protect_last, "dense_loss": engine.dense_loss,
+                "final_loss": log[-1]["loss"], "candidates_evaluated": engine.evaluations},
+        scores=scores,
+        log=log,
+    )
+
+
+@register("sleb", "remove layers one at a time, each round the one whose removal hurts calibration loss least",
+          SLEBOptions, reference="SLEB, arXiv 2402.09025; kl objective: EvoPress, arXiv 2410.14649")
+def plan(model: nn.Module, calibration: Calibration, target: Target | None, options: SLEBOptions,
+         run: RunContext) -> Plan:
+    n = require("sleb", target).n_remove(num_layers(model))
+    engine = LossEngine(model, calibration, objective=options.objective, batch_size=run.batch_size)
+    with tqdm(desc="sleb candidates", unit="candidate", disable=not run.progress) as bar:
+        plan = sleb_search(engine, n, protect_first=options.protect_first, protect_last=options.protect_last,
+                           progress=bar)
+    plan.calibration = calibration.to_dict()
+    return plan
