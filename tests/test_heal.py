@@ -205,7 +205,7 @@ def test_heal_command(tok, shared_data, tmp_path, run_cli, monkeypatch):
                            "--out", str(out), "--max-steps", "2", "--batch-size", "2", "--grad-accum", "1",
                            "--cutoff-len", "32", "--max-items", "12", "--val-size", "2", "--eval-steps", "2",
                            "--save-adapter", "-q")
-    assert "heal: 2 LoRA steps" in stdout and "saved to" in stdout
+    assert "heal: 2 steps of LoRA" in stdout and "saved to" in stdout
     assert _digest(src) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["healed", "pruned"], "no work directory left behind"
     assert not (out / ".depthprune-work").exists()
@@ -224,6 +224,8 @@ def test_heal_command(tok, shared_data, tmp_path, run_cli, monkeypatch):
         (["--out", str(tmp_path / "q"), "--preset", "attention"], "unknown preset"),
         (["--out", str(src)], "overlaps the input"),
         (["--out", str(tmp_path / "q"), "--resume"], "--work-dir"),
+        (["--out", str(tmp_path / "q"), "--distill"], "pass --teacher"),
+        (["--out", str(tmp_path / "q"), "--train-layers", "last:x"], "last:N"),
         ([], "--out is required"),
     ]:
         code, _, err = run_cli("heal", "--model", str(src), *args, check=False)
@@ -258,7 +260,7 @@ def test_prune_then_width_then_heal_records_every_stage(smollm2, shared_data, tm
     import json
 
     config = HealConfig(max_steps=2, batch_size=1, grad_accum=1, cutoff_len=64, val_size=4, eval_steps=2,
-                        max_items=40, progress=False)
+                        max_items=40, distill=True, progress=False)
     out = tmp_path / "combined"
     job = dp.Job([dp.DepthStage("shortgpt", dp.Target(remove=4)), dp.WidthStage(0.25, 0.0, "magnitude"),
                   dp.HealStage(str(shared_data / "austen" / "emma.txt"), config)],
@@ -271,4 +273,48 @@ def test_prune_then_width_then_heal_records_every_stage(smollm2, shared_data, tm
     assert (out / "depthprune_width_plan.json").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["combined"], "trainer checkpoints are cleaned up"
     assert result.layers == {"before": 30, "after": 26}
-    assert [r["stage"] for r in json.loads((out / "report.json").read_text())["stages"]] == ["depth", "width", "heal"]
+    stages = json.loads((out / "report.json").read_text())["stages"]
+    assert [r["stage"] for r in stages] == ["depth", "width", "heal"]
+    assert "distillation from the input model" in stages[2]["summary"]
+
+
+def test_distillation_loss_equals_its_formula():
+    from depthprune.heal import distillation_loss_sum
+
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 5, 11), torch.randn(2, 5, 11)
+    labels = torch.randint(0, 11, (2, 5))
+    labels[1, 3:] = -100
+    total, count = distillation_loss_sum(student, teacher, labels, alpha=0.7, temperature=2.0)
+    valid = labels[:, 1:] != -100
+    s, t = student[:, :-1][valid], teacher[:, :-1][valid]
+    p = torch.softmax(t / 2, -1)
+    kl = (p * (torch.log(p) - torch.log_softmax(s / 2, -1))).sum()
+    lm = torch.nn.functional.cross_entropy(s, labels[:, 1:][valid], reduction="sum")
+    assert count == int(valid.sum()) == 6
+    torch.testing.assert_close(total, 0.7 * kl * 4 + 0.3 * lm)
+    top, _ = distillation_loss_sum(student, teacher, labels, top_k=11)
+    full, _ = distillation_loss_sum(student, teacher, labels)
+    torch.testing.assert_close(top, full)
+    assert distillation_loss_sum(student, student, labels)[0].abs() < 1e-5
+
+
+def test_distilled_and_last_layer_healing(tok, shared_data, tmp_path):
+    """Distillation pulls the student towards the teacher; last:N trains only the head and the last layers."""
+    emma = shared_data / "austen" / "emma.txt"
+    teacher = _tiny_llama(tok, seed=1)
+    student = _tiny_llama(tok, seed=2)
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    config = _tiny_config(max_steps=6, train_layers="last:1", distill=True, lr=5e-3, val_size=4, eval_steps=6)
+    result = heal(student, tok, emma, config, tmp_path / "run", teacher=teacher)
+    changed = {n for n, p in result.model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(n.startswith(("model.layers.1.", "lm_head")) for n in changed), changed
+    assert result.eval_losses[-1][1] < result.eval_losses[0][1], "the KL to the teacher went down"
+    assert all(p.requires_grad == before_flag for p, before_flag in
+               zip(result.model.parameters(), [True] * len(before)))
+    with pytest.raises(HealError, match="teacher"):
+        heal(_tiny_llama(tok), tok, emma, _tiny_config(distill=True), tmp_path / "x")
+    with pytest.raises(HealError, match="last:N"):
+        _tiny_config(train_layers="first:2").validate()
+    with pytest.raises(HealError, match="--save-adapter needs LoRA"):
+        heal(_tiny_llama(tok), tok, emma, _tiny_config(train_layers="last:1"), tmp_path / "y", save_adapter=True)

@@ -33,7 +33,7 @@ from .evaluate.suite import EvalResult, Evaluation
 from .io import atomic_directory, check_output_dir, kind_of, prepare_dir, write_checkpoint
 from .methods import MethodOptions, RunContext, Target, build_options, check_request, make_plan
 from .models.arch import count_parameters, num_layers
-from .models.load import LoadedModel, check_context, quiet_transformers
+from .models.load import LoadedModel, check_context, load_model, quiet_transformers
 from .plan import PLAN_FILE, Plan, PlanError
 from .report import compare_metrics, write_run_report
 from .surgery import apply_plan
@@ -146,7 +146,12 @@ class WidthStage:
 
 @dataclass
 class HealStage:
-    """LoRA healing merged into the weights; Trainer checkpoints in ``work_dir`` or the job's scratch space."""
+    """Healing (LoRA merged into the weights, or the last layers trained; optionally distilled).
+
+    Trainer checkpoints live in ``work_dir`` or the job's scratch space. With ``config.distill`` the teacher is
+    loaded from ``teacher`` (a model source), or, when None, from the job's input: in ``prune`` that is the
+    dense model the depth stage started from, read again from disk.
+    """
 
     data: str
     config: Any = None
@@ -154,6 +159,7 @@ class HealStage:
     resume: bool = False
     save_adapter: bool = False
     keep_checkpoints: bool = False
+    teacher: str | None = None
     name: str = field(default="heal", init=False)
     uses_calibration: bool = field(default=False, init=False)
 
@@ -178,8 +184,14 @@ class HealStage:
         from .heal import heal
 
         work = prepare_dir(self.work_dir, "work") if self.work_dir is not None else ctx.scratch / "heal-work"
+        teacher = None
+        if self.config.distill:
+            params = next(ctx.model.parameters())
+            teacher = load_model(self.teacher or ctx.loaded.path, dtype=params.dtype, device=str(params.device),
+                                 progress=ctx.run.progress).model
         result = heal(ctx.model, ctx.tokenizer, self.data, self.config, work, resume=self.resume,
-                      save_adapter=self.save_adapter)
+                      save_adapter=self.save_adapter, teacher=teacher)
+        del teacher
         ctx.loaded.model = result.model
         if result.adapter_dir:
             adapter = Path(result.adapter_dir)
@@ -189,8 +201,10 @@ class HealStage:
         summary = result.to_dict()
         if summary.get("best_checkpoint") and self.work_dir is None:
             summary["best_checkpoint"] = Path(summary["best_checkpoint"]).name
-        return {"stage": self.name, "summary": f"heal: {result.global_step} LoRA steps on "
-                f"{result.data.get('kind')} data, best validation loss {result.best_eval_loss}",
+        trained = "LoRA" if self.config.last_layers() is None else self.config.train_layers
+        loss = f"distillation from {self.teacher or 'the input model'}" if self.config.distill else "LM loss"
+        return {"stage": self.name, "summary": f"heal: {result.global_step} steps of {trained} on "
+                f"{result.data.get('kind')} data with {loss}, best validation loss {result.best_eval_loss}",
                 "data": result.data, "steps": result.global_step, "best_eval_loss": result.best_eval_loss,
                 "config": result.config, "result": summary}
 

@@ -61,6 +61,15 @@ PiqaDirOpt = Annotated[Optional[Path], typer.Option(
     "--piqa-dir", help="Folder with PIQA's valid.jsonl + valid-labels.lst for piqa_local "
     "(default: $DEPTHPRUNE_PIQA_DIR).")]
 
+# ------------------------------------------------------------------ healing
+
+TrainLayersOpt = Annotated[str, typer.Option(
+    help="What healing trains: lora (adapters on every projection, merged after) or last:N (the LM head and "
+    "the last N layers, in full).")]
+DistillOpt = Annotated[bool, typer.Option(
+    "--distill/--no-distill", help="Heal by distillation: KL from the dense model's next-token distribution "
+    "instead of the LM loss.")]
+
 # ------------------------------------------------------------------ output
 
 OutOpt = Annotated[Optional[str], typer.Option(help="Output checkpoint directory (never the input).")]

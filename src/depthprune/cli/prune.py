@@ -136,6 +136,11 @@ def prune(
         help="Heal with LoRA after pruning on this data (alpaca .json/.jsonl, .txt, or alpaca-cleaned).")] = None,
     heal_max_steps: Annotated[int, typer.Option(help="Healing: optimizer steps (0 = --heal-epochs).")] = 0,
     heal_epochs: Annotated[float, typer.Option(help="Healing: epochs when --heal-max-steps is 0.")] = 2.0,
+    heal_train_layers: Annotated[str, typer.Option(
+        help="Healing: lora, or last:N (the LM head and the last N layers in full).")] = "lora",
+    heal_distill: Annotated[bool, typer.Option(
+        "--heal-distill/--no-heal-distill", help="Healing: distil from the dense model (KL) instead of the LM "
+        "loss.")] = False,
     overwrite: OverwriteOpt = False,
     eval_: EvalOpt = None,
     ppl_data: PplDataOpt = "default-heldout",
@@ -167,6 +172,7 @@ def prune(
         from ..heal import HealConfig
 
         stages.append(HealStage(heal, HealConfig(max_steps=heal_max_steps, epochs=heal_epochs,
+                                                 train_layers=heal_train_layers, distill=heal_distill,
                                                  progress=not quiet)))
     job = Job(stages, calibration(calib, calib_samples, seq_len, seed, calib_sentences),
               evaluation(eval_, ppl_data=ppl_data, ppl_windows=ppl_windows, seq_len=seq_len, limit=limit,

@@ -27,13 +27,29 @@ from .options import (
     SeedOpt,
     SeqLenOpt,
     TaskDirOpt,
+    DistillOpt,
+    TrainLayersOpt,
     calibration,
+    check_model,
     evaluation,
     load,
     quiet_when_asked,
     require_out,
 )
 from .prune import check_out, print_result
+
+
+def recorded_source(model: str) -> str:
+    """The dense model an input checkpoint was pruned from, as its depthprune plan records it."""
+    from ..heal import HealError
+    from ..plan import PLAN_FILE, Plan
+
+    plan_file = Path(model).expanduser() / PLAN_FILE
+    source = Plan.load(plan_file).model if plan_file.is_file() else None
+    if not source:
+        raise HealError(f"--distill needs the dense model as teacher: {model} records none in {PLAN_FILE}; "
+                        "pass --teacher")
+    return source
 
 
 @app.command("heal")
@@ -73,6 +89,15 @@ def heal_cmd(
         help="Keep Trainer checkpoints here (needed for --resume); default: scratch space inside the output "
         "being written, removed when the job ends.")] = None,
     keep_checkpoints: Annotated[bool, typer.Option(help="Keep --work-dir after a successful run.")] = False,
+    train_layers: TrainLayersOpt = "lora",
+    distill: DistillOpt = False,
+    distill_alpha: Annotated[float, typer.Option(
+        help="Distillation: weight of the KL term; 1 - alpha goes to the LM loss.")] = 1.0,
+    temperature: Annotated[float, typer.Option(help="Distillation temperature.")] = 1.0,
+    distill_top_k: Annotated[Optional[int], typer.Option(
+        help="Distillation: keep only the teacher's k most likely tokens (large vocabularies).")] = None,
+    teacher: Annotated[Optional[str], typer.Option(
+        help="Distillation teacher (the dense model; default: the source recorded in the input's plan).")] = None,
     overwrite: OverwriteOpt = False,
     eval_: EvalOpt = None,
     ppl_data: PplDataOpt = "default-heldout",
@@ -95,10 +120,13 @@ def heal_cmd(
         r=rank, alpha=alpha, dropout=dropout, preset=preset, lr=lr, epochs=epochs, max_steps=max_steps,
         batch_size=batch_size, grad_accum=grad_accum, cutoff_len=cutoff_len, val_size=val_size,
         eval_steps=eval_steps, train_on=train_on, max_items=max_items, seed=seed, qlora=qlora,
-        progress=not quiet,
+        train_layers=train_layers, distill=distill, distill_alpha=distill_alpha, temperature=temperature,
+        distill_top_k=distill_top_k, progress=not quiet,
     )
+    if distill and teacher is None:
+        teacher = recorded_source(model)
     stage = HealStage(data, config, work_dir=work_dir, resume=resume, save_adapter=save_adapter,
-                      keep_checkpoints=keep_checkpoints)
+                      keep_checkpoints=keep_checkpoints, teacher=teacher)
     job = Job([stage], evaluation=evaluation(eval_, ppl_data=ppl_data, ppl_windows=ppl_windows, seq_len=seq_len,
                                              limit=limit, num_fewshot=num_fewshot, task_dir=task_dir,
                                              piqa_dir=piqa_dir),
@@ -106,6 +134,8 @@ def heal_cmd(
     out = check_out(require_out(out), model, overwrite, job)
     if work_dir is not None:
         check_output_dir(work_dir, inputs=[model, out], kind="work", option="--work-dir")
+    if teacher is not None:
+        check_model(teacher)
     print_result(run_job(load(model, dtype, device, quiet), job, out=out, overwrite=overwrite))
 
 

@@ -1,0 +1,132 @@
+"""Healing settings and errors."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from ..errors import InputError
+
+PRESETS = ("default", "gromov")
+CHECKPOINTS = "checkpoints"
+ADAPTER = "adapter"
+CONFIG_FILE = "heal_config.json"
+
+QLORA_NEEDS_CUDA = (
+    "QLoRA needs a CUDA GPU: bitsandbytes 4-bit weights only run on CUDA, and this machine has none. "
+    "Drop qlora (--qlora) to heal with plain LoRA, which runs on CPU."
+)
+
+
+class HealError(InputError):
+    pass
+
+
+class HealDataError(HealError):
+    pass
+
+
+@dataclass
+class HealConfig:
+    """LoRA healing hyperparameters; defaults follow SLM / Shortened-LLaMA (see the module docstring).
+
+    ``preset="gromov"`` puts LoRA on the MLP projections only (gate/up/down),
+    as Gromov et al. (arXiv 2403.17887) heal after removing a block of layers;
+    they use QLoRA on C4 with their own (smaller) rank and learning rate, so
+    set ``r``/``alpha``/``lr`` and the data to match their appendix when
+    reproducing them; only the targets change here. ``target_modules``
+    overrides both presets (PEFT module-name suffixes or one regex).
+
+    ``max_steps > 0`` overrides ``epochs``. ``val_size`` below 1 is a fraction
+    of the items, 1 or more a count, 0 disables validation (then the last
+    state is kept instead of the best one). The effective batch is
+    ``batch_size * grad_accum`` (times the number of processes).
+    ``warmup_steps`` (alpaca-lora: 100) is capped at a tenth of the run so
+    that short runs still reach the peak learning rate. Evaluation and
+    checkpoints happen every ``eval_steps`` steps and at the last step.
+
+    What is trained and on what loss (see :mod:`depthprune.heal.distill`):
+    ``train_layers="lora"`` (default) trains LoRA adapters and merges them;
+    ``"last:N"`` fine-tunes the LM head and the last N layers instead (no
+    adapter). ``distill=True`` replaces the language-modelling loss with the
+    KL divergence from the dense (teacher) model's next-token distribution at
+    ``temperature``, mixed as ``distill_alpha * KL + (1 - distill_alpha) * LM``;
+    ``distill_top_k`` keeps only the teacher's k most likely tokens (for large
+    vocabularies).
+    """
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    preset: str = "default"
+    target_modules: list[str] | str | None = None
+    lr: float = 1e-4
+    epochs: float = 2.0
+    max_steps: int = -1
+    batch_size: int = 4
+    grad_accum: int = 16
+    eval_batch_size: int | None = None
+    cutoff_len: int = 256
+    val_size: float = 0.05
+    eval_steps: int = 200
+    eval_on_start: bool = True
+    save_total_limit: int = 2
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    train_on: str = "full"
+    max_items: int | None = None
+    seed: int = 42
+    logging_steps: int = 10
+    qlora: bool = False
+    gradient_checkpointing: bool = False
+    train_layers: str = "lora"
+    distill: bool = False
+    distill_alpha: float = 1.0
+    temperature: float = 1.0
+    distill_top_k: int | None = None
+    progress: bool = True
+
+    def validate(self) -> "HealConfig":
+        if self.preset not in PRESETS:
+            raise HealError(f"unknown preset {self.preset!r}: use one of {', '.join(PRESETS)}")
+        if self.train_on not in ("full", "response"):
+            raise HealError(f"train_on must be 'full' or 'response', got {self.train_on!r}")
+        if self.r < 1 or self.alpha <= 0:
+            raise HealError(f"LoRA rank and alpha must be positive (got r={self.r}, alpha={self.alpha})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise HealError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+        if self.lr <= 0:
+            raise HealError(f"learning rate must be positive, got {self.lr}")
+        if self.max_steps <= 0 and self.epochs <= 0:
+            raise HealError("give a positive number of epochs or max_steps")
+        if self.batch_size < 1 or self.grad_accum < 1:
+            raise HealError("batch_size and grad_accum must be at least 1")
+        if self.cutoff_len < 8:
+            raise HealError(f"cutoff_len {self.cutoff_len} is too short; use at least 8 tokens (papers: 256)")
+        if self.val_size < 0:
+            raise HealError(f"val_size must be >= 0, got {self.val_size}")
+        if self.eval_steps < 1 or self.logging_steps < 1:
+            raise HealError("eval_steps and logging_steps must be at least 1")
+        self.last_layers()
+        if not 0.0 <= self.distill_alpha <= 1.0:
+            raise HealError(f"--distill-alpha must be in [0, 1], got {self.distill_alpha}")
+        if self.temperature <= 0:
+            raise HealError(f"--temperature must be positive, got {self.temperature}")
+        if self.distill_top_k is not None and self.distill_top_k < 1:
+            raise HealError(f"--distill-top-k must be at least 1, got {self.distill_top_k}")
+        if self.qlora and self.last_layers() is not None:
+            raise HealError("--qlora trains LoRA adapters on a 4-bit copy; it cannot be combined with "
+                            "--train-layers last:N")
+        return self
+
+    def last_layers(self) -> int | None:
+        """N of ``train_layers="last:N"``, or None for LoRA."""
+        if self.train_layers == "lora":
+            return None
+        kind, _, count = self.train_layers.partition(":")
+        if kind != "last" or not count.isdigit() or int(count) < 1:
+            raise HealError(f"--train-layers must be 'lora' or 'last:N' with N >= 1, got {self.train_layers!r}")
+        return int(count)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,326 @@
+"""The healing run: LoRA (or the last layers) trained with the transformers ``Trainer``, merged into plain
+weights; optionally distilled from the dense model (see :mod:`.distill`)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import shutil
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from ..io import write_json
+from ..models.arch import spec_for
+from .config import ADAPTER, CHECKPOINTS, CONFIG_FILE, PRESETS, QLORA_NEEDS_CUDA, HealConfig, HealError
+from .data import Items, PadCollator, load_heal_data, pad_id
+from .distill import distill_trainer, train_last_layers
+
+log = logging.getLogger(__name__)
+
+
+def lora_targets(model: nn.Module, preset: str = "default") -> list[str] | str:
+    """PEFT ``target_modules`` for the model's projections (all, or MLP only for ``gromov``).
+
+    Module-name suffixes when they single out the chosen projections
+    (``q_proj`` ... ``down_proj``); a regex over full paths when a suffix is
+    shared with a projection that must stay frozen (GPT-2 names both its
+    attention output and its MLP output ``c_proj``).
+    """
+    if preset not in PRESETS:
+        raise HealError(f"unknown preset {preset!r}: use one of {', '.join(PRESETS)}")
+    spec = spec_for(model)
+    chosen = list(spec.projections.values()) if preset == "default" else spec.mlp_paths
+    others = [p for p in spec.projections.values() if p not in chosen]
+    if not chosen:
+        raise HealError(f"the {spec.family} spec names no projections for preset {preset!r}")
+    suffixes = list(dict.fromkeys(p.rsplit(".", 1)[-1] for p in chosen))
+    if not set(suffixes) & {p.rsplit(".", 1)[-1] for p in others}:
+        return suffixes
+    alternatives = "|".join(re.escape(p) for p in chosen)
+    return rf"{re.escape(spec.layers)}\.\d+\.(?:{alternatives})"
+
+
+@dataclass
+class HealResult:
+    """The merged model (plain transformers, no PEFT modules) and what training reported."""
+
+    model: nn.Module
+    global_step: int
+    train_loss: float | None
+    train_losses: list[tuple[int, float]]
+    eval_losses: list[tuple[int, float]]
+    best_eval_loss: float | None
+    best_checkpoint: str | None
+    resumed_from: str | None
+    adapter_dir: str | None
+    target_modules: list[str] | str
+    trainable_parameters: int
+    data: dict[str, Any]
+    config: dict[str, Any]
+    runtime_s: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.__dataclass_fields__ if name != "model"}
+
+
+def _make_callbacks():
+    from transformers import ProgressCallback, TrainerCallback
+
+    class EvaluateAtEnd(TrainerCallback):
+        """Evaluate and checkpoint at the last step too, so the final weights compete for 'best'."""
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.max_steps and state.global_step >= state.max_steps:
+                control.should_save = True
+                if args.eval_strategy != "no":
+                    control.should_evaluate = True
+            return control
+
+    class LossBar(ProgressCallback):
+        """The Trainer's progress bar, with the latest loss in its postfix instead of printed dicts."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and self.training_bar is not None and logs:
+                shown = {k: f"{logs[k]:.4f}" for k in ("loss", "eval_loss") if k in logs}
+                if shown:
+                    self.training_bar.set_postfix(shown, refresh=False)
+
+    return EvaluateAtEnd, LossBar
+
+
+def _steps_per_run(n_train: int, config: HealConfig) -> int:
+    if config.max_steps > 0:
+        return config.max_steps
+    batches = math.ceil(n_train / config.batch_size)
+    return max(1, math.ceil(config.epochs * math.ceil(batches / config.grad_accum)))
+
+
+def _checkpoint_to_resume(ckpt_dir: Path, resume: bool) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+    if resume:
+        if last is None:
+            log.warning("resume requested but %s holds no checkpoint; starting from the beginning", ckpt_dir)
+        return last
+    if last is not None:
+        raise HealError(
+            f"{ckpt_dir} already holds {Path(last).name} from an earlier run: pass resume=True (--resume) "
+            "to continue it, or use a new output directory"
+        )
+    return None
+
+
+def _write_run_config(output_dir: Path, config: HealConfig, data: dict[str, Any], resuming: bool) -> None:
+    path = output_dir / CONFIG_FILE
+    record = {"config": config.to_dict(), "data": data}
+    if resuming and path.is_file():
+        before = json.loads(path.read_text())
+        changed = sorted(k for k, v in record["config"].items()
+                         if k != "progress" and before.get("config", {}).get(k) != v)
+        if changed:
+            log.warning("resuming with changed settings %s; the checkpoint was made with %s", changed,
+                        {k: before["config"].get(k) for k in changed})
+    write_json(path, record)
+
+
+def _quantized_copy(model: nn.Module, workdir: Path, config: HealConfig) -> nn.Module:
+    """A 4-bit NF4 copy of ``model`` for QLoRA training (the float model is merged afterwards)."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as err:
+        raise HealError("QLoRA needs bitsandbytes: pip install bitsandbytes") from err
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    tmp = workdir / "qlora-base"
+    model.save_pretrained(tmp)
+    try:
+        quantized = AutoModelForCausalLM.from_pretrained(
+            tmp,
+            quantization_config=BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=torch.bfloat16,
+            ),
+            device_map={"": torch.cuda.current_device()},
+        )
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return prepare_model_for_kbit_training(quantized, use_gradient_checkpointing=config.gradient_checkpointing)
+
+
+def heal(
+    model: nn.Module,
+    tokenizer: Any,
+    data: str | Path | Sequence[str | Path],
+    config: HealConfig | None = None,
+    output_dir: str | Path = "heal-run",
+    *,
+    resume: bool = False,
+    save_adapter: bool = False,
+    callbacks: Sequence[Any] = (),
+    teacher: nn.Module | None = None,
+) -> HealResult:
+    """Heal ``model`` on ``data`` and return it as plain weights (LoRA merged, or its last layers trained).
+
+    ``model`` is changed in place (like :func:`depthprune.apply_plan`) and
+    returned in ``HealResult.model`` without any PEFT module. Everything
+    written goes under ``output_dir``: ``checkpoints/`` (Trainer checkpoints
+    of the trained weights, optimizer and scheduler, for ``resume=True``),
+    ``heal_config.json`` and, with ``save_adapter=True`` (LoRA only),
+    ``adapter/`` (the best adapter alone, loadable with
+    ``PeftModel.from_pretrained``). ``teacher`` is the dense model the loss
+    distils from when ``config.distill`` is set. Saving the healed model is
+    left to :func:`depthprune.save`.
+    """
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from transformers import PrinterCallback, ProgressCallback, Trainer, TrainingArguments, set_seed
+
+    config = (config or HealConfig()).validate()
+    if config.qlora and not torch.cuda.is_available():
+        raise HealError(QLORA_NEEDS_CUDA)
+    if config.distill and teacher is None:
+        raise HealError("distillation needs the dense model as teacher (--teacher, or heal inside prune)")
+    last = config.last_layers()
+    if save_adapter and last is not None:
+        raise HealError("--save-adapter needs LoRA; --train-layers last:N trains the weights themselves")
+    spec_for(model)
+    started = time.perf_counter()
+    output_dir = Path(output_dir).expanduser().resolve()
+    ckpt_dir = output_dir / CHECKPOINTS
+    resume_from = _checkpoint_to_resume(ckpt_dir, resume)
+
+    heal_data = load_heal_data(data, tokenizer, config)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    _write_run_config(output_dir, config, heal_data.description, resuming=resume_from is not None)
+
+    saved_flags = {p: p.requires_grad for p in model.parameters()}
+    saved_use_cache = getattr(model.config, "use_cache", None)
+    set_seed(config.seed)
+    if last is None:
+        targets = config.target_modules or lora_targets(model, config.preset)
+        lora = LoraConfig(
+            r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=targets,
+            bias="none", task_type="CAUSAL_LM", fan_in_fan_out=spec_for(model).conv1d,
+        )
+        base = _quantized_copy(model, output_dir, config) if config.qlora else model
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            trained = get_peft_model(base, lora)
+    else:
+        targets = [f"the LM head and the last {last} layers"]
+        train_last_layers(model, last)
+        trained = model
+    trainable = sum(p.numel() for p in trained.parameters() if p.requires_grad)
+
+    has_val = bool(heal_data.val)
+    total = _steps_per_run(len(heal_data.train), config)
+    every = min(config.eval_steps, total)
+    cuda = torch.cuda.is_available()
+    args = TrainingArguments(
+        output_dir=str(ckpt_dir),
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.eval_batch_size or config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps if config.max_steps > 0 else -1,
+        learning_rate=config.lr,
+        warmup_steps=min(config.warmup_steps, total // 10),
+        weight_decay=config.weight_decay,
+        logging_steps=min(config.logging_steps, total),
+        eval_strategy="steps" if has_val else "no",
+        eval_steps=every if has_val else None,
+        eval_on_start=config.eval_on_start and has_val and resume_from is None,
+        save_strategy="steps",
+        save_steps=every,
+        save_total_limit=config.save_total_limit,
+        load_best_model_at_end=has_val,
+        metric_for_best_model="eval_loss" if has_val else None,
+        greater_is_better=False if has_val else None,
+        report_to="none",
+        push_to_hub=False,
+        seed=config.seed,
+        data_seed=config.seed,
+        use_cpu=not cuda,
+        bf16=cuda and torch.cuda.is_bf16_supported(),
+        dataloader_num_workers=0,
+        dataloader_pin_memory=cuda,
+        remove_unused_columns=False,
+        label_names=["labels"],
+        disable_tqdm=not config.progress,
+        activation_checkpointing=config.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
+    )
+    evaluate_at_end, loss_bar = _make_callbacks()
+    distill = {"teacher": teacher, "alpha": config.distill_alpha, "temperature": config.temperature,
+               "top_k": config.distill_top_k} if config.distill else {}
+    trainer = (distill_trainer() if config.distill else Trainer)(
+        model=trained,
+        args=args,
+        train_dataset=Items(heal_data.train),
+        eval_dataset=Items(heal_data.val) if has_val else None,
+        data_collator=PadCollator(pad_id(tokenizer)),
+        callbacks=[evaluate_at_end(), *callbacks],
+        **distill,
+    )
+    trainer.remove_callback(PrinterCallback)
+    if config.progress:
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(loss_bar())
+    if hasattr(model.config, "use_cache"):
+        model.config.use_cache = False
+    try:
+        output = trainer.train(resume_from_checkpoint=resume_from)
+    finally:
+        if saved_use_cache is not None:
+            model.config.use_cache = saved_use_cache
+    state = trainer.state
+
+    adapter_dir = None
+    if save_adapter and trainer.is_world_process_zero():
+        adapter_dir = output_dir / ADAPTER
+        trained.save_pretrained(adapter_dir)
+    if last is None:
+        if config.qlora:
+            weights = get_peft_model_state_dict(trained)
+            trained = get_peft_model(model, lora)
+            set_peft_model_state_dict(trained, weights)
+        merged = trained.merge_and_unload()
+        for attr in ("peft_config", "_hf_peft_config_loaded"):
+            if attr in vars(merged):
+                delattr(merged, attr)
+        leftover = [name for name, m in merged.named_modules() if isinstance(m, BaseTunerLayer)]
+        if leftover:
+            raise RuntimeError(f"PEFT modules left after merging: {leftover[:3]}")
+    else:
+        merged = trained
+    for p, flag in saved_flags.items():
+        p.requires_grad_(flag)
+    merged.eval()
+
+    history = state.log_history
+    return HealResult(
+        model=merged,
+        global_step=state.global_step,
+        train_loss=getattr(output, "training_loss", None),
+        train_losses=[(h["step"], h["loss"]) for h in history if "loss" in h],
+        eval_losses=[(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h],
+        best_eval_loss=state.best_metric,
+        best_checkpoint=state.best_model_checkpoint,
+        resumed_from=resume_from,
+        adapter_dir=str(adapter_dir) if adapter_dir else None,
+        target_modules=targets,
+        trainable_parameters=trainable,
+        data=heal_data.description,
+        config=config.to_dict(),
+        runtime_s=time.perf_counter() - started,
+    )
