@@ -32,7 +32,8 @@ from .errors import InputError
 from .evaluate.suite import EvalResult, Evaluation
 from .io import atomic_directory, check_output_dir, kind_of, prepare_dir, write_checkpoint
 from .methods import MethodOptions, RunContext, Target, build_options, check_request, make_plan
-from .models.arch import count_parameters, num_layers
+from .compensate import Compensation
+from .models.arch import count_parameters, model_device, num_layers, spec_for
 from .models.load import LoadedModel, check_context, load_model, quiet_transformers
 from .plan import PLAN_FILE, Plan, PlanError
 from .report import compare_metrics, write_run_report
@@ -68,6 +69,13 @@ class StageContext:
             self._calibration = self.calibration_spec.windows(self.tokenizer)
         return self._calibration
 
+    def fit_batches(self, tokens: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """About ``tokens`` tokens of calibration text as batches on the model's device (for fitting maps)."""
+        spec = self.calibration_spec.with_windows(max(1, -(-tokens // self.calibration_spec.seq_len)), seed)
+        device = model_device(self.model)
+        return [(ids.to(device), mask.to(device)) for ids, mask in spec.windows(self.tokenizer).batches(
+            self.run.batch_size)]
+
 
 class Stage(Protocol):
     name: str
@@ -87,6 +95,7 @@ class DepthStage:
     method: str
     target: Target | None = None
     options: MethodOptions | None = None
+    compensation: Compensation | None = None
     name: str = field(default="depth", init=False)
     uses_calibration: bool = field(default=True, init=False)
 
@@ -94,17 +103,38 @@ class DepthStage:
         if self.options is None:
             self.options = build_options(self.method)
         check_request(self.method, self.target, self.options)
+        if self.compensation is not None:
+            self.compensation.validate()
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
         self.check()
         plan = make_plan(self.method, ctx.model, ctx.calibration, self.target, options=self.options,
                          batch_size=ctx.run.batch_size, progress=ctx.run.progress)
         plan.model = ctx.loaded.source
-        apply_plan(ctx.model, plan)
+        if self.compensation is not None:
+            plan.compensation = self.compensation.to_dict()
+        apply_with_compensation(ctx, plan)
         ctx.plan = plan
         return {"stage": self.name, "method": self.method, "summary": plan.summary(),
                 "options": self.options.to_dict() if self.options else {},
                 "target": self.target.to_dict() if self.target else None}
+
+
+def apply_with_compensation(ctx: StageContext, plan: Plan) -> None:
+    """Surgery for ``plan``; when the plan asks for compensation, the original model's states at every
+    interface are captured first and the maps fitted and folded after (recorded in ``plan.params``)."""
+    if not plan.compensation:
+        apply_plan(ctx.model, plan)
+        return
+    from .compensate import Compensation, capture_targets, check_supported, compensate, interfaces
+
+    config = Compensation(**plan.compensation).validate()
+    check_supported(spec_for(ctx.model))
+    batches = ctx.fit_batches(config.tokens, config.seed)
+    found, _ = interfaces(plan)
+    targets = capture_targets(ctx.model, batches, {i.target for i in found})
+    apply_plan(ctx.model, plan)
+    plan.params["compensation"] = compensate(ctx.model, plan, batches, targets, config)
 
 
 @dataclass

@@ -57,6 +57,7 @@ class Plan(JsonRecord):
     model: str | None = None
     version: str | None = None
     stages: list[dict[str, Any]] = field(default_factory=list)
+    compensation: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -128,6 +129,8 @@ class Plan(JsonRecord):
             parts.append(f"remove {self.remove}")
         for m in self.merges:
             parts.append(f"merge {m.low}..{m.high} ({m.operator})")
+        if self.compensation:
+            parts.append(f"compensate ({self.compensation.get('fit')})")
         return "; ".join(parts)
 
     def _derived(self) -> dict[str, Any]:

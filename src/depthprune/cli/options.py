@@ -61,6 +61,22 @@ PiqaDirOpt = Annotated[Optional[Path], typer.Option(
     "--piqa-dir", help="Folder with PIQA's valid.jsonl + valid-labels.lst for piqa_local "
     "(default: $DEPTHPRUNE_PIQA_DIR).")]
 
+# ------------------------------------------------------------------ compensation
+
+CompensateOpt = Annotated[str, typer.Option(
+    help="Fit a linear map at every gap the plan leaves and fold it into the down projection before it: "
+    "none, linear (ridge least squares) or cosine (then refined on per-token cosine).")]
+CompensateTokensOpt = Annotated[int, typer.Option(help="Calibration tokens for the compensation fit.")]
+RidgeOpt = Annotated[float, typer.Option(help="Compensation ridge towards the identity (x trace/d).")]
+
+
+def compensation(fit: str, tokens: int, ridge: float):
+    """The ``--compensate`` options as a checked spec, or None for ``none``."""
+    from ..compensate import Compensation
+
+    return None if fit == "none" else Compensation(fit=fit, tokens=tokens, ridge=ridge).validate()
+
+
 # ------------------------------------------------------------------ healing
 
 TrainLayersOpt = Annotated[str, typer.Option(

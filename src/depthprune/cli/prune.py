@@ -18,6 +18,8 @@ from .app import app
 from .options import (
     BatchOpt,
     CalibOpt,
+    CompensateOpt,
+    CompensateTokensOpt,
     DeviceOpt,
     DtypeOpt,
     EvalOpt,
@@ -30,12 +32,14 @@ from .options import (
     PplDataOpt,
     PplWindowsOpt,
     QuietOpt,
+    RidgeOpt,
     SamplesOpt,
     SeedOpt,
     SeqLenOpt,
     TaskDirOpt,
     calibration,
     check_model,
+    compensation,
     evaluation,
     load,
     quiet_when_asked,
@@ -125,6 +129,9 @@ def prune(
     ratio: Annotated[Optional[float], typer.Option(help="Fraction of layers to remove, in (0, 1).")] = None,
     remove_layers: Annotated[Optional[int], typer.Option(help="Number of layers to remove.")] = None,
     keep_layers: Annotated[Optional[int], typer.Option(help="Number of layers to keep.")] = None,
+    compensate: CompensateOpt = "none",
+    compensate_tokens: CompensateTokensOpt = 65536,
+    ridge: RidgeOpt = 1e-3,
     calib_sentences: Annotated[Optional[Path], typer.Option(
         help="Calibration = these sentences, one per line (LaCo's few-shot set), instead of windows.")] = None,
     then_width: Annotated[Optional[float], typer.Option(
@@ -165,7 +172,8 @@ def prune(
 
     get_method(method)
     options = build_options(method, method_flags(ctx, [method], "prune")[method])
-    stages: list = [DepthStage(method, Target(ratio, remove_layers, keep_layers), options)]
+    stages: list = [DepthStage(method, Target(ratio, remove_layers, keep_layers), options,
+                               compensation(compensate, compensate_tokens, ridge))]
     if then_width is not None or then_width_heads:
         stages.append(WidthStage(then_width or 0.0, then_width_heads, width_scorer))
     if heal is not None:
@@ -186,10 +194,16 @@ def prune(
 
 def check_out(out: str, model: str, overwrite: bool, job) -> Path:
     """The job's output directory and model source, checked before the model loads."""
+    from types import SimpleNamespace
+
+    from ..compensate import check_supported
     from ..io import check_output_dir
+    from ..models.arch import spec_for
 
     out = check_output_dir(out, inputs=[model], overwrite=overwrite)
-    check_model(model, *job.window_lengths())
+    config = check_model(model, *job.window_lengths())
+    if config is not None and any(getattr(stage, "compensation", None) for stage in job.stages):
+        check_supported(spec_for(SimpleNamespace(**config)))
     return out
 
 

@@ -178,6 +178,10 @@ class CalibrationSpec:
             check_text_source(self.sentences_file, "--calib-sentences")
         return self
 
+    def with_windows(self, num_windows: int, seed: int) -> "CalibrationSpec":
+        """The same source and window length, another number of windows and seed (e.g. for a compensation fit)."""
+        return CalibrationSpec(self.source, num_windows, self.seq_len, seed)
+
     def windows(self, tokenizer: Any) -> "Calibration":
         """The windows for ``tokenizer``; tokenized once per tokenizer and reused (e.g. by every bench row)."""
         key = tokenizer_key(tokenizer)

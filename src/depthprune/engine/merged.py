@@ -1,9 +1,10 @@
-"""A merged layer for the search engine that costs no model copy.
+"""Candidate layers for the engines that cost no model copy.
 
 ``MergedLayer`` runs the first member's module with the merged projection
 weights substituted through ``torch.func.functional_call``; the merged tensors
 exist only while a candidate is evaluated (``release()`` frees them), and the
-original layers are never written to.
+original layers are never written to. ``PatchedLayer`` does the same with a
+few parameters replaced (a compensation folded into a down projection).
 """
 
 from __future__ import annotations
@@ -17,9 +18,14 @@ from ..surgery.merge import merge_params
 
 
 def layer_params(module: nn.Module) -> dict[str, torch.Tensor]:
-    if isinstance(module, MergedLayer):
+    if isinstance(module, (MergedLayer, PatchedLayer)):
         return module.params()
     return dict(module.named_parameters())
+
+
+def base_module(module: nn.Module) -> nn.Module:
+    """The real decoder layer a candidate layer runs (with its own parameters substituted)."""
+    return module.base if isinstance(module, (MergedLayer, PatchedLayer)) else module
 
 
 class MergedLayer(nn.Module):
@@ -32,8 +38,7 @@ class MergedLayer(nn.Module):
 
     @property
     def base(self) -> nn.Module:
-        first = self.members[0]
-        return first.base if isinstance(first, MergedLayer) else first
+        return base_module(self.members[0])
 
     def params(self) -> dict[str, torch.Tensor]:
         """Parameters of the merged layer (projections merged, the rest from the first member)."""
@@ -48,6 +53,29 @@ class MergedLayer(nn.Module):
         for m in self.members:
             if isinstance(m, MergedLayer):
                 m.release()
+
+    def forward(self, *args, **kwargs):
+        return functional_call(self.base, self.params(), args, kwargs)
+
+
+class PatchedLayer(nn.Module):
+    """A layer (original, merged or patched) with some parameters replaced, e.g. a compensated down projection."""
+
+    def __init__(self, inner: nn.Module, overrides: dict[str, torch.Tensor]):
+        super().__init__()
+        self.inner = inner
+        self.overrides = overrides
+
+    @property
+    def base(self) -> nn.Module:
+        return base_module(self.inner)
+
+    def params(self) -> dict[str, torch.Tensor]:
+        return {**layer_params(self.inner), **self.overrides}
+
+    def release(self) -> None:
+        if isinstance(self.inner, (MergedLayer, PatchedLayer)):
+            self.inner.release()
 
     def forward(self, *args, **kwargs):
         return functional_call(self.base, self.params(), args, kwargs)
