@@ -69,12 +69,17 @@ class StageContext:
             self._calibration = self.calibration_spec.windows(self.tokenizer)
         return self._calibration
 
+    def heldout(self) -> Calibration:
+        """Calibration windows no fit ever sees, for ranking candidate plans."""
+        return self.calibration_spec.heldout(self.tokenizer)
+
     def fit_batches(self, tokens: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """About ``tokens`` tokens of calibration text as batches on the model's device (for fitting maps)."""
-        spec = self.calibration_spec.with_windows(max(1, -(-tokens // self.calibration_spec.seq_len)), seed)
+        """About ``tokens`` tokens of calibration text (never the held-out windows) as batches on the model's
+        device, for fitting compensation maps."""
+        count = max(1, -(-tokens // self.calibration_spec.seq_len))
+        windows = self.calibration_spec.fit_windows(self.tokenizer, count, seed)
         device = model_device(self.model)
-        return [(ids.to(device), mask.to(device)) for ids, mask in spec.windows(self.tokenizer).batches(
-            self.run.batch_size)]
+        return [(ids.to(device), mask.to(device)) for ids, mask in windows.batches(self.run.batch_size)]
 
 
 class Stage(Protocol):
@@ -104,12 +109,14 @@ class DepthStage:
             self.options = build_options(self.method)
         check_request(self.method, self.target, self.options)
         if self.compensation is not None:
+            if self.method == "auto":
+                raise PlanError("--method auto decides compensation itself (its --fits option); drop --compensate")
             self.compensation.validate()
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
         self.check()
         plan = make_plan(self.method, ctx.model, ctx.calibration, self.target, options=self.options,
-                         batch_size=ctx.run.batch_size, progress=ctx.run.progress)
+                         batch_size=ctx.run.batch_size, progress=ctx.run.progress, data=ctx)
         plan.model = ctx.loaded.source
         if self.compensation is not None:
             plan.compensation = self.compensation.to_dict()

@@ -18,7 +18,7 @@ import random
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection
 
 import torch
 
@@ -178,21 +178,36 @@ class CalibrationSpec:
             check_text_source(self.sentences_file, "--calib-sentences")
         return self
 
-    def with_windows(self, num_windows: int, seed: int) -> "CalibrationSpec":
-        """The same source and window length, another number of windows and seed (e.g. for a compensation fit)."""
-        return CalibrationSpec(self.source, num_windows, self.seq_len, seed)
+    #: Windows held out of every fit, for ranking candidate plans (``--method auto``).
+    HELDOUT_WINDOWS = 16
+
+    def heldout(self, tokenizer: Any) -> "Calibration":
+        """Windows of the same text disjoint from the planning windows, never used to fit anything."""
+        planning = self.windows(tokenizer).description.get("slots", [])
+        return self._cached(tokenizer, ("heldout",), lambda: sample_windows(
+            tokenizer, self.source, num_windows=self.HELDOUT_WINDOWS, seq_len=self.seq_len, seed=self.seed + 1,
+            exclude=planning))
+
+    def fit_windows(self, tokenizer: Any, num_windows: int, seed: int) -> "Calibration":
+        """Windows for fitting (compensation maps): any of the text except the held-out windows."""
+        heldout = self.heldout(tokenizer).description["slots"]
+        return self._cached(tokenizer, ("fit", num_windows, seed), lambda: sample_windows(
+            tokenizer, self.source, num_windows=num_windows, seq_len=self.seq_len, seed=seed, exclude=heldout))
+
+    def _cached(self, tokenizer: Any, what: tuple, make: Any) -> "Calibration":
+        cache = self.__dict__.setdefault("_cache", {})
+        key = (tokenizer_key(tokenizer), *what)
+        if key not in cache:
+            cache[key] = make()
+        return cache[key]
 
     def windows(self, tokenizer: Any) -> "Calibration":
         """The windows for ``tokenizer``; tokenized once per tokenizer and reused (e.g. by every bench row)."""
-        key = tokenizer_key(tokenizer)
-        cache = self.__dict__.setdefault("_cache", {})
-        if key not in cache:
-            if self.sentences_file is not None:
-                cache[key] = sentences_from_file(tokenizer, self.sentences_file, max_len=self.seq_len)
-            else:
-                cache[key] = sample_windows(tokenizer, self.source, num_windows=self.num_windows,
-                                            seq_len=self.seq_len, seed=self.seed)
-        return cache[key]
+        if self.sentences_file is not None:
+            return self._cached(tokenizer, ("sentences",), lambda: sentences_from_file(
+                tokenizer, self.sentences_file, max_len=self.seq_len))
+        return self._cached(tokenizer, ("windows",), lambda: sample_windows(
+            tokenizer, self.source, num_windows=self.num_windows, seq_len=self.seq_len, seed=self.seed))
 
 
 def tokenizer_key(tokenizer: Any) -> tuple:
@@ -275,24 +290,28 @@ def sample_windows(
     seq_len: int = 128,
     seed: int = 1234,
     text: str | None = None,
+    exclude: Collection[int] = (),
 ) -> Calibration:
     """``num_windows`` random non-overlapping windows of ``seq_len`` tokens (seeded).
 
     The text is cut into consecutive slots of ``seq_len`` tokens and
     ``num_windows`` slots are drawn without replacement, as ShortGPT's
     non-overlapping windows and SLM's random 128-token samples both require.
+    Slots in ``exclude`` are never drawn (held-out windows stay held out); the
+    slots drawn are recorded in the description.
     """
     if num_windows < 1 or seq_len < 2:
         raise CalibrationError("need at least 1 window of at least 2 tokens")
     slots = _Slots.cut(tokenizer, source, text, seq_len)
-    if len(slots) < num_windows:
+    free = [i for i in range(len(slots)) if i not in set(exclude)]
+    if len(free) < num_windows:
         raise CalibrationError(
-            f"calibration text holds only {len(slots)} windows of {seq_len} tokens but {num_windows} were "
-            "requested; use a longer text, fewer windows or a smaller --seq-len"
+            f"calibration text holds only {len(free)} windows of {seq_len} tokens available but {num_windows} "
+            "were requested; use a longer text, fewer windows or tokens, or a smaller --seq-len"
         )
-    picked = sorted(random.Random(seed).sample(range(len(slots)), num_windows))
+    picked = sorted(random.Random(seed).sample(free, num_windows))
     cal = _stack([slots.window(i) for i in picked])
-    cal.description = {**slots.description(), "num_windows": num_windows, "seed": seed}
+    cal.description = {**slots.description(), "num_windows": num_windows, "seed": seed, "slots": picked}
     return cal
 
 

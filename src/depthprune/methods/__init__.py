@@ -12,6 +12,7 @@ from . import angular  # noqa: F401  isort: skip
 from . import sleb  # noqa: F401  isort: skip
 from . import slm  # noqa: F401  isort: skip
 from . import laco  # noqa: F401  isort: skip
+from . import auto  # noqa: F401  isort: skip
 from .registry import (
     METHODS,
     Method,

@@ -18,7 +18,7 @@ from __future__ import annotations
 import types
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
-from typing import Any, Callable, Literal, Mapping, Sequence
+from typing import Any, Callable, Literal, Mapping, Protocol, Sequence
 
 from torch import nn
 
@@ -100,10 +100,21 @@ class MethodOptions:
 
 @dataclass(frozen=True)
 class RunContext:
-    """How a method runs, not what it decides: forward batch size (sequences per pass) and progress bars."""
+    """How a method runs, not what it decides: forward batch size (sequences per pass), progress bars, and
+    where more calibration text can be drawn from (``data``: held-out windows and fit batches, see
+    :class:`CalibrationData`; the job provides it, a bare ``make_plan`` call may not)."""
 
     batch_size: int = 8
     progress: bool = True
+    data: "CalibrationData | None" = None
+
+
+class CalibrationData(Protocol):
+    def heldout(self) -> Calibration:
+        """Windows disjoint from the planning windows that no fit ever sees."""
+
+    def fit_batches(self, tokens: int, seed: int) -> list:
+        """About ``tokens`` tokens (never the held-out windows) as batches on the model's device."""
 
 
 PlanFn = Callable[[nn.Module, Calibration, "Target | None", Any, RunContext], Plan]
@@ -179,6 +190,7 @@ def make_plan(
     options: MethodOptions | None = None,
     batch_size: int = 8,
     progress: bool = True,
+    data: CalibrationData | None = None,
     **values: Any,
 ) -> Plan:
     """Run a registered method: ``make_plan("slm", model, cal, threshold=0.72)`` or with ``options=``."""
@@ -192,7 +204,7 @@ def make_plan(
     check_request(method, target, options)
     if batch_size < 1:
         raise PlanError(f"--batch-size must be at least 1, got {batch_size}")
-    plan = spec.plan(model, calibration, target, options, RunContext(batch_size, progress))
+    plan = spec.plan(model, calibration, target, options, RunContext(batch_size, progress, data))
     if target is not None and target.given:
         plan.params.setdefault("target", target.to_dict())
     if not plan.calibration:

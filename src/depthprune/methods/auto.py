@@ -1,0 +1,137 @@
+"""``auto``: the best plan depthprune can make at the depth asked for.
+
+Build the candidate plans (by default ShortGPT, angular, SLEB and SLM at the
+target depth, each without and with interface compensation where the
+architecture can carry it), score every candidate on held-out calibration
+windows that none of them was planned or fitted on, and return the best::
+
+    for method in candidates:
+        plan = method(model, calibration, target)
+        for fit in (none, linear):
+            score = loss(plan [+ fit] on held-out windows)    # nll, or kl to the dense model
+    return argmin score
+
+Candidates are evaluated on the loss engine without touching the model: a
+plan becomes a stack of the original layer modules (merged windows as
+``MergedLayer``, compensated layers as ``PatchedLayer``), so ranking costs one
+forward of the kept layers per candidate and no copy. The chosen plan records
+every candidate's score in ``params["candidates"]`` and ``log``; its
+compensation (if it won with one) is re-fitted on the same windows when the
+plan is applied, so the saved model is the candidate that was scored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from ..compensate import Compensation, FITS, capture_targets, check_supported, compensated_stack, interfaces
+from ..data.calibration import Calibration
+from ..engine.loss import OBJECTIVES, LossEngine
+from ..engine.merged import MergedLayer
+from ..errors import InputError
+from ..models.arch import num_layers
+from ..plan import Plan, PlanError
+from .registry import METHODS, MethodOptions, RunContext, build_options, get_method, make_plan, option, register
+from .target import Target, require
+
+DEFAULT_CANDIDATES = "shortgpt,angular,sleb,slm"
+
+
+@dataclass
+class AutoOptions(MethodOptions):
+    candidates: str = option(DEFAULT_CANDIDATES, "methods whose plans compete (comma separated)")
+    fits: str = option("linear", "compensation tried on every candidate besides none (comma separated: "
+                       f"{', '.join(FITS)}; none = no compensated candidates)")
+    objective: str = option("kl", "how candidates are ranked on held-out windows: nll, or kl to the dense model",
+                            choices=OBJECTIVES)
+    compensate_tokens: int = option(65536, "calibration tokens for each compensation fit")
+
+    def methods(self) -> list[str]:
+        return [m.strip() for m in self.candidates.split(",") if m.strip()]
+
+    def fit_list(self) -> list[str]:
+        return [f.strip() for f in self.fits.split(",") if f.strip() and f.strip() != "none"]
+
+    def validate(self) -> None:
+        names = self.methods()
+        if not names:
+            raise PlanError("--candidates is empty: name at least one method")
+        for name in names:
+            if name == "auto":
+                raise PlanError("--candidates cannot include auto itself")
+            get_method(name)
+        for fit in self.fit_list():
+            if fit not in FITS:
+                raise PlanError(f"--fits: unknown compensation {fit!r}; use none or {', '.join(FITS)}")
+        if self.compensate_tokens < 1:
+            raise PlanError(f"--compensate-tokens must be at least 1, got {self.compensate_tokens}")
+
+
+def candidate_stack(plan: Plan, layers: list[nn.Module], spec: Any) -> list[nn.Module]:
+    """The plan's pruned model as modules: kept original layers, merged windows as functional merges."""
+    standing: dict[int, nn.Module] = dict(enumerate(layers))
+    for index, merge in enumerate(plan.merges):
+        members = plan.merge_members(index)
+        standing[merge.low] = MergedLayer([standing[i] for i in members], merge.operator, spec)
+    return [standing[i] for i in plan.kept]
+
+
+def _options_for(method: str, objective: str) -> MethodOptions:
+    declared = {info.name for info in METHODS[method].options.infos()}
+    return build_options(method, {"objective": objective} if "objective" in declared else {})
+
+
+@register("auto", "build the candidate plans (with and without compensation), keep the one with the lowest "
+          "held-out loss", AutoOptions, reference="depthprune")
+def plan(model: nn.Module, calibration: Calibration, target: Target | None, options: AutoOptions,
+         run: RunContext) -> Plan:
+    n = require("auto", target).n_remove(num_layers(model))
+    if run.data is None:
+        raise PlanError("--method auto ranks plans on held-out windows drawn from the calibration text: run it "
+                        "through a job (prune, run, bench, depthprune.run_job)")
+    heldout = run.data.heldout()
+    engine = LossEngine(model, heldout, objective=options.objective, batch_size=run.batch_size)
+    fits = options.fit_list()
+    try:
+        check_supported(engine.spec)
+    except InputError as err:
+        unsupported, fits = str(err), []
+    else:
+        unsupported = None
+    fit_batches = run.data.fit_batches(options.compensate_tokens, Compensation.seed) if fits else None
+    scored: list[tuple[float, Plan, dict[str, Any] | None, dict[str, Any]]] = []
+    for method in options.methods():
+        candidate = make_plan(method, model, calibration, Target(remove=n), options=_options_for(method,
+                              options.objective), batch_size=run.batch_size, progress=run.progress, data=run.data)
+        stack = candidate_stack(candidate, engine.layers, engine.spec)
+        per_layer = engine.per_layer_of(candidate.kept)
+        entry = {"method": method, "compensation": "none", "plan": candidate.summary(), "dropped": candidate.dropped}
+        entry["loss"] = engine.loss_from(engine.original, 0, stack, per_layer)
+        scored.append((entry["loss"], candidate, None, entry))
+        if fits and interfaces(candidate)[0]:
+            targets = capture_targets(model, fit_batches, {i.target for i in interfaces(candidate)[0]})
+            for fit in fits:
+                config = Compensation(fit=fit, tokens=options.compensate_tokens)
+                patched = compensated_stack(model, candidate, stack, fit_batches, targets, config)
+                entry = {**entry, "compensation": fit,
+                         "loss": engine.loss_from(engine.original, 0, patched, per_layer)}
+                scored.append((entry["loss"], candidate, config.to_dict(), entry))
+    loss, best, compensation, chosen = min(scored, key=lambda item: item[0])
+    table = [item[3] for item in scored]
+    return Plan(
+        method="auto",
+        num_layers=best.num_layers,
+        remove=best.remove,
+        merges=best.merges,
+        params={"chosen": f"{chosen['method']}" + (f"+{chosen['compensation']}" if compensation else ""),
+                "objective": options.objective, "heldout_loss": loss, "dense_heldout_loss": engine.dense_loss,
+                "heldout_windows": heldout.num_windows, "candidates": table, "chosen_params": best.params,
+                "compensation_unsupported": unsupported},
+        scores=best.scores,
+        calibration=calibration.to_dict(),
+        log=table,
+        compensation=compensation,
+    )

@@ -1,0 +1,88 @@
+"""--method auto: every candidate scored on held-out windows, the best applied, and the saved model is the candidate
+that was scored."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import EMMA
+from depthprune import CalibrationSpec, DepthStage, Job, Target, run_job
+from depthprune.methods import build_options
+from depthprune.models.load import load_model
+from depthprune.plan import PlanError
+from tiny import LAYERS, save_tiny_checkpoint
+
+
+@pytest.fixture()
+def text(tmp_path):
+    path = tmp_path / "text.txt"
+    path.write_text(EMMA.read_text()[:120000])
+    return path
+
+
+def test_auto_keeps_the_candidate_with_the_lowest_heldout_loss(tmp_path, text):
+    src = save_tiny_checkpoint(tmp_path / "model", "llama", seed=3)
+    spec = CalibrationSpec(str(text), num_windows=4, seq_len=32)
+    options = build_options("auto", {"candidates": "shortgpt,angular,sleb", "compensate_tokens": 800})
+    result = run_job(load_model(str(src)), Job([DepthStage("auto", Target(remove=2), options)], spec, progress=False),
+                     out=tmp_path / "out")
+    plan = json.loads((tmp_path / "out" / "depthprune_plan.json").read_text())
+    table = plan["params"]["candidates"]
+    assert [c["method"] for c in table if c["compensation"] == "none"] == ["shortgpt", "angular", "sleb"]
+    compensated = [c for c in table if c["compensation"] == "linear"]
+    assert compensated, "candidates with a gap after a kept layer are also tried compensated"
+    assert all(c["dropped"] != list(range(len(c["dropped"]))) for c in compensated), "a leading gap has no map"
+    best = min(table, key=lambda c: c["loss"])
+    assert plan["params"]["heldout_loss"] == best["loss"]
+    assert plan["params"]["chosen"] == best["method"] + ("+linear" if best["compensation"] == "linear" else "")
+    assert sorted(set(range(LAYERS)) - set(plan["kept"])) == best["dropped"]
+    assert (plan["compensation"] is not None) == (best["compensation"] == "linear")
+    assert result.layers["after"] == LAYERS - 2
+
+    saved = load_model(str(tmp_path / "out"))
+    heldout = spec.heldout(saved.tokenizer)
+    planning = set(spec.windows(saved.tokenizer).description["slots"])
+    assert not planning & set(heldout.description["slots"]), "ranking windows are never planning windows"
+    kl = _kl(load_model(str(src)).model, saved.model, heldout)
+    assert kl == pytest.approx(best["loss"], rel=1e-4), "the saved model is the candidate that was scored"
+
+
+def _kl(dense, pruned, windows) -> float:
+    with torch.no_grad():
+        p = torch.log_softmax(dense(input_ids=windows.input_ids).logits[:, :-1].float(), -1)
+        q = torch.log_softmax(pruned(input_ids=windows.input_ids).logits[:, :-1].float(), -1)
+    return float((p.exp() * (p - q)).sum(-1).mean())
+
+
+def test_auto_options_and_errors(tmp_path):
+    with pytest.raises(PlanError, match="unknown method"):
+        build_options("auto", {"candidates": "shortgpt,nope"})
+    with pytest.raises(PlanError, match="cannot include auto"):
+        build_options("auto", {"candidates": "auto"})
+    with pytest.raises(PlanError, match="unknown compensation"):
+        build_options("auto", {"fits": "magic"})
+    with pytest.raises(PlanError, match="decides compensation itself"):
+        from depthprune.compensate import Compensation
+
+        DepthStage("auto", Target(remove=1), compensation=Compensation()).check()
+    from depthprune import Calibration, make_plan
+    from tiny import tiny_model
+
+    ids = torch.randint(3, 100, (2, 8))
+    with pytest.raises(PlanError, match="held-out windows"):
+        make_plan("auto", tiny_model("llama"), Calibration(ids, torch.ones_like(ids)), Target(remove=1),
+                  progress=False)
+
+
+def test_auto_on_gemma_ranks_without_compensation(tmp_path, text):
+    src = save_tiny_checkpoint(tmp_path / "gemma", "gemma3", seed=2)
+    spec = CalibrationSpec(str(text), num_windows=4, seq_len=32)
+    options = build_options("auto", {"candidates": "shortgpt,sleb"})
+    run_job(load_model(str(src)), Job([DepthStage("auto", Target(remove=1), options)], spec, progress=False),
+            out=tmp_path / "out")
+    plan = json.loads((tmp_path / "out" / "depthprune_plan.json").read_text())
+    assert {c["compensation"] for c in plan["params"]["candidates"]} == {"none"}
+    assert "post_feedforward_layernorm" in plan["params"]["compensation_unsupported"]
