@@ -245,3 +245,28 @@ def test_run_report_without_scores_has_no_plot(tmp_path):
     assert not (tmp_path / "layer_scores.png").exists()
     assert json.loads(js.read_text())["metrics"]["perplexity"]["ratio"] is None
     assert "layer_scores.png" not in md.read_text() and "| 10.00 | - | - |" in md.read_text()
+
+
+def test_compensation_axis_and_auto_rows(tmp_path):
+    from conftest import EMMA
+    from depthprune.compensate import Compensation
+    from tiny import save_tiny_checkpoint
+
+    text = tmp_path / "text.txt"
+    text.write_text(EMMA.read_text()[:120000])
+    src = save_tiny_checkpoint(tmp_path / "model", "llama", seed=3)
+    result = run_bench(str(src), ["shortgpt", "auto"], [0.34], tmp_path / "out", progress=False,
+                       calibration=CalibrationSpec(str(text), num_windows=4, seq_len=32),
+                       evaluation=Evaluation(PerplexitySpec(str(text), 32, 4)),
+                       method_options={"auto": {"candidates": "shortgpt,sleb", "compensate_tokens": 640}},
+                       compensations=["none", "linear"], compensation=Compensation(tokens=640))
+    assert [r.name for r in result.rows] == ["shortgpt@0.34", "shortgpt+linear@0.34", "auto@0.34"]
+    assert all(r.ok for r in result.rows), [r.error for r in result.rows]
+    plain, linear, auto = result.rows
+    assert plain.plan["dropped"] == linear.plan["dropped"] and linear.plan["compensation"]["fit"] == "linear"
+    assert plain.plan["compensation"] is None
+    assert auto.plan["params"]["chosen"] and auto.compensation == "none"
+    header = next(line for line in (result.out / RESULTS_MD).read_text().splitlines() if line.startswith("| method"))
+    assert header.startswith("| method | compensation | ratio |")
+    with pytest.raises(BenchError, match="--compensate magic"):
+        run_bench(str(src), ["shortgpt"], [0.34], tmp_path / "x", compensations=["magic"])

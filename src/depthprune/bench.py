@@ -27,12 +27,13 @@ import platform
 import re
 import time
 import traceback
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Sequence
 
 from tqdm.auto import tqdm
 
+from .compensate import FITS, Compensation
 from .data.calibration import CalibrationSpec
 from .errors import InputError
 from .evaluate.suite import Evaluation
@@ -59,6 +60,7 @@ class BenchRow:
 
     method: str
     ratio: float | None
+    compensation: str = "none"
     layers: int | None = None
     layers_removed: int | None = None
     params: int | None = None
@@ -79,7 +81,9 @@ class BenchRow:
 
     @property
     def name(self) -> str:
-        return DENSE if self.ratio is None else f"{self.method}@{self.ratio:g}"
+        if self.ratio is None:
+            return DENSE
+        return f"{self.method}{'' if self.compensation == 'none' else '+' + self.compensation}@{self.ratio:g}"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -134,7 +138,9 @@ class BenchResult:
     def markdown(self) -> str:
         """The results table: one row per model, dense first."""
         speed = self.settings["evaluation"].get("speed") is not None
-        headers = ["method", "ratio", "layers", "removed / merged", "params", "PPL", *self.tasks]
+        compensated = any(row.compensation != "none" for row in self.rows)
+        headers = ["method", *(["compensation"] if compensated else []), "ratio", "layers", "removed / merged",
+                   "params", "PPL", *self.tasks]
         many = len(self.tasks) > 1
         if self.tasks:
             headers += (["mean"] if many else []) + ["acc retention"]
@@ -142,7 +148,8 @@ class BenchResult:
         lines = []
         for row in self.all_rows:
             r = self.derived(row)
-            cells: list[Any] = [row.method, "-" if row.ratio is None else f"{row.ratio:g}",
+            cells: list[Any] = [row.method, *([row.compensation] if compensated else []),
+                                "-" if row.ratio is None else f"{row.ratio:g}",
                                 row.layers if row.layers is not None else "-", _dropped(row.plan),
                                 format_params(row.params),
                                 format_number(row.perplexity)]
@@ -169,7 +176,8 @@ class BenchResult:
         curves: dict[str, list[tuple[int, float | None, float | None]]] = {}
         for row in self.rows:
             if row.ok and row.layers_removed is not None:
-                curves.setdefault(row.method, []).append((row.layers_removed, row.perplexity, row.task_mean))
+                label = row.method if row.compensation == "none" else f"{row.method}+{row.compensation}"
+                curves.setdefault(label, []).append((row.layers_removed, row.perplexity, row.task_mean))
         label = "mean accuracy" if len(self.tasks) > 1 else (f"{self.tasks[0]} accuracy" if self.tasks else "")
         return plot_depth_curves(curves, path, dense=(self.dense.perplexity, self.dense.task_mean),
                                  accuracy_label=label, title=str(self.settings["model"]))
@@ -247,6 +255,14 @@ def check_methods(methods: Sequence[str]) -> list[str]:
     return names
 
 
+def check_compensations(compensations: Sequence[str]) -> list[str]:
+    fits = list(dict.fromkeys(c.strip() for c in compensations if c.strip())) or ["none"]
+    unknown = [f for f in fits if f != "none" and f not in FITS]
+    if unknown:
+        raise BenchError(f"--compensate {', '.join(unknown)}: use none or {', '.join(FITS)}")
+    return fits
+
+
 def check_ratios(ratios: Sequence[float]) -> list[float]:
     values = list(dict.fromkeys(float(r) for r in ratios))
     if not values:
@@ -258,8 +274,9 @@ def check_ratios(ratios: Sequence[float]) -> list[float]:
     return values
 
 
-def _row_file(out: Path, method: str, ratio: float | None) -> Path:
-    stem = DENSE if ratio is None else f"{re.sub(r'[^A-Za-z0-9_.-]', '_', method)}-{ratio:g}"
+def _row_file(out: Path, method: str, ratio: float | None, compensation: str = "none") -> Path:
+    fit = "" if compensation == "none" else f"+{compensation}"
+    stem = DENSE if ratio is None else f"{re.sub(r'[^A-Za-z0-9_.-]', '_', method)}{fit}-{ratio:g}"
     return out / ROWS_DIR / f"{stem}.json"
 
 
@@ -306,10 +323,10 @@ class _Session:
         return load_model(self.path, dtype=self.dtype, device=self.device, progress=self.progress)
 
 
-def _row(method: str, ratio: float | None, session: _Session, job: Job, key: str) -> BenchRow:
-    """Plan, apply and evaluate one (method, ratio), or evaluate the dense model; a pruned row's failure
-    becomes its error (a broken method must not end a long comparison), the dense row's ends the run."""
-    row = BenchRow(method, ratio, settings_key=key)
+def _row(method: str, ratio: float | None, compensation: str, session: _Session, job: Job, key: str) -> BenchRow:
+    """Plan, apply and evaluate one (method, ratio, compensation), or evaluate the dense model; a pruned row's
+    failure becomes its error (a broken method must not end a long comparison), the dense row's ends the run."""
+    row = BenchRow(method, ratio, compensation, settings_key=key)
     start = time.perf_counter()
     try:
         loaded = session.dense() if ratio is None else session.fresh()
@@ -347,6 +364,8 @@ def run_bench(
     calibration: CalibrationSpec | None = None,
     evaluation: Evaluation | None = None,
     method_options: dict[str, dict[str, Any]] | None = None,
+    compensations: Sequence[str] = ("none",),
+    compensation: Compensation | None = None,
     batch_size: int = 8,
     dtype: str | None = None,
     device: str | None = "cpu",
@@ -377,7 +396,11 @@ def run_bench(
     if unknown:
         raise BenchError(f"options given for {', '.join(unknown)}, which is not among --methods")
     options = {m: build_options(m, (method_options or {}).get(m)) for m in methods}
-    stages = {(m, r): DepthStage(m, Target(ratio=r), options[m]) for m in methods for r in ratios}
+    fits = check_compensations(compensations)
+    base = compensation or Compensation()
+    stages = {(m, r, f): DepthStage(m, Target(ratio=r), options[m],
+                                    None if f == "none" else replace(base, fit=f).validate())
+              for m in methods for r in ratios for f in (("none",) if m == "auto" else fits)}
     for stage in stages.values():
         stage.check()
     out = check_output_dir(out, inputs=[model.path if isinstance(model, LoadedModel) else model], kind="bench")
@@ -392,29 +415,30 @@ def run_bench(
         "model": session.source, "model_path": session.path, "dtype": str(session.dtype),
         "device": session.device, "methods": methods, "ratios": ratios, "calibration": asdict(calibration),
         "evaluation": evaluation.to_dict(), "batch_size": batch_size,
-        "method_options": {m: options[m].to_dict() for m in methods},
+        "method_options": {m: options[m].to_dict() for m in methods}, "compensations": fits,
+        "compensation": base.to_dict() if fits != ["none"] else None,
     }
     key = _settings_key(settings)
-    todo: list[tuple[str, float | None]] = [(DENSE, None)] + [(m, r) for m in methods for r in ratios]
-    done: dict[tuple[str, float | None], BenchRow] = {}
+    todo: list[tuple[str, float | None, str]] = [(DENSE, None, "none"), *stages]
+    done: dict[tuple[str, float | None, str], BenchRow] = {}
     cached: list[str] = []
     with tqdm(todo, desc="bench", unit="row", disable=not progress) as bar:
-        for method, ratio in bar:
-            path = _row_file(out, method, ratio)
+        for method, ratio, fit in bar:
+            path = _row_file(out, method, ratio, fit)
             row = _load_cached(path, key) if resume else None
             if row is not None:
                 cached.append(row.name)
                 bar.set_postfix_str(f"{row.name} (cached)")
             else:
                 bar.set_postfix_str(method if ratio is None else f"{method}@{ratio:g}")
-                job = Job([] if ratio is None else [stages[method, ratio]], calibration, evaluation,
+                job = Job([] if ratio is None else [stages[method, ratio, fit]], calibration, evaluation,
                           evaluate_before=False, batch_size=batch_size, progress=False)
-                row = _row(method, ratio, session, job, key)
+                row = _row(method, ratio, fit, session, job, key)
                 write_json(path, row.to_dict())
                 if row.error:
                     tqdm.write(f"{row.name} failed: {row.error}")
-            done[(method, ratio)] = row
-    result = BenchResult(out, done[(DENSE, None)], [done[t] for t in todo[1:]], settings, versions(),
+            done[(method, ratio, fit)] = row
+    result = BenchResult(out, done[(DENSE, None, "none")], [done[t] for t in todo[1:]], settings, versions(),
                          time.perf_counter() - t0, cached)
     result.write()
     return result

@@ -11,6 +11,7 @@ from .app import app
 from .options import (
     BatchOpt,
     CalibOpt,
+    CompensateTokensOpt,
     DeviceOpt,
     DtypeOpt,
     EvalOpt,
@@ -22,6 +23,7 @@ from .options import (
     PplDataOpt,
     PplWindowsOpt,
     QuietOpt,
+    RidgeOpt,
     SamplesOpt,
     SeedOpt,
     SeqLenOpt,
@@ -201,6 +203,10 @@ def bench(
     piqa_dir: PiqaDirOpt = None,
     speed: Annotated[bool, typer.Option(
         "--speed/--no-speed", help="Also time prefill and decode of every row.")] = False,
+    compensate: Annotated[str, typer.Option(
+        help="Compensation axis, comma separated: every row is run with each (none, linear, cosine).")] = "none",
+    compensate_tokens: CompensateTokensOpt = 65536,
+    ridge: RidgeOpt = 1e-3,
     resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Reuse finished rows in OUT/rows/ "
                                          "computed with the same settings.")] = True,
     calib: CalibOpt = "default",
@@ -216,6 +222,7 @@ def bench(
 
     Method flags (e.g. --operator average) go to every listed method that takes them."""
     from ..bench import check_methods, run_bench, summary_line
+    from ..compensate import Compensation
     from ..errors import InputError
 
     names = check_methods(split_list(methods))
@@ -228,8 +235,9 @@ def bench(
         evaluation=evaluation(eval_, ppl_data=ppl_data, ppl_windows=ppl_windows, seq_len=seq_len, limit=limit,
                               num_fewshot=num_fewshot, task_dir=task_dir, piqa_dir=piqa_dir,
                               batch_size=batch_size, seed=seed, speed=speed),
-        method_options=options, batch_size=batch_size, dtype=dtype, device=device, resume=resume,
-        progress=not quiet,
+        method_options=options, compensations=split_list(compensate),
+        compensation=Compensation(tokens=compensate_tokens, ridge=ridge), batch_size=batch_size, dtype=dtype,
+        device=device, resume=resume, progress=not quiet,
     )
     typer.echo(result.markdown())
     typer.echo(summary_line(result))
