@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..compensate import DEFAULT_TOKENS
 from .app import app
 from .options import (
     BatchOpt,
@@ -205,7 +206,7 @@ def bench(
         "--speed/--no-speed", help="Also time prefill and decode of every row.")] = False,
     compensate: Annotated[str, typer.Option(
         help="Compensation axis, comma separated: every row is run with each (none, linear, cosine).")] = "none",
-    compensate_tokens: CompensateTokensOpt = 65536,
+    compensate_tokens: CompensateTokensOpt = DEFAULT_TOKENS,
     ridge: RidgeOpt = 1e-3,
     resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Reuse finished rows in OUT/rows/ "
                                          "computed with the same settings.")] = True,

@@ -14,6 +14,7 @@ from typing import Annotated, Optional
 import typer
 from typer.core import TyperCommand
 
+from ..compensate import DEFAULT_TOKENS
 from .app import app
 from .options import (
     BatchOpt,
@@ -130,7 +131,7 @@ def prune(
     remove_layers: Annotated[Optional[int], typer.Option(help="Number of layers to remove.")] = None,
     keep_layers: Annotated[Optional[int], typer.Option(help="Number of layers to keep.")] = None,
     compensate: CompensateOpt = "none",
-    compensate_tokens: CompensateTokensOpt = 65536,
+    compensate_tokens: CompensateTokensOpt = DEFAULT_TOKENS,
     ridge: RidgeOpt = 1e-3,
     calib_sentences: Annotated[Optional[Path], typer.Option(
         help="Calibration = these sentences, one per line (LaCo's few-shot set), instead of windows.")] = None,
@@ -209,6 +210,13 @@ def check_out(out: str, model: str, overwrite: bool, job) -> Path:
 
 def print_result(result) -> None:
     """What a job did, in a few lines: each stage, before/after metrics, where it was saved."""
+    candidates = result.plan.params.get("candidates", []) if result.plan is not None else []
+    if candidates:
+        objective = result.plan.params["objective"]
+        typer.echo(f"candidates ({objective} on {result.plan.params['heldout_windows']} held-out windows; "
+                   f"dense {result.plan.params['dense_heldout_loss']:.4f}):")
+        for c in sorted(candidates, key=lambda c: c["loss"]):
+            typer.echo(f"  {c['loss']:.4f}  {c['method']:<10} compensation {c['compensation']:<7} {c['plan']}")
     for record in result.stages:
         typer.echo(record.get("summary", record["stage"]))
     for name, entry in result.metrics().items():
@@ -224,13 +232,14 @@ def print_result(result) -> None:
 @quiet_when_asked
 def run(
     model: ModelOpt = "smollm2-135m",
-    method: Annotated[str, typer.Option(help="Pruning method.")] = "shortgpt",
+    method: Annotated[str, typer.Option(help="Pruning method (auto: the best of several, see `methods`).")] = "auto",
     ratio: Annotated[float, typer.Option(help="Fraction of layers to remove.")] = 0.25,
-    out: Annotated[str, typer.Option(help="Output directory.")] = "runs/smollm2-135m-shortgpt-0.25",
+    out: Annotated[str, typer.Option(help="Output directory.")] = "runs/smollm2-135m-auto-0.25",
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """The default job: prune 25% of SmolLM2-135M's layers, offline, with perplexity before and after."""
+    """The default job: the best 25%-shallower SmolLM2-135M depthprune can make (--method auto), offline, with
+    perplexity before and after."""
     from ..evaluate.suite import Evaluation, PerplexitySpec
     from ..job import DepthStage, Job, run_job
     from ..methods import Target, build_options

@@ -27,7 +27,7 @@ from typing import Any
 
 from torch import nn
 
-from ..compensate import Compensation, FITS, capture_targets, check_supported, compensated_stack, interfaces
+from ..compensate import DEFAULT_TOKENS, FITS, Compensation, capture_targets, check_supported, compensated_stack, interfaces
 from ..data.calibration import Calibration
 from ..engine.loss import OBJECTIVES, LossEngine
 from ..engine.merged import MergedLayer
@@ -47,7 +47,7 @@ class AutoOptions(MethodOptions):
                        f"{', '.join(FITS)}; none = no compensated candidates)")
     objective: str = option("kl", "how candidates are ranked on held-out windows: nll, or kl to the dense model",
                             choices=OBJECTIVES)
-    compensate_tokens: int = option(65536, "calibration tokens for each compensation fit")
+    compensate_tokens: int = option(DEFAULT_TOKENS, "calibration tokens for each compensation fit")
 
     def methods(self) -> list[str]:
         return [m.strip() for m in self.candidates.split(",") if m.strip()]
