@@ -10,49 +10,36 @@ import typer
 from ..compensate import DEFAULT_TOKENS
 from .app import app
 from .options import (
+    CALIBRATION,
+    EVALUATION,
+    MODEL,
+    ZEROSHOT,
     BatchOpt,
-    CalibOpt,
     CompensateTokensOpt,
-    DeviceOpt,
-    DtypeOpt,
-    EvalOpt,
-    FewshotOpt,
+    Given,
     JsonOpt,
-    LimitOpt,
-    ModelOpt,
-    PiqaDirOpt,
-    PplDataOpt,
-    PplWindowsOpt,
-    QuietOpt,
     RidgeOpt,
-    SamplesOpt,
     SeedOpt,
     SeqLenOpt,
-    TaskDirOpt,
-    calibration,
     check_json,
-    check_model,
     evaluation,
     load,
-    quiet_when_asked,
     split_list,
+    uses,
 )
 from .prune import METHOD_FLAGS, MethodOptionsHelp, method_flags
 
 
 @app.command("eval-ppl")
-@quiet_when_asked
+@uses(MODEL)
 def eval_ppl_cmd(
-    model: ModelOpt = "smollm2-135m",
+    given: Given = None,
     dataset: Annotated[str, typer.Option(
         help="default-heldout (shipped, offline), wikitext2, ptb (need the Hub), or a text file.")] = "default-heldout",
     seq_len: SeqLenOpt = 128,
     batch_size: BatchOpt = 8,
     max_windows: Annotated[int, typer.Option(help="Use at most this many windows (0 = all).")] = 0,
     json_out: JsonOpt = None,
-    dtype: DtypeOpt = None,
-    device: DeviceOpt = "cpu",
-    quiet: QuietOpt = False,
 ) -> None:
     """Perplexity on non-overlapping windows (BOS as the tokenizer adds it)."""
     from ..io import write_result
@@ -60,13 +47,13 @@ def eval_ppl_cmd(
     json_out = check_json(json_out)
     spec = evaluation("ppl", ppl_data=dataset, ppl_windows=max_windows, seq_len=seq_len,
                       batch_size=batch_size).perplexity
-    check_model(model, ("--seq-len", seq_len))
-    loaded = load(model, dtype, device, quiet)
-    res = spec.run(loaded.model, loaded.tokenizer, not quiet)
+    given.check_model(("--seq-len", seq_len))
+    loaded = given.load()
+    res = spec.run(loaded.model, loaded.tokenizer, not given.quiet)
     typer.echo(f"perplexity {res.perplexity:.3f}  ({res.windows} windows x {res.seq_len} tokens, "
                f"{res.tokens} scored tokens, {res.source})")
     if json_out:
-        write_result(json_out, {"model": model, **res.to_dict()})
+        write_result(json_out, {"model": given.model, **res.to_dict()})
 
 
 TasksOpt = Annotated[str, typer.Option(
@@ -76,20 +63,13 @@ TasksOpt = Annotated[str, typer.Option(
 
 
 @app.command("eval-zeroshot")
-@quiet_when_asked
+@uses(MODEL, ZEROSHOT)
 def eval_zeroshot_cmd(
-    model: ModelOpt = "smollm2-135m",
+    given: Given = None,
     tasks: TasksOpt = "paper",
-    limit: LimitOpt = None,
     batch_size: BatchOpt = 8,
-    num_fewshot: FewshotOpt = 0,
-    task_dir: TaskDirOpt = None,
-    piqa_dir: PiqaDirOpt = None,
     seed: SeedOpt = 1234,
     json_out: JsonOpt = None,
-    dtype: DtypeOpt = None,
-    device: DeviceOpt = "cpu",
-    quiet: QuietOpt = False,
 ) -> None:
     """Zero-shot accuracy through lm-evaluation-harness (the metric each paper reports, and the mean)."""
     from ..errors import InputError
@@ -98,26 +78,26 @@ def eval_zeroshot_cmd(
     if not split_list(tasks):
         raise InputError("no tasks given: name at least one lm-eval task, e.g. piqa_local")
     json_out = check_json(json_out)
-    spec = evaluation(tasks, limit=limit, num_fewshot=num_fewshot, task_dir=task_dir, piqa_dir=piqa_dir,
-                      batch_size=batch_size, seed=seed).zeroshot
-    check_model(model)
-    loaded = load(model, dtype, device, quiet)
-    result = spec.run(loaded.model, loaded.tokenizer, not quiet)
+    spec = evaluation(tasks, limit=given.limit, num_fewshot=given.num_fewshot, task_dir=given.task_dir,
+                      piqa_dir=given.piqa_dir, batch_size=batch_size, seed=seed).zeroshot
+    given.check_model()
+    loaded = given.load()
+    result = spec.run(loaded.model, loaded.tokenizer, not given.quiet)
     width = max(len(t) for t in spec.tasks)
     for name, score in result.scores.items():
         stderr = f" +- {score.stderr:.4f}" if score.stderr is not None else ""
         typer.echo(f"{name:{width}s}  {score.metric:8s} {score.value:.4f}{stderr}")
     n = spec.limit
     typer.echo(f"{'mean':{width}s}  {'':8s} {result.mean:.4f}  ({len(spec.tasks)} task"
-               f"{'s' * (len(spec.tasks) > 1)}, {num_fewshot}-shot, limit {n if n is not None else 'none'})")
+               f"{'s' * (len(spec.tasks) > 1)}, {given.num_fewshot}-shot, limit {n if n is not None else 'none'})")
     if json_out:
-        write_result(json_out, {"model": model, **result.to_dict()})
+        write_result(json_out, {"model": given.model, **result.to_dict()})
 
 
 @app.command("eval-speed")
-@quiet_when_asked
+@uses(MODEL)
 def eval_speed_cmd(
-    model: ModelOpt = "smollm2-135m",
+    given: Given = None,
     baseline: Annotated[Optional[str], typer.Option(
         help="Dense model to compare with (same sources as --model): prints both side by side.")] = None,
     prompt_len: Annotated[int, typer.Option(help="Prompt tokens (random ids, seeded).")] = 128,
@@ -128,9 +108,6 @@ def eval_speed_cmd(
     warmup: Annotated[int, typer.Option(help="Untimed runs first.")] = 2,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads for torch (default: torch's choice).")] = None,
     json_out: JsonOpt = None,
-    dtype: DtypeOpt = None,
-    device: DeviceOpt = "cpu",
-    quiet: QuietOpt = False,
 ) -> None:
     """Prefill latency and greedy decode throughput; with --baseline, measured speedup vs the ideal L/(L-k)."""
     import gc
@@ -141,19 +118,20 @@ def eval_speed_cmd(
     from ..evaluate.speed import compare_speed, measure_speed, speed_table
     from ..evaluate.suite import SpeedSpec
     from ..io import write_result
+    from .options import check_model
 
     workload = SpeedSpec(prompt_len, gen_len, batch_size, warmup, repeats)
     workload.check()
     if threads is not None and threads < 1:
         raise InputError(f"--threads must be at least 1, got {threads}")
     json_out = check_json(json_out)
-    for source in filter(None, (baseline, model)):
+    for source in filter(None, (baseline, given.model)):
         check_model(source, ("--prompt-len + --gen-len", prompt_len + gen_len + 1))
     if threads:
         torch.set_num_threads(threads)
 
     def measure(source: str):
-        loaded = load(source, dtype, device, quiet)
+        loaded = load(source, given.dtype, given.device, given.quiet)
         ckpt = loaded.path if Path(loaded.path).is_dir() else None
         result = measure_speed(loaded.model, loaded.tokenizer, checkpoint_dir=ckpt, **vars(workload))
         del loaded
@@ -161,8 +139,8 @@ def eval_speed_cmd(
         return result
 
     dense = measure(baseline) if baseline else None
-    pruned = measure(model)
-    data: dict = {"model": model, "baseline": baseline, "threads": torch.get_num_threads(),
+    pruned = measure(given.model)
+    data: dict = {"model": given.model, "baseline": baseline, "threads": torch.get_num_threads(),
                   "result": pruned.to_dict()}
     if dense is None:
         size = f", checkpoint {pruned.checkpoint_bytes / 1e6:.1f} MB" if pruned.checkpoint_bytes else ""
@@ -187,21 +165,14 @@ def parse_ratios(value: str) -> list[float]:
 
 
 @app.command(context_settings=METHOD_FLAGS, cls=MethodOptionsHelp)
-@quiet_when_asked
+@uses(MODEL, CALIBRATION, EVALUATION.with_defaults(eval_="ppl"))
 def bench(
     ctx: typer.Context,
-    model: ModelOpt = "smollm2-135m",
+    given: Given = None,
     methods: Annotated[str, typer.Option(
         help="Comma-separated methods (see `depthprune methods`).")] = "shortgpt,angular",
     ratios: Annotated[str, typer.Option(help="Comma-separated fractions of layers to remove.")] = "0.25",
     out: Annotated[Optional[str], typer.Option(help="Directory for results.json/.md/.png and rows/.")] = None,
-    eval_: EvalOpt = "ppl",
-    ppl_data: PplDataOpt = "default-heldout",
-    ppl_windows: PplWindowsOpt = 40,
-    limit: LimitOpt = None,
-    num_fewshot: FewshotOpt = 0,
-    task_dir: TaskDirOpt = None,
-    piqa_dir: PiqaDirOpt = None,
     speed: Annotated[bool, typer.Option(
         "--speed/--no-speed", help="Also time prefill and decode of every row.")] = False,
     compensate: Annotated[str, typer.Option(
@@ -210,14 +181,7 @@ def bench(
     ridge: RidgeOpt = 1e-3,
     resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Reuse finished rows in OUT/rows/ "
                                          "computed with the same settings.")] = True,
-    calib: CalibOpt = "default",
-    calib_samples: SamplesOpt = 10,
-    seq_len: SeqLenOpt = 128,
-    seed: SeedOpt = 1234,
     batch_size: BatchOpt = 8,
-    dtype: DtypeOpt = None,
-    device: DeviceOpt = "cpu",
-    quiet: QuietOpt = False,
 ) -> None:
     """Compare methods at several depths: every method x ratio plus dense, as a table, JSON and a plot.
 
@@ -231,14 +195,12 @@ def bench(
     if out is None:
         raise InputError("--out is required: the directory for results.json, results.md and the plot")
     result = run_bench(
-        model, names, parse_ratios(ratios), out,
-        calibration=calibration(calib, calib_samples, seq_len, seed),
-        evaluation=evaluation(eval_, ppl_data=ppl_data, ppl_windows=ppl_windows, seq_len=seq_len, limit=limit,
-                              num_fewshot=num_fewshot, task_dir=task_dir, piqa_dir=piqa_dir,
-                              batch_size=batch_size, seed=seed, speed=speed),
+        given.model, names, parse_ratios(ratios), out,
+        calibration=given.calibration_spec(),
+        evaluation=given.evaluation_spec(batch_size=batch_size, speed=speed),
         method_options=options, compensations=split_list(compensate),
-        compensation=Compensation(tokens=compensate_tokens, ridge=ridge), batch_size=batch_size, dtype=dtype,
-        device=device, resume=resume, progress=not quiet,
+        compensation=Compensation(tokens=compensate_tokens, ridge=ridge), batch_size=batch_size,
+        dtype=given.dtype, device=given.device, resume=resume, progress=not given.quiet,
     )
     typer.echo(result.markdown())
     typer.echo(summary_line(result))

@@ -1,22 +1,28 @@
 """Options shared by several commands, declared once, and the helpers that turn them into API objects.
 
-Groups: the model (``--model``, ``--dtype``, ``--device``), calibration
-(``--calib``, ``--calib-samples``, ``--seq-len``, ``--seed``), evaluation
-(``--eval``, ``--ppl-data``, ``--ppl-windows``, ``--limit``, ``--num-fewshot``,
-``--task-dir``, ``--piqa-dir``) and output (``--out``, ``--overwrite``,
-``--json``). The same word means the same thing in every command:
-``--batch-size`` is always sequences per forward pass, and ``--max-steps 0``
-always means "train for ``--epochs`` instead".
+Option groups (:data:`MODEL`, :data:`CALIBRATION`, :data:`ZEROSHOT`,
+:data:`EVALUATION`, :data:`COMPENSATION`) are added to a command by the
+:func:`uses` decorator, which hands the command their values as one
+:class:`Given` object with builders (``given.load()``,
+``given.calibration_spec()``, ``given.evaluation_spec(...)``): a shared option
+is declared here once, not in every command's signature. The same word means
+the same thing in every command: ``--batch-size`` is always sequences per
+forward pass, and ``--max-steps 0`` always means "train for ``--epochs``
+instead".
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
+from dataclasses import dataclass, replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Annotated, Any, Callable, Optional
 
 import typer
 
+from ..compensate import DEFAULT_TOKENS
 from ..errors import InputError
 
 if TYPE_CHECKING:
@@ -123,18 +129,6 @@ def check_model(model: str, *seq_lens: tuple[str, int]) -> dict | None:
     return config
 
 
-def quiet_when_asked(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Run a command with transformers', the Hub's and datasets' progress bars off when ``--quiet`` is given."""
-    from ..models.load import quiet_transformers
-
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        with quiet_transformers(bool(kwargs.get("quiet"))):
-            return command(*args, **kwargs)
-
-    return wrapper
-
-
 def check_json(path: str | None) -> Path | None:
     from ..io import check_output_file
 
@@ -201,3 +195,87 @@ def evaluation(
         speed=SpeedSpec() if speed else None,
     )
     return result.check()
+
+
+# ------------------------------------------------------------------ option groups
+
+
+@dataclass(frozen=True)
+class OptionGroup:
+    """Options several commands share: (name, annotated type, default) each."""
+
+    options: tuple[tuple[str, Any, Any], ...]
+
+    def with_defaults(self, **defaults: Any) -> "OptionGroup":
+        unknown = set(defaults) - {name for name, _, _ in self.options}
+        if unknown:
+            raise KeyError(f"no such options in the group: {sorted(unknown)}")
+        return replace(self, options=tuple((n, t, defaults.get(n, d)) for n, t, d in self.options))
+
+    def __add__(self, other: "OptionGroup") -> "OptionGroup":
+        return OptionGroup(self.options + other.options)
+
+    def parameters(self) -> list[inspect.Parameter]:
+        return [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=d, annotation=t)
+                for n, t, d in self.options]
+
+
+MODEL = OptionGroup((("model", ModelOpt, "smollm2-135m"), ("dtype", DtypeOpt, None), ("device", DeviceOpt, "cpu"),
+                     ("quiet", QuietOpt, False)))
+CALIBRATION = OptionGroup((("calib", CalibOpt, "default"), ("calib_samples", SamplesOpt, 10),
+                           ("seq_len", SeqLenOpt, 128), ("seed", SeedOpt, 1234)))
+ZEROSHOT = OptionGroup((("limit", LimitOpt, None), ("num_fewshot", FewshotOpt, 0), ("task_dir", TaskDirOpt, None),
+                        ("piqa_dir", PiqaDirOpt, None)))
+EVALUATION = OptionGroup((("eval_", EvalOpt, None), ("ppl_data", PplDataOpt, "default-heldout"),
+                          ("ppl_windows", PplWindowsOpt, 40))) + ZEROSHOT
+COMPENSATION = OptionGroup((("compensate", CompensateOpt, "none"),
+                            ("compensate_tokens", CompensateTokensOpt, DEFAULT_TOKENS), ("ridge", RidgeOpt, 1e-3)))
+
+
+class Given(SimpleNamespace):
+    """The values of the option groups a command uses, and what they build."""
+
+    def load(self) -> "LoadedModel":
+        return load(self.model, self.dtype, self.device, self.quiet)
+
+    def check_model(self, *seq_lens: tuple[str, int]) -> dict | None:
+        return check_model(self.model, *seq_lens)
+
+    def calibration_spec(self, sentences_file: Path | None = None) -> "CalibrationSpec":
+        return calibration(self.calib, self.calib_samples, self.seq_len, self.seed, sentences_file)
+
+    def evaluation_spec(self, *, batch_size: int, seq_len: int | None = None, seed: int | None = None,
+                        speed: bool = False) -> "Evaluation":
+        return evaluation(self.eval_, ppl_data=self.ppl_data, ppl_windows=self.ppl_windows,
+                          seq_len=seq_len or getattr(self, "seq_len", 128), limit=self.limit,
+                          num_fewshot=self.num_fewshot, task_dir=self.task_dir, piqa_dir=self.piqa_dir,
+                          batch_size=batch_size, seed=seed or getattr(self, "seed", 1234), speed=speed)
+
+    def compensation_spec(self):
+        return compensation(self.compensate, self.compensate_tokens, self.ridge)
+
+
+def uses(*groups: OptionGroup) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Add the options of ``groups`` to a command; it receives their values as ``given`` (a :class:`Given`).
+
+    With ``--quiet`` among them, the command also runs with transformers', the Hub's and datasets' progress
+    bars off.
+    """
+    from ..models.load import quiet_transformers
+
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        signature = inspect.signature(command, eval_str=True)
+        own = [p for p in signature.parameters.values() if p.name != "given"]
+        added = [p for group in groups for p in group.parameters()]
+
+        @functools.wraps(command)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            given = Given(**{p.name: kwargs.pop(p.name) for p in added})
+            with quiet_transformers(bool(getattr(given, "quiet", False))):
+                return command(*args, given=given, **kwargs)
+
+        wrapper.__signature__ = signature.replace(parameters=own + added)
+        wrapper.__annotations__ = {p.name: p.annotation for p in own + added}
+        return wrapper
+
+    return decorate

@@ -14,37 +14,22 @@ from typing import Annotated, Optional
 import typer
 from typer.core import TyperCommand
 
-from ..compensate import DEFAULT_TOKENS
 from .app import app
 from .options import (
+    CALIBRATION,
+    COMPENSATION,
+    EVALUATION,
+    MODEL,
     BatchOpt,
-    CalibOpt,
-    CompensateOpt,
-    CompensateTokensOpt,
-    DeviceOpt,
-    DtypeOpt,
-    EvalOpt,
-    FewshotOpt,
-    LimitOpt,
+    Given,
     ModelOpt,
     OutOpt,
     OverwriteOpt,
-    PiqaDirOpt,
-    PplDataOpt,
-    PplWindowsOpt,
     QuietOpt,
-    RidgeOpt,
-    SamplesOpt,
-    SeedOpt,
-    SeqLenOpt,
-    TaskDirOpt,
-    calibration,
     check_model,
-    compensation,
-    evaluation,
     load,
-    quiet_when_asked,
     require_out,
+    uses,
 )
 
 METHOD_FLAGS = {"allow_extra_args": True, "ignore_unknown_options": True}
@@ -68,6 +53,14 @@ def method_flags(ctx: typer.Context, methods: list[str], command: str) -> dict[s
     return parse_flags(list(ctx.args), methods, command=command)
 
 
+def check_batch(batch_size: int) -> int:
+    from ..errors import InputError
+
+    if batch_size < 1:
+        raise InputError(f"--batch-size must be at least 1, got {batch_size}")
+    return batch_size
+
+
 @app.command("methods")
 def methods_cmd() -> None:
     """List the pruning methods with their options, defaults and help."""
@@ -77,19 +70,12 @@ def methods_cmd() -> None:
 
 
 @app.command()
-@quiet_when_asked
+@uses(MODEL, CALIBRATION)
 def score(
-    model: ModelOpt = "smollm2-135m",
+    given: Given = None,
     metric: Annotated[str, typer.Option(help="bi (ShortGPT Block Influence) or angular (Gromov et al.).")] = "bi",
     out: Annotated[Optional[str], typer.Option(help="Directory for scores.json and scores.png.")] = None,
-    calib: CalibOpt = "default",
-    calib_samples: SamplesOpt = 10,
-    seq_len: SeqLenOpt = 128,
-    seed: SeedOpt = 1234,
     batch_size: BatchOpt = 8,
-    dtype: DtypeOpt = None,
-    device: DeviceOpt = "cpu",
-    quiet: QuietOpt = False,
 ) -> None:
     """Score every layer's redundancy (low score = safe to remove) and save JSON + a bar chart."""
     from ..analysis.stats import METRICS, layer_statistics
@@ -99,40 +85,36 @@ def score(
 
     if metric not in METRICS:
         raise InputError(f"unknown metric {metric!r}: use one of {', '.join(METRICS)}")
-    if batch_size < 1:
-        raise InputError(f"--batch-size must be at least 1, got {batch_size}")
-    spec = calibration(calib, calib_samples, seq_len, seed).check()
+    check_batch(batch_size)
+    spec = given.calibration_spec().check()
     if out is not None:
-        out = check_output_dir(out, inputs=[model], kind="scores")
-    check_model(model, ("--seq-len", seq_len))
-    loaded = load(model, dtype, device, quiet)
+        out = check_output_dir(out, inputs=[given.model], kind="scores")
+    given.check_model(("--seq-len", given.seq_len))
+    loaded = given.load()
     stats = layer_statistics(loaded.model, spec.windows(loaded.tokenizer), batch_size=batch_size,
-                             progress=not quiet)
+                             progress=not given.quiet)
     values = stats.scores(metric)
     order = sorted(range(len(values)), key=lambda i: values[i])
     for i, v in enumerate(values):
         typer.echo(f"layer {i:3d}  {metric}={v:.5f}  rank={order.index(i) + 1}")
     if out is not None:
         prepare_dir(out, "scores")
-        write_json(out / "scores.json", {"model": model, "metric": metric, "scores": values,
+        write_json(out / "scores.json", {"model": given.model, "metric": metric, "scores": values,
                                           "tokens": stats.tokens, "calibration": stats.calibration})
-        plot_layer_scores(values, out / "scores.png", metric=metric, title=f"{model}: {metric}")
+        plot_layer_scores(values, out / "scores.png", metric=metric, title=f"{given.model}: {metric}")
         typer.echo(f"wrote {out / 'scores.json'} and {out / 'scores.png'}")
 
 
 @app.command(context_settings=METHOD_FLAGS, cls=MethodOptionsHelp)
-@quiet_when_asked
+@uses(MODEL, CALIBRATION, COMPENSATION, EVALUATION)
 def prune(
     ctx: typer.Context,
-    model: ModelOpt = "smollm2-135m",
+    given: Given = None,
     method: Annotated[str, typer.Option(help="Pruning method (see `depthprune methods`).")] = "shortgpt",
     out: OutOpt = None,
     ratio: Annotated[Optional[float], typer.Option(help="Fraction of layers to remove, in (0, 1).")] = None,
     remove_layers: Annotated[Optional[int], typer.Option(help="Number of layers to remove.")] = None,
     keep_layers: Annotated[Optional[int], typer.Option(help="Number of layers to keep.")] = None,
-    compensate: CompensateOpt = "none",
-    compensate_tokens: CompensateTokensOpt = DEFAULT_TOKENS,
-    ridge: RidgeOpt = 1e-3,
     calib_sentences: Annotated[Optional[Path], typer.Option(
         help="Calibration = these sentences, one per line (LaCo's few-shot set), instead of windows.")] = None,
     then_width: Annotated[Optional[float], typer.Option(
@@ -141,7 +123,7 @@ def prune(
         help="Width stage: fraction of key/value groups (with their query heads) to remove.")] = 0.0,
     width_scorer: Annotated[str, typer.Option(help="Width stage scorer: taylor, wanda or magnitude.")] = "taylor",
     heal: Annotated[Optional[str], typer.Option(
-        help="Heal with LoRA after pruning on this data (alpaca .json/.jsonl, .txt, or alpaca-cleaned).")] = None,
+        help="Heal after pruning on this data (alpaca .json/.jsonl, .txt, or alpaca-cleaned).")] = None,
     heal_max_steps: Annotated[int, typer.Option(help="Healing: optimizer steps (0 = --heal-epochs).")] = 0,
     heal_epochs: Annotated[float, typer.Option(help="Healing: epochs when --heal-max-steps is 0.")] = 2.0,
     heal_train_layers: Annotated[str, typer.Option(
@@ -150,23 +132,9 @@ def prune(
         "--heal-distill/--no-heal-distill", help="Healing: distil from the dense model (KL) instead of the LM "
         "loss.")] = False,
     overwrite: OverwriteOpt = False,
-    eval_: EvalOpt = None,
-    ppl_data: PplDataOpt = "default-heldout",
-    ppl_windows: PplWindowsOpt = 40,
-    limit: LimitOpt = None,
-    num_fewshot: FewshotOpt = 0,
-    task_dir: TaskDirOpt = None,
-    piqa_dir: PiqaDirOpt = None,
-    calib: CalibOpt = "default",
-    calib_samples: SamplesOpt = 10,
-    seq_len: SeqLenOpt = 128,
-    seed: SeedOpt = 1234,
     batch_size: BatchOpt = 8,
-    dtype: DtypeOpt = None,
-    device: DeviceOpt = "cpu",
-    quiet: QuietOpt = False,
 ) -> None:
-    """Plan with a method, remove/merge layers (then optionally width-prune and heal), save a plain
+    """Plan with a method, remove/merge layers (then optionally compensate, width-prune and heal), save a plain
     transformers checkpoint with its plan and report."""
     from ..job import DepthStage, HealStage, Job, WidthStage, run_job
     from ..methods import Target, build_options, get_method
@@ -174,7 +142,7 @@ def prune(
     get_method(method)
     options = build_options(method, method_flags(ctx, [method], "prune")[method])
     stages: list = [DepthStage(method, Target(ratio, remove_layers, keep_layers), options,
-                               compensation(compensate, compensate_tokens, ridge))]
+                               given.compensation_spec())]
     if then_width is not None or then_width_heads:
         stages.append(WidthStage(then_width or 0.0, then_width_heads, width_scorer))
     if heal is not None:
@@ -182,15 +150,11 @@ def prune(
 
         stages.append(HealStage(heal, HealConfig(max_steps=heal_max_steps, epochs=heal_epochs,
                                                  train_layers=heal_train_layers, distill=heal_distill,
-                                                 progress=not quiet)))
-    job = Job(stages, calibration(calib, calib_samples, seq_len, seed, calib_sentences),
-              evaluation(eval_, ppl_data=ppl_data, ppl_windows=ppl_windows, seq_len=seq_len, limit=limit,
-                         num_fewshot=num_fewshot, task_dir=task_dir, piqa_dir=piqa_dir, batch_size=batch_size,
-                         seed=seed),
-              batch_size=batch_size, progress=not quiet).check()
-    out = check_out(require_out(out), model, overwrite, job)
-    result = run_job(load(model, dtype, device, quiet), job, out=out, overwrite=overwrite)
-    print_result(result)
+                                                 progress=not given.quiet)))
+    job = Job(stages, given.calibration_spec(calib_sentences), given.evaluation_spec(batch_size=batch_size),
+              batch_size=batch_size, progress=not given.quiet).check()
+    out = check_out(require_out(out), given.model, overwrite, job)
+    print_result(run_job(given.load(), job, out=out, overwrite=overwrite))
 
 
 def check_out(out: str, model: str, overwrite: bool, job) -> Path:
@@ -229,7 +193,6 @@ def print_result(result) -> None:
 
 
 @app.command()
-@quiet_when_asked
 def run(
     model: ModelOpt = "smollm2-135m",
     method: Annotated[str, typer.Option(help="Pruning method (auto: the best of several, see `methods`).")] = "auto",
@@ -243,31 +206,25 @@ def run(
     from ..evaluate.suite import Evaluation, PerplexitySpec
     from ..job import DepthStage, Job, run_job
     from ..methods import Target, build_options
+    from ..models.load import quiet_transformers
 
     job = Job([DepthStage(method, Target(ratio=ratio), build_options(method))],
               evaluation=Evaluation(perplexity=PerplexitySpec()), progress=not quiet).check()
     out = check_out(out, model, overwrite, job)
-    result = run_job(load(model, None, "cpu", quiet), job, out=out, overwrite=overwrite)
-    print_result(result)
+    with quiet_transformers(quiet):
+        print_result(run_job(load(model, None, "cpu", quiet), job, out=out, overwrite=overwrite))
 
 
 @app.command()
-@quiet_when_asked
+@uses(MODEL, CALIBRATION)
 def analyze(
-    model: ModelOpt = "smollm2-135m",
+    given: Given = None,
     out: Annotated[str, typer.Option(help="Directory for cka.json, cka.npy and cka.png.")] = "analysis",
     kernel: Annotated[str, typer.Option(help="CKA kernel: linear or rbf (median-heuristic bandwidth).")] = "linear",
     plan: Annotated[Optional[Path], typer.Option(
         help="A depthprune_plan.json (or a pruned checkpoint directory) whose merged/removed windows "
         "are outlined on the heatmap.")] = None,
-    calib: CalibOpt = "default",
-    calib_samples: SamplesOpt = 10,
-    seq_len: SeqLenOpt = 128,
-    seed: SeedOpt = 1234,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per CKA minibatch.")] = 2,
-    dtype: DtypeOpt = None,
-    device: DeviceOpt = "cpu",
-    quiet: QuietOpt = False,
 ) -> None:
     """Layer x layer CKA of layer outputs (SLM's "patches" analysis): JSON, NPY and a heatmap."""
     import numpy as np
@@ -282,24 +239,23 @@ def analyze(
 
     if kernel not in ("linear", "rbf"):
         raise InputError(f"unknown kernel {kernel!r}: use linear or rbf")
-    if batch_size < 1:
-        raise InputError(f"--batch-size must be at least 1, got {batch_size}")
-    spec = calibration(calib, calib_samples, seq_len, seed).check()
-    out = check_output_dir(out, inputs=[model], kind="analysis")
+    check_batch(batch_size)
+    spec = given.calibration_spec().check()
+    out = check_output_dir(out, inputs=[given.model], kind="analysis")
     loaded_plan = Plan.load(plan) if plan is not None else None
-    config = check_model(model, ("--seq-len", seq_len))
+    config = given.check_model(("--seq-len", given.seq_len))
     if loaded_plan is not None and config is not None:
-        loaded_plan.check_model_depth(config_num_layers(config), f"--model {model}")
-    loaded = load(model, dtype, device, quiet)
+        loaded_plan.check_model_depth(config_num_layers(config), f"--model {given.model}")
+    loaded = given.load()
     windows = None
     if loaded_plan is not None:
-        loaded_plan.check_model_depth(num_layers(loaded.model), f"--model {model}")
+        loaded_plan.check_model_depth(num_layers(loaded.model), f"--model {given.model}")
         windows = [(m.low, m.high) for m in loaded_plan.merges] + [(i, i) for i in loaded_plan.remove]
     result = layer_similarity(loaded.model, spec.windows(loaded.tokenizer), kernel=kernel, batch_size=batch_size,
-                              progress=not quiet)
+                              progress=not given.quiet)
     prepare_dir(out, "analysis")
-    write_json(out / "cka.json", {"model": model, **result.to_dict()})
+    write_json(out / "cka.json", {"model": given.model, **result.to_dict()})
     atomic_write(out / "cka.npy", lambda stream: np.save(stream, result.matrix))
-    plot_cka_heatmap(result.matrix, out / "cka.png", title=f"{model}: {kernel} CKA of layer outputs",
+    plot_cka_heatmap(result.matrix, out / "cka.png", title=f"{given.model}: {kernel} CKA of layer outputs",
                      merged_windows=windows)
     typer.echo(f"wrote {out / 'cka.json'}, {out / 'cka.npy'} and {out / 'cka.png'}")

@@ -2,45 +2,33 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from .app import app
 from .options import (
+    CALIBRATION,
+    EVALUATION,
+    MODEL,
     BatchOpt,
-    CalibOpt,
-    DeviceOpt,
-    DtypeOpt,
-    EvalOpt,
-    FewshotOpt,
-    LimitOpt,
-    ModelOpt,
+    DistillOpt,
+    Given,
     OutOpt,
     OverwriteOpt,
-    PiqaDirOpt,
-    PplDataOpt,
-    PplWindowsOpt,
-    QuietOpt,
-    SamplesOpt,
-    SeedOpt,
     SeqLenOpt,
-    TaskDirOpt,
-    DistillOpt,
     TrainLayersOpt,
-    calibration,
     check_model,
-    evaluation,
-    load,
-    quiet_when_asked,
     require_out,
+    uses,
 )
 from .prune import check_out, print_result
 
 
 def recorded_source(model: str) -> str:
     """The dense model an input checkpoint was pruned from, as its depthprune plan records it."""
+    from pathlib import Path
+
     from ..heal import HealError
     from ..plan import PLAN_FILE, Plan
 
@@ -53,9 +41,9 @@ def recorded_source(model: str) -> str:
 
 
 @app.command("heal")
-@quiet_when_asked
+@uses(MODEL, EVALUATION)
 def heal_cmd(
-    model: ModelOpt = "smollm2-135m",
+    given: Given = None,
     data: Annotated[str, typer.Option(
         help="alpaca-cleaned (yahma/alpaca-cleaned via datasets; needs the Hub), another alpaca-layout hub "
         "id, a local alpaca .json/.jsonl file (instruction/input/output), or a .txt file (plain LM loss "
@@ -99,19 +87,10 @@ def heal_cmd(
     teacher: Annotated[Optional[str], typer.Option(
         help="Distillation teacher (the dense model; default: the source recorded in the input's plan).")] = None,
     overwrite: OverwriteOpt = False,
-    eval_: EvalOpt = None,
-    ppl_data: PplDataOpt = "default-heldout",
-    ppl_windows: PplWindowsOpt = 40,
-    limit: LimitOpt = None,
-    num_fewshot: FewshotOpt = 0,
-    task_dir: TaskDirOpt = None,
-    piqa_dir: PiqaDirOpt = None,
     seq_len: SeqLenOpt = 128,
-    dtype: DtypeOpt = None,
-    device: DeviceOpt = "cpu",
-    quiet: QuietOpt = False,
 ) -> None:
-    """Heal a pruned model with LoRA (PEFT + transformers Trainer), merge the adapter, save a plain checkpoint."""
+    """Heal a pruned model (LoRA or its last layers, on LM loss or distilled from the dense model), save a plain
+    checkpoint."""
     from ..heal import HealConfig
     from ..io import check_output_dir
     from ..job import HealStage, Job, run_job
@@ -121,28 +100,26 @@ def heal_cmd(
         batch_size=batch_size, grad_accum=grad_accum, cutoff_len=cutoff_len, val_size=val_size,
         eval_steps=eval_steps, train_on=train_on, max_items=max_items, seed=seed, qlora=qlora,
         train_layers=train_layers, distill=distill, distill_alpha=distill_alpha, temperature=temperature,
-        distill_top_k=distill_top_k, progress=not quiet,
+        distill_top_k=distill_top_k, progress=not given.quiet,
     )
     if distill and teacher is None:
-        teacher = recorded_source(model)
+        teacher = recorded_source(given.model)
     stage = HealStage(data, config, work_dir=work_dir, resume=resume, save_adapter=save_adapter,
                       keep_checkpoints=keep_checkpoints, teacher=teacher)
-    job = Job([stage], evaluation=evaluation(eval_, ppl_data=ppl_data, ppl_windows=ppl_windows, seq_len=seq_len,
-                                             limit=limit, num_fewshot=num_fewshot, task_dir=task_dir,
-                                             piqa_dir=piqa_dir),
-              progress=not quiet).check()
-    out = check_out(require_out(out), model, overwrite, job)
+    job = Job([stage], evaluation=given.evaluation_spec(batch_size=8, seq_len=seq_len),
+              progress=not given.quiet).check()
+    out = check_out(require_out(out), given.model, overwrite, job)
     if work_dir is not None:
-        check_output_dir(work_dir, inputs=[model, out], kind="work", option="--work-dir")
+        check_output_dir(work_dir, inputs=[given.model, out], kind="work", option="--work-dir")
     if teacher is not None:
         check_model(teacher)
-    print_result(run_job(load(model, dtype, device, quiet), job, out=out, overwrite=overwrite))
+    print_result(run_job(given.load(), job, out=out, overwrite=overwrite))
 
 
 @app.command("width")
-@quiet_when_asked
+@uses(MODEL, CALIBRATION, EVALUATION)
 def width_cmd(
-    model: ModelOpt = "smollm2-135m",
+    given: Given = None,
     out: OutOpt = None,
     ratio_mlp: Annotated[float, typer.Option(
         help="Fraction of MLP channels removed in every layer, in [0, 1).")] = 0.2,
@@ -151,29 +128,12 @@ def width_cmd(
     scorer: Annotated[str, typer.Option(
         help="magnitude (weight L2 norm), wanda (|W| x input-activation norm) or taylor (|W x dL/dW|).")] = "magnitude",
     overwrite: OverwriteOpt = False,
-    eval_: EvalOpt = None,
-    ppl_data: PplDataOpt = "default-heldout",
-    ppl_windows: PplWindowsOpt = 40,
-    limit: LimitOpt = None,
-    num_fewshot: FewshotOpt = 0,
-    task_dir: TaskDirOpt = None,
-    piqa_dir: PiqaDirOpt = None,
-    calib: CalibOpt = "default",
-    calib_samples: SamplesOpt = 10,
-    seq_len: SeqLenOpt = 128,
-    seed: SeedOpt = 1234,
     batch_size: BatchOpt = 8,
-    dtype: DtypeOpt = None,
-    device: DeviceOpt = "cpu",
-    quiet: QuietOpt = False,
 ) -> None:
     """Structured width pruning: remove MLP channels / attention groups uniformly in every layer, save."""
     from ..job import Job, WidthStage, run_job
 
-    job = Job([WidthStage(ratio_mlp, ratio_heads, scorer)], calibration(calib, calib_samples, seq_len, seed),
-              evaluation(eval_, ppl_data=ppl_data, ppl_windows=ppl_windows, seq_len=seq_len, limit=limit,
-                         num_fewshot=num_fewshot, task_dir=task_dir, piqa_dir=piqa_dir, batch_size=batch_size,
-                         seed=seed),
-              batch_size=batch_size, progress=not quiet).check()
-    out = check_out(require_out(out), model, overwrite, job)
-    print_result(run_job(load(model, dtype, device, quiet), job, out=out, overwrite=overwrite))
+    job = Job([WidthStage(ratio_mlp, ratio_heads, scorer)], given.calibration_spec(),
+              given.evaluation_spec(batch_size=batch_size), batch_size=batch_size, progress=not given.quiet).check()
+    out = check_out(require_out(out), given.model, overwrite, job)
+    print_result(run_job(given.load(), job, out=out, overwrite=overwrite))
