@@ -41,6 +41,7 @@ from .options import (
     quiet_when_asked,
     require_out,
 )
+from .streaming import MaxMemoryOpt, PushOpt, StreamOpt, run_checkpoint_job, say, streaming_choice
 
 METHOD_FLAGS = {"allow_extra_args": True, "ignore_unknown_options": True}
 
@@ -85,6 +86,8 @@ def score(
     dtype: DtypeOpt = None,
     device: DeviceOpt = "cpu",
     quiet: QuietOpt = False,
+    stream: StreamOpt = None,
+    max_memory: MaxMemoryOpt = None,
 ) -> None:
     """Score every layer's redundancy (low score = safe to remove) and save JSON + a bar chart."""
     from ..analysis.stats import METRICS, layer_statistics
@@ -100,9 +103,17 @@ def score(
     if out is not None:
         out = check_output_dir(out, inputs=[model], kind="scores")
     check_model(model, ("--seq-len", seq_len))
-    loaded = load(model, dtype, device, quiet)
-    stats = layer_statistics(loaded.model, spec.windows(loaded.tokenizer), batch_size=batch_size,
-                             progress=not quiet)
+    streamed, budget, _ = streaming_choice(model, stream, max_memory, dtype, device)
+    if streamed:
+        from ..stream import load_streamed, streamed_layer_statistics
+
+        sm = load_streamed(model, dtype=dtype, device=device, progress=not quiet)
+        stats = streamed_layer_statistics(sm, spec.windows(sm.tokenizer), batch_size=batch_size,
+                                          progress=not quiet, max_memory=budget, report=None if quiet else say)
+    else:
+        loaded = load(model, dtype, device, quiet)
+        stats = layer_statistics(loaded.model, spec.windows(loaded.tokenizer), batch_size=batch_size,
+                                 progress=not quiet)
     values = stats.scores(metric)
     order = sorted(range(len(values)), key=lambda i: values[i])
     for i, v in enumerate(values):
@@ -152,10 +163,13 @@ def prune(
     dtype: DtypeOpt = None,
     device: DeviceOpt = "cpu",
     quiet: QuietOpt = False,
+    stream: StreamOpt = None,
+    max_memory: MaxMemoryOpt = None,
+    push_to_hub: PushOpt = None,
 ) -> None:
     """Plan with a method, remove/merge layers (then optionally width-prune and heal), save a plain
     transformers checkpoint with its plan and report."""
-    from ..job import DepthStage, HealStage, Job, WidthStage, run_job
+    from ..job import DepthStage, HealStage, Job, WidthStage
     from ..methods import Target, build_options, get_method
 
     get_method(method)
@@ -174,8 +188,8 @@ def prune(
                          seed=seed),
               batch_size=batch_size, progress=not quiet).check()
     out = check_out(require_out(out), model, overwrite, job)
-    result = run_job(load(model, dtype, device, quiet), job, out=out, overwrite=overwrite)
-    print_result(result)
+    run_checkpoint_job(job, model=model, out=out, overwrite=overwrite, dtype=dtype, device=device, quiet=quiet,
+                       stream=stream, max_memory=max_memory, push_to_hub=push_to_hub)
 
 
 def check_out(out: str, model: str, overwrite: bool, job) -> Path:
@@ -209,17 +223,20 @@ def run(
     out: Annotated[str, typer.Option(help="Output directory.")] = "runs/smollm2-135m-shortgpt-0.25",
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
+    stream: StreamOpt = None,
+    max_memory: MaxMemoryOpt = None,
+    push_to_hub: PushOpt = None,
 ) -> None:
     """The default job: prune 25% of SmolLM2-135M's layers, offline, with perplexity before and after."""
     from ..evaluate.suite import Evaluation, PerplexitySpec
-    from ..job import DepthStage, Job, run_job
+    from ..job import DepthStage, Job
     from ..methods import Target, build_options
 
     job = Job([DepthStage(method, Target(ratio=ratio), build_options(method))],
               evaluation=Evaluation(perplexity=PerplexitySpec()), progress=not quiet).check()
     out = check_out(out, model, overwrite, job)
-    result = run_job(load(model, None, "cpu", quiet), job, out=out, overwrite=overwrite)
-    print_result(result)
+    run_checkpoint_job(job, model=model, out=out, overwrite=overwrite, dtype=None, device="cpu", quiet=quiet,
+                       stream=stream, max_memory=max_memory, push_to_hub=push_to_hub)
 
 
 @app.command()
@@ -239,6 +256,8 @@ def analyze(
     dtype: DtypeOpt = None,
     device: DeviceOpt = "cpu",
     quiet: QuietOpt = False,
+    stream: StreamOpt = None,
+    max_memory: MaxMemoryOpt = None,
 ) -> None:
     """Layer x layer CKA of layer outputs (SLM's "patches" analysis): JSON, NPY and a heatmap."""
     import numpy as np
@@ -261,13 +280,26 @@ def analyze(
     config = check_model(model, ("--seq-len", seq_len))
     if loaded_plan is not None and config is not None:
         loaded_plan.check_model_depth(config_num_layers(config), f"--model {model}")
-    loaded = load(model, dtype, device, quiet)
+    streamed, budget, _ = streaming_choice(model, stream, max_memory, dtype, device)
+    if streamed:
+        from ..stream import load_streamed
+
+        loaded = load_streamed(model, dtype=dtype, device=device, progress=not quiet)
+    else:
+        loaded = load(model, dtype, device, quiet)
     windows = None
     if loaded_plan is not None:
         loaded_plan.check_model_depth(num_layers(loaded.model), f"--model {model}")
         windows = [(m.low, m.high) for m in loaded_plan.merges] + [(i, i) for i in loaded_plan.remove]
-    result = layer_similarity(loaded.model, spec.windows(loaded.tokenizer), kernel=kernel, batch_size=batch_size,
-                              progress=not quiet)
+    if streamed:
+        from ..stream import streamed_layer_similarity
+
+        result = streamed_layer_similarity(loaded, spec.windows(loaded.tokenizer), kernel=kernel,
+                                           batch_size=batch_size, progress=not quiet, max_memory=budget,
+                                           report=None if quiet else say)
+    else:
+        result = layer_similarity(loaded.model, spec.windows(loaded.tokenizer), kernel=kernel,
+                                  batch_size=batch_size, progress=not quiet)
     prepare_dir(out, "analysis")
     write_json(out / "cka.json", {"model": model, **result.to_dict()})
     atomic_write(out / "cka.npy", lambda stream: np.save(stream, result.matrix))

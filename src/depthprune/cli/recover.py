@@ -29,11 +29,11 @@ from .options import (
     TaskDirOpt,
     calibration,
     evaluation,
-    load,
     quiet_when_asked,
     require_out,
 )
-from .prune import check_out, print_result
+from .prune import check_out
+from .streaming import PushOpt, run_checkpoint_job
 
 
 @app.command("heal")
@@ -85,11 +85,12 @@ def heal_cmd(
     dtype: DtypeOpt = None,
     device: DeviceOpt = "cpu",
     quiet: QuietOpt = False,
+    push_to_hub: PushOpt = None,
 ) -> None:
     """Heal a pruned model with LoRA (PEFT + transformers Trainer), merge the adapter, save a plain checkpoint."""
     from ..heal import HealConfig
     from ..io import check_output_dir
-    from ..job import HealStage, Job, run_job
+    from ..job import HealStage, Job
 
     config = HealConfig(
         r=rank, alpha=alpha, dropout=dropout, preset=preset, lr=lr, epochs=epochs, max_steps=max_steps,
@@ -106,7 +107,8 @@ def heal_cmd(
     out = check_out(require_out(out), model, overwrite, job)
     if work_dir is not None:
         check_output_dir(work_dir, inputs=[model, out], kind="work", option="--work-dir")
-    print_result(run_job(load(model, dtype, device, quiet), job, out=out, overwrite=overwrite))
+    run_checkpoint_job(job, model=model, out=out, overwrite=overwrite, dtype=dtype, device=device, quiet=quiet,
+                       push_to_hub=push_to_hub)
 
 
 @app.command("width")
@@ -136,9 +138,10 @@ def width_cmd(
     dtype: DtypeOpt = None,
     device: DeviceOpt = "cpu",
     quiet: QuietOpt = False,
+    push_to_hub: PushOpt = None,
 ) -> None:
     """Structured width pruning: remove MLP channels / attention groups uniformly in every layer, save."""
-    from ..job import Job, WidthStage, run_job
+    from ..job import Job, WidthStage
 
     job = Job([WidthStage(ratio_mlp, ratio_heads, scorer)], calibration(calib, calib_samples, seq_len, seed),
               evaluation(eval_, ppl_data=ppl_data, ppl_windows=ppl_windows, seq_len=seq_len, limit=limit,
@@ -146,4 +149,5 @@ def width_cmd(
                          seed=seed),
               batch_size=batch_size, progress=not quiet).check()
     out = check_out(require_out(out), model, overwrite, job)
-    print_result(run_job(load(model, dtype, device, quiet), job, out=out, overwrite=overwrite))
+    run_checkpoint_job(job, model=model, out=out, overwrite=overwrite, dtype=dtype, device=device, quiet=quiet,
+                       push_to_hub=push_to_hub)
