@@ -254,3 +254,25 @@ def test_safetensors_writer_output_reads_back(tmp_path):
     assert back.keys() == values.keys() and all(torch.equal(back[n], values[n]) for n in values)
     with pytest.raises(RuntimeError, match="declared"):
         write_safetensors(tmp_path / "y.safetensors", entries, lambda e: values["a"])
+
+
+def test_when_to_stream(checkpoints):
+    from depthprune.stream import choose_streaming, weights_bytes
+
+    path = checkpoints["llama"]
+    size = weights_bytes(path)
+    assert choose_streaming(path, None, max_memory=size // 2).stream
+    assert "streaming chosen: the weights take" in choose_streaming(path, None, max_memory=size // 2).reason
+    assert not choose_streaming(path, None, max_memory=size * 2).stream
+    assert choose_streaming(path, True, max_memory=size * 100).stream
+    assert not choose_streaming(path, False, max_memory=1).stream
+    assert not choose_streaming("some-org/some-model", None, max_memory=1).stream  # not on disk: in memory
+    assert weights_bytes(path, torch.bfloat16) * 2 == size  # the estimate follows the load dtype
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback of --device auto")
+def test_device_auto_streams_on_the_cpu_without_a_gpu(checkpoints):
+    sm = load_streamed(checkpoints["llama"], device="auto", progress=False)
+    assert sm.device == "cpu" and sm.dtype == torch.float32
+    with sm.layer(0) as layer:
+        assert {p.device.type for p in layer.parameters()} == {"cpu"}

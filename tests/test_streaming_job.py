@@ -84,20 +84,23 @@ def test_streaming_is_chosen_when_the_weights_do_not_fit(model_dir, tmp_path, ru
     assert "streamed" not in json.loads((tmp_path / "fits" / "report.json").read_text())["stages"][0]
 
 
-@pytest.mark.parametrize("extra, message", [
+REFUSED = [
     (["--method", "slm", "--threshold", "0.5"], "--method slm needs the in-memory path"),
     (["--method", "laco", "--ratio", "0.25"], "--method laco needs the in-memory path"),
     (["--ratio", "0.25", "--then-width", "0.2"], "--then-width need the in-memory path"),
     (["--ratio", "0.25", "--eval", "ppl,piqa_local", "--piqa-dir", str(ROOT.parent / "shared/data/piqa")],
      "lm-eval tasks and speed in --eval need the in-memory path"),
-    (["--ratio", "0.25", "--max-memory", "lots"], "give a size such as 8GB"),
+]
+
+
+@pytest.mark.parametrize("extra, message, how", [
+    *[(extra, message, ["--stream"]) for extra, message in REFUSED],
+    *[(extra, message, ["--max-memory", "10kB"]) for extra, message in REFUSED],
+    (["--ratio", "0.25", "--stream", "--max-memory", "lots"], "give a size such as 8GB", []),
 ])
-@pytest.mark.parametrize("how", [["--stream"], ["--max-memory", "10kB"]])
-def test_what_streaming_cannot_do_is_refused_before_work(extra, message, how, model_dir, tmp_path, run_cli):
-    if "lots" in extra and how != ["--stream"]:
-        pytest.skip("one --max-memory per command")
-    if "piqa_local" in " ".join(extra) and not (ROOT.parent / "shared/data/piqa").is_dir():
-        pytest.skip("PIQA files not present")
+def test_what_streaming_cannot_do_is_refused_before_work(extra, message, how, model_dir, tmp_path, run_cli,
+                                                         shared_data):
+    """With --stream, or when streaming is chosen because the weights exceed --max-memory."""
     proc = run_cli("prune", "--model", model_dir, "--out", tmp_path / "out", *extra, *how, check=False)
     assert proc.returncode == 2, proc.stderr
     error = [line for line in proc.stderr.splitlines() if line.startswith("error:")]

@@ -128,6 +128,7 @@ def run_streamed_job(
     out = check_output_dir(out, inputs=[source], overwrite=overwrite)
     run = RunContext(job.batch_size, job.progress)
     sm = load_streamed(source, dtype=dtype, device=device, progress=job.progress)
+    check_output_dir(out, inputs=[sm.path], overwrite=overwrite)  # the resolved input (an alias's directory)
     for option, length in job.window_lengths():
         check_context(sm.config, length, option)
     timings: dict[str, float] = {}

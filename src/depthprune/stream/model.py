@@ -36,16 +36,24 @@ class _Stop(Exception):
 
 @dataclass
 class LayerCall:
-    """The positional and keyword arguments one decoder layer received, minus its hidden state."""
+    """The arguments one decoder layer received besides its hidden state (kept without it, so a recorded call
+    holds no activations), and whether the hidden state came positionally."""
 
     args: tuple
     kwargs: dict[str, Any]
+    positional: bool
+
+    @classmethod
+    def record(cls, args: tuple, kwargs: dict[str, Any]) -> "LayerCall":
+        if args:
+            return cls(args[1:], dict(kwargs), True)
+        return cls((), {k: v for k, v in kwargs.items() if k != "hidden_states"}, False)
 
     def __call__(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-        if self.args:
-            out = layer(hidden, *self.args[1:], **self.kwargs)
+        if self.positional:
+            out = layer(hidden, *self.args, **self.kwargs)
         else:
-            out = layer(**{**self.kwargs, "hidden_states": hidden})
+            out = layer(hidden_states=hidden, **self.kwargs)
         return out[0] if isinstance(out, tuple) else out
 
 
@@ -176,7 +184,7 @@ class StreamedModel:
                 hidden = hidden_of(args, kwargs)
                 if index == 0:
                     entering.append(hidden)
-                calls.append(LayerCall(args, {k: v for k, v in kwargs.items() if k != "hidden_states"}))
+                calls.append(LayerCall.record(args, kwargs))
                 if index == upto:
                     raise _Stop
                 return hidden
