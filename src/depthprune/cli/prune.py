@@ -188,8 +188,8 @@ def prune(
                          seed=seed),
               batch_size=batch_size, progress=not quiet).check()
     out = check_out(require_out(out), model, overwrite, job)
-    run_checkpoint_job(job, model=model, out=out, overwrite=overwrite, dtype=dtype, device=device, quiet=quiet,
-                       stream=stream, max_memory=max_memory, push_to_hub=push_to_hub)
+    run_checkpoint_job(job, load=load, model=model, out=out, overwrite=overwrite, dtype=dtype, device=device,
+                       quiet=quiet, stream=stream, max_memory=max_memory, push_to_hub=push_to_hub)
 
 
 def check_out(out: str, model: str, overwrite: bool, job) -> Path:
@@ -235,8 +235,8 @@ def run(
     job = Job([DepthStage(method, Target(ratio=ratio), build_options(method))],
               evaluation=Evaluation(perplexity=PerplexitySpec()), progress=not quiet).check()
     out = check_out(out, model, overwrite, job)
-    run_checkpoint_job(job, model=model, out=out, overwrite=overwrite, dtype=None, device="cpu", quiet=quiet,
-                       stream=stream, max_memory=max_memory, push_to_hub=push_to_hub)
+    run_checkpoint_job(job, load=load, model=model, out=out, overwrite=overwrite, dtype=None, device="cpu",
+                       quiet=quiet, stream=stream, max_memory=max_memory, push_to_hub=push_to_hub)
 
 
 @app.command()

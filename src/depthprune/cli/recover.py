@@ -29,6 +29,7 @@ from .options import (
     TaskDirOpt,
     calibration,
     evaluation,
+    load,
     quiet_when_asked,
     require_out,
 )
@@ -107,8 +108,8 @@ def heal_cmd(
     out = check_out(require_out(out), model, overwrite, job)
     if work_dir is not None:
         check_output_dir(work_dir, inputs=[model, out], kind="work", option="--work-dir")
-    run_checkpoint_job(job, model=model, out=out, overwrite=overwrite, dtype=dtype, device=device, quiet=quiet,
-                       push_to_hub=push_to_hub)
+    run_checkpoint_job(job, load=load, model=model, out=out, overwrite=overwrite, dtype=dtype, device=device,
+                       quiet=quiet, push_to_hub=push_to_hub)
 
 
 @app.command("width")
@@ -149,5 +150,5 @@ def width_cmd(
                          seed=seed),
               batch_size=batch_size, progress=not quiet).check()
     out = check_out(require_out(out), model, overwrite, job)
-    run_checkpoint_job(job, model=model, out=out, overwrite=overwrite, dtype=dtype, device=device, quiet=quiet,
-                       push_to_hub=push_to_hub)
+    run_checkpoint_job(job, load=load, model=model, out=out, overwrite=overwrite, dtype=dtype, device=device,
+                       quiet=quiet, push_to_hub=push_to_hub)

@@ -9,12 +9,13 @@ once it is saved.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Callable, Optional
 
 import typer
 
 if TYPE_CHECKING:
     from ..job import Job, JobResult
+    from ..models.load import LoadedModel
 
 StreamOpt = Annotated[Optional[bool], typer.Option(
     "--stream/--no-stream", help="Layer streaming: keep the weights on disk and load one decoder layer at a "
@@ -61,17 +62,17 @@ def command_line() -> str | None:
     return None if _ARGV is None else "depthprune " + shlex.join(_ARGV)
 
 
-def run_checkpoint_job(job: "Job", *, model: str, out: Any, overwrite: bool, dtype: str | None, device: str,
-                       quiet: bool, stream: bool | None = False, max_memory: str | None = None,
-                       push_to_hub: str | None = None) -> "JobResult":
+def run_checkpoint_job(job: "Job", *, load: Callable[..., "LoadedModel"], model: str, out: Any,
+                       overwrite: bool, dtype: str | None, device: str, quiet: bool, stream: bool | None = False,
+                       max_memory: str | None = None, push_to_hub: str | None = None) -> "JobResult":
     """Run a job that writes a checkpoint, streamed or in memory, print what it did, then push it when asked.
 
+    ``load`` is the command's loader for the in-memory path (``load(model, dtype, device, quiet)``).
     ``stream=False`` (commands without streaming) never streams; ``None`` decides from the model's size.
     """
     from ..export.hub import card_writer, check_repo_id, push_checkpoint
     from ..job import run_job
     from ..stream.job import check_streamable, run_streamed_job
-    from .options import load
     from .prune import print_result
 
     repo = check_repo_id(push_to_hub) if push_to_hub else None

@@ -10,6 +10,7 @@ weights, which passthrough cannot express, so such plans are refused.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 from .._version import __version__
@@ -54,7 +55,7 @@ def check_passthrough(plan: Plan) -> None:
 
 def base_model_name(plan: Plan, base_model: str | None) -> str:
     """What mergekit should read: ``--base-model``, else the plan's recorded source (an alias as its
-    converted directory, which mergekit can read)."""
+    converted directory, a relative path that exists here as an absolute one)."""
     if base_model:
         return base_model
     if not plan.model:
@@ -65,7 +66,8 @@ def base_model_name(plan: Plan, base_model: str | None) -> str:
             raise ExportError(f"the plan's model is the alias {plan.model!r}, which is not converted on this "
                               "machine; pass --base-model with its hub id or directory")
         return str(converted)
-    return plan.model
+    local = Path(plan.model).expanduser()
+    return str(local.resolve()) if local.exists() else plan.model
 
 
 def mergekit_config(plan: Plan, *, base_model: str | None = None, dtype: str | None = None) -> dict[str, Any]:
