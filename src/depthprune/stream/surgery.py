@@ -116,12 +116,13 @@ def write_pruned_checkpoint(
     progress: bool = False,
 ) -> StreamedSave:
     """Write the pruned model (safetensors shards, index, config, generation config, tokenizer) into
-    ``directory``, an existing directory (the temporary directory of an atomic save).
+    ``directory`` (in a job, the temporary directory of its atomic save; no output checks here).
 
     ``dtype`` casts floating tensors; by default each keeps the dtype it is stored in, so a bfloat16 70B
     checkpoint stays bfloat16 (in-memory surgery saves the dtype the model was loaded in).
     """
     directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
     pruned = pruned_skeleton(sm, plan)
     sources = _Sources(sm, plan, dtype)
     state = pruned.state_dict()
