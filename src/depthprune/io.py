@@ -111,7 +111,13 @@ def mark(directory: Path, kind: str) -> None:
 
 
 def written_by_depthprune(path: Path) -> bool:
-    """A JSON file depthprune wrote (it carries ``written_by``)."""
+    """A JSON file depthprune wrote (it carries ``written_by``), or a YAML file headed ``# written_by: depthprune``."""
+    if path.suffix in (".yaml", ".yml"):
+        try:
+            with open(path, encoding="utf-8") as stream:
+                return stream.readline().startswith("# written_by: depthprune")
+        except (OSError, UnicodeDecodeError):
+            return False
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError):
@@ -186,8 +192,8 @@ def check_output_dir(
 
 
 def check_output_file(path: str | Path, *, option: str = "--json", suffix: str = ".json") -> Path:
-    """Check a single result file a command will write: a ``.json`` path outside any model directory that is
-    new or a result depthprune wrote earlier."""
+    """Check a single result file a command will write: a path ending in ``suffix`` (``.json``, ``.yaml``)
+    outside any model directory that is new or a result depthprune wrote earlier."""
     resolved = _resolve(path, option)
     _refuse_inside_model(resolved.parent, option)
     if resolved.is_dir():

@@ -22,7 +22,7 @@ import time
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -349,8 +349,12 @@ def _copy_provenance(model_dir: str, names: list[str]) -> Callable[[Path], None]
     return write
 
 
-def run_job(loaded: LoadedModel, job: Job, *, out: str | Path | None = None, overwrite: bool = False) -> JobResult:
-    """Run ``job`` on ``loaded.model`` (changed in place); save to ``out`` atomically when given."""
+def run_job(loaded: LoadedModel, job: Job, *, out: str | Path | None = None, overwrite: bool = False,
+            writers: Sequence[Callable[[Path], Any]] = ()) -> JobResult:
+    """Run ``job`` on ``loaded.model`` (changed in place); save to ``out`` atomically when given.
+
+    ``writers`` add files to the checkpoint after the report, before it is renamed into place (a model card).
+    """
     from .surgery.width import WIDTH_PLAN_FILE
 
     job.check()
@@ -402,7 +406,7 @@ def run_job(loaded: LoadedModel, job: Job, *, out: str | Path | None = None, ove
             start = time.perf_counter()
             report = result.to_dict()
             writers = [*ctx.writers, _copy_provenance(loaded.path, [WIDTH_PLAN_FILE]),
-                       lambda directory: write_run_report(directory, report, saved_plan)]
+                       lambda directory: write_run_report(directory, report, saved_plan), *writers]
             with quiet_transformers(not job.progress):
                 write_checkpoint(tmp, ctx.model, loaded.tokenizer, saved_plan, extra_json=ctx.files,
                                  writers=writers)

@@ -260,7 +260,20 @@ class MinibatchCKA:
             raise ValueError(f"expected {self.num_layers} representations, got {len(reps)}")
         _check_example_count(n)
         device = reps[0].device
-        kernels = torch.stack([_kernel(r.to(device), self.kernel, self.sigma) for r in reps])
+        self.update_kernels(torch.stack([self.kernel_of(r.to(device)) for r in reps]))
+
+    def kernel_of(self, rep: torch.Tensor) -> torch.Tensor:
+        """One layer's (n, n) kernel on one minibatch: what :meth:`update` builds for each representation."""
+        return _kernel(rep, self.kernel, self.sigma)
+
+    def update_kernels(self, kernels: torch.Tensor) -> None:
+        """Add one minibatch given every layer's kernel, stacked (L, n, n).
+
+        Layer streaming builds the kernels one layer at a time (layer i's for every minibatch before layer
+        i+1 is loaded) and adds each minibatch here once all its kernels exist.
+        """
+        if self.num_layers is not None and kernels.shape[0] != self.num_layers:
+            raise ValueError(f"expected {self.num_layers} kernels, got {kernels.shape[0]}")
         batch_hsic = _pairwise_hsic_unbiased(kernels).cpu()
         self._hsic_sum = batch_hsic if self._hsic_sum is None else self._hsic_sum + batch_hsic
         self.num_batches += 1

@@ -62,7 +62,7 @@ class LayerStats:
         raise PlanError(f"unknown metric {metric!r}: use one of {', '.join(METRICS)}")
 
 
-def _last_token_index(mask: torch.Tensor) -> torch.Tensor:
+def last_token_index(mask: torch.Tensor) -> torch.Tensor:
     positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
     return (positions * mask).argmax(dim=1)
 
@@ -97,7 +97,7 @@ def layer_statistics(
         last_states[i + 1].append(last_tokens(out))
 
     def before(ids: torch.Tensor, mask: torch.Tensor) -> None:
-        batch.update(mask=mask.float(), last=_last_token_index(mask), rows=torch.arange(ids.shape[0]))
+        batch.update(mask=mask.float(), last=last_token_index(mask), rows=torch.arange(ids.shape[0]))
 
     with layer_hooks(layers, pre=pre, post=post):
         passes = decoder_passes(model, calibration, batch_size=batch_size, progress=progress,

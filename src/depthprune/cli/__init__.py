@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import logging
 import signal
+import sys
 
 import typer
 
-from . import evaluate, prune, recover  # noqa: F401  (each registers its commands on app)
+from . import evaluate, export, prune, recover  # noqa: F401  (each registers its commands on app)
 from .app import app
+from .streaming import remember_argv
 
 
 class Terminated(BaseException):
@@ -32,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..errors import DepthpruneError
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    remember_argv(argv if argv is not None else sys.argv[1:])
     try:
         previous = signal.signal(signal.SIGTERM, _terminate)
     except ValueError:  # not the main thread: leave signal handling to the host

@@ -24,6 +24,7 @@ import typer
 
 from ..compensate import DEFAULT_TOKENS
 from ..errors import InputError
+from .streaming import MaxMemoryOpt, PushOpt, StreamOpt
 
 if TYPE_CHECKING:
     from ..data.calibration import CalibrationSpec
@@ -228,6 +229,8 @@ ZEROSHOT = OptionGroup((("limit", LimitOpt, None), ("num_fewshot", FewshotOpt, 0
                         ("piqa_dir", PiqaDirOpt, None)))
 EVALUATION = OptionGroup((("eval_", EvalOpt, None), ("ppl_data", PplDataOpt, "default-heldout"),
                           ("ppl_windows", PplWindowsOpt, 40))) + ZEROSHOT
+STREAMING = OptionGroup((("stream", StreamOpt, None), ("max_memory", MaxMemoryOpt, None)))
+PUSH = OptionGroup((("push_to_hub", PushOpt, None),))
 COMPENSATION = OptionGroup((("compensate", CompensateOpt, "none"),
                             ("compensate_tokens", CompensateTokensOpt, DEFAULT_TOKENS), ("ridge", RidgeOpt, 1e-3)))
 
@@ -253,6 +256,22 @@ class Given(SimpleNamespace):
 
     def compensation_spec(self):
         return compensation(self.compensate, self.compensate_tokens, self.ridge)
+
+    def streaming(self) -> tuple[bool, int | None]:
+        """(stream?, memory budget) from ``--stream`` / ``--max-memory`` (said when chosen automatically)."""
+        from .streaming import streaming_choice
+
+        streamed, budget, _ = streaming_choice(self.model, self.stream, self.max_memory, self.dtype, self.device)
+        return streamed, budget
+
+    def run_job(self, job: Any, out: Any, overwrite: bool):
+        """Run a checkpoint-writing job, streamed when asked or needed, and push it when asked."""
+        from .streaming import run_checkpoint_job
+
+        return run_checkpoint_job(job, load=load, model=self.model, out=out, overwrite=overwrite, dtype=self.dtype,
+                                  device=self.device, quiet=self.quiet, stream=getattr(self, "stream", False),
+                                  max_memory=getattr(self, "max_memory", None),
+                                  push_to_hub=getattr(self, "push_to_hub", None))
 
 
 def uses(*groups: OptionGroup) -> Callable[[Callable[..., Any]], Callable[..., Any]]:

@@ -20,17 +20,17 @@ from .options import (
     COMPENSATION,
     EVALUATION,
     MODEL,
+    PUSH,
+    STREAMING,
     BatchOpt,
     Given,
-    ModelOpt,
     OutOpt,
     OverwriteOpt,
-    QuietOpt,
     check_model,
-    load,
     require_out,
     uses,
 )
+from .streaming import say
 
 METHOD_FLAGS = {"allow_extra_args": True, "ignore_unknown_options": True}
 
@@ -70,7 +70,7 @@ def methods_cmd() -> None:
 
 
 @app.command()
-@uses(MODEL, CALIBRATION)
+@uses(MODEL, CALIBRATION, STREAMING)
 def score(
     given: Given = None,
     metric: Annotated[str, typer.Option(help="bi (ShortGPT Block Influence) or angular (Gromov et al.).")] = "bi",
@@ -90,9 +90,18 @@ def score(
     if out is not None:
         out = check_output_dir(out, inputs=[given.model], kind="scores")
     given.check_model(("--seq-len", given.seq_len))
-    loaded = given.load()
-    stats = layer_statistics(loaded.model, spec.windows(loaded.tokenizer), batch_size=batch_size,
-                             progress=not given.quiet)
+    streamed, budget = given.streaming()
+    if streamed:
+        from ..stream import load_streamed, streamed_layer_statistics
+
+        sm = load_streamed(given.model, dtype=given.dtype, device=given.device, progress=not given.quiet)
+        stats = streamed_layer_statistics(sm, spec.windows(sm.tokenizer), batch_size=batch_size,
+                                          progress=not given.quiet, max_memory=budget,
+                                          report=None if given.quiet else say)
+    else:
+        loaded = given.load()
+        stats = layer_statistics(loaded.model, spec.windows(loaded.tokenizer), batch_size=batch_size,
+                                 progress=not given.quiet)
     values = stats.scores(metric)
     order = sorted(range(len(values)), key=lambda i: values[i])
     for i, v in enumerate(values):
@@ -106,7 +115,7 @@ def score(
 
 
 @app.command(context_settings=METHOD_FLAGS, cls=MethodOptionsHelp)
-@uses(MODEL, CALIBRATION, COMPENSATION, EVALUATION)
+@uses(MODEL, CALIBRATION, COMPENSATION, EVALUATION, STREAMING, PUSH)
 def prune(
     ctx: typer.Context,
     given: Given = None,
@@ -136,7 +145,7 @@ def prune(
 ) -> None:
     """Plan with a method, remove/merge layers (then optionally compensate, width-prune and heal), save a plain
     transformers checkpoint with its plan and report."""
-    from ..job import DepthStage, HealStage, Job, WidthStage, run_job
+    from ..job import DepthStage, HealStage, Job, WidthStage
     from ..methods import Target, build_options, get_method
 
     get_method(method)
@@ -153,8 +162,7 @@ def prune(
                                                  progress=not given.quiet)))
     job = Job(stages, given.calibration_spec(calib_sentences), given.evaluation_spec(batch_size=batch_size),
               batch_size=batch_size, progress=not given.quiet).check()
-    out = check_out(require_out(out), given.model, overwrite, job)
-    print_result(run_job(given.load(), job, out=out, overwrite=overwrite))
+    given.run_job(job, check_out(require_out(out), given.model, overwrite, job), overwrite)
 
 
 def check_out(out: str, model: str, overwrite: bool, job) -> Path:
@@ -193,30 +201,27 @@ def print_result(result) -> None:
 
 
 @app.command()
+@uses(MODEL, STREAMING, PUSH)
 def run(
-    model: ModelOpt = "smollm2-135m",
+    given: Given = None,
     method: Annotated[str, typer.Option(help="Pruning method (auto: the best of several, see `methods`).")] = "auto",
     ratio: Annotated[float, typer.Option(help="Fraction of layers to remove.")] = 0.25,
     out: Annotated[str, typer.Option(help="Output directory.")] = "runs/smollm2-135m-auto-0.25",
     overwrite: OverwriteOpt = False,
-    quiet: QuietOpt = False,
 ) -> None:
     """The default job: the best 25%-shallower SmolLM2-135M depthprune can make (--method auto), offline, with
     perplexity before and after."""
     from ..evaluate.suite import Evaluation, PerplexitySpec
-    from ..job import DepthStage, Job, run_job
+    from ..job import DepthStage, Job
     from ..methods import Target, build_options
-    from ..models.load import quiet_transformers
 
     job = Job([DepthStage(method, Target(ratio=ratio), build_options(method))],
-              evaluation=Evaluation(perplexity=PerplexitySpec()), progress=not quiet).check()
-    out = check_out(out, model, overwrite, job)
-    with quiet_transformers(quiet):
-        print_result(run_job(load(model, None, "cpu", quiet), job, out=out, overwrite=overwrite))
+              evaluation=Evaluation(perplexity=PerplexitySpec()), progress=not given.quiet).check()
+    given.run_job(job, check_out(out, given.model, overwrite, job), overwrite)
 
 
 @app.command()
-@uses(MODEL, CALIBRATION)
+@uses(MODEL, CALIBRATION, STREAMING)
 def analyze(
     given: Given = None,
     out: Annotated[str, typer.Option(help="Directory for cka.json, cka.npy and cka.png.")] = "analysis",
@@ -246,13 +251,26 @@ def analyze(
     config = given.check_model(("--seq-len", given.seq_len))
     if loaded_plan is not None and config is not None:
         loaded_plan.check_model_depth(config_num_layers(config), f"--model {given.model}")
-    loaded = given.load()
+    streamed, budget = given.streaming()
+    if streamed:
+        from ..stream import load_streamed
+
+        loaded = load_streamed(given.model, dtype=given.dtype, device=given.device, progress=not given.quiet)
+    else:
+        loaded = given.load()
     windows = None
     if loaded_plan is not None:
         loaded_plan.check_model_depth(num_layers(loaded.model), f"--model {given.model}")
         windows = [(m.low, m.high) for m in loaded_plan.merges] + [(i, i) for i in loaded_plan.remove]
-    result = layer_similarity(loaded.model, spec.windows(loaded.tokenizer), kernel=kernel, batch_size=batch_size,
-                              progress=not given.quiet)
+    if streamed:
+        from ..stream import streamed_layer_similarity
+
+        result = streamed_layer_similarity(loaded, spec.windows(loaded.tokenizer), kernel=kernel,
+                                           batch_size=batch_size, progress=not given.quiet, max_memory=budget,
+                                           report=None if given.quiet else say)
+    else:
+        result = layer_similarity(loaded.model, spec.windows(loaded.tokenizer), kernel=kernel,
+                                  batch_size=batch_size, progress=not given.quiet)
     prepare_dir(out, "analysis")
     write_json(out / "cka.json", {"model": given.model, **result.to_dict()})
     atomic_write(out / "cka.npy", lambda stream: np.save(stream, result.matrix))

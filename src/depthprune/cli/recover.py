@@ -11,6 +11,7 @@ from .options import (
     CALIBRATION,
     EVALUATION,
     MODEL,
+    PUSH,
     BatchOpt,
     DistillOpt,
     Given,
@@ -22,7 +23,7 @@ from .options import (
     require_out,
     uses,
 )
-from .prune import check_out, print_result
+from .prune import check_out
 
 
 def recorded_source(model: str) -> str:
@@ -41,7 +42,7 @@ def recorded_source(model: str) -> str:
 
 
 @app.command("heal")
-@uses(MODEL, EVALUATION)
+@uses(MODEL, EVALUATION, PUSH)
 def heal_cmd(
     given: Given = None,
     data: Annotated[str, typer.Option(
@@ -93,7 +94,7 @@ def heal_cmd(
     checkpoint."""
     from ..heal import HealConfig
     from ..io import check_output_dir
-    from ..job import HealStage, Job, run_job
+    from ..job import HealStage, Job
 
     config = HealConfig(
         r=rank, alpha=alpha, dropout=dropout, preset=preset, lr=lr, epochs=epochs, max_steps=max_steps,
@@ -113,11 +114,11 @@ def heal_cmd(
         check_output_dir(work_dir, inputs=[given.model, out], kind="work", option="--work-dir")
     if teacher is not None:
         check_model(teacher)
-    print_result(run_job(given.load(), job, out=out, overwrite=overwrite))
+    given.run_job(job, out, overwrite)
 
 
 @app.command("width")
-@uses(MODEL, CALIBRATION, EVALUATION)
+@uses(MODEL, CALIBRATION, EVALUATION, PUSH)
 def width_cmd(
     given: Given = None,
     out: OutOpt = None,
@@ -131,9 +132,8 @@ def width_cmd(
     batch_size: BatchOpt = 8,
 ) -> None:
     """Structured width pruning: remove MLP channels / attention groups uniformly in every layer, save."""
-    from ..job import Job, WidthStage, run_job
+    from ..job import Job, WidthStage
 
     job = Job([WidthStage(ratio_mlp, ratio_heads, scorer)], given.calibration_spec(),
               given.evaluation_spec(batch_size=batch_size), batch_size=batch_size, progress=not given.quiet).check()
-    out = check_out(require_out(out), given.model, overwrite, job)
-    print_result(run_job(given.load(), job, out=out, overwrite=overwrite))
+    given.run_job(job, check_out(require_out(out), given.model, overwrite, job), overwrite)

@@ -1,0 +1,100 @@
+"""A depth plan as a mergekit ``passthrough`` recipe.
+
+mergekit's passthrough stacks slices of a model's layers: ``layer_range:
+[a, b]`` takes layers a..b-1 (half-open) of the *original* model. A
+removal-only plan is exactly the kept layers' runs of consecutive indices.
+Merged layers, compensation and later stages (width pruning, healing) change
+weights, which passthrough cannot express, so such plans are refused.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .._version import __version__
+from ..errors import InputError
+from ..models.load import ALIASES
+from ..paths import cache_dir
+from ..plan import Plan
+
+YAML_MARK = "# written_by: depthprune"
+
+
+class ExportError(InputError):
+    pass
+
+
+def kept_ranges(plan: Plan) -> list[tuple[int, int]]:
+    """Half-open ranges [a, b) of consecutive kept original layers, in order."""
+    ranges: list[tuple[int, int]] = []
+    for layer in plan.kept:
+        if ranges and ranges[-1][1] == layer:
+            ranges[-1] = (ranges[-1][0], layer + 1)
+        else:
+            ranges.append((layer, layer + 1))
+    return ranges
+
+
+def check_passthrough(plan: Plan) -> None:
+    """Refuse plans whose result is more than a selection of the original layers."""
+    if plan.merges:
+        windows = ", ".join(f"{m.low}..{m.high}" for m in plan.merges)
+        raise ExportError(f"the plan merges layers ({windows}); mergekit's passthrough can only select "
+                          "original layers, so it cannot express merged weights")
+    compensation = {k: v for k, v in plan.params.items() if "compensat" in k.lower() and v}
+    if compensation:
+        raise ExportError(f"the plan records compensation ({', '.join(compensation)}): changed weights that "
+                          "mergekit's passthrough cannot express")
+    later = [s.get("stage", "?") for s in plan.stages if s.get("stage") != "depth"]
+    if later:
+        raise ExportError(f"the checkpoint went through later stages ({', '.join(later)}) that changed its "
+                          "weights; a passthrough of the base model would not contain them")
+
+
+def base_model_name(plan: Plan, base_model: str | None) -> str:
+    """What mergekit should read: ``--base-model``, else the plan's recorded source (an alias as its
+    converted directory, a relative path that exists here as an absolute one)."""
+    if base_model:
+        return base_model
+    if not plan.model:
+        raise ExportError("the plan records no source model; pass --base-model (a hub id or a local directory)")
+    if plan.model in ALIASES:
+        converted = cache_dir() / "models" / plan.model
+        if not (converted / "config.json").is_file():
+            raise ExportError(f"the plan's model is the alias {plan.model!r}, which is not converted on this "
+                              "machine; pass --base-model with its hub id or directory")
+        return str(converted)
+    local = Path(plan.model).expanduser()
+    return str(local.resolve()) if local.exists() else plan.model
+
+
+def mergekit_config(plan: Plan, *, base_model: str | None = None, dtype: str | None = None) -> dict[str, Any]:
+    """The passthrough recipe as a dict (the YAML's content)."""
+    check_passthrough(plan)
+    model = base_model_name(plan, base_model)
+    config: dict[str, Any] = {
+        "slices": [{"sources": [{"model": model, "layer_range": [a, b]}]} for a, b in kept_ranges(plan)],
+        "merge_method": "passthrough",
+    }
+    if dtype:
+        config["dtype"] = dtype
+    return config
+
+
+def mergekit_yaml(plan: Plan, *, base_model: str | None = None, dtype: str | None = None) -> str:
+    """The recipe as YAML, headed by a comment saying depthprune wrote it and from which plan.
+
+    Strings are written as JSON strings (valid YAML scalars), so paths with any characters stay exact.
+    """
+    config = mergekit_config(plan, base_model=base_model, dtype=dtype)
+    lines = [f"{YAML_MARK} {__version__}", f"# plan: {plan.summary()}", "slices:"]
+    for piece in config["slices"]:
+        source = piece["sources"][0]
+        a, b = source["layer_range"]
+        lines += ["  - sources:", f"      - model: {json.dumps(source['model'])}", f"        layer_range: [{a}, {b}]"]
+    lines.append("merge_method: passthrough")
+    if "dtype" in config:
+        lines.append(f"dtype: {config['dtype']}")
+    return "\n".join(lines) + "\n"
