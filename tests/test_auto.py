@@ -77,12 +77,14 @@ def test_auto_options_and_errors(tmp_path):
                   progress=False)
 
 
-def test_auto_on_gemma_ranks_without_compensation(tmp_path, text):
+def test_auto_on_gemma_ranks_rotation_and_scale_compensation(tmp_path, text):
     src = save_tiny_checkpoint(tmp_path / "gemma", "gemma3", seed=2)
     spec = CalibrationSpec(str(text), num_windows=4, seq_len=32)
     options = build_options("auto", {"candidates": "shortgpt,sleb"})
     run_job(load_model(str(src)), Job([DepthStage("auto", Target(remove=1), options)], spec, progress=False),
             out=tmp_path / "out")
     plan = json.loads((tmp_path / "out" / "depthprune_plan.json").read_text())
-    assert {c["compensation"] for c in plan["params"]["candidates"]} == {"none"}
-    assert "post_feedforward_layernorm" in plan["params"]["compensation_unsupported"]
+    assert {c["compensation"] for c in plan["params"]["candidates"]} == {"none", "linear"}
+    assert plan["params"]["compensation_unsupported"] is None
+    if plan["compensation"]:
+        assert {r["fold"] for r in plan["params"]["compensation"] if "fold" in r} == {"qd"}

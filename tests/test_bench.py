@@ -247,10 +247,17 @@ def test_run_report_without_scores_has_no_plot(tmp_path):
     assert "layer_scores.png" not in md.read_text() and "| 10.00 | - | - |" in md.read_text()
 
 
-def test_compensation_axis_and_auto_rows(tmp_path):
+def test_compensation_axis_and_auto_rows(tmp_path, monkeypatch):
+    from dataclasses import replace
+
     from conftest import EMMA
     from depthprune.compensate import Compensation
+    from depthprune.methods import METHODS
     from tiny import save_tiny_checkpoint
+
+    calls = []
+    real = METHODS["shortgpt"]
+    monkeypatch.setitem(METHODS, "shortgpt", replace(real, plan=lambda *a, **k: calls.append(1) or real.plan(*a, **k)))
 
     text = tmp_path / "text.txt"
     text.write_text(EMMA.read_text()[:120000])
@@ -265,6 +272,7 @@ def test_compensation_axis_and_auto_rows(tmp_path):
     plain, linear, auto = result.rows
     assert plain.plan["dropped"] == linear.plan["dropped"] and linear.plan["compensation"]["fit"] == "linear"
     assert plain.plan["compensation"] is None
+    assert len(calls) == 2, "shortgpt planned once for its two rows (and once inside auto)"
     assert auto.plan["params"]["chosen"] and auto.compensation == "none"
     header = next(line for line in (result.out / RESULTS_MD).read_text().splitlines() if line.startswith("| method"))
     assert header.startswith("| method | compensation | ratio |")

@@ -11,7 +11,6 @@ from depthprune.compensate import (
     Compensation,
     Interface,
     capture_targets,
-    check_supported,
     compensate,
     compensated_stack,
     fold_in_place,
@@ -115,14 +114,72 @@ def test_virtual_stack_equals_in_place_folding():
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
 
 
-def test_gemma_is_refused_with_the_reason():
-    for family in ("gemma2", "gemma3"):
-        with pytest.raises(InputError, match="post_feedforward_layernorm"):
-            check_supported(spec_for(tiny_model(family)))
+def test_bad_settings_are_refused():
     with pytest.raises(InputError, match="unknown compensation"):
         Compensation(fit="magic").validate()
     with pytest.raises(InputError, match="--ridge"):
         Compensation(ridge=-1).validate()
+
+
+def test_nearest_orthogonal_times_diagonal():
+    from depthprune.compensate import _nearest_qd
+
+    g = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(32, 32, generator=g, dtype=torch.float64))
+    d = torch.rand(32, generator=g, dtype=torch.float64) + 0.5
+    found_q, found_d = _nearest_qd(q * d.unsqueeze(0))
+    torch.testing.assert_close(found_q * found_d.unsqueeze(0), q * d.unsqueeze(0), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(found_q.T @ found_q, torch.eye(32, dtype=torch.float64), rtol=1e-8, atol=1e-8)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_gemma_folds_a_rotation_and_scale_exactly(family):
+    """Past Gemma's post-MLP norm only diag(g) T = Q D folds; for such a T the fold equals the explicit map."""
+    spec = spec_for(tiny_model(family))
+    folded_model, explicit = tiny_model(family, seed=1), tiny_model(family, seed=1)
+    norm = get_path(get_layers(folded_model)[2], spec.post_mlp_norm)
+    weights = torch.empty(64).uniform_(-0.5, 0.5)
+    with torch.no_grad():
+        for model in (folded_model, explicit):
+            get_path(get_layers(model)[2], spec.post_mlp_norm).weight.copy_(weights)
+    gain = norm.weight.detach().double() + spec.norm_gain_offset
+    g = torch.Generator().manual_seed(3)
+    q, _ = torch.linalg.qr(torch.randn(64, 64, generator=g, dtype=torch.float64))
+    d = torch.rand(64, generator=g, dtype=torch.float64) + 0.5
+    t = (q * d.unsqueeze(0)) / gain.unsqueeze(1)
+    record = fold_in_place(get_layers(folded_model)[2], t, spec)
+    assert record["fold"] == "qd" and record["fold_error"] < 1e-6
+    out = get_path(get_layers(explicit)[2], spec.post_mlp_norm)
+    out.register_forward_hook(lambda m, a, o: (o.double() @ t).to(o.dtype))
+    ids = tiny_inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(folded_model(ids).logits, explicit(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_end_to_end_kl_lowers_the_kl_and_the_virtual_stack_agrees(family):
+    batches = _batches(8)
+    plan = Plan("x", LAYERS, remove=[2, 3])
+    original = tiny_model(family, seed=6)
+    found, _ = interfaces(plan)
+    targets = capture_targets(original, batches, {i.target for i in found})
+    config = Compensation(fit="kl", kl_steps=25, kl_lr=1e-2, kl_batch=2)
+    real = tiny_model(family, seed=6)
+    apply_plan(real, plan)
+    records = compensate(real, plan, batches, targets, config)
+    e2e = records[-1]["end_to_end"]
+    assert e2e["kl_after"] < e2e["kl_before"], e2e
+    layers = list(get_layers(original))
+    virtual = compensated_stack(original, plan, [layers[i] for i in plan.kept], batches, targets, config)
+    from depthprune.models.arch import per_layer_config_values, temporary_layer_stack
+
+    lists = {k: [v[i] for i in plan.kept] for k, v in per_layer_config_values(original.config, spec_for(original)).items()}
+    with torch.no_grad():
+        with temporary_layer_stack(original, virtual, lists):
+            got = [run_decoder(original, ids, mask) for ids, mask in batches]
+        want = [run_decoder(real, ids, mask) for ids, mask in batches]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
 def test_compensated_checkpoint_reloads_exactly_and_generates(tmp_path, run_cli):
@@ -150,9 +207,13 @@ def test_compensated_checkpoint_reloads_exactly_and_generates(tmp_path, run_cli)
         cached = reloaded.generate(ids, max_new_tokens=5, do_sample=False, use_cache=True)
         uncached = reloaded.generate(ids, max_new_tokens=5, do_sample=False, use_cache=False)
     assert torch.equal(cached, uncached)
-    refused = run_cli("prune", "--model", save_tiny_checkpoint(tmp_path / "gemma", "gemma3"), "--remove-layers", "1",
-                      "--compensate", "linear", "--out", tmp_path / "g", check=False)
-    assert refused.code == 2 and "post_feedforward_layernorm" in refused.err
+    gemma = tmp_path / "g"
+    run_cli("prune", "--model", save_tiny_checkpoint(tmp_path / "gemma", "gemma3"), "--remove-layers", "2",
+            "--compensate", "linear", "--compensate-tokens", "600", "--calib", str(_text_slice(tmp_path)),
+            "--seq-len", "32", "--calib-samples", "4", "--out", gemma, "-q")
+    fits = json.loads((gemma / "depthprune_plan.json").read_text())["params"]["compensation"]
+    assert {r["fold"] for r in fits if "fold" in r} == {"qd"}
+    assert AutoModelForCausalLM.from_pretrained(gemma).config.num_hidden_layers == LAYERS - 2
 
 
 def _text_slice(tmp_path):

@@ -41,6 +41,7 @@ from .io import atomic_write, check_output_dir, prepare_dir, write_json
 from .job import DepthStage, Job, run_job
 from .methods import Target, build_options
 from .models.load import LoadedModel, check_context, load_model, local_config
+from .plan import Plan
 from .report import format_number, format_params, markdown_table, plot_depth_curves
 
 RESULTS_JSON = "results.json"
@@ -421,6 +422,7 @@ def run_bench(
     key = _settings_key(settings)
     todo: list[tuple[str, float | None, str]] = [(DENSE, None, "none"), *stages]
     done: dict[tuple[str, float | None, str], BenchRow] = {}
+    plans: dict[tuple[str, float], Plan] = {}
     cached: list[str] = []
     with tqdm(todo, desc="bench", unit="row", disable=not progress) as bar:
         for method, ratio, fit in bar:
@@ -431,6 +433,8 @@ def run_bench(
                 bar.set_postfix_str(f"{row.name} (cached)")
             else:
                 bar.set_postfix_str(method if ratio is None else f"{method}@{ratio:g}")
+                if ratio is not None:
+                    stages[method, ratio, fit].plan = plans.get((method, ratio))
                 job = Job([] if ratio is None else [stages[method, ratio, fit]], calibration, evaluation,
                           evaluate_before=False, batch_size=batch_size, progress=False)
                 row = _row(method, ratio, fit, session, job, key)
@@ -438,10 +442,22 @@ def run_bench(
                 if row.error:
                     tqdm.write(f"{row.name} failed: {row.error}")
             done[(method, ratio, fit)] = row
+            if row.ok and row.plan is not None and (method, ratio) not in plans:
+                plans[method, ratio] = _uncompensated(row.plan)
     result = BenchResult(out, done[(DENSE, None, "none")], [done[t] for t in todo[1:]], settings, versions(),
                          time.perf_counter() - t0, cached)
     result.write()
     return result
+
+
+def _uncompensated(plan: dict[str, Any]) -> Plan:
+    """A row's plan without its compensation: the other compensation rows of that method and ratio re-apply it
+    instead of planning again (methods are deterministic, so the plan would be the same)."""
+    plan = Plan.from_dict(plan)
+    plan.compensation = None
+    plan.params.pop("compensation", None)
+    plan.stages = []
+    return plan
 
 
 def summary_line(result: BenchResult) -> str:

@@ -101,6 +101,7 @@ class DepthStage:
     target: Target | None = None
     options: MethodOptions | None = None
     compensation: Compensation | None = None
+    plan: Plan | None = None
     name: str = field(default="depth", init=False)
     uses_calibration: bool = field(default=True, init=False)
 
@@ -114,9 +115,13 @@ class DepthStage:
             self.compensation.validate()
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
+        """Plan (or re-apply ``self.plan``, a plan this method made for this model before), then surgery."""
         self.check()
-        plan = make_plan(self.method, ctx.model, ctx.calibration, self.target, options=self.options,
-                         batch_size=ctx.run.batch_size, progress=ctx.run.progress, data=ctx)
+        if self.plan is not None:
+            plan = Plan.from_dict(self.plan.to_dict())
+        else:
+            plan = make_plan(self.method, ctx.model, ctx.calibration, self.target, options=self.options,
+                             batch_size=ctx.run.batch_size, progress=ctx.run.progress, data=ctx)
         plan.model = ctx.loaded.source
         if self.compensation is not None:
             plan.compensation = self.compensation.to_dict()

@@ -37,7 +37,10 @@ class ArchSpec:
       so removing key/value groups leaves a loadable config;
     * ``conv1d``: projections are GPT-2 ``Conv1D`` modules storing W as (in, out);
     * ``post_mlp_norm``: a norm applied to the MLP output *before* the residual
-      add (Gemma 2/3); a linear map on the MLP output cannot be folded past it.
+      add (Gemma 2/3); a linear map on the MLP output cannot be folded past it,
+      only a rotation (into the down projection) and a scale (into the norm's
+      gain); ``norm_gain_offset`` is what the norm adds to its weight (Gemma's
+      RMSNorm multiplies by ``1 + weight``).
     """
 
     family: str
@@ -53,6 +56,7 @@ class ArchSpec:
     head_pruning: bool = False
     conv1d: bool = False
     post_mlp_norm: str | None = None
+    norm_gain_offset: float = 0.0
 
     def paths(self, roles: tuple[str, ...]) -> list[str]:
         """Paths (inside a layer) of the projections with these roles, in declaration order."""
@@ -102,8 +106,8 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
     _llama_like("mistral", "mistral"),
     _llama_like("qwen2", "qwen2"),
     _llama_like("qwen3", "qwen3"),
-    _llama_like("gemma2", "gemma2", post_mlp_norm="post_feedforward_layernorm"),
-    _llama_like("gemma3", "gemma3_text", post_mlp_norm="post_feedforward_layernorm"),
+    _llama_like("gemma2", "gemma2", post_mlp_norm="post_feedforward_layernorm", norm_gain_offset=1.0),
+    _llama_like("gemma3", "gemma3_text", post_mlp_norm="post_feedforward_layernorm", norm_gain_offset=1.0),
     _llama_like(
         "phi3",
         "phi3",
