@@ -284,7 +284,7 @@ def _row_file(out: Path, method: str, ratio: float | None, compensation: str = "
 def _settings_key(settings: dict[str, Any]) -> str:
     """Fingerprint of everything that changes a row's numbers; cached rows count only when it matches."""
     relevant = {k: settings[k] for k in ("model_path", "dtype", "device", "calibration", "evaluation",
-                                         "method_options", "batch_size")}
+                                         "method_options", "batch_size", "compensation")}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -417,7 +417,7 @@ def run_bench(
         "device": session.device, "methods": methods, "ratios": ratios, "calibration": asdict(calibration),
         "evaluation": evaluation.to_dict(), "batch_size": batch_size,
         "method_options": {m: options[m].to_dict() for m in methods}, "compensations": fits,
-        "compensation": base.to_dict() if fits != ["none"] else None,
+        "compensation": base.to_dict(),
     }
     key = _settings_key(settings)
     todo: list[tuple[str, float | None, str]] = [(DENSE, None, "none"), *stages]
