@@ -47,3 +47,19 @@ def print_table(rows: list[tuple], headers: tuple) -> None:
     widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
     for row in (headers, *rows):
         print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)))
+
+
+def print_engine_vs_slow(title: str, fast: dict, slow: dict) -> None:
+    """The searches' benchmark table: the slow loop and depthprune's engine, time and peak memory side by side."""
+    model_mb = fast["model_mb"]
+
+    def peak(r: dict) -> str:
+        return f"{(model_mb + r['extra_mb']) / model_mb:.2f}x"
+
+    print(title)
+    print_table(
+        [("slow (deep copy + full forward)", f"{slow['seconds']:.1f}", "1.0x", f"{slow['extra_mb']:.0f}", peak(slow)),
+         ("depthprune engine", f"{fast['seconds']:.1f}", f"{slow['seconds'] / fast['seconds']:.1f}x",
+          f"{fast['extra_mb']:.0f}", peak(fast))],
+        ("variant", "seconds", "speedup", "extra MB", "peak / model size"),
+    )

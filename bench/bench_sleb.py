@@ -20,7 +20,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
-from _measure import Timer, current_rss_mb, peak_rss_mb, print_table, run_variant  # noqa: E402
+from _measure import Timer, current_rss_mb, peak_rss_mb, print_engine_vs_slow, run_variant  # noqa: E402
 
 
 def variant(args) -> None:
@@ -66,17 +66,9 @@ def main() -> None:
     fast = run_variant(__file__, "--variant", "depthprune", *common)
     slow = run_variant(__file__, "--variant", "slow", *common)
     assert fast["removed"] == slow["removed"], (fast["removed"], slow["removed"])
-    model_mb = fast["model_mb"]
-    peak = lambda r: (model_mb + r["extra_mb"]) / model_mb  # noqa: E731
-    print(f"SLEB search, {args.model}, remove {args.remove}, objective {args.objective}, {args.windows} windows, "
-          f"{args.threads} threads; same layers removed: {fast['removed']}")
-    print_table(
-        [("slow (deep copy + full forward)", f"{slow['seconds']:.1f}", "1.0x", f"{slow['extra_mb']:.0f}",
-          f"{peak(slow):.2f}x"),
-         ("depthprune engine", f"{fast['seconds']:.1f}", f"{slow['seconds'] / fast['seconds']:.1f}x",
-          f"{fast['extra_mb']:.0f}", f"{peak(fast):.2f}x")],
-        ("variant", "seconds", "speedup", "extra MB", "peak / model size"),
-    )
+    print_engine_vs_slow(f"SLEB search, {args.model}, remove {args.remove}, objective {args.objective}, "
+                         f"{args.windows} windows, {args.threads} threads; same layers removed: {fast['removed']}",
+                         fast, slow)
 
 
 if __name__ == "__main__":
