@@ -38,14 +38,23 @@ def model_dir(tmp_path_factory):
     ("shortgpt", Target(remove=3), {"metric": "angular"}),
     ("angular", Target(keep=5), {}),
     ("angular", None, {"block": 2}),
+    ("sleb", Target(remove=3), {}),
+    ("sleb", Target(ratio=0.25), {"objective": "kl", "protect_first": 1}),
 ])
-def test_streamed_plan_equals_make_plan(method, target, options, model_dir):
+@pytest.mark.parametrize("max_memory", [None, 1000])
+def test_streamed_plan_equals_make_plan(method, target, options, max_memory, model_dir, tmp_path):
+    """Same plan as in memory, with the states in memory or spilled to disk (``max_memory`` 1 kB)."""
     loaded = load_model(model_dir, progress=False)
-    cal = sample_windows(loaded.tokenizer, num_windows=4, seq_len=24)
-    expected = make_plan(method, loaded.model, cal, target, progress=False, **options)
+    cal = sample_windows(loaded.tokenizer, num_windows=5, seq_len=24)
+    cal.attention_mask[1, -4:] = 0
+    expected = make_plan(method, loaded.model, cal, target, progress=False, batch_size=2, **options)
     stage = DepthStage(method, target, build_options(method, options))
-    got = streamed_plan(load_streamed(model_dir, progress=False), cal, stage, RunContext(8, False))
+    told = []
+    got = streamed_plan(load_streamed(model_dir, progress=False), cal, stage, RunContext(2, False),
+                        max_memory=max_memory, scratch=tmp_path, report=told.append)
     assert got.to_dict() == expected.to_dict()
+    assert ("spilled to disk" in told[0]) == (max_memory is not None)
+    assert not list(tmp_path.iterdir())
 
 
 COMMON = ["--calib-samples", "4", "--seq-len", "24", "-q"]
@@ -87,7 +96,6 @@ def test_streaming_is_chosen_when_the_weights_do_not_fit(model_dir, tmp_path, ru
 REFUSED = [
     (["--method", "slm", "--threshold", "0.5"], "--method slm needs the in-memory path"),
     (["--method", "laco", "--ratio", "0.25"], "--method laco needs the in-memory path"),
-    (["--method", "sleb", "--ratio", "0.25"], "--method sleb needs the in-memory path"),
     (["--method", "auto", "--ratio", "0.25"], "--method auto needs the in-memory path"),
     (["--ratio", "0.25", "--then-width", "0.2"], "--then-width need the in-memory path"),
     (["--ratio", "0.25", "--eval", "ppl,piqa_local", "--piqa-dir", str(ROOT.parent / "shared/data/piqa")],

@@ -58,3 +58,20 @@ def test_gemma3_streamed_statistics_equal_in_memory(gemma3_path):
     expected = layer_statistics(loaded.model, cal, progress=False)
     got = streamed_layer_statistics(load_streamed(gemma3_path, progress=False), cal, progress=False, max_memory=1)
     assert got.bi == expected.bi and torch.equal(got.last_token_states, expected.last_token_states)
+
+
+def test_gemma3_streamed_sleb_equals_in_memory(gemma3_path, tmp_path):
+    """SLEB's layer-major rounds on a real model (sliding and full attention layers, 262k vocabulary, kl
+    objective), states spilled to disk: the in-memory search's losses and plan."""
+    from depthprune import build_options, make_plan
+    from depthprune.methods import RunContext
+    from depthprune.stream import streamed_plan
+
+    loaded = load_model(gemma3_path, progress=False)
+    cal = sample_windows(loaded.tokenizer, num_windows=3, seq_len=32)
+    options = {"objective": "kl"}
+    expected = make_plan("sleb", loaded.model, cal, Target(remove=1), progress=False, batch_size=2, **options)
+    stage = DepthStage("sleb", Target(remove=1), build_options("sleb", options))
+    got = streamed_plan(load_streamed(gemma3_path, progress=False), cal, stage, RunContext(2, False),
+                        max_memory=1, scratch=tmp_path)
+    assert got.to_dict() == expected.to_dict()

@@ -31,6 +31,39 @@ from .states import StackRunner
 OBJECTIVES = ("nll", "kl")
 
 
+def first_target_of(calibration: Calibration) -> int:
+    """Position of the first predicted token (after BOS or any other special prefix); refuses windows with none."""
+    first = max(1, len(calibration.description.get("special_prefix", [])))
+    if calibration.input_ids.shape[1] <= first:
+        raise InputError("calibration windows leave no token to predict; use --seq-len 2 or more")
+    return first
+
+
+@torch.inference_mode()
+def teacher_logprobs(model: nn.Module, final: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
+                     first_target: int, chunk_tokens: int = 512) -> torch.Tensor:
+    """The dense model's next-token log-probabilities at every predicted token, from its final states."""
+    states, _ = prediction_pairs(final, ids, mask, first_target)
+    return torch.cat([F.log_softmax(logits, dim=-1) for _, logits in chunked_logits(model, states, chunk_tokens)])
+
+
+@torch.inference_mode()
+def objective_sum(model: nn.Module, hidden: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
+                  first_target: int, chunk_tokens: int = 512,
+                  teacher: torch.Tensor | None = None) -> tuple[float, int]:
+    """Summed objective over one batch's predicted tokens given its final states, and their count: next-token
+    NLL, or KL(teacher || model) when the dense model's ``teacher`` log-probabilities are given."""
+    states, targets = prediction_pairs(hidden, ids, mask, first_target)
+    total = 0.0
+    for part, logits in chunked_logits(model, states, chunk_tokens):
+        if teacher is None:
+            total += float(F.cross_entropy(logits, targets[part], reduction="sum"))
+        else:
+            logp = F.log_softmax(logits, dim=-1)
+            total += float(F.kl_div(logp, teacher[part], log_target=True, reduction="sum"))
+    return total, int(targets.numel())
+
+
 class LossEngine:
     """Calibration loss of stacks built from the original model's layers (and merged or patched ones)."""
 
@@ -44,9 +77,7 @@ class LossEngine:
         self.chunk_tokens = chunk_tokens
         self.layers: list[nn.Module] = list(get_layers(model))
         self.num_layers = len(self.layers)
-        self.first_target = max(1, len(calibration.description.get("special_prefix", [])))
-        if calibration.input_ids.shape[1] <= self.first_target:
-            raise InputError("calibration windows leave no token to predict; use --seq-len 2 or more")
+        self.first_target = first_target_of(calibration)
         device = model_device(model)
         batches = [(ids.to(device), mask.to(device)) for ids, mask in batches_of(calibration, batch_size)]
         self.original = StackRunner(model, batches, self.layers)
@@ -65,29 +96,17 @@ class LossEngine:
         """Per-layer config entries of original layers ``indices``."""
         return self.original.per_layer_of(indices)
 
-    @torch.inference_mode()
     def _teacher_logprobs(self, b: int) -> torch.Tensor:
         ids, mask = self.batches[b]
-        states, _ = prediction_pairs(self.original.finals[b], ids, mask, self.first_target)
-        return torch.cat([F.log_softmax(logits, dim=-1) for _, logits in
-                          chunked_logits(self.model, states, self.chunk_tokens)])
+        return teacher_logprobs(self.model, self.original.finals[b], ids, mask, self.first_target, self.chunk_tokens)
 
-    @torch.inference_mode()
     def batch_loss(self, b: int, hidden: torch.Tensor) -> tuple[float, int]:
         """Summed objective over the predicted tokens of batch ``b`` given its final states, and their count."""
         ids, mask = self.batches[b]
-        states, targets = prediction_pairs(hidden, ids, mask, self.first_target)
         teacher = None
         if self.objective == "kl":
             teacher = self._teacher[b] if self._teacher is not None else self._teacher_logprobs(b)
-        total = 0.0
-        for part, logits in chunked_logits(self.model, states, self.chunk_tokens):
-            if teacher is None:
-                total += float(F.cross_entropy(logits, targets[part], reduction="sum"))
-            else:
-                logp = F.log_softmax(logits, dim=-1)
-                total += float(F.kl_div(logp, teacher[part], log_target=True, reduction="sum"))
-        return total, int(targets.numel())
+        return objective_sum(self.model, hidden, ids, mask, self.first_target, self.chunk_tokens, teacher)
 
     def loss(self, finals: Sequence[torch.Tensor]) -> float:
         """Mean objective given every batch's final states."""

@@ -46,18 +46,50 @@ class SLEBOptions(MethodOptions):
             raise PlanError("--protect-first and --protect-last must be 0 or more")
 
 
+def removable_layers(num_layers: int, n_remove: int, protect_first: int = 0, protect_last: int = 0) -> list[int]:
+    """The layers a search may remove, refusing a request the protected layers leave no room for."""
+    removable = [i for i in range(num_layers) if protect_first <= i < num_layers - protect_last]
+    if len(removable) < n_remove:
+        raise PlanError(f"only {len(removable)} layers are outside the protected ones, fewer than the "
+                        f"{n_remove} to remove; protect fewer layers or remove fewer")
+    return removable
+
+
+def log_round(log: list[dict[str, Any]], losses: dict[int, float]) -> int:
+    """Pick a round's layer (lowest loss, lowest index on ties) and log every candidate's loss."""
+    chosen = min(losses, key=lambda i: (losses[i], i))
+    log.append({"round": len(log) + 1, "removed": chosen, "loss": losses[chosen],
+                "losses": {str(i): losses[i] for i in sorted(losses)}})
+    return chosen
+
+
+def sleb_plan(num_layers: int, kept: list[int], log: list[dict[str, Any]], *, objective: str, n_remove: int,
+              protect_first: int, protect_last: int, dense_loss: float, evaluations: int) -> Plan:
+    """The plan of a finished search (in memory or streamed): what went, and every round's losses."""
+    first_round = {int(i): v for i, v in log[0]["losses"].items()}
+    scores = {}
+    if len(first_round) == num_layers:
+        scores[f"{objective}_without_layer"] = [first_round[i] for i in range(num_layers)]
+    return Plan(
+        method="sleb",
+        num_layers=num_layers,
+        remove=sorted(set(range(num_layers)) - set(kept)),
+        params={"objective": objective, "n_remove": n_remove, "protect_first": protect_first,
+                "protect_last": protect_last, "dense_loss": dense_loss,
+                "final_loss": log[-1]["loss"], "candidates_evaluated": evaluations},
+        scores=scores,
+        log=log,
+    )
+
+
 def sleb_search(engine: LossEngine, n_remove: int, *, protect_first: int = 0, protect_last: int = 0,
                 progress: Any = None) -> Plan:
     """Greedy removal of ``n_remove`` layers; every candidate's loss in every round is logged."""
     L = engine.num_layers
-    removable = [i for i in range(L) if protect_first <= i < L - protect_last]
-    if len(removable) < n_remove:
-        raise PlanError(f"only {len(removable)} layers are outside the protected ones, fewer than the "
-                        f"{n_remove} to remove; protect fewer layers or remove fewer")
+    removable = removable_layers(L, n_remove, protect_first, protect_last)
     current = list(range(L))
     runner = engine.original
     log: list[dict[str, Any]] = []
-    first_round: dict[int, float] = {}
     for round_ in range(n_remove):
         losses: dict[int, float] = {}
         for position in reversed(range(len(current))):
@@ -70,27 +102,12 @@ def sleb_search(engine: LossEngine, n_remove: int, *, protect_first: int = 0, pr
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(round=round_ + 1, layer=layer, loss=f"{losses[layer]:.4f}")
-        chosen = min(losses, key=lambda i: (losses[i], i))
-        first_round = first_round or dict(losses)
-        log.append({"round": round_ + 1, "removed": chosen, "loss": losses[chosen],
-                    "losses": {str(i): losses[i] for i in sorted(losses)}})
-        current.remove(chosen)
+        current.remove(log_round(log, losses))
         if round_ + 1 < n_remove:
             runner = StackRunner(engine.model, engine.batches, [engine.layers[i] for i in current],
                                  engine.per_layer_of(current))
-    scores = {}
-    if len(first_round) == L:
-        scores[f"{engine.objective}_without_layer"] = [first_round[i] for i in range(L)]
-    return Plan(
-        method="sleb",
-        num_layers=L,
-        remove=sorted(set(range(L)) - set(current)),
-        params={"objective": engine.objective, "n_remove": n_remove, "protect_first": protect_first,
-                "protect_last": protect_last, "dense_loss": engine.dense_loss,
-                "final_loss": log[-1]["loss"], "candidates_evaluated": engine.evaluations},
-        scores=scores,
-        log=log,
-    )
+    return sleb_plan(L, current, log, objective=engine.objective, n_remove=n_remove, protect_first=protect_first,
+                     protect_last=protect_last, dense_loss=engine.dense_loss, evaluations=engine.evaluations)
 
 
 @register("sleb", "remove layers one at a time, each round the one whose removal hurts calibration loss least",

@@ -31,10 +31,11 @@ from ..evaluate.suite import EvalResult, Evaluation
 from .checkpoint import StreamingError
 from .model import StreamedModel, load_streamed
 from .scoring import streamed_layer_statistics, streamed_perplexity
+from .search import streamed_sleb
 from .surgery import DEFAULT_SHARD_SIZE, write_pruned_checkpoint
 
-#: Methods whose plan needs only the streamed layer statistics.
-STREAMED_METHODS = ("shortgpt", "angular")
+#: Methods that plan from streamed passes: layer statistics (shortgpt, angular) or SLEB's layer-major rounds.
+STREAMED_METHODS = ("shortgpt", "angular", "sleb")
 
 Report = Callable[[str], None]
 
@@ -52,7 +53,7 @@ def check_streamable(job: Job) -> DepthStage:
     stage = job.stages[0]
     if stage.method not in STREAMED_METHODS:
         raise StreamingError(f"--method {stage.method} needs {in_memory}: its search runs the whole model; "
-                             f"streaming plans with {' and '.join(STREAMED_METHODS)}")
+                             f"streaming plans with {', '.join(STREAMED_METHODS)}")
     if stage.compensation is not None:
         raise StreamingError(f"--compensate needs {in_memory}: its fit runs the pruned model on calibration text")
     if job.evaluation.zeroshot is not None or job.evaluation.speed is not None:
@@ -62,11 +63,18 @@ def check_streamable(job: Job) -> DepthStage:
 
 def streamed_plan(sm: StreamedModel, calibration: Calibration, stage: DepthStage, run: RunContext, *,
                   max_memory: int | None = None, scratch: Path | None = None, report: Report | None = None) -> Plan:
-    """The plan ``make_plan`` would make for a shortgpt or angular stage, from streamed statistics."""
+    """The plan ``make_plan`` would make for a shortgpt, angular or sleb stage, one layer at a time."""
     options = stage.options if stage.options is not None else build_options(stage.method)
     stage.options = options
     stage.check()
     L = sm.num_layers
+    if stage.method == "sleb":
+        plan = streamed_sleb(sm, calibration, require("sleb", stage.target).n_remove(L), options,
+                             batch_size=run.batch_size, progress=run.progress, max_memory=max_memory,
+                             scratch=scratch, report=report)
+        plan.params.setdefault("target", stage.target.to_dict())
+        plan.calibration = calibration.to_dict()
+        return plan
     if stage.method == "shortgpt":
         n = require("shortgpt", stage.target).n_remove(L)
     else:
