@@ -92,18 +92,20 @@ def test_options_are_validated_when_built():
         make_plan("shortgpt", tiny_model("llama"), _cal(), progress=False)
 
 
-def test_batch_size_reaches_the_merging_engine(monkeypatch):
-    import depthprune.methods.merging as merging
+@pytest.mark.parametrize("method", ["slm", "laco"])
+def test_batch_size_reaches_the_merging_engine(method, monkeypatch):
+    import importlib
 
+    module = importlib.import_module(f"depthprune.methods.{method}")
     seen = []
-    real = merging.SimilarityEngine
+    real = module.SimilarityEngine
 
     def spy(model, calibration, *, batch_size=None, **kw):
         seen.append(batch_size)
         return real(model, calibration, batch_size=batch_size, **kw)
 
-    monkeypatch.setattr(merging, "SimilarityEngine", spy)
-    make_plan("slm", tiny_model("llama"), _cal(), threshold=0.5, batch_size=2, progress=False)
+    monkeypatch.setattr(module, "SimilarityEngine", spy)
+    make_plan(method, tiny_model("llama"), _cal(), threshold=0.5, batch_size=2, progress=False)
     assert seen == [2]
 
 

@@ -40,6 +40,9 @@ def model_dir(tmp_path_factory):
     ("angular", None, {"block": 2}),
     ("sleb", Target(remove=3), {}),
     ("sleb", Target(ratio=0.25), {"objective": "kl", "protect_first": 1}),
+    ("slm", Target(remove=3), {}),
+    ("slm", None, {"threshold": 0.9, "operator": "average"}),
+    ("laco", Target(remove=3), {"merge_layers": 3, "interval": 1}),
 ])
 @pytest.mark.parametrize("max_memory", [None, 1000])
 def test_streamed_plan_equals_make_plan(method, target, options, max_memory, model_dir, tmp_path):
@@ -94,8 +97,6 @@ def test_streaming_is_chosen_when_the_weights_do_not_fit(model_dir, tmp_path, ru
 
 
 REFUSED = [
-    (["--method", "slm", "--threshold", "0.5"], "--method slm needs the in-memory path"),
-    (["--method", "laco", "--ratio", "0.25"], "--method laco needs the in-memory path"),
     (["--method", "auto", "--ratio", "0.25"], "--method auto needs the in-memory path"),
     (["--ratio", "0.25", "--then-width", "0.2"], "--then-width need the in-memory path"),
     (["--ratio", "0.25", "--eval", "ppl,piqa_local", "--piqa-dir", str(ROOT.parent / "shared/data/piqa")],

@@ -75,3 +75,18 @@ def test_gemma3_streamed_sleb_equals_in_memory(gemma3_path, tmp_path):
     got = streamed_plan(load_streamed(gemma3_path, progress=False), cal, stage, RunContext(2, False),
                         max_memory=1, scratch=tmp_path)
     assert got.to_dict() == expected.to_dict()
+
+
+def test_smollm2_streamed_slm_equals_in_memory(smollm2_path, tmp_path):
+    """SLM's search on the streamed similarity engine (merged windows read from disk), states spilled."""
+    from depthprune import build_options, make_plan
+    from depthprune.methods import RunContext
+    from depthprune.stream import streamed_plan
+
+    loaded = load_model(smollm2_path, progress=False)
+    cal = sample_windows(loaded.tokenizer, num_windows=2, seq_len=32)
+    expected = make_plan("slm", loaded.model, cal, Target(remove=3), progress=False, batch_size=2)
+    stage = DepthStage("slm", Target(remove=3), build_options("slm", {}))
+    got = streamed_plan(load_streamed(smollm2_path, progress=False), cal, stage, RunContext(2, False),
+                        max_memory=1, scratch=tmp_path)
+    assert got.merges and got.to_dict() == expected.to_dict()

@@ -31,7 +31,7 @@ from ..engine.stack import CurrentStack
 from ..models.arch import num_layers
 from ..plan import Merge, Plan, PlanError
 from ..surgery.merge import OPERATORS
-from .merging import ThresholdOptions, run_threshold_search
+from .merging import Search, ThresholdOptions, run_threshold_search
 from .registry import RunContext, option, register
 from .target import Target
 
@@ -137,16 +137,21 @@ def laco_search(
     )
 
 
-@register("laco", "layer collapse: merge C layers into one while similarity stays above T", LaCoOptions,
-          reference="LaCo, arXiv 2402.11187")
-def plan(model: nn.Module, calibration: Calibration, target: Target | None, options: LaCoOptions,
-         run: RunContext) -> Plan:
-    L = num_layers(model)
-    highest = L if options.highest is None else options.highest
-    check_laco_options(L, options.merge_layers, options.interval, options.lowest, highest)
+def searcher(options: LaCoOptions, num_layers: int) -> Search:
+    """The search ``run_threshold_search`` drives, with these options, on a model of ``num_layers``."""
+    highest = num_layers if options.highest is None else options.highest
+    check_laco_options(num_layers, options.merge_layers, options.interval, options.lowest, highest)
 
     def search(engine, t, **kw):
         return laco_search(engine, t, operator=options.operator, merge_layers=options.merge_layers,
                            interval=options.interval, lowest=options.lowest, highest=highest, **kw)
+    return search
 
-    return run_threshold_search("laco", search, model, calibration, target, options, run)
+
+@register("laco", "layer collapse: merge C layers into one while similarity stays above T", LaCoOptions,
+          reference="LaCo, arXiv 2402.11187")
+def plan(model: nn.Module, calibration: Calibration, target: Target | None, options: LaCoOptions,
+         run: RunContext) -> Plan:
+    search = searcher(options, num_layers(model))
+    engine = SimilarityEngine(model, calibration, batch_size=run.batch_size)
+    return run_threshold_search("laco", search, engine, calibration, target, options, run.progress)

@@ -6,12 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from torch import nn
 from tqdm.auto import tqdm
 
 from ..data.calibration import Calibration
 from ..engine.search import SimilarityEngine
-from ..models.arch import num_layers
 from ..plan import Plan, PlanError
 from ..surgery.merge import OPERATORS
 from .registry import MethodOptions, RunContext, option
@@ -39,13 +37,16 @@ class ThresholdOptions(MethodOptions):
 Search = Callable[..., Plan]
 
 
-def run_threshold_search(name: str, search: Search, model: nn.Module, calibration: Calibration,
-                         target: Target | None, options: ThresholdOptions, run: RunContext) -> Plan:
-    """``search(engine, T, max_remove=, memo=, progress=)`` at T, or under bisection for a target."""
-    n = target.n_remove(num_layers(model)) if given(target) else None
-    engine = SimilarityEngine(model, calibration, batch_size=run.batch_size)
+def run_threshold_search(name: str, search: Search, engine: SimilarityEngine, calibration: Calibration,
+                         target: Target | None, options: ThresholdOptions, progress: bool = True) -> Plan:
+    """``search(engine, T, max_remove=, memo=, progress=)`` at T, or under bisection for a target.
+
+    ``engine`` answers the similarity questions: the in-memory :class:`SimilarityEngine`, or the streamed one
+    (:class:`depthprune.stream.search.StreamedSimilarityEngine`) with the same interface.
+    """
+    n = target.n_remove(engine.num_layers) if given(target) else None
     memo: dict = {}
-    with tqdm(desc=f"{name} windows", unit="window", disable=not run.progress) as bar:
+    with tqdm(desc=f"{name} windows", unit="window", disable=not progress) as bar:
         if n is None:
             t = options.threshold if options.threshold is not None else options.DEFAULT_THRESHOLD
             plan = search(engine, t, memo=memo, progress=bar)

@@ -32,7 +32,7 @@ from ..engine.search import SimilarityEngine
 from ..engine.stack import CurrentStack
 from ..plan import Merge, Plan, PlanError
 from ..surgery.merge import OPERATORS
-from .merging import ThresholdOptions, run_threshold_search
+from .merging import Search, ThresholdOptions, run_threshold_search
 from .registry import RunContext, option, register
 from .target import Target
 
@@ -123,11 +123,16 @@ def slm_search(
     )
 
 
+def searcher(options: SLMOptions) -> Search:
+    """The search ``run_threshold_search`` drives, with these options."""
+    def search(engine, t, **kw):
+        return slm_search(engine, t, operator=options.operator, final_window=options.final_window, **kw)
+    return search
+
+
 @register("slm", "sliding-window layer merging, top down, threshold T on final-state similarity", SLMOptions,
           reference="SLM, arXiv 2502.19159")
 def plan(model: nn.Module, calibration: Calibration, target: Target | None, options: SLMOptions,
          run: RunContext) -> Plan:
-    def search(engine, t, **kw):
-        return slm_search(engine, t, operator=options.operator, final_window=options.final_window, **kw)
-
-    return run_threshold_search("slm", search, model, calibration, target, options, run)
+    engine = SimilarityEngine(model, calibration, batch_size=run.batch_size)
+    return run_threshold_search("slm", searcher(options), engine, calibration, target, options, run.progress)

@@ -20,7 +20,9 @@ from ..data.calibration import Calibration
 from ..io import atomic_directory, check_output_dir, write_json
 from ..job import DepthStage, Job, JobResult
 from ..methods import RunContext, build_options
+from ..methods import laco, slm
 from ..methods.angular import plan_angular
+from ..methods.merging import run_threshold_search
 from ..methods.shortgpt import plan_shortgpt
 from ..methods.target import require
 from ..models.arch import count_parameters
@@ -31,11 +33,12 @@ from ..evaluate.suite import EvalResult, Evaluation
 from .checkpoint import StreamingError
 from .model import StreamedModel, load_streamed
 from .scoring import streamed_layer_statistics, streamed_perplexity
-from .search import streamed_sleb
+from .search import StreamedSimilarityEngine, streamed_sleb
 from .surgery import DEFAULT_SHARD_SIZE, write_pruned_checkpoint
 
-#: Methods that plan from streamed passes: layer statistics (shortgpt, angular) or SLEB's layer-major rounds.
-STREAMED_METHODS = ("shortgpt", "angular", "sleb")
+#: Methods that plan from streamed passes: layer statistics (shortgpt, angular), SLEB's layer-major rounds, or
+#: the streamed similarity engine (slm, laco).
+STREAMED_METHODS = ("shortgpt", "angular", "sleb", "slm", "laco")
 
 Report = Callable[[str], None]
 
@@ -68,11 +71,10 @@ def streamed_plan(sm: StreamedModel, calibration: Calibration, stage: DepthStage
     stage.options = options
     stage.check()
     L = sm.num_layers
-    if stage.method == "sleb":
-        plan = streamed_sleb(sm, calibration, require("sleb", stage.target).n_remove(L), options,
-                             batch_size=run.batch_size, progress=run.progress, max_memory=max_memory,
-                             scratch=scratch, report=report)
-        plan.params.setdefault("target", stage.target.to_dict())
+    if stage.method in ("sleb", "slm", "laco"):
+        plan = _streamed_search(sm, calibration, stage, run, max_memory, scratch, report)
+        if stage.target is not None and stage.target.given:
+            plan.params.setdefault("target", stage.target.to_dict())
         plan.calibration = calibration.to_dict()
         return plan
     if stage.method == "shortgpt":
@@ -89,6 +91,19 @@ def streamed_plan(sm: StreamedModel, calibration: Calibration, stage: DepthStage
     if not plan.calibration:
         plan.calibration = calibration.to_dict()
     return plan
+
+
+def _streamed_search(sm: StreamedModel, calibration: Calibration, stage: DepthStage, run: RunContext,
+                     max_memory: int | None, scratch: Path | None, report: Report | None) -> Plan:
+    options = stage.options
+    if stage.method == "sleb":
+        return streamed_sleb(sm, calibration, require("sleb", stage.target).n_remove(sm.num_layers), options,
+                             batch_size=run.batch_size, progress=run.progress, max_memory=max_memory,
+                             scratch=scratch, report=report)
+    search = slm.searcher(options) if stage.method == "slm" else laco.searcher(options, sm.num_layers)
+    with StreamedSimilarityEngine(sm, calibration, batch_size=run.batch_size, progress=run.progress,
+                                  max_memory=max_memory, scratch=scratch, report=report) as engine:
+        return run_threshold_search(stage.method, search, engine, calibration, stage.target, options, run.progress)
 
 
 def _evaluate(sm: StreamedModel, evaluation: Evaluation, run: RunContext, max_memory: int | None,

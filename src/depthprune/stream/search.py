@@ -1,4 +1,6 @@
-"""SLEB's greedy search by streaming: every layer read once per round, all candidates advanced together.
+"""The searches by streaming: SLEB (layer-major rounds) and SLM/LaCo (a similarity engine reading layers).
+
+**SLEB.** Every layer read once per round, all candidates advanced together.
 
 The in-memory search (:func:`depthprune.methods.sleb.sleb_search`) evaluates
 one candidate at a time, each running the layers above its position. Streamed,
@@ -13,30 +15,59 @@ layer-major, one round is a single walk up the current model::
     loss of each candidate = objective(final norm + LM head of its states)
 
 so a round reads each kept layer once and holds one set of calibration states
-per candidate (spilled to disk when they exceed the memory budget). Layers run
-with the calls the model's own forward makes (masks, rotary embeddings, the
-layer's own attention type), so losses, and therefore plans, are those of the
-in-memory search.
+per candidate (spilled to disk when they exceed the memory budget).
+
+**SLM and LaCo.** Their searches are sequential (each decision changes the next
+candidate), so :class:`StreamedSimilarityEngine` answers the in-memory
+engine's question one candidate at a time: from the stored original states
+entering the candidate's lowest layer, each candidate layer in turn is read
+(a merged window: its member layers together, merged in memory as in the
+in-memory engine), run over every batch and freed; then the final norm, and
+the cosine to the original final states. The search code itself is the
+in-memory one.
+
+Layers run with the calls the model's own forward makes (masks, rotary
+embeddings, the layer's own attention type), so losses, similarities and
+therefore plans are those of the in-memory searches.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from ..data.calibration import Calibration
+from ..engine.merged import MergedLayer, PatchedLayer
+from ..engine.search import _flat_cosine
 from ..engine.loss import OBJECTIVES, first_target_of, objective_sum, teacher_logprobs
 from ..errors import InputError
 from ..methods.sleb import SLEBOptions, log_round, removable_layers, sleb_plan
+from ..models.arch import per_layer_config_values
 from ..models.forward import batches_of
 from ..plan import Plan
 from .model import StreamedModel
+from .model import LayerCall
 from .passes import memory_plan, open_store
+from .states import StateStore
 
 Report = Any
+
+
+def record_calls(sm: StreamedModel, batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                 store: StateStore) -> list[list[LayerCall]]:
+    """Every layer's call for every batch (kept for the whole search: masks and rotary embeddings, no states);
+    the states entering layer 0 go to ``store`` under ``("input", b)``."""
+    calls = []
+    with sm.outside():
+        for b, (ids, mask) in enumerate(batches):
+            h0, layer_calls = sm.layer_calls(ids, mask, sm.num_layers - 1)
+            store.put(("input", b), h0)
+            calls.append(layer_calls)
+    return calls
 
 
 def streamed_sleb(
@@ -66,12 +97,7 @@ def streamed_sleb(
         report(budget.describe())
 
     with open_store(budget, scratch) as store, torch.inference_mode():
-        with sm.outside():
-            calls = []
-            for b, (ids, mask) in enumerate(batches):
-                h0, layer_calls = sm.layer_calls(ids, mask, L - 1)
-                store.put(("input", b), h0)
-                calls.append(layer_calls)
+        calls = record_calls(sm, batches, store)
 
         def walk(current: list[int], bar: tqdm) -> list[int]:
             """One round: the reference's and every candidate's final-layer states end in the store."""
@@ -125,3 +151,99 @@ def streamed_sleb(
     return sleb_plan(L, current, log, objective=options.objective, n_remove=n_remove,
                      protect_first=options.protect_first, protect_last=options.protect_last, dense_loss=dense_loss,
                      evaluations=evaluations)
+
+
+def _originals(module: nn.Module) -> list[nn.Module]:
+    """The original (skeleton) layers a candidate layer is made from, in order."""
+    if isinstance(module, MergedLayer):
+        return [layer for member in module.members for layer in _originals(member)]
+    if isinstance(module, PatchedLayer):
+        return _originals(module.inner)
+    return [module]
+
+
+class StreamedSimilarityEngine:
+    """:class:`~depthprune.engine.search.SimilarityEngine`'s interface over a streamed model.
+
+    Holds the original model's states entering every layer and its final states (one set per layer, spilled
+    to disk when over the budget), and every layer's recorded call; a candidate reads only its own layers.
+    """
+
+    def __init__(self, sm: StreamedModel, calibration: Calibration, *, batch_size: int | None = None,
+                 progress: bool = True, max_memory: int | None = None, scratch: Path | None = None,
+                 report: Report | None = None) -> None:
+        self.sm = sm
+        self.spec = sm.spec
+        self.layers: list[nn.Module] = list(sm.layers)
+        self.num_layers = len(self.layers)
+        self.evaluations = 0
+        self._index = {id(layer): i for i, layer in enumerate(self.layers)}
+        self.batches = [(ids.to(sm.device), mask.to(sm.device)) for ids, mask in batches_of(calibration, batch_size)]
+        budget = memory_plan(sm, calibration.num_windows * (self.num_layers + 2),
+                             int(calibration.input_ids.shape[1]), max_memory=max_memory)
+        if report is not None:
+            report(budget.describe())
+        self._store = open_store(budget, scratch)
+        try:
+            self._calls = record_calls(sm, self.batches, self._store)
+            self._walk_original(progress)
+        except BaseException:
+            self._store.close()
+            raise
+
+    def close(self) -> None:
+        self._store.close()
+
+    def __enter__(self) -> "StreamedSimilarityEngine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @torch.inference_mode()
+    def _walk_original(self, progress: bool) -> None:
+        store = self._store
+        for b in range(len(self.batches)):
+            store.put(("enter", 0, b), store.get(("input", b)))
+        for i in tqdm(range(self.num_layers), desc="original states (streamed)", unit="layer",
+                      disable=not progress):
+            with self.sm.layer(i) as layer:
+                for b in range(len(self.batches)):
+                    h = self._calls[b][i](layer, store.get(("enter", i, b)).to(self.sm.device))
+                    store.put(("enter", i + 1, b), h)
+        self.reference = self._finals(("enter", self.num_layers))
+
+    def _finals(self, key: tuple) -> list[torch.Tensor]:
+        with self.sm.outside():
+            return [self.sm.final_states(ids, mask, self._store.get((*key, b)).to(self.sm.device)).cpu()
+                    for b, (ids, mask) in enumerate(self.batches)]
+
+    def original_per_layer(self, indices: list[int]) -> dict[str, list]:
+        """Per-layer config entries of original ``indices`` (what the in-memory engine's stacks carry)."""
+        values = per_layer_config_values(self.sm.config, self.spec)
+        return {name: [entries[i] for i in indices] for name, entries in values.items()}
+
+    @torch.inference_mode()
+    def similarity(self, start: int, modules: list[nn.Module], per_layer: dict[str, list]) -> float:
+        """Mean over samples of cos(original final states, candidate final states), as in memory: the
+        original layers below ``start``, then ``modules`` (each run with the call of its lowest layer)."""
+        self.evaluations += 1
+        sm, store = self.sm, self._store
+        for b in range(len(self.batches)):
+            store.put(("candidate", b), store.get(("enter", start, b)))
+        for module in modules:
+            members = _originals(module)
+            names = [name for layer in members for name in sm.layer_param_names(self._index[id(layer)])]
+            first = self._index[id(members[0])]
+            with sm.materialized(names):
+                try:
+                    for b in range(len(self.batches)):
+                        h = self._calls[b][first](module, store.get(("candidate", b)).to(sm.device))
+                        store.put(("candidate", b), h)
+                finally:
+                    if isinstance(module, (MergedLayer, PatchedLayer)):
+                        module.release()
+        finals = self._finals(("candidate",))
+        sims = [s for b, final in enumerate(finals)
+                for s in _flat_cosine(self.reference[b], final, self.batches[b][1])]
+        return float(sum(sims) / len(sims))
