@@ -63,7 +63,7 @@ class SimilarityEngine:
         sims: list[float] = []
         try:
             for b, final in self.runner.run_from(start, modules, per_layer):
-                sims.extend(_flat_cosine(self.reference[b], final, self.runner.batches[b][1]))
+                sims.extend(flat_cosine(self.reference[b], final, self.runner.batches[b][1]))
         finally:
             for m in modules:
                 if isinstance(m, MergedLayer):
@@ -71,7 +71,7 @@ class SimilarityEngine:
         return float(sum(sims) / len(sims))
 
 
-def _flat_cosine(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> list[float]:
+def flat_cosine(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> list[float]:
     """Per sample: cosine between the (tokens x hidden) matrices flattened, padding zeroed."""
     m = mask.to(a.device, torch.float64).unsqueeze(-1)
     a, b = a.double() * m, b.double() * m

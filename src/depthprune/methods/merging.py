@@ -12,7 +12,7 @@ from ..data.calibration import Calibration
 from ..engine.search import SimilarityEngine
 from ..plan import Plan, PlanError
 from ..surgery.merge import OPERATORS
-from .registry import MethodOptions, RunContext, option
+from .registry import MethodOptions, option
 from .target import Target, given, threshold_for_target
 
 

@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from ..data.calibration import Calibration
 from ..engine.merged import MergedLayer, PatchedLayer
-from ..engine.search import _flat_cosine
+from ..engine.search import flat_cosine
 from ..engine.loss import OBJECTIVES, first_target_of, objective_sum, teacher_logprobs
 from ..errors import InputError
 from ..methods.sleb import SLEBOptions, log_round, removable_layers, sleb_plan
@@ -245,5 +245,5 @@ class StreamedSimilarityEngine:
                         module.release()
         finals = self._finals(("candidate",))
         sims = [s for b, final in enumerate(finals)
-                for s in _flat_cosine(self.reference[b], final, self.batches[b][1])]
+                for s in flat_cosine(self.reference[b], final, self.batches[b][1])]
         return float(sum(sims) / len(sims))
