@@ -34,6 +34,23 @@ def run_variant(script: str, *args: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def load_variant(args):
+    """(model, calibration windows, model MB, RSS baseline MB) for one variant's process: ``args.model``,
+    ``args.windows`` as NxS, ``args.threads``; the weights paged in before the baseline is taken."""
+    import torch
+
+    from depthprune import calibration_windows, load_model
+
+    torch.set_num_threads(args.threads)
+    model, tok = load_model(args.model)
+    n, s = (int(x) for x in args.windows.split("x"))
+    cal = calibration_windows(tok, num_windows=n, seq_len=s, seed=1234)
+    with torch.no_grad():
+        model(input_ids=cal.input_ids[:1, :8])
+    model_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    return model, cal, model_mb, current_rss_mb()
+
+
 class Timer:
     def __enter__(self):
         self.start = time.perf_counter()

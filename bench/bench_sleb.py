@@ -20,24 +20,14 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
-from _measure import Timer, current_rss_mb, peak_rss_mb, print_engine_vs_slow, run_variant  # noqa: E402
+from _measure import Timer, load_variant, peak_rss_mb, print_engine_vs_slow, run_variant  # noqa: E402
 
 
 def variant(args) -> None:
-    import torch
-
-    from depthprune import calibration_windows, load_model
     from depthprune.engine.loss import LossEngine
     from depthprune.methods.sleb import sleb_search
 
-    torch.set_num_threads(args.threads)
-    model, tok = load_model(args.model)
-    n, s = (int(x) for x in args.windows.split("x"))
-    cal = calibration_windows(tok, num_windows=n, seq_len=s, seed=1234)
-    with torch.no_grad():
-        model(input_ids=cal.input_ids[:1, :8])  # page the mmapped weights in before the baseline
-    model_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
-    base_rss = current_rss_mb()
+    model, cal, model_mb, base_rss = load_variant(args)
     with Timer() as t:
         if args.variant == "depthprune":
             removed = sleb_search(LossEngine(model, cal, objective=args.objective), args.remove).remove
