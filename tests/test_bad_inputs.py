@@ -291,3 +291,11 @@ def test_a_killed_runs_temporaries_are_removed_by_the_next_run(world, run_cli):
     run_cli("prune", "--model", world / "model", "--ratio", "0.34", "--calib-samples", "2", "--seq-len", "32",
             "--out", world / "out", "-q")
     assert _leftovers(world, "out") == [] and (world / "out" / "model.safetensors").is_file()
+
+
+def test_quiet_silences_lm_eval_too(smollm2_path, shared_data, run_cli):
+    """lm-eval's request-building bars and its warnings about how it was called go too (numbers still print)."""
+    res = run_cli("eval-zeroshot", "--model", smollm2_path, "--tasks", "piqa", "--piqa-dir", shared_data / "piqa",
+                  "--limit", "3", "-q")
+    assert [line for line in res.err.splitlines() if line.strip()] == [f"loading {smollm2_path} ..."]
+    assert "piqa_local" in res.out

@@ -417,6 +417,31 @@ def _quiet_hflm() -> type:
     return QuietHFLM
 
 
+@contextmanager
+def _lm_eval_silenced(silence: bool) -> Iterator[None]:
+    """Without progress: also lm-eval's request-building bars and its warnings about how it was called
+    (errors still show)."""
+    if not silence:
+        yield
+        return
+    import logging
+
+    import lm_eval.api.task as task_module
+
+    loggers = [logging.getLogger(name) for name in ("lm_eval", "lm-eval")]
+    levels = [logger.level for logger in loggers]
+    bar = task_module.tqdm
+    task_module.tqdm = functools.partial(bar, disable=True)
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        task_module.tqdm = bar
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
 def evaluate_zeroshot(
     model: Any,
     tokenizer: Any,
@@ -454,7 +479,7 @@ def evaluate_zeroshot(
         raise InputError("no tasks given: name at least one lm-eval task, e.g. piqa_local")
     include_paths = _include_paths(task_list, task_dir, piqa_dir)
 
-    with hub_offline() as forced_offline:
+    with hub_offline() as forced_offline, _lm_eval_silenced(not progress):
         task_manager = _task_manager(task_list, include_paths)
         lm_class = HFLM if progress else _quiet_hflm()
         lm = lm_class(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
