@@ -119,17 +119,20 @@ def streamed_sleb(
                 bar.update(1)
             return open_
 
-        def mean_loss(key: Any, teacher: bool) -> float:
-            total, count = 0.0, 0
+        def mean_losses(keys: list[Any], teacher: bool) -> dict[Any, float]:
+            """Each key's mean objective; the dense log-probabilities computed once per batch for all keys."""
+            sums = {key: [0.0, 0] for key in keys}
             for b, (ids, mask) in enumerate(batches):
-                hidden = sm.final_states(ids, mask, store.get((key, b)).to(sm.device))
                 dense = None
                 if teacher:
                     final = sm.final_states(ids, mask, store.get(("dense", b)).to(sm.device))
                     dense = teacher_logprobs(sm.model, final, ids, mask, first_target, chunk_tokens)
-                t, c = objective_sum(sm.model, hidden, ids, mask, first_target, chunk_tokens, dense)
-                total, count = total + t, count + c
-            return total / count
+                for key in keys:
+                    hidden = sm.final_states(ids, mask, store.get((key, b)).to(sm.device))
+                    t, c = objective_sum(sm.model, hidden, ids, mask, first_target, chunk_tokens, dense)
+                    sums[key][0] += t
+                    sums[key][1] += c
+            return {key: total / count for key, (total, count) in sums.items()}
 
         current = list(range(L))
         log: list[dict[str, Any]] = []
@@ -143,8 +146,8 @@ def streamed_sleb(
                     if round_ == 0:
                         for b in range(len(batches)):
                             store.put(("dense", b), store.get(("ref", b)))
-                        dense_loss = mean_loss("dense", kl)
-                    losses = {c: mean_loss(c, kl) for c in candidates}
+                        dense_loss = mean_losses(["dense"], kl)["dense"]
+                    losses = mean_losses(candidates, kl)
                 evaluations += len(losses)
                 current.remove(log_round(log, losses))
                 bar.set_postfix(round=round_ + 1, removed=log[-1]["removed"], loss=f"{log[-1]['loss']:.4f}")
