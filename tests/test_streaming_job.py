@@ -63,13 +63,14 @@ def test_streamed_plan_equals_make_plan(method, target, options, max_memory, mod
 COMMON = ["--calib-samples", "4", "--seq-len", "24", "-q"]
 
 
-def test_prune_stream_equals_in_memory(model_dir, tmp_path, run_cli):
+@pytest.mark.parametrize("method", ["shortgpt", "sleb", "laco"])
+def test_prune_stream_equals_in_memory(method, model_dir, tmp_path, run_cli):
     """Same plan, same tensors, same perplexities; the report says it was streamed."""
-    args = ["prune", "--model", model_dir, "--method", "shortgpt", "--ratio", "0.3", "--eval", "ppl",
+    args = ["prune", "--model", model_dir, "--method", method, "--ratio", "0.3", "--eval", "ppl",
             "--ppl-windows", "3", *COMMON]
     run_cli(*args, "--out", tmp_path / "memory", "--no-stream")
     proc = run_cli(*args, "--out", tmp_path / "streamed", "--stream", "--max-memory", "1kB")
-    assert "remove" in proc.stdout
+    assert f"{method}: 8 -> " in proc.stdout
     memory, streamed = (json.loads((tmp_path / d / "depthprune_plan.json").read_text()) for d in ("memory", "streamed"))
     assert streamed == memory
     expected, got = tensors_of(tmp_path / "memory"), tensors_of(tmp_path / "streamed")
