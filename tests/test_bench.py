@@ -276,5 +276,6 @@ def test_compensation_axis_and_auto_rows(tmp_path, monkeypatch):
     assert auto.plan["params"]["chosen"] and auto.compensation == "none"
     header = next(line for line in (result.out / RESULTS_MD).read_text().splitlines() if line.startswith("| method"))
     assert header.startswith("| method | compensation | ratio |")
+    assert f"| auto: {auto.plan['params']['chosen']} | - | 0.34 |" in (result.out / RESULTS_MD).read_text()
     with pytest.raises(BenchError, match="--compensate magic"):
         run_bench(str(src), ["shortgpt"], [0.34], tmp_path / "x", compensations=["magic"])

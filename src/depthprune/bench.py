@@ -149,7 +149,8 @@ class BenchResult:
         lines = []
         for row in self.all_rows:
             r = self.derived(row)
-            cells: list[Any] = [row.method, *([row.compensation] if compensated else []),
+            fit = "-" if row.method == "auto" else row.compensation  # auto's own choice is in its label
+            cells: list[Any] = [_method_label(row), *([fit] if compensated else []),
                                 "-" if row.ratio is None else f"{row.ratio:g}",
                                 row.layers if row.layers is not None else "-", _dropped(row.plan),
                                 format_params(row.params),
@@ -182,6 +183,12 @@ class BenchResult:
         label = "mean accuracy" if len(self.tasks) > 1 else (f"{self.tasks[0]} accuracy" if self.tasks else "")
         return plot_depth_curves(curves, path, dense=(self.dense.perplexity, self.dense.task_mean),
                                  accuracy_label=label, title=str(self.settings["model"]))
+
+
+def _method_label(row: BenchRow) -> str:
+    """The method, and for ``auto`` the candidate it chose (its compensation included)."""
+    chosen = (row.plan or {}).get("params", {}).get("chosen") if row.method == "auto" else None
+    return f"auto: {chosen}" if chosen else row.method
 
 
 def _ranges(indices: Sequence[int]) -> str:
