@@ -68,6 +68,17 @@ def open_store(plan: MemoryPlan, scratch: Path | None) -> StateStore:
     return StateStore.spilling(scratch) if plan.spill else StateStore()
 
 
+def states_store(sm: StreamedModel, data: Calibration, max_memory: int | None, scratch: Path | None, *,
+                 sets: int = 1, extra: int = 0, head: bool = False, report=None) -> StateStore:
+    """The store for ``sets`` copies of ``data``'s states (one per search candidate, say), in memory or spilled
+    as the memory plan decides; ``report(message)`` is told which."""
+    plan = memory_plan(sm, data.num_windows * sets, int(data.input_ids.shape[1]), max_memory=max_memory,
+                       extra=extra, head=head)
+    if report is not None:
+        report(plan.describe())
+    return open_store(plan, scratch)
+
+
 def walk_layers(
     sm: StreamedModel,
     data: Calibration | Sequence[Batch],

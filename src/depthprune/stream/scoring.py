@@ -24,17 +24,7 @@ from ..errors import InputError
 from ..evaluate.perplexity import PerplexityResult, nll_sum
 from ..models.forward import batches_of
 from .model import StreamedModel
-from .passes import memory_plan, open_store, walk_layers
-from .states import StateStore
-
-
-def _store_for(sm: StreamedModel, data: Calibration, max_memory: int | None, scratch: Path | None,
-               extra: int = 0, head: bool = False, report=None) -> StateStore:
-    plan = memory_plan(sm, data.num_windows, int(data.input_ids.shape[1]), max_memory=max_memory, extra=extra,
-                       head=head)
-    if report is not None:
-        report(plan.describe())
-    return open_store(plan, scratch)
+from .passes import states_store, walk_layers
 
 
 def streamed_layer_statistics(
@@ -69,7 +59,7 @@ def streamed_layer_statistics(
         cos_sum[i] += float((cos * picks[b][0].to(h_out.device)).sum())
         last_states[i + 1].append(last_tokens(b, h_out))
 
-    with _store_for(sm, calibration, max_memory, scratch, report=report) as store:
+    with states_store(sm, calibration, max_memory, scratch, report=report) as store:
         batches = walk_layers(sm, calibration, store, batch_size=batch_size, on_input=on_input,
                               on_layer=on_layer, progress=progress, desc="scoring layers (streamed)")
     total_tokens = sum(int(mask.sum()) for _, mask in batches)
@@ -100,7 +90,7 @@ def streamed_layer_similarity(
         _check_example_count(n)  # before any layer is read, as the in-memory path fails on its first batch
     kernel_bytes = sm.num_layers * sum(n * n * 8 for n in tokens_per_batch)
 
-    with _store_for(sm, calibration, max_memory, scratch, extra=kernel_bytes, report=report) as store:
+    with states_store(sm, calibration, max_memory, scratch, extra=kernel_bytes, report=report) as store:
         def on_layer(i: int, b: int, mask: torch.Tensor, h_in: torch.Tensor, h_out: torch.Tensor) -> None:
             keep = mask.bool().reshape(-1)
             rep = h_out.reshape(-1, h_out.shape[-1])[keep.to(h_out.device)].double()
@@ -132,7 +122,7 @@ def streamed_perplexity(
         raise InputError(f"windows of {windows.input_ids.shape[1]} tokens leave nothing to predict after the "
                          "special prefix; use --seq-len 2 or more (the papers use 128)")
     total, count = 0.0, 0
-    with _store_for(sm, windows, max_memory, scratch, head=True, report=report) as store:
+    with states_store(sm, windows, max_memory, scratch, head=True, report=report) as store:
         batches = walk_layers(sm, windows, store, batch_size=batch_size, progress=progress,
                               desc="perplexity (streamed)")
         with sm.outside(head=True):

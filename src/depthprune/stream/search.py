@@ -51,7 +51,7 @@ from ..models.forward import batches_of
 from ..plan import Plan
 from .model import StreamedModel
 from .model import LayerCall
-from .passes import memory_plan, open_store
+from .passes import states_store
 from .states import StateStore
 
 Report = Any
@@ -91,12 +91,8 @@ def streamed_sleb(
     first_target = first_target_of(calibration)
     batches = [(ids.to(sm.device), mask.to(sm.device)) for ids, mask in batches_of(calibration, batch_size)]
     # at the peak: one set of states per candidate, the reference, the input and the dense final states
-    budget = memory_plan(sm, calibration.num_windows * (len(removable) + 3), int(calibration.input_ids.shape[1]),
-                         max_memory=max_memory, head=True)
-    if report is not None:
-        report(budget.describe())
-
-    with open_store(budget, scratch) as store, torch.inference_mode():
+    with states_store(sm, calibration, max_memory, scratch, sets=len(removable) + 3, head=True,
+                      report=report) as store, torch.inference_mode():
         calls = record_calls(sm, batches, store)
 
         def walk(current: list[int], bar: tqdm) -> list[int]:
@@ -182,11 +178,7 @@ class StreamedSimilarityEngine:
         self.evaluations = 0
         self._index = {id(layer): i for i, layer in enumerate(self.layers)}
         self.batches = [(ids.to(sm.device), mask.to(sm.device)) for ids, mask in batches_of(calibration, batch_size)]
-        budget = memory_plan(sm, calibration.num_windows * (self.num_layers + 2),
-                             int(calibration.input_ids.shape[1]), max_memory=max_memory)
-        if report is not None:
-            report(budget.describe())
-        self._store = open_store(budget, scratch)
+        self._store = states_store(sm, calibration, max_memory, scratch, sets=self.num_layers + 2, report=report)
         try:
             self._calls = record_calls(sm, self.batches, self._store)
             self._walk_original(progress)
