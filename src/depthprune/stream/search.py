@@ -49,8 +49,7 @@ from ..methods.sleb import SLEBOptions, log_round, removable_layers, sleb_plan
 from ..models.arch import per_layer_config_values
 from ..models.forward import batches_of
 from ..plan import Plan
-from .model import StreamedModel
-from .model import LayerCall
+from .model import LayerCall, StreamedModel
 from .passes import states_store
 from .states import StateStore
 
@@ -177,6 +176,7 @@ class StreamedSimilarityEngine:
         self.num_layers = len(self.layers)
         self.evaluations = 0
         self._index = {id(layer): i for i, layer in enumerate(self.layers)}
+        self._per_layer = per_layer_config_values(sm.config, self.spec)
         self.batches = [(ids.to(sm.device), mask.to(sm.device)) for ids, mask in batches_of(calibration, batch_size)]
         self._store = states_store(sm, calibration, max_memory, scratch, sets=self.num_layers + 2, report=report)
         try:
@@ -215,8 +215,7 @@ class StreamedSimilarityEngine:
 
     def original_per_layer(self, indices: list[int]) -> dict[str, list]:
         """Per-layer config entries of original ``indices`` (what the in-memory engine's stacks carry)."""
-        values = per_layer_config_values(self.sm.config, self.spec)
-        return {name: [entries[i] for i in indices] for name, entries in values.items()}
+        return {name: [entries[i] for i in indices] for name, entries in self._per_layer.items()}
 
     @torch.inference_mode()
     def similarity(self, start: int, modules: list[nn.Module], per_layer: dict[str, list]) -> float:
