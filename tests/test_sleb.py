@@ -42,7 +42,7 @@ def test_losses_equal_a_full_forward():
     _, dense = next_token_loss(model, cal.input_ids, cal.attention_mask, "nll")
     assert engine.dense_loss == pytest.approx(0.0, abs=1e-6)
     keep = [0, 1, 3, 5]
-    got = engine.loss_from(engine.original, 0, [engine.layers[i] for i in keep], engine.per_layer_of(keep))
+    got = engine.loss([engine.layers[i] for i in keep])
     pruned = tiny_model("llama", seed=4)
     apply_plan(pruned, Plan("x", LAYERS, remove=[2, 4]))
     want, _ = next_token_loss(pruned, cal.input_ids, cal.attention_mask, "kl", dense)
@@ -55,8 +55,8 @@ def test_kl_without_a_teacher_cache_gives_the_same_plan():
     uncached = LossEngine(model, cal, objective="kl", teacher_cache_mb=0)
     assert cached._teacher is not None and uncached._teacher is None
     keep = [1, 2, 3, 4, 5]
-    args = (0, [cached.layers[i] for i in keep], cached.per_layer_of(keep))
-    assert cached.loss_from(cached.original, *args) == pytest.approx(uncached.loss_from(uncached.original, *args))
+    assert cached.loss([cached.layers[i] for i in keep]) == pytest.approx(
+        uncached.loss([uncached.layers[i] for i in keep]))
 
 
 def test_protected_layers_are_never_removed():

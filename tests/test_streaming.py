@@ -16,17 +16,8 @@ from depthprune.analysis.layer_cka import layer_similarity
 from depthprune.analysis.stats import layer_statistics
 from depthprune.data.calibration import Calibration, consecutive_windows, sample_windows
 from depthprune.evaluate.perplexity import perplexity_on
-from depthprune.stream import (
-    StateStore,
-    StreamingError,
-    load_streamed,
-    parse_size,
-    streamed_layer_similarity,
-    streamed_layer_statistics,
-    streamed_perplexity,
-    write_pruned_checkpoint,
-)
-from depthprune.stream.passes import walk_layers
+from depthprune.backend import StateStore, StreamingError, load_streamed, parse_size, walk_layers
+from depthprune.surgery.streamed import write_pruned_checkpoint
 from tiny import CONFIGS, LAYERS, save_tiny_checkpoint
 
 FAMILIES = ["llama", "gemma3", "gpt2", "opt", "qwen3"]
@@ -70,8 +61,9 @@ def test_streamed_statistics_equal_in_memory(family, spill, checkpoints):
     cal = padded_calibration(loaded.tokenizer)
     expected = layer_statistics(loaded.model, cal, batch_size=2, progress=False)
     messages = []
-    got = streamed_layer_statistics(load_streamed(checkpoints[family], progress=False), cal, batch_size=2,
-                                    progress=False, max_memory=1 if spill else None, report=messages.append)
+    sm = load_streamed(checkpoints[family], progress=False, max_memory=1 if spill else None,
+                       report=messages.append)
+    got = layer_statistics(sm, cal, batch_size=2, progress=False)
     assert got.bi == expected.bi
     assert torch.equal(got.last_token_states, expected.last_token_states)
     assert got.tokens == expected.tokens == int(cal.attention_mask.sum())
@@ -84,8 +76,8 @@ def test_streamed_cka_equals_in_memory(family, kernel, checkpoints):
     loaded = load_model(checkpoints[family], progress=False)
     cal = padded_calibration(loaded.tokenizer)
     expected = layer_similarity(loaded.model, cal, kernel=kernel, batch_size=2, progress=False)
-    got = streamed_layer_similarity(load_streamed(checkpoints[family], progress=False), cal, kernel=kernel,
-                                    batch_size=2, progress=False, max_memory=1)
+    got = layer_similarity(load_streamed(checkpoints[family], progress=False, max_memory=1), cal, kernel=kernel,
+                           batch_size=2, progress=False)
     assert np.array_equal(got.matrix, expected.matrix, equal_nan=True)
     assert got.tokens == expected.tokens
 
@@ -95,8 +87,8 @@ def test_streamed_perplexity_equals_in_memory(family, checkpoints):
     loaded = load_model(checkpoints[family], progress=False)
     windows = consecutive_windows(loaded.tokenizer, "default-heldout", seq_len=24, max_windows=5)
     expected = perplexity_on(loaded.model, windows, batch_size=2, chunk_tokens=7, progress=False)
-    got = streamed_perplexity(load_streamed(checkpoints[family], progress=False), windows, batch_size=2,
-                              chunk_tokens=7, progress=False)
+    got = perplexity_on(load_streamed(checkpoints[family], progress=False), windows, batch_size=2,
+                        chunk_tokens=7, progress=False)
     assert got.perplexity == expected.perplexity and got.tokens == expected.tokens
 
 
@@ -112,7 +104,7 @@ def test_one_layer_in_memory_at_a_time(checkpoints):
         devices = {p.device.type for p in sm.layers[i].parameters()}
         seen.append((i, real, devices))
 
-    walk_layers(sm, cal, StateStore(), batch_size=2, on_layer=on_layer)
+    walk_layers(sm, list(cal.batches(2)), on_layer=on_layer)
     assert [(i, real) for i, real, _ in seen] == [(i, [i]) for i in range(LAYERS) for _ in range(3)]
     assert all(devices == {"cpu"} for *_, devices in seen)
     assert {p.device.type for p in sm.model.parameters()} == {"meta"}
@@ -221,7 +213,7 @@ def test_checkpoint_without_base_prefix_is_read(checkpoints, tmp_path):
               str(renamed / "model.safetensors"), metadata={"format": "pt"})
     loaded = load_model(str(source), progress=False)
     cal = padded_calibration(loaded.tokenizer)
-    got = streamed_layer_statistics(load_streamed(str(renamed), progress=False), cal, progress=False)
+    got = layer_statistics(load_streamed(str(renamed), progress=False), cal, progress=False)
     assert got.bi == layer_statistics(loaded.model, cal, progress=False).bi
 
 
@@ -244,7 +236,7 @@ def test_checkpoint_missing_a_tensor_is_named(checkpoints, tmp_path):
 def test_safetensors_writer_output_reads_back(tmp_path):
     from safetensors.torch import load_file
 
-    from depthprune.stream.safetensors_out import Entry, write_safetensors
+    from depthprune.surgery.safetensors_out import Entry, write_safetensors
 
     values = {"a": torch.randn(3, 4), "b.bias": torch.arange(5, dtype=torch.int64), "c": torch.randn(2).half(),
               "d": torch.tensor(1.5, dtype=torch.bfloat16)}
@@ -257,7 +249,8 @@ def test_safetensors_writer_output_reads_back(tmp_path):
 
 
 def test_when_to_stream(checkpoints):
-    from depthprune.stream import choose_streaming, weights_bytes
+    from depthprune.backend import weights_bytes
+    from depthprune.backend.choose import choose_streaming
 
     path = checkpoints["llama"]
     size = weights_bytes(path)
@@ -273,6 +266,6 @@ def test_when_to_stream(checkpoints):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback of --device auto")
 def test_device_auto_streams_on_the_cpu_without_a_gpu(checkpoints):
     sm = load_streamed(checkpoints["llama"], device="auto", progress=False)
-    assert sm.device == "cpu" and sm.dtype == torch.float32
+    assert str(sm.device) == "cpu" and sm.dtype == torch.float32
     with sm.layer(0) as layer:
         assert {p.device.type for p in layer.parameters()} == {"cpu"}

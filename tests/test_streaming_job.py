@@ -1,5 +1,5 @@
-"""Streaming through the job runner and the command line: same plans, files and numbers as in memory; what it
-cannot do yet is refused before any work; peak memory does not grow with depth."""
+"""Streaming through the job runner and the command line: same plans, files and numbers as in memory; what needs
+the model in memory is refused before any work; peak memory does not grow with depth."""
 
 from __future__ import annotations
 
@@ -13,10 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from depthprune import DepthStage, Job, Target, load_model, make_plan
+from depthprune import DepthStage, Job, Target, load_model, make_plan, run_job
+from depthprune.backend import NeedsMemoryError, load_streamed
 from depthprune.data.calibration import sample_windows
-from depthprune.methods import RunContext, build_options
-from depthprune.stream import load_streamed, streamed_plan
 from test_streaming import tensors_of
 from tiny import save_tiny_checkpoint
 
@@ -51,10 +50,9 @@ def test_streamed_plan_equals_make_plan(method, target, options, max_memory, mod
     cal = sample_windows(loaded.tokenizer, num_windows=5, seq_len=24)
     cal.attention_mask[1, -4:] = 0
     expected = make_plan(method, loaded.model, cal, target, progress=False, batch_size=2, **options)
-    stage = DepthStage(method, target, build_options(method, options))
     told = []
-    got = streamed_plan(load_streamed(model_dir, progress=False), cal, stage, RunContext(2, False),
-                        max_memory=max_memory, scratch=tmp_path, report=told.append)
+    streamed = load_streamed(model_dir, progress=False, max_memory=max_memory, scratch=tmp_path, report=told.append)
+    got = make_plan(method, streamed, cal, target, progress=False, batch_size=2, **options)
     assert got.to_dict() == expected.to_dict()
     assert ("spilled to disk" in told[0]) == (max_memory is not None)
     assert not list(tmp_path.iterdir())
@@ -63,11 +61,17 @@ def test_streamed_plan_equals_make_plan(method, target, options, max_memory, mod
 COMMON = ["--calib-samples", "4", "--seq-len", "24", "-q"]
 
 
-@pytest.mark.parametrize("method", ["shortgpt", "sleb", "laco"])
-def test_prune_stream_equals_in_memory(method, model_dir, tmp_path, run_cli):
-    """Same plan, same tensors, same perplexities; the report says it was streamed."""
+@pytest.mark.parametrize("method, extra", [
+    ("shortgpt", []),
+    ("sleb", []),
+    ("laco", []),
+    ("angular", ["--compensate", "linear", "--compensate-tokens", "200"]),
+    ("auto", []),
+])
+def test_prune_stream_equals_in_memory(method, extra, model_dir, tmp_path, run_cli):
+    """Same plan (compensation fits included), same tensors, same perplexities; the report says it was streamed."""
     args = ["prune", "--model", model_dir, "--method", method, "--ratio", "0.3", "--eval", "ppl",
-            "--ppl-windows", "3", *COMMON]
+            "--ppl-windows", "3", *extra, *COMMON]
     run_cli(*args, "--out", tmp_path / "memory", "--no-stream")
     proc = run_cli(*args, "--out", tmp_path / "streamed", "--stream", "--max-memory", "1kB")
     assert f"{method}: 8 -> " in proc.stdout
@@ -98,10 +102,10 @@ def test_streaming_is_chosen_when_the_weights_do_not_fit(model_dir, tmp_path, ru
 
 
 REFUSED = [
-    (["--method", "auto", "--ratio", "0.25"], "--method auto needs the in-memory path"),
-    (["--ratio", "0.25", "--then-width", "0.2"], "--then-width need the in-memory path"),
+    (["--method", "shortgpt", "--ratio", "0.25", "--compensate", "kl"], "--compensate kl needs the model in memory"),
+    (["--ratio", "0.25", "--then-width", "0.2"], "--then-width (width pruning) needs the model in memory"),
     (["--ratio", "0.25", "--eval", "ppl,piqa_local", "--piqa-dir", str(ROOT.parent / "shared/data/piqa")],
-     "lm-eval tasks and speed in --eval need the in-memory path"),
+     "lm-eval tasks in --eval needs the model in memory"),
 ]
 
 
@@ -120,22 +124,22 @@ def test_what_streaming_cannot_do_is_refused_before_work(extra, message, how, mo
     assert not (tmp_path / "out").exists()
 
 
-def test_compensation_is_refused():
+def test_only_the_kl_compensation_is_refused():
     from depthprune.compensate import Compensation
-    from depthprune.stream import StreamingError, check_streamable
 
-    job = Job([DepthStage("shortgpt", Target(ratio=0.25), compensation=Compensation())])
-    with pytest.raises(StreamingError, match="--compensate needs the in-memory path"):
-        check_streamable(job)
+    Job([DepthStage("shortgpt", Target(ratio=0.25), compensation=Compensation("cosine"))]).check_backend("streamed")
+    job = Job([DepthStage("shortgpt", Target(ratio=0.25), compensation=Compensation("kl"))])
+    job.check_backend("in-memory")
+    with pytest.raises(NeedsMemoryError, match="--compensate kl needs the model in memory"):
+        job.check_backend("streamed")
 
 
 def test_heal_and_width_stages_are_refused():
     from depthprune import HealStage, WidthStage
-    from depthprune.stream import StreamingError, check_streamable
 
     job = Job([DepthStage("shortgpt", Target(ratio=0.2)), WidthStage(), HealStage(str(ROOT / "README.md"))])
-    with pytest.raises(StreamingError, match="--then-width and --heal need the in-memory path"):
-        check_streamable(job)
+    with pytest.raises(NeedsMemoryError, match=r"--then-width \(width pruning\), --heal \(healing\) need the model"):
+        job.check_backend("streamed")
 
 
 def test_score_and_analyze_stream_equal_in_memory(model_dir, tmp_path, run_cli):
@@ -154,16 +158,15 @@ def test_score_and_analyze_stream_equal_in_memory(model_dir, tmp_path, run_cli):
 
 def test_streamed_prune_leaves_nothing_when_interrupted(model_dir, tmp_path, monkeypatch):
     """An error during streamed surgery leaves no output and no temporary directory."""
-    from depthprune.stream import job as stream_job
-    from depthprune.stream.job import run_streamed_job
+    from depthprune.surgery import streamed as streamed_surgery
 
     def explode(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(stream_job, "write_pruned_checkpoint", explode)
+    monkeypatch.setattr(streamed_surgery, "write_pruned_checkpoint", explode)
     with pytest.raises(KeyboardInterrupt):
-        run_streamed_job(model_dir, Job([DepthStage("shortgpt", Target(ratio=0.25))], progress=False),
-                         out=tmp_path / "out")
+        run_job(load_streamed(model_dir, progress=False), Job([DepthStage("shortgpt", Target(ratio=0.25))],
+                                                              progress=False), out=tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -174,11 +177,12 @@ PEAK_SCRIPT = textwrap.dedent("""
     from depthprune.data.calibration import sample_windows
     path, mode = sys.argv[1], sys.argv[2]
     if mode == "stream":
-        from depthprune.stream import load_streamed, streamed_layer_statistics
+        from depthprune import score_layers
+        from depthprune.backend import load_streamed
         sm = load_streamed(path, progress=False)
         cal = sample_windows(sm.tokenizer, num_windows=4, seq_len=64)
         base = int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize() / 2**20
-        streamed_layer_statistics(sm, cal, batch_size=4, progress=False)
+        score_layers(sm, cal, batch_size=4, progress=False)
     else:
         from depthprune import load_model, score_layers
         from depthprune.models.load import resolve_device

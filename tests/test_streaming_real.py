@@ -11,20 +11,25 @@ from depthprune import DepthStage, Job, Merge, Plan, Target, apply_plan, load_mo
 from depthprune.analysis.stats import layer_statistics
 from depthprune.data.calibration import sample_windows
 from depthprune.evaluate.suite import Evaluation, PerplexitySpec
-from depthprune.stream import load_streamed, run_streamed_job, streamed_layer_statistics, write_pruned_checkpoint
+from depthprune.backend import load_streamed
+from depthprune.compensate import Compensation
+from depthprune.surgery.streamed import write_pruned_checkpoint
 from test_streaming import tensors_of
 
 
 def test_smollm2_streamed_job_equals_in_memory(smollm2_path, tmp_path):
-    """ShortGPT 25% with perplexity, streamed vs in memory: same plan, byte-identical tensors, same numbers,
-    and the streamed output reloads in plain transformers with the in-memory pruned model's logits."""
+    """Angular 25% with linear compensation and perplexity, streamed under a 200 MB budget (states spilled) vs
+    in memory: same plan and fits, byte-identical tensors, same numbers, and the streamed output reloads in plain
+    transformers with the in-memory pruned model's logits."""
     def job():
-        return Job([DepthStage("shortgpt", Target(ratio=0.25))], evaluation=Evaluation(
-            perplexity=PerplexitySpec(max_windows=4)), progress=False)
+        return Job([DepthStage("angular", Target(ratio=0.25), compensation=Compensation("linear", tokens=2048))],
+                   evaluation=Evaluation(perplexity=PerplexitySpec(max_windows=4)), progress=False)
 
     memory = load_model(smollm2_path, progress=False)
     expected = run_job(memory, job(), out=tmp_path / "memory")
-    got = run_streamed_job(smollm2_path, job(), out=tmp_path / "streamed", max_memory=200 * 2**20)
+    got = run_job(load_streamed(smollm2_path, progress=False, max_memory=200 * 2**20), job(),
+                  out=tmp_path / "streamed")
+    assert got.plan.compensation and any("residual_after" in r for r in got.plan.params["compensation"])
     assert got.plan.to_dict() == expected.plan.to_dict()
     assert got.metrics() == expected.metrics()
     a, b = tensors_of(tmp_path / "memory"), tensors_of(tmp_path / "streamed")
@@ -56,37 +61,30 @@ def test_gemma3_streamed_statistics_equal_in_memory(gemma3_path):
     loaded = load_model(gemma3_path, progress=False)
     cal = sample_windows(loaded.tokenizer, num_windows=3, seq_len=64)
     expected = layer_statistics(loaded.model, cal, progress=False)
-    got = streamed_layer_statistics(load_streamed(gemma3_path, progress=False), cal, progress=False, max_memory=1)
+    got = layer_statistics(load_streamed(gemma3_path, progress=False, max_memory=1), cal, progress=False)
     assert got.bi == expected.bi and torch.equal(got.last_token_states, expected.last_token_states)
 
 
 def test_gemma3_streamed_sleb_equals_in_memory(gemma3_path, tmp_path):
     """SLEB's layer-major rounds on a real model (sliding and full attention layers, 262k vocabulary, kl
     objective), states spilled to disk: the in-memory search's losses and plan."""
-    from depthprune import build_options, make_plan
-    from depthprune.methods import RunContext
-    from depthprune.stream import streamed_plan
+    from depthprune import make_plan
 
     loaded = load_model(gemma3_path, progress=False)
     cal = sample_windows(loaded.tokenizer, num_windows=3, seq_len=32)
-    options = {"objective": "kl"}
-    expected = make_plan("sleb", loaded.model, cal, Target(remove=1), progress=False, batch_size=2, **options)
-    stage = DepthStage("sleb", Target(remove=1), build_options("sleb", options))
-    got = streamed_plan(load_streamed(gemma3_path, progress=False), cal, stage, RunContext(2, False),
-                        max_memory=1, scratch=tmp_path)
+    expected = make_plan("sleb", loaded.model, cal, Target(remove=1), progress=False, batch_size=2, objective="kl")
+    streamed = load_streamed(gemma3_path, progress=False, max_memory=1, scratch=tmp_path)
+    got = make_plan("sleb", streamed, cal, Target(remove=1), progress=False, batch_size=2, objective="kl")
     assert got.to_dict() == expected.to_dict()
 
 
 def test_smollm2_streamed_slm_equals_in_memory(smollm2_path, tmp_path):
     """SLM's search on the streamed similarity engine (merged windows read from disk), states spilled."""
-    from depthprune import build_options, make_plan
-    from depthprune.methods import RunContext
-    from depthprune.stream import streamed_plan
+    from depthprune import make_plan
 
     loaded = load_model(smollm2_path, progress=False)
     cal = sample_windows(loaded.tokenizer, num_windows=2, seq_len=32)
     expected = make_plan("slm", loaded.model, cal, Target(remove=3), progress=False, batch_size=2)
-    stage = DepthStage("slm", Target(remove=3), build_options("slm", {}))
-    got = streamed_plan(load_streamed(smollm2_path, progress=False), cal, stage, RunContext(2, False),
-                        max_memory=1, scratch=tmp_path)
+    streamed = load_streamed(smollm2_path, progress=False, max_memory=1, scratch=tmp_path)
+    got = make_plan("slm", streamed, cal, Target(remove=3), progress=False, batch_size=2)
     assert got.merges and got.to_dict() == expected.to_dict()

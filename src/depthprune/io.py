@@ -17,13 +17,16 @@ import tempfile
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from torch import nn
 
 from ._version import __version__
 from .errors import InputError
 from .plan import PLAN_FILE, Plan
+
+if TYPE_CHECKING:
+    from .backend import Backend
 
 log = logging.getLogger(__name__)
 
@@ -296,17 +299,26 @@ def _apply_umask(root: Path) -> None:
 
 def write_checkpoint(
     directory: Path,
-    model: nn.Module,
-    tokenizer: Any,
+    model: "nn.Module | Backend",
+    tokenizer: Any = None,
     plan: Plan | None = None,
     *,
     extra_json: dict[str, Any] | None = None,
     writers: list[Callable[[Path], Any]] = (),
-) -> None:
-    """Write model (safetensors), tokenizer, plan and extra files into an existing ``directory``."""
-    model.save_pretrained(directory, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(directory)
+) -> dict[str, Any]:
+    """Write the model (safetensors; a model or a :class:`~depthprune.backend.Backend`), its tokenizer, plan and
+    extra files into an existing ``directory``; returns what the backend reports it wrote."""
+    from .backend import Backend, InMemoryBackend
+
+    backend = model if isinstance(model, Backend) else InMemoryBackend(model, tokenizer)
+    saved = backend.save(directory)
+    write_beside(directory, plan, extra_json=extra_json, writers=writers)
+    return saved
+
+
+def write_beside(directory: Path, plan: Plan | None = None, *, extra_json: dict[str, Any] | None = None,
+                 writers: list[Callable[[Path], Any]] = ()) -> None:
+    """The files written beside a checkpoint's weights: the plan, extra JSON files, then ``writers``."""
     if plan is not None:
         write_json(directory / PLAN_FILE, plan.to_dict())
     for name, data in (extra_json or {}).items():

@@ -7,9 +7,16 @@
 ``[DepthStage]`` without saving. A stage changes the model in place and
 returns a record (what it did, with its numbers) for the report and the plan.
 
+The model is a :class:`~depthprune.backend.Backend`: in memory, or streamed
+from disk one layer at a time (a model larger than memory). The job is the
+same; a stage or an evaluation that needs the whole model in memory (width
+pruning, healing, the ``kl`` compensation fit, lm-eval, speed) says so in
+:meth:`Job.memory_needs`, and a streamed job refuses it before any work.
+
 The output is written into a temporary sibling of ``out`` that is renamed into
 place at the end; scratch space a stage needs (the Trainer's checkpoints while
-healing) lives inside it and is removed before the rename, so an interrupted
+healing, a streamed model's spilled states and its pruned checkpoint before
+the save) lives inside it and is removed before the rename, so an interrupted
 job leaves nothing half-written at ``out``.
 """
 
@@ -27,26 +34,27 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 from torch import nn
 
+from .backend import Backend, InMemoryBackend, NeedsMemoryError
+from .compensate import Compensation
 from .data.calibration import Calibration, CalibrationSpec
 from .errors import InputError
 from .evaluate.suite import EvalResult, Evaluation
-from .io import atomic_directory, check_output_dir, kind_of, prepare_dir, write_checkpoint
+from .io import atomic_directory, check_output_dir, kind_of, prepare_dir, write_beside
 from .methods import MethodOptions, RunContext, Target, build_options, check_request, make_plan
-from .compensate import Compensation
-from .models.arch import count_parameters, model_device, num_layers, spec_for
+from .models.arch import count_parameters
 from .models.load import LoadedModel, check_context, load_model, quiet_transformers
 from .plan import PLAN_FILE, Plan, PlanError
 from .report import compare_metrics, write_run_report
-from .surgery import apply_plan
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class StageContext:
-    """What stages share: the model, calibration windows (built on first use), scratch space, outputs."""
+    """What stages share: the model (a backend; a stage that changes the model may replace it), calibration
+    windows (built on first use), scratch space, outputs."""
 
-    loaded: LoadedModel
+    backend: Backend
     calibration_spec: CalibrationSpec
     run: RunContext
     scratch: Path
@@ -57,11 +65,11 @@ class StageContext:
 
     @property
     def model(self) -> nn.Module:
-        return self.loaded.model
+        return self.backend.model
 
     @property
     def tokenizer(self) -> Any:
-        return self.loaded.tokenizer
+        return self.backend.tokenizer
 
     @property
     def calibration(self) -> Calibration:
@@ -78,8 +86,7 @@ class StageContext:
         device, for fitting compensation maps."""
         count = max(1, -(-tokens // self.calibration_spec.seq_len))
         windows = self.calibration_spec.fit_windows(self.tokenizer, count, seed)
-        device = model_device(self.model)
-        return [(ids.to(device), mask.to(device)) for ids, mask in windows.batches(self.run.batch_size)]
+        return self.backend.to_device(windows.batches(self.run.batch_size))
 
 
 class Stage(Protocol):
@@ -88,6 +95,9 @@ class Stage(Protocol):
 
     def check(self) -> None:
         """Everything that can be checked before a model is loaded."""
+
+    def memory_needs(self) -> list[str]:
+        """What this stage asks that needs the whole model in memory (options as the user typed them)."""
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
         """Change ``ctx.model`` in place; return the record of what was done."""
@@ -114,39 +124,41 @@ class DepthStage:
                 raise PlanError("--method auto decides compensation itself (its --fits option); drop --compensate")
             self.compensation.validate()
 
+    def memory_needs(self) -> list[str]:
+        needs = []
+        if self.compensation is not None and self.compensation.fit == "kl":
+            needs.append("--compensate kl")
+        if self.options is not None and "kl" in getattr(self.options, "fit_list", lambda: [])():
+            needs.append("--fits kl")
+        return needs
+
     def run(self, ctx: StageContext) -> dict[str, Any]:
-        """Plan (or re-apply ``self.plan``, a plan this method made for this model before), then surgery."""
+        """Plan (or re-apply ``self.plan``, a plan this method made for this model before), fit the plan's
+        compensation if it has one, then surgery."""
         self.check()
         if self.plan is not None:
             plan = Plan.from_dict(self.plan.to_dict())
         else:
-            plan = make_plan(self.method, ctx.model, ctx.calibration, self.target, options=self.options,
+            plan = make_plan(self.method, ctx.backend, ctx.calibration, self.target, options=self.options,
                              batch_size=ctx.run.batch_size, progress=ctx.run.progress, data=ctx)
-        plan.model = ctx.loaded.source
+        plan.model = ctx.backend.source
         if self.compensation is not None:
             plan.compensation = self.compensation.to_dict()
-        apply_with_compensation(ctx, plan)
+        overrides = None
+        if plan.compensation:
+            from .compensate import fit_compensation
+
+            config = Compensation(**plan.compensation).validate()
+            fitted = fit_compensation(ctx.backend, plan, ctx.fit_batches(config.tokens, config.seed), config,
+                                      progress=ctx.run.progress)
+            plan.params["compensation"] = fitted.records
+            overrides = fitted.overrides
+        ctx.backend = ctx.backend.apply(plan, overrides, scratch=ctx.scratch, progress=ctx.run.progress)
         ctx.plan = plan
         return {"stage": self.name, "method": self.method, "summary": plan.summary(),
                 "options": self.options.to_dict() if self.options else {},
-                "target": self.target.to_dict() if self.target else None}
-
-
-def apply_with_compensation(ctx: StageContext, plan: Plan) -> None:
-    """Surgery for ``plan``; when the plan asks for compensation, the original model's states at every
-    interface are captured first and the maps fitted and folded after (recorded in ``plan.params``)."""
-    if not plan.compensation:
-        apply_plan(ctx.model, plan)
-        return
-    from .compensate import Compensation, capture_targets, check_supported, compensate, interfaces
-
-    config = Compensation(**plan.compensation).validate()
-    check_supported(spec_for(ctx.model))
-    batches = ctx.fit_batches(config.tokens, config.seed)
-    found, _ = interfaces(plan)
-    targets = capture_targets(ctx.model, batches, {i.target for i in found})
-    apply_plan(ctx.model, plan)
-    plan.params["compensation"] = compensate(ctx.model, plan, batches, targets, config)
+                "target": self.target.to_dict() if self.target else None,
+                **({"streamed": True} if ctx.backend.kind == "streamed" else {})}
 
 
 @dataclass
@@ -173,13 +185,16 @@ class WidthStage:
         if self.ratio_mlp == 0 and self.ratio_heads == 0:
             raise WidthError("nothing to prune: give an MLP and/or a heads ratio above 0")
 
+    def memory_needs(self) -> list[str]:
+        return ["--then-width (width pruning)"]
+
     def run(self, ctx: StageContext) -> dict[str, Any]:
         from .surgery.width import WIDTH_PLAN_FILE, apply_width_plan, width_plan
 
         wplan = width_plan(ctx.model, ctx.calibration if self.uses_calibration else None, self.ratio_mlp,
                            self.ratio_heads, self.scorer, batch_size=ctx.run.batch_size,
                            progress=ctx.run.progress)
-        wplan.model = ctx.loaded.source
+        wplan.model = ctx.backend.source
         apply_width_plan(ctx.model, wplan)
         ctx.files[WIDTH_PLAN_FILE] = wplan.to_dict()
         return {"stage": self.name, "summary": wplan.summary(), "file": WIDTH_PLAN_FILE,
@@ -222,6 +237,9 @@ class HealStage:
             if self.resume and not self.work_dir.is_dir():
                 raise HealError(f"--resume: {self.work_dir} does not exist, so there is nothing to continue")
 
+    def memory_needs(self) -> list[str]:
+        return ["--heal (healing)"]
+
     def run(self, ctx: StageContext) -> dict[str, Any]:
         from .heal import heal
 
@@ -229,12 +247,12 @@ class HealStage:
         teacher = None
         if self.config.distill:
             params = next(ctx.model.parameters())
-            teacher = load_model(self.teacher or ctx.loaded.path, dtype=params.dtype, device=str(params.device),
+            teacher = load_model(self.teacher or ctx.backend.path, dtype=params.dtype, device=str(params.device),
                                  progress=ctx.run.progress).model
         result = heal(ctx.model, ctx.tokenizer, self.data, self.config, work, resume=self.resume,
                       save_adapter=self.save_adapter, teacher=teacher)
         del teacher
-        ctx.loaded.model = result.model
+        ctx.backend = InMemoryBackend(result.model, ctx.backend.tokenizer, ctx.backend.source, ctx.backend.path)
         if result.adapter_dir:
             adapter = Path(result.adapter_dir)
             ctx.writers.append(lambda tmp: shutil.copytree(adapter, tmp / "adapter"))
@@ -272,6 +290,23 @@ class Job:
             stage.check()
         self.evaluation.check()
         return self
+
+    def memory_needs(self) -> list[str]:
+        """Everything the job asks that needs the whole model in memory (as the user typed it)."""
+        needs = [need for stage in self.stages for need in stage.memory_needs()]
+        if self.evaluation.zeroshot is not None:
+            needs.append("lm-eval tasks in --eval")
+        if self.evaluation.speed is not None:
+            needs.append("speed in --eval")
+        return needs
+
+    def check_backend(self, kind: str) -> None:
+        """Refuse, before any work, what a backend of ``kind`` cannot do."""
+        needs = self.memory_needs()
+        if kind == "streamed" and needs:
+            raise NeedsMemoryError(f"{', '.join(needs)} need{'s' if len(needs) == 1 else ''} the model in memory "
+                                   "(pass --no-stream, or use a machine where the model fits); streaming runs "
+                                   "scoring, every pruning method, linear/cosine compensation, surgery and ppl")
 
     def window_lengths(self) -> list[tuple[str, int]]:
         """(option, tokens) of every sequence the job will run, to check against the model's context."""
@@ -354,22 +389,26 @@ def _copy_provenance(model_dir: str, names: list[str]) -> Callable[[Path], None]
     return write
 
 
-def run_job(loaded: LoadedModel, job: Job, *, out: str | Path | None = None, overwrite: bool = False,
+def run_job(model: "Backend | LoadedModel", job: Job, *, out: str | Path | None = None, overwrite: bool = False,
             writers: Sequence[Callable[[Path], Any]] = ()) -> JobResult:
-    """Run ``job`` on ``loaded.model`` (changed in place); save to ``out`` atomically when given.
+    """Run ``job`` on ``model`` (a :class:`~depthprune.backend.Backend`, e.g. a streamed model, or a loaded
+    model, changed in place); save to ``out`` atomically when given.
 
     ``writers`` add files to the checkpoint after the report, before it is renamed into place (a model card).
     """
     from .surgery.width import WIDTH_PLAN_FILE
 
+    backend = InMemoryBackend.of(model)
     job.check()
+    job.check_backend(backend.kind)
     for option, length in job.window_lengths():
-        check_context(loaded.model.config, length, option)
+        check_context(backend.config, length, option)
     if out is not None:
-        out = check_output_dir(out, inputs=[loaded.path], overwrite=overwrite)
+        out = check_output_dir(out, inputs=[p for p in (backend.path,) if p], overwrite=overwrite)
     timings: dict[str, float] = {}
-    layers = {"before": num_layers(loaded.model)}
-    parameters = {"before": count_parameters(loaded.model)}
+    layers = {"before": backend.num_layers}
+    parameters = {"before": count_parameters(backend.model)}
+    source, source_path = backend.source, backend.path
     with ExitStack() as stack:
         if out is not None:
             tmp = stack.enter_context(atomic_directory(out, overwrite=overwrite))
@@ -378,12 +417,14 @@ def run_job(loaded: LoadedModel, job: Job, *, out: str | Path | None = None, ove
         else:
             tmp = None
             scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="depthprune-work-")))
-        ctx = StageContext(loaded, job.calibration, RunContext(job.batch_size, job.progress), scratch)
+        if getattr(backend, "scratch", False) is None:
+            backend.scratch = scratch  # a streamed model's states spill inside the job's scratch space
+        ctx = StageContext(backend, job.calibration, RunContext(job.batch_size, job.progress), scratch)
 
         before = None
         if job.evaluate_before and not job.evaluation.empty:
             start = time.perf_counter()
-            before = job.evaluation.run(loaded.model, loaded.tokenizer, job.progress)
+            before = job.evaluation.run(backend, backend.tokenizer, job.progress)
             timings["evaluate_before"] = time.perf_counter() - start
         records = []
         for stage in job.stages:
@@ -394,27 +435,31 @@ def run_job(loaded: LoadedModel, job: Job, *, out: str | Path | None = None, ove
         after = None
         if not job.evaluation.empty:
             start = time.perf_counter()
-            after = job.evaluation.run(ctx.model, loaded.tokenizer, job.progress)
+            after = job.evaluation.run(ctx.backend, ctx.tokenizer, job.progress)
             timings["evaluate_after"] = time.perf_counter() - start
-        layers["after"] = num_layers(ctx.model)
+        layers["after"] = ctx.backend.num_layers
         parameters["after"] = count_parameters(ctx.model)
 
         plan = ctx.plan
-        saved_plan = plan if plan is not None else (_carried_plan(loaded.path) if out is not None else None)
+        saved_plan = plan if plan is not None else (_carried_plan(source_path) if out is not None else None)
         if saved_plan is not None:
             saved_plan.stages.extend(r for r in records if r["stage"] != "depth")
         settings = {"calibration": asdict(job.calibration) if ctx._calibration is not None else None,
                     "evaluation": job.evaluation.to_dict(), "batch_size": job.batch_size}
-        result = JobResult(loaded.source, records, plan, before, after, layers, parameters, settings, timings,
-                           out)
+        if ctx.backend.kind == "streamed":
+            settings["streaming"] = {"device": str(ctx.backend.device),
+                                     "compute_dtype": str(ctx.backend.dtype).split(".")[1],
+                                     "max_memory": ctx.backend.max_memory}
+        result = JobResult(source, records, plan, before, after, layers, parameters, settings, timings, out)
         if tmp is not None:
             start = time.perf_counter()
-            report = result.to_dict()
-            writers = [*ctx.writers, _copy_provenance(loaded.path, [WIDTH_PLAN_FILE]),
-                       lambda directory: write_run_report(directory, report, saved_plan), *writers]
+            writers = [*ctx.writers, _copy_provenance(source_path, [WIDTH_PLAN_FILE]),
+                       lambda directory: write_run_report(directory, result.to_dict(), saved_plan), *writers]
             with quiet_transformers(not job.progress):
-                write_checkpoint(tmp, ctx.model, loaded.tokenizer, saved_plan, extra_json=ctx.files,
-                                 writers=writers)
+                saved = ctx.backend.save(tmp, progress=job.progress)
+                if "streaming" in settings:
+                    settings["streaming"]["files"] = saved.get("files")
+                write_beside(tmp, saved_plan, extra_json=ctx.files, writers=writers)
             shutil.rmtree(scratch, ignore_errors=True)
             timings["save"] = time.perf_counter() - start
     return result

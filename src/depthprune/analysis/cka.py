@@ -133,7 +133,7 @@ def _kernel(x: torch.Tensor, kernel: str, sigma: float | None) -> torch.Tensor:
     raise ValueError(f"unknown kernel {kernel!r}; expected one of {_KERNELS}")
 
 
-def _check_example_count(n: int) -> None:
+def check_example_count(n: int) -> None:
     if n < _MIN_EXAMPLES:
         raise ValueError(
             f"unbiased HSIC needs at least {_MIN_EXAMPLES} examples per minibatch "
@@ -161,7 +161,7 @@ def _pairwise_hsic_unbiased(kernels: torch.Tensor) -> torch.Tensor:
     no per-pair kernel recomputation.
     """
     count, n, _ = kernels.shape
-    _check_example_count(n)
+    check_example_count(n)
     tilde = _zero_diagonal(kernels)
     flat = tilde.reshape(count, n * n)
     flat_t = tilde.transpose(1, 2).reshape(count, n * n)
@@ -197,7 +197,7 @@ def hsic_unbiased(K: torch.Tensor, L: torch.Tensor) -> float:
             f"K and L must be square matrices of the same shape, got {tuple(K.shape)} "
             f"and {tuple(L.shape)}"
         )
-    _check_example_count(K.shape[0])
+    check_example_count(K.shape[0])
     pair = torch.stack([K.to(torch.float64), L.to(device=K.device, dtype=torch.float64)])
     return float(_pairwise_hsic_unbiased(pair)[0, 1])
 
@@ -258,7 +258,7 @@ class MinibatchCKA:
             )
         if self.num_layers is not None and len(reps) != self.num_layers:
             raise ValueError(f"expected {self.num_layers} representations, got {len(reps)}")
-        _check_example_count(n)
+        check_example_count(n)
         device = reps[0].device
         self.update_kernels(torch.stack([self.kernel_of(r.to(device)) for r in reps]))
 

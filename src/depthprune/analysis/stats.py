@@ -1,8 +1,9 @@
-"""Per-layer redundancy statistics, streamed in one decoder-only pass.
+"""Per-layer redundancy statistics, accumulated in one decoder-only pass.
 
-Hooks on every decoder layer see the hidden state entering it (``h_i``) and
-leaving it (``h_{i+1}``); each layer's statistic is accumulated while the
-states stream past, so memory stays O(tokens x hidden) whatever the depth.
+The pass (:func:`~depthprune.backend.walk.walk_layers`) shows each layer's
+input (``h_i``) and output (``h_{i+1}``); each layer's statistic is accumulated
+as the states go by, so memory stays O(tokens x hidden) whatever the depth, and
+a streamed model is scored one layer at a time by the same code.
 
 * Block Influence (ShortGPT): ``BI_i = 1 - mean_t cos(h_i[t], h_{i+1}[t])``
   over every non-padding calibration token.
@@ -15,16 +16,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..data.calibration import Calibration
+from ..models.forward import batches_of
 from ..plan import PlanError
-from ..models.arch import get_layers
-from ..models.forward import decoder_passes, layer_hooks
+
+if TYPE_CHECKING:
+    from ..backend import Backend
 
 METRICS = ("bi", "angular")
 
@@ -69,40 +72,38 @@ def last_token_index(mask: torch.Tensor) -> torch.Tensor:
 
 @torch.inference_mode()
 def layer_statistics(
-    model: nn.Module,
+    model: "nn.Module | Backend",
     calibration: Calibration,
     *,
     batch_size: int = 8,
     progress: bool = True,
 ) -> LayerStats:
-    """One forward pass of the decoder stack (no LM head) collecting every layer's statistics."""
-    layers = get_layers(model)
-    n_layers = len(layers)
+    """One pass of the decoder stack (no LM head) over the calibration windows collecting every layer's
+    statistics; ``model`` is a model or a :class:`~depthprune.backend.Backend` (streamed: one layer at a time)."""
+    from ..backend import InMemoryBackend, walk_layers
+
+    backend = InMemoryBackend.of(model)
+    n_layers = backend.num_layers
     cos_sum = torch.zeros(n_layers, dtype=torch.float64)
     last_states: list[list[torch.Tensor]] = [[] for _ in range(n_layers + 1)]
-    batch: dict[str, torch.Tensor] = {}
-    entering: dict[int, torch.Tensor] = {}
+    picks: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
-    def last_tokens(h: torch.Tensor) -> torch.Tensor:
-        return h[batch["rows"].to(h.device), batch["last"].to(h.device)].float().cpu()
+    def last_tokens(b: int, h: torch.Tensor) -> torch.Tensor:
+        _, last, rows = picks[b]
+        return h[rows.to(h.device), last.to(h.device)].float().cpu()
 
-    def pre(i: int, h: torch.Tensor) -> None:
-        entering[i] = h
-        if i == 0:
-            last_states[0].append(last_tokens(h))
+    def on_input(b: int, ids: torch.Tensor, mask: torch.Tensor, h0: torch.Tensor) -> None:
+        picks[b] = (mask.float(), last_token_index(mask), torch.arange(ids.shape[0]))
+        last_states[0].append(last_tokens(b, h0))
 
-    def post(i: int, out: torch.Tensor) -> None:
-        cos = F.cosine_similarity(entering.pop(i).float(), out.float(), dim=-1)
-        cos_sum[i] += float((cos * batch["mask"].to(out.device)).sum())
-        last_states[i + 1].append(last_tokens(out))
+    def on_layer(i: int, b: int, mask: torch.Tensor, h_in: torch.Tensor, h_out: torch.Tensor) -> None:
+        cos = F.cosine_similarity(h_in.float(), h_out.float(), dim=-1)
+        cos_sum[i] += float((cos * picks[b][0].to(h_out.device)).sum())
+        last_states[i + 1].append(last_tokens(b, h_out))
 
-    def before(ids: torch.Tensor, mask: torch.Tensor) -> None:
-        batch.update(mask=mask.float(), last=last_token_index(mask), rows=torch.arange(ids.shape[0]))
-
-    with layer_hooks(layers, pre=pre, post=post):
-        passes = decoder_passes(model, calibration, batch_size=batch_size, progress=progress,
-                                desc="scoring layers", before=before)
-        total_tokens = sum(int(p.mask.sum()) for p in passes)
+    batches = walk_layers(backend, batches_of(calibration, batch_size), on_input=on_input, on_layer=on_layer,
+                          progress=progress, desc="scoring layers")
+    total_tokens = sum(int(mask.sum()) for _, mask in batches)
     bi = (1.0 - cos_sum / max(total_tokens, 1)).tolist()
     stacked = torch.stack([torch.cat(s) for s in last_states])
     return LayerStats(bi=bi, last_token_states=stacked, tokens=total_tokens, calibration=calibration.to_dict())

@@ -27,6 +27,7 @@ from ..errors import InputError
 from .streaming import MaxMemoryOpt, PushOpt, StreamOpt
 
 if TYPE_CHECKING:
+    from ..backend import Backend
     from ..data.calibration import CalibrationSpec
     from ..evaluate.suite import Evaluation
     from ..models.load import LoadedModel
@@ -258,12 +259,14 @@ class Given(SimpleNamespace):
     def compensation_spec(self):
         return compensation(self.compensate, self.compensate_tokens, self.ridge)
 
-    def streaming(self) -> tuple[bool, int | None]:
-        """(stream?, memory budget) from ``--stream`` / ``--max-memory`` (said when chosen automatically)."""
-        from .streaming import streaming_choice
+    def backend(self) -> "Backend":
+        """The model as a backend: streamed when ``--stream`` asks or the weights would not fit (said), else
+        loaded in memory."""
+        from .streaming import open_backend
 
-        streamed, budget, _ = streaming_choice(self.model, self.stream, self.max_memory, self.dtype, self.device)
-        return streamed, budget
+        return open_backend(self.model, load=load, stream=getattr(self, "stream", False),
+                            max_memory=getattr(self, "max_memory", None), dtype=self.dtype, device=self.device,
+                            quiet=self.quiet)
 
     def run_job(self, job: Any, out: Any, overwrite: bool):
         """Run a checkpoint-writing job, streamed when asked or needed, and push it when asked."""

@@ -30,7 +30,6 @@ from .options import (
     require_out,
     uses,
 )
-from .streaming import say
 
 METHOD_FLAGS = {"allow_extra_args": True, "ignore_unknown_options": True}
 
@@ -90,18 +89,8 @@ def score(
     if out is not None:
         out = check_output_dir(out, inputs=[given.model], kind="scores")
     given.check_model(("--seq-len", given.seq_len))
-    streamed, budget = given.streaming()
-    if streamed:
-        from ..stream import load_streamed, streamed_layer_statistics
-
-        sm = load_streamed(given.model, dtype=given.dtype, device=given.device, progress=not given.quiet)
-        stats = streamed_layer_statistics(sm, spec.windows(sm.tokenizer), batch_size=batch_size,
-                                          progress=not given.quiet, max_memory=budget,
-                                          report=None if given.quiet else say)
-    else:
-        loaded = given.load()
-        stats = layer_statistics(loaded.model, spec.windows(loaded.tokenizer), batch_size=batch_size,
-                                 progress=not given.quiet)
+    backend = given.backend()
+    stats = layer_statistics(backend, spec.windows(backend.tokenizer), batch_size=batch_size, progress=not given.quiet)
     values = stats.scores(metric)
     order = sorted(range(len(values)), key=lambda i: values[i])
     for i, v in enumerate(values):
@@ -237,7 +226,6 @@ def analyze(
     from ..analysis.layer_cka import layer_similarity
     from ..errors import InputError
     from ..io import atomic_write, check_output_dir, prepare_dir, write_json
-    from ..models.arch import num_layers
     from ..models.load import config_num_layers
     from ..plan import Plan
     from ..report import plot_cka_heatmap
@@ -251,26 +239,13 @@ def analyze(
     config = given.check_model(("--seq-len", given.seq_len))
     if loaded_plan is not None and config is not None:
         loaded_plan.check_model_depth(config_num_layers(config), f"--model {given.model}")
-    streamed, budget = given.streaming()
-    if streamed:
-        from ..stream import load_streamed
-
-        loaded = load_streamed(given.model, dtype=given.dtype, device=given.device, progress=not given.quiet)
-    else:
-        loaded = given.load()
+    loaded = given.backend()
     windows = None
     if loaded_plan is not None:
-        loaded_plan.check_model_depth(num_layers(loaded.model), f"--model {given.model}")
+        loaded_plan.check_model_depth(loaded.num_layers, f"--model {given.model}")
         windows = [(m.low, m.high) for m in loaded_plan.merges] + [(i, i) for i in loaded_plan.remove]
-    if streamed:
-        from ..stream import streamed_layer_similarity
-
-        result = streamed_layer_similarity(loaded, spec.windows(loaded.tokenizer), kernel=kernel,
-                                           batch_size=batch_size, progress=not given.quiet, max_memory=budget,
-                                           report=None if given.quiet else say)
-    else:
-        result = layer_similarity(loaded.model, spec.windows(loaded.tokenizer), kernel=kernel,
-                                  batch_size=batch_size, progress=not given.quiet)
+    result = layer_similarity(loaded, spec.windows(loaded.tokenizer), kernel=kernel, batch_size=batch_size,
+                              progress=not given.quiet)
     prepare_dir(out, "analysis")
     write_json(out / "cka.json", {"model": given.model, **result.to_dict()})
     atomic_write(out / "cka.npy", lambda stream: np.save(stream, result.matrix))

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Callable, Optional
 import typer
 
 if TYPE_CHECKING:
+    from ..backend import Backend
     from ..job import Job, JobResult
     from ..models.load import LoadedModel
 
@@ -36,8 +37,8 @@ def say(message: str) -> None:
 def streaming_choice(model: str, stream: bool | None, max_memory: str | None, dtype: str | None,
                      device: str) -> tuple[bool, int | None, str]:
     """(stream?, the memory budget in bytes, why) for a command's options; says so when streaming."""
-    from ..stream.choose import choose_streaming
-    from ..stream.states import parse_size
+    from ..backend.choose import choose_streaming
+    from ..backend.states import parse_size
 
     budget = parse_size(max_memory)
     choice = choose_streaming(model, stream, dtype=dtype, device=device, max_memory=budget)
@@ -62,6 +63,26 @@ def command_line() -> str | None:
     return None if _ARGV is None else "depthprune " + shlex.join(_ARGV)
 
 
+def open_backend(model: str, *, load: Callable[..., "LoadedModel"], stream: bool | None, max_memory: str | None,
+                 dtype: str | None, device: str, quiet: bool, job: "Job | None" = None) -> "Backend":
+    """The model as a backend, streamed or in memory (``stream=False``: a command without streaming never
+    streams; ``None``: decided from the model's size, and said). With ``job``, what the chosen backend cannot
+    do is refused before anything loads. ``load`` is the command's in-memory loader."""
+    from ..backend import InMemoryBackend, load_streamed
+    from ..models.load import resolve_dtype
+
+    streamed, budget = False, None
+    if stream is not False or max_memory is not None:
+        streamed, budget, _ = streaming_choice(model, stream, max_memory, dtype, device)
+    if job is not None:
+        job.check_backend("streamed" if streamed else "in-memory")
+    if not streamed:
+        return InMemoryBackend.of(load(model, dtype, device, quiet))
+    typer.echo(f"streaming {model} ...", err=True)
+    return load_streamed(model, dtype=dtype, device=device, progress=not quiet, max_memory=budget,
+                         report=None if quiet else say, save_dtype=resolve_dtype(dtype, "cpu") if dtype else None)
+
+
 def run_checkpoint_job(job: "Job", *, load: Callable[..., "LoadedModel"], model: str, out: Any,
                        overwrite: bool, dtype: str | None, device: str, quiet: bool, stream: bool | None = False,
                        max_memory: str | None = None, push_to_hub: str | None = None) -> "JobResult":
@@ -72,22 +93,13 @@ def run_checkpoint_job(job: "Job", *, load: Callable[..., "LoadedModel"], model:
     """
     from ..export.hub import card_writer, check_repo_id, push_checkpoint
     from ..job import run_job
-    from ..stream.job import check_streamable, run_streamed_job
     from .prune import print_result
 
     repo = check_repo_id(push_to_hub) if push_to_hub else None
     writers = [card_writer(command_line(), repo)] if repo else []
-    streamed, budget = False, None
-    if stream is not False or max_memory is not None:
-        streamed, budget, _ = streaming_choice(model, stream, max_memory, dtype, device)
-        if streamed:
-            check_streamable(job)  # before any work; when chosen automatically, the reason was printed above
-    if streamed:
-        typer.echo(f"streaming {model} ...", err=True)
-        result = run_streamed_job(model, job, out=out, overwrite=overwrite, dtype=dtype, device=device,
-                                  max_memory=budget, writers=writers, report=None if quiet else say)
-    else:
-        result = run_job(load(model, dtype, device, quiet), job, out=out, overwrite=overwrite, writers=writers)
+    backend = open_backend(model, load=load, stream=stream, max_memory=max_memory, dtype=dtype, device=device,
+                           quiet=quiet, job=job)
+    result = run_job(backend, job, out=out, overwrite=overwrite, writers=writers)
     print_result(result)
     if repo:
         pushed = push_checkpoint(result.out, repo)

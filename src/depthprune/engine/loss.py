@@ -7,15 +7,16 @@ Objectives, both averaged over every predicted calibration token:
          distributions (EvoPress, arXiv 2410.14649): it asks the candidate to behave like the
          model it came from, not just to predict the text.
 
-A candidate is evaluated with a :class:`~depthprune.engine.states.StackRunner` (cached states, only the
-candidate's own layers run, no model copy) and the LM head applied a chunk of tokens at a time. For ``kl``
-the dense model's log-probabilities are cached when they fit in ``teacher_cache_mb`` and recomputed from its
-cached final states otherwise.
+Candidates are evaluated with a :class:`~depthprune.backend.walk.Walker` (cached states, only the
+candidates' own layers run, no model copy, all candidates of one call in one walk, so a streamed model reads
+each layer once per call) and the LM head applied a chunk of tokens at a time. For ``kl`` the dense model's
+log-probabilities are cached when they fit in ``teacher_cache_mb`` and recomputed from its cached final
+states otherwise.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Hashable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -23,20 +24,11 @@ from torch import nn
 
 from ..data.calibration import Calibration
 from ..errors import InputError
-from ..evaluate.perplexity import chunked_logits, prediction_pairs
-from ..models.arch import get_layers, model_device, spec_for
+from ..backend import InMemoryBackend, Stack, Walker
+from ..evaluate.perplexity import chunked_logits, first_target_of, prediction_pairs
 from ..models.forward import batches_of
-from .states import StackRunner
 
 OBJECTIVES = ("nll", "kl")
-
-
-def first_target_of(calibration: Calibration) -> int:
-    """Position of the first predicted token (after BOS or any other special prefix); refuses windows with none."""
-    first = max(1, len(calibration.description.get("special_prefix", [])))
-    if calibration.input_ids.shape[1] <= first:
-        raise InputError("calibration windows leave no token to predict; use --seq-len 2 or more")
-    return first
 
 
 @torch.inference_mode()
@@ -65,63 +57,84 @@ def objective_sum(model: nn.Module, hidden: torch.Tensor, ids: torch.Tensor, mas
 
 
 class LossEngine:
-    """Calibration loss of stacks built from the original model's layers (and merged or patched ones)."""
+    """Calibration loss of candidate stacks built from the original model's layers (and merged or patched ones).
 
-    def __init__(self, model: nn.Module, calibration: Calibration, *, objective: str = "nll",
-                 batch_size: int | None = None, chunk_tokens: int = 512, teacher_cache_mb: float = 1024) -> None:
+    ``model`` is a model or a :class:`~depthprune.backend.Backend`; ``sets`` is how many candidates one call of
+    :meth:`losses` evaluates at most (for a streamed model's memory plan). Close the engine (or use it as a
+    context manager) to free a streamed model's spilled states.
+    """
+
+    def __init__(self, model, calibration: Calibration, *, objective: str = "nll", batch_size: int | None = None,
+                 chunk_tokens: int = 512, teacher_cache_mb: float = 1024, sets: int = 1,
+                 progress: bool = False) -> None:
         if objective not in OBJECTIVES:
             raise InputError(f"unknown objective {objective!r}: use one of {', '.join(OBJECTIVES)}")
-        self.model = model
-        self.spec = spec_for(model)
+        self.backend = InMemoryBackend.of(model)
+        self.model = self.backend.model
+        self.spec = self.backend.spec
         self.objective = objective
         self.chunk_tokens = chunk_tokens
-        self.layers: list[nn.Module] = list(get_layers(model))
+        self.layers: list[nn.Module] = list(self.backend.layers)
         self.num_layers = len(self.layers)
         self.first_target = first_target_of(calibration)
-        device = model_device(model)
-        batches = [(ids.to(device), mask.to(device)) for ids, mask in batches_of(calibration, batch_size)]
-        self.original = StackRunner(model, batches, self.layers)
-        self.batches = self.original.batches
+        self.walker = Walker(self.backend, batches_of(calibration, batch_size), sets=sets + 2, head=True)
+        self.batches = self.walker.batches
         self.evaluations = 0
         self._teacher: list[torch.Tensor] | None = None
-        if objective == "kl":
-            tokens = sum(prediction_pairs(h, ids, mask, self.first_target)[1].numel()
-                         for h, (ids, mask) in zip(self.original.finals, self.batches))
-            vocab = model.get_output_embeddings().weight.shape[0]
-            if tokens * vocab * 4 / 2**20 <= teacher_cache_mb:
-                self._teacher = [self._teacher_logprobs(b) for b in range(len(self.batches))]
-        self.dense_loss = self.loss(self.original.finals)
+        try:
+            self.walker.run({"dense": Stack(self.layers)}, progress=progress, desc="dense states")
+            if objective == "kl":
+                tokens = sum(int(mask[:, self.first_target:].sum()) for _, mask in self.batches)
+                vocab = self.model.get_output_embeddings().weight.shape[0]
+                if tokens * vocab * 4 / 2**20 <= teacher_cache_mb:
+                    with self.backend.outside(head=True):
+                        self._teacher = [self._teacher_logprobs(b) for b in range(len(self.batches))]
+            self.dense_loss = self._mean_losses(["dense"])["dense"]
+        except BaseException:
+            self.walker.close()
+            raise
 
-    def per_layer_of(self, indices: Sequence[int]) -> dict[str, list]:
-        """Per-layer config entries of original layers ``indices``."""
-        return self.original.per_layer_of(indices)
+    def close(self) -> None:
+        self.walker.close()
+
+    def __enter__(self) -> "LossEngine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _teacher_logprobs(self, b: int) -> torch.Tensor:
         ids, mask = self.batches[b]
-        return teacher_logprobs(self.model, self.original.finals[b], ids, mask, self.first_target, self.chunk_tokens)
+        final = self.backend.final_states(ids, mask, self.walker.state("dense", b))
+        return teacher_logprobs(self.model, final, ids, mask, self.first_target, self.chunk_tokens)
 
-    def batch_loss(self, b: int, hidden: torch.Tensor) -> tuple[float, int]:
-        """Summed objective over the predicted tokens of batch ``b`` given its final states, and their count."""
-        ids, mask = self.batches[b]
-        teacher = None
-        if self.objective == "kl":
-            teacher = self._teacher[b] if self._teacher is not None else self._teacher_logprobs(b)
-        return objective_sum(self.model, hidden, ids, mask, self.first_target, self.chunk_tokens, teacher)
+    @torch.inference_mode()
+    def _mean_losses(self, keys: Sequence[Hashable]) -> dict[Hashable, float]:
+        """Each stack's mean objective from its states in the walker; the dense model's log-probabilities are
+        formed once per batch for all stacks when they are not cached."""
+        sums = {key: [0.0, 0] for key in keys}
+        with self.backend.outside(head=True):
+            for b, (ids, mask) in enumerate(self.batches):
+                teacher = None
+                if self.objective == "kl":
+                    teacher = self._teacher[b] if self._teacher is not None else self._teacher_logprobs(b)
+                for key in keys:
+                    hidden = self.backend.final_states(ids, mask, self.walker.state(key, b))
+                    t, c = objective_sum(self.model, hidden, ids, mask, self.first_target, self.chunk_tokens,
+                                         teacher)
+                    sums[key][0] += t
+                    sums[key][1] += c
+        return {key: total / count for key, (total, count) in sums.items()}
 
-    def loss(self, finals: Sequence[torch.Tensor]) -> float:
-        """Mean objective given every batch's final states."""
-        total, count = 0.0, 0
-        for b, hidden in enumerate(finals):
-            t, c = self.batch_loss(b, hidden)
-            total, count = total + t, count + c
-        return total / count
+    def losses(self, stacks: dict[Hashable, Stack], keys: Sequence[Hashable] | None = None, *,
+               progress: bool | None = None, desc: str = "candidates") -> dict[Hashable, float]:
+        """Mean objective of each stack in ``stacks`` (only of ``keys``, when given: the others are there to be
+        forked from), all run in one walk."""
+        self.walker.run(stacks, progress=progress, desc=desc)
+        keys = list(stacks) if keys is None else list(keys)
+        self.evaluations += len(keys)
+        return self._mean_losses(keys)
 
-    def loss_from(self, runner: StackRunner, start: int, modules: Sequence[nn.Module],
-                  per_layer: dict[str, list]) -> float:
-        """Mean objective of ``runner``'s stack with positions ``start..`` replaced by ``modules``."""
-        self.evaluations += 1
-        total, count = 0.0, 0
-        for b, hidden in runner.run_from(start, modules, per_layer):
-            t, c = self.batch_loss(b, hidden)
-            total, count = total + t, count + c
-        return total / count
+    def loss(self, modules: Sequence[nn.Module]) -> float:
+        """Mean objective of one candidate stack run from the input (the model's layers replaced by ``modules``)."""
+        return self.losses({"candidate": Stack(modules)})["candidate"]

@@ -13,8 +13,13 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from typing import TYPE_CHECKING
+
 from ..models.arch import ArchSpec
 from ..surgery.merge import merge_params
+
+if TYPE_CHECKING:
+    from ..plan import Plan
 
 
 def layer_params(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -79,3 +84,13 @@ class PatchedLayer(nn.Module):
 
     def forward(self, *args, **kwargs):
         return functional_call(self.base, self.params(), args, kwargs)
+
+
+def plan_stack(plan: "Plan", layers: list[nn.Module], spec: ArchSpec) -> list[nn.Module]:
+    """A plan's pruned model as candidate modules over the original ``layers``: kept layers as they are, merged
+    windows as :class:`MergedLayer` (nested merges take the earlier merge as a member), no weight written."""
+    standing: dict[int, nn.Module] = dict(enumerate(layers))
+    for index, merge in enumerate(plan.merges):
+        members = plan.merge_members(index)
+        standing[merge.low] = MergedLayer([standing[i] for i in members], merge.operator, spec)
+    return [standing[i] for i in plan.kept]

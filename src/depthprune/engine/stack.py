@@ -50,8 +50,7 @@ class CurrentStack:
     def similarity(self, first: int, last: int) -> float:
         window = self.merged(first, last)
         stack = [window] + self.entries[last + 1 :]
-        per_layer = self.engine.original_per_layer([e.low for e in stack])
-        return self.engine.similarity(window.low, [e.module for e in stack], per_layer)
+        return self.engine.similarity(window.low, [e.module for e in stack])
 
     def commit(self, first: int, last: int) -> Entry:
         window = self.merged(first, last)

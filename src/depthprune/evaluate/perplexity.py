@@ -9,14 +9,17 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from ..data.calibration import Calibration, consecutive_windows
 from ..errors import InputError
-from ..models.forward import decoder_passes
+from ..models.forward import batches_of
+
+if TYPE_CHECKING:
+    from ..backend import Backend
 
 PPL_DATASETS = {"wikitext2": "wikitext2-test", "ptb": "ptb"}
 
@@ -75,28 +78,44 @@ def nll_sum(model: nn.Module, hidden: torch.Tensor, ids: torch.Tensor, mask: tor
     return total, int(targets.numel())
 
 
+def first_target_of(windows: Calibration) -> int:
+    """Position of the first predicted token: after BOS or any other special prefix (which is context, never
+    a target); refuses windows that leave nothing to predict."""
+    first = max(1, len(windows.description.get("special_prefix", [])))
+    if windows.input_ids.shape[1] <= first:
+        raise InputError(f"windows of {windows.input_ids.shape[1]} tokens leave nothing to predict after the "
+                         "special prefix; use --seq-len 2 or more (the papers use 128)")
+    return first
+
+
 @torch.inference_mode()
 def perplexity_on(
-    model: nn.Module,
+    model: "nn.Module | Backend",
     windows: Calibration,
     *,
     batch_size: int = 8,
     chunk_tokens: int = 512,
     progress: bool = True,
 ) -> PerplexityResult:
-    """Perplexity of ``model`` on prepared windows.
+    """Perplexity of ``model`` (a model or a :class:`~depthprune.backend.Backend`) on prepared windows.
 
     Tokens of the special prefix (BOS) are context, never targets; the first
     real token of each window is predicted from BOS when there is one.
     """
-    first_target = max(1, len(windows.description.get("special_prefix", [])))
-    if windows.input_ids.shape[1] <= first_target:
-        raise InputError(f"windows of {windows.input_ids.shape[1]} tokens leave nothing to predict after the "
-                         "special prefix; use --seq-len 2 or more (the papers use 128)")
+    from ..backend import InMemoryBackend, walk_layers
+
+    backend = InMemoryBackend.of(model)
+    first_target = first_target_of(windows)
     total, count = 0.0, 0
-    for p in decoder_passes(model, windows, batch_size=batch_size, progress=progress, desc="perplexity"):
-        t, c = nll_sum(model, p.hidden, p.ids, p.mask, first_target, chunk_tokens)
+
+    def on_output(b: int, ids: torch.Tensor, mask: torch.Tensor, last: torch.Tensor) -> None:
+        nonlocal total, count
+        hidden = backend.final_states(ids, mask, last)
+        t, c = nll_sum(backend.model, hidden, ids, mask, first_target, chunk_tokens)
         total, count = total + t, count + c
+
+    walk_layers(backend, batches_of(windows, batch_size), on_output=on_output, head=True, progress=progress,
+                desc="perplexity")
     if count == 0:
         raise InputError("perplexity over zero scored tokens means nothing: the text gave no window with a "
                          "target token; use a longer text or a smaller --seq-len")

@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from typing import TYPE_CHECKING
+
 from torch import nn
 
 from ..data.calibration import Calibration, check_text_source, consecutive_windows, tokenizer_key
@@ -20,6 +22,9 @@ from ..errors import InputError
 from .perplexity import PPL_DATASETS, PerplexityResult, perplexity_on
 from .speed import SpeedResult
 from .zeroshot import ZeroShotResult
+
+if TYPE_CHECKING:
+    from ..backend import Backend
 
 
 @dataclass
@@ -171,13 +176,21 @@ class Evaluation:
                 part.check()
         return self
 
-    def run(self, model: nn.Module, tokenizer: Any, progress: bool = True) -> EvalResult:
+    def run(self, model: "nn.Module | Backend", tokenizer: Any, progress: bool = True) -> EvalResult:
+        """Measure ``model`` (a model or a :class:`~depthprune.backend.Backend`: perplexity runs on any backend,
+        lm-eval and speed on the model in memory)."""
+        from ..backend import InMemoryBackend
+
+        backend = InMemoryBackend.of(model)
         result = EvalResult()
         for name in ("perplexity", "zeroshot", "speed"):
             spec = getattr(self, name)
             if spec is not None:
+                if name != "perplexity":
+                    backend.require_memory("lm-eval tasks and speed in --eval")
                 start = time.perf_counter()
-                setattr(result, name, spec.run(model, tokenizer, progress))
+                setattr(result, name, spec.run(backend if name == "perplexity" else backend.model, tokenizer,
+                                               progress))
                 result.timings[name] = time.perf_counter() - start
         return result
 

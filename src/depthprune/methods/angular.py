@@ -10,11 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import nn
-
 from ..analysis.stats import LayerStats, layer_statistics
+from ..backend import Backend
 from ..data.calibration import Calibration
-from ..models.arch import num_layers
 from ..plan import Plan, PlanError
 from .registry import MethodOptions, RunContext, option, register
 from .target import Target, given, require
@@ -52,11 +50,11 @@ def plan_angular(stats: LayerStats, block: int, *, model: str | None = None) -> 
 
 @register("angular", "remove the contiguous block with the smallest angular distance", AngularOptions,
           reference="Gromov et al., arXiv 2403.17887")
-def plan(model: nn.Module, calibration: Calibration, target: Target | None, options: AngularOptions,
+def plan(backend: Backend, calibration: Calibration, target: Target | None, options: AngularOptions,
          run: RunContext) -> Plan:
-    L = num_layers(model)
+    L = backend.num_layers
     block = options.block if options.block is not None else require("angular", target).n_remove(L)
     if not 1 <= block < L:
         raise PlanError(f"--block must be between 1 and {L - 1}, got {block}")
-    stats = layer_statistics(model, calibration, batch_size=run.batch_size, progress=run.progress)
+    stats = layer_statistics(backend, calibration, batch_size=run.batch_size, progress=run.progress)
     return plan_angular(stats, block)

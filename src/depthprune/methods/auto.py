@@ -13,8 +13,8 @@ windows that none of them was planned or fitted on, and return the best::
 
 Candidates are evaluated on the loss engine without touching the model: a
 plan becomes a stack of the original layer modules (merged windows as
-``MergedLayer``, compensated layers as ``PatchedLayer``), so ranking costs one
-forward of the kept layers per candidate and no copy. The chosen plan records
+``MergedLayer``, compensated layers as ``PatchedLayer``), and all candidates
+run in one walk (a streamed model reads each layer once), with no copy. The chosen plan records
 every candidate's score in ``params["candidates"]`` and ``log``; its
 compensation (if it won with one) is re-fitted on the same windows when the
 plan is applied, so the saved model is the candidate that was scored.
@@ -25,14 +25,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from torch import nn
-
-from ..compensate import DEFAULT_TOKENS, FITS, Compensation, capture_targets, check_supported, compensated_stack, interfaces
+from ..backend import Backend, Stack
+from ..compensate import DEFAULT_TOKENS, FITS, Compensation, check_supported, fit_compensation, interfaces
 from ..data.calibration import Calibration
 from ..engine.loss import OBJECTIVES, LossEngine
-from ..engine.merged import MergedLayer
+from ..engine.merged import plan_stack
 from ..errors import InputError
-from ..models.arch import num_layers
 from ..plan import Plan, PlanError
 from .registry import METHODS, MethodOptions, RunContext, build_options, get_method, make_plan, option, register
 from .target import Target, require
@@ -70,15 +68,6 @@ class AutoOptions(MethodOptions):
             raise PlanError(f"--compensate-tokens must be at least 1, got {self.compensate_tokens}")
 
 
-def candidate_stack(plan: Plan, layers: list[nn.Module], spec: Any) -> list[nn.Module]:
-    """The plan's pruned model as modules: kept original layers, merged windows as functional merges."""
-    standing: dict[int, nn.Module] = dict(enumerate(layers))
-    for index, merge in enumerate(plan.merges):
-        members = plan.merge_members(index)
-        standing[merge.low] = MergedLayer([standing[i] for i in members], merge.operator, spec)
-    return [standing[i] for i in plan.kept]
-
-
 def _options_for(method: str, objective: str) -> MethodOptions:
     declared = {info.name for info in METHODS[method].options.infos()}
     return build_options(method, {"objective": objective} if "objective" in declared else {})
@@ -86,52 +75,61 @@ def _options_for(method: str, objective: str) -> MethodOptions:
 
 @register("auto", "build the candidate plans (with and without compensation), keep the one with the lowest "
           "held-out loss", AutoOptions, reference="depthprune")
-def plan(model: nn.Module, calibration: Calibration, target: Target | None, options: AutoOptions,
+def plan(backend: Backend, calibration: Calibration, target: Target | None, options: AutoOptions,
          run: RunContext) -> Plan:
-    n = require("auto", target).n_remove(num_layers(model))
+    n = require("auto", target).n_remove(backend.num_layers)
     if run.data is None:
         raise PlanError("--method auto ranks plans on held-out windows drawn from the calibration text: run it "
                         "through a job (prune, run, bench, depthprune.run_job)")
-    heldout = run.data.heldout()
-    engine = LossEngine(model, heldout, objective=options.objective, batch_size=run.batch_size)
     fits = options.fit_list()
     try:
-        check_supported(engine.spec)
+        check_supported(backend.spec)
     except InputError as err:
         unsupported, fits = str(err), []
     else:
         unsupported = None
+    if not backend.trainable and "kl" in fits:
+        backend.require_memory("--fits kl")
     fit_batches = run.data.fit_batches(options.compensate_tokens, Compensation.seed) if fits else None
-    scored: list[tuple[float, Plan, dict[str, Any] | None, dict[str, Any]]] = []
+    entries: list[dict[str, Any]] = []
+    stacks: dict[int, Stack] = {}
+    chosen_from: list[tuple[Plan, dict[str, Any] | None]] = []
+    layers = list(backend.layers)
     for method in options.methods():
-        candidate = make_plan(method, model, calibration, Target(remove=n), options=_options_for(method,
+        candidate = make_plan(method, backend, calibration, Target(remove=n), options=_options_for(method,
                               options.objective), batch_size=run.batch_size, progress=run.progress, data=run.data)
-        stack = candidate_stack(candidate, engine.layers, engine.spec)
-        per_layer = engine.per_layer_of(candidate.kept)
         entry = {"method": method, "compensation": "none", "plan": candidate.summary(), "dropped": candidate.dropped}
-        entry["loss"] = engine.loss_from(engine.original, 0, stack, per_layer)
-        scored.append((entry["loss"], candidate, None, entry))
+        stacks[len(entries)] = Stack(plan_stack(candidate, layers, backend.spec))
+        entries.append(entry)
+        chosen_from.append((candidate, None))
         if fits and interfaces(candidate)[0]:
-            targets = capture_targets(model, fit_batches, {i.target for i in interfaces(candidate)[0]})
             for fit in fits:
                 config = Compensation(fit=fit, tokens=options.compensate_tokens)
-                patched = compensated_stack(model, candidate, stack, fit_batches, targets, config)
-                entry = {**entry, "compensation": fit,
-                         "loss": engine.loss_from(engine.original, 0, patched, per_layer)}
-                scored.append((entry["loss"], candidate, config.to_dict(), entry))
-    loss, best, compensation, chosen = min(scored, key=lambda item: item[0])
-    table = [item[3] for item in scored]
+                fitted = fit_compensation(backend, candidate, fit_batches, config)
+                stacks[len(entries)] = Stack(fitted.stack)
+                entries.append({**entry, "compensation": fit})
+                chosen_from.append((candidate, config.to_dict()))
+    heldout = run.data.heldout()
+    with LossEngine(backend, heldout, objective=options.objective, batch_size=run.batch_size,
+                    sets=len(stacks)) as engine:
+        losses = engine.losses(stacks, progress=run.progress, desc="ranking candidates")
+        dense_loss = engine.dense_loss
+    for k, entry in enumerate(entries):
+        entry["loss"] = losses[k]
+    best_index = min(range(len(entries)), key=lambda k: entries[k]["loss"])
+    best, compensation = chosen_from[best_index]
+    chosen = entries[best_index]
     return Plan(
         method="auto",
         num_layers=best.num_layers,
         remove=best.remove,
         merges=best.merges,
         params={"chosen": f"{chosen['method']}" + (f"+{chosen['compensation']}" if compensation else ""),
-                "objective": options.objective, "heldout_loss": loss, "dense_heldout_loss": engine.dense_loss,
-                "heldout_windows": heldout.num_windows, "candidates": table, "chosen_params": best.params,
+                "objective": options.objective, "heldout_loss": chosen["loss"], "dense_heldout_loss": dense_loss,
+                "heldout_windows": heldout.num_windows, "candidates": entries, "chosen_params": best.params,
                 "compensation_unsupported": unsupported},
         scores=best.scores,
         calibration=calibration.to_dict(),
-        log=table,
+        log=entries,
         compensation=compensation,
     )

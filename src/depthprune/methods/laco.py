@@ -23,12 +23,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from torch import nn
-
+from ..backend import Backend
 from ..data.calibration import Calibration
 from ..engine.search import SimilarityEngine
 from ..engine.stack import CurrentStack
-from ..models.arch import num_layers
 from ..plan import Merge, Plan, PlanError
 from ..surgery.merge import OPERATORS
 from .merging import Search, ThresholdOptions, run_threshold_search
@@ -150,8 +148,8 @@ def searcher(options: LaCoOptions, num_layers: int) -> Search:
 
 @register("laco", "layer collapse: merge C layers into one while similarity stays above T", LaCoOptions,
           reference="LaCo, arXiv 2402.11187")
-def plan(model: nn.Module, calibration: Calibration, target: Target | None, options: LaCoOptions,
+def plan(backend: Backend, calibration: Calibration, target: Target | None, options: LaCoOptions,
          run: RunContext) -> Plan:
-    search = searcher(options, num_layers(model))
-    engine = SimilarityEngine(model, calibration, batch_size=run.batch_size)
-    return run_threshold_search("laco", search, engine, calibration, target, options, run.progress)
+    search = searcher(options, backend.num_layers)
+    with SimilarityEngine(backend, calibration, batch_size=run.batch_size, progress=run.progress) as engine:
+        return run_threshold_search("laco", search, engine, calibration, target, options, run.progress)

@@ -39,11 +39,7 @@ Search = Callable[..., Plan]
 
 def run_threshold_search(name: str, search: Search, engine: SimilarityEngine, calibration: Calibration,
                          target: Target | None, options: ThresholdOptions, progress: bool = True) -> Plan:
-    """``search(engine, T, max_remove=, memo=, progress=)`` at T, or under bisection for a target.
-
-    ``engine`` answers the similarity questions: the in-memory :class:`SimilarityEngine`, or the streamed one
-    (:class:`depthprune.stream.search.StreamedSimilarityEngine`) with the same interface.
-    """
+    """``search(engine, T, max_remove=, memo=, progress=)`` at T, or under bisection for a target."""
     n = target.n_remove(engine.num_layers) if given(target) else None
     memo: dict = {}
     with tqdm(desc=f"{name} windows", unit="window", disable=not progress) as bar:

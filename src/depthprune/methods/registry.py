@@ -22,6 +22,7 @@ from typing import Any, Callable, Literal, Mapping, Protocol, Sequence
 
 from torch import nn
 
+from ..backend import Backend, InMemoryBackend
 from ..data.calibration import Calibration
 from ..plan import Plan, PlanError
 from .target import Target, require
@@ -117,7 +118,7 @@ class CalibrationData(Protocol):
         """About ``tokens`` tokens (never the held-out windows) as batches on the model's device."""
 
 
-PlanFn = Callable[[nn.Module, Calibration, "Target | None", Any, RunContext], Plan]
+PlanFn = Callable[["Backend", Calibration, "Target | None", Any, RunContext], Plan]
 
 
 @dataclass(frozen=True)
@@ -183,7 +184,7 @@ def check_request(method: str, target: Target | None, options: MethodOptions) ->
 
 def make_plan(
     method: str,
-    model: nn.Module,
+    model: "nn.Module | Backend",
     calibration: Calibration,
     target: Target | None = None,
     *,
@@ -193,7 +194,10 @@ def make_plan(
     data: CalibrationData | None = None,
     **values: Any,
 ) -> Plan:
-    """Run a registered method: ``make_plan("slm", model, cal, threshold=0.72)`` or with ``options=``."""
+    """Run a registered method: ``make_plan("slm", model, cal, threshold=0.72)`` or with ``options=``.
+
+    ``model`` is a model (planned in memory) or a :class:`~depthprune.backend.Backend` (e.g. a streamed one).
+    """
     spec = get_method(method)
     if options is None:
         options = build_options(method, values)
@@ -204,7 +208,7 @@ def make_plan(
     check_request(method, target, options)
     if batch_size < 1:
         raise PlanError(f"--batch-size must be at least 1, got {batch_size}")
-    plan = spec.plan(model, calibration, target, options, RunContext(batch_size, progress, data))
+    plan = spec.plan(InMemoryBackend.of(model), calibration, target, options, RunContext(batch_size, progress, data))
     if target is not None and target.given:
         plan.params.setdefault("target", target.to_dict())
     if not plan.calibration:

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import nn
-
 from ..analysis.stats import METRICS, LayerStats, layer_statistics
+from ..backend import Backend
 from ..data.calibration import Calibration
-from ..models.arch import num_layers
 from ..plan import Plan
 from .registry import MethodOptions, RunContext, option, register
 from .target import Target, require
@@ -43,8 +41,8 @@ def plan_shortgpt(stats: LayerStats, n_remove: int, *, metric: str = "bi", model
 
 @register("shortgpt", "remove the k layers with the lowest Block Influence", ShortGPTOptions,
           reference="ShortGPT, arXiv 2403.03853")
-def plan(model: nn.Module, calibration: Calibration, target: Target | None, options: ShortGPTOptions,
+def plan(backend: Backend, calibration: Calibration, target: Target | None, options: ShortGPTOptions,
          run: RunContext) -> Plan:
-    n = require("shortgpt", target).n_remove(num_layers(model))
-    stats = layer_statistics(model, calibration, batch_size=run.batch_size, progress=run.progress)
+    n = require("shortgpt", target).n_remove(backend.num_layers)
+    stats = layer_statistics(backend, calibration, batch_size=run.batch_size, progress=run.progress)
     return plan_shortgpt(stats, n, metric=options.metric)

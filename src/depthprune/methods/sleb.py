@@ -11,9 +11,9 @@ lowest calibration loss of the model pruned so far::
 
 Unlike one-shot scores (ShortGPT), each round sees the model as pruned so
 far, so it never removes two layers that only look redundant together.
-Candidates run on the loss engine: cached states entering each layer of the
-current model, only the layers above the candidate run, the LM head a chunk of
-tokens at a time. ``protect_first`` / ``protect_last`` keep the first / last
+Candidates run on the loss engine: each forks from the current model's state
+entering its layer, only the layers above it run, all of a round's candidates in
+one walk, the LM head a chunk of tokens at a time. ``protect_first`` / ``protect_last`` keep the first / last
 layers out of reach.
 """
 
@@ -22,13 +22,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from torch import nn
 from tqdm.auto import tqdm
 
+from ..backend import Backend, Stack
 from ..data.calibration import Calibration
 from ..engine.loss import OBJECTIVES, LossEngine
-from ..engine.states import StackRunner
-from ..models.arch import num_layers
 from ..plan import Plan, PlanError
 from .registry import MethodOptions, RunContext, option, register
 from .target import Target, require
@@ -84,39 +82,41 @@ def sleb_plan(num_layers: int, kept: list[int], log: list[dict[str, Any]], *, ob
 
 def sleb_search(engine: LossEngine, n_remove: int, *, protect_first: int = 0, protect_last: int = 0,
                 progress: Any = None) -> Plan:
-    """Greedy removal of ``n_remove`` layers; every candidate's loss in every round is logged."""
+    """Greedy removal of ``n_remove`` layers; every candidate's loss in every round is logged.
+
+    A round is one walk up the current model: candidate "without j" forks from the current model's state
+    entering j and runs the layers above it, every candidate advancing together (a streamed model reads each
+    kept layer once per round).
+    """
     L = engine.num_layers
     removable = removable_layers(L, n_remove, protect_first, protect_last)
     current = list(range(L))
-    runner = engine.original
     log: list[dict[str, Any]] = []
     for round_ in range(n_remove):
-        losses: dict[int, float] = {}
-        for position in reversed(range(len(current))):
-            layer = current[position]
-            if layer not in removable:
-                continue
-            above = current[position + 1 :]
-            losses[layer] = engine.loss_from(runner, position, [engine.layers[i] for i in above],
-                                             engine.per_layer_of(above))
-            if progress is not None:
-                progress.update(1)
-                progress.set_postfix(round=round_ + 1, layer=layer, loss=f"{losses[layer]:.4f}")
+        reference = [engine.layers[i] for i in current]
+        stacks = {"current": Stack(reference)}
+        candidates = [layer for layer in current if layer in removable]
+        for position, layer in enumerate(current):
+            if layer in removable:
+                stacks[layer] = Stack(reference[position + 1 :], fork=("current", position))
+        losses = engine.losses(stacks, keys=candidates)
         current.remove(log_round(log, losses))
-        if round_ + 1 < n_remove:
-            runner = StackRunner(engine.model, engine.batches, [engine.layers[i] for i in current],
-                                 engine.per_layer_of(current))
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(removed=log[-1]["removed"], loss=f"{log[-1]['loss']:.4f}")
     return sleb_plan(L, current, log, objective=engine.objective, n_remove=n_remove, protect_first=protect_first,
                      protect_last=protect_last, dense_loss=engine.dense_loss, evaluations=engine.evaluations)
 
 
 @register("sleb", "remove layers one at a time, each round the one whose removal hurts calibration loss least",
           SLEBOptions, reference="SLEB, arXiv 2402.09025; kl objective: EvoPress, arXiv 2410.14649")
-def plan(model: nn.Module, calibration: Calibration, target: Target | None, options: SLEBOptions,
+def plan(backend: Backend, calibration: Calibration, target: Target | None, options: SLEBOptions,
          run: RunContext) -> Plan:
-    n = require("sleb", target).n_remove(num_layers(model))
-    engine = LossEngine(model, calibration, objective=options.objective, batch_size=run.batch_size)
-    with tqdm(desc="sleb candidates", unit="candidate", disable=not run.progress) as bar:
+    n = require("sleb", target).n_remove(backend.num_layers)
+    # at the peak: one set of states per candidate plus the current model's
+    with LossEngine(backend, calibration, objective=options.objective, batch_size=run.batch_size,
+                    sets=backend.num_layers + 1, progress=run.progress) as engine, \
+            tqdm(total=n, desc="sleb rounds", unit="round", disable=not run.progress) as bar:
         plan = sleb_search(engine, n, protect_first=options.protect_first, protect_last=options.protect_last,
                            progress=bar)
     plan.calibration = calibration.to_dict()

@@ -25,8 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from torch import nn
-
+from ..backend import Backend
 from ..data.calibration import Calibration
 from ..engine.search import SimilarityEngine
 from ..engine.stack import CurrentStack
@@ -132,7 +131,7 @@ def searcher(options: SLMOptions) -> Search:
 
 @register("slm", "sliding-window layer merging, top down, threshold T on final-state similarity", SLMOptions,
           reference="SLM, arXiv 2502.19159")
-def plan(model: nn.Module, calibration: Calibration, target: Target | None, options: SLMOptions,
+def plan(backend: Backend, calibration: Calibration, target: Target | None, options: SLMOptions,
          run: RunContext) -> Plan:
-    engine = SimilarityEngine(model, calibration, batch_size=run.batch_size)
-    return run_threshold_search("slm", searcher(options), engine, calibration, target, options, run.progress)
+    with SimilarityEngine(backend, calibration, batch_size=run.batch_size, progress=run.progress) as engine:
+        return run_threshold_search("slm", searcher(options), engine, calibration, target, options, run.progress)

@@ -1,6 +1,6 @@
 """Apply a :class:`~depthprune.plan.Plan` to a model: merge, remove, renumber, fix the config."""
 
-from .apply import apply_plan
+from .apply import apply_plan, surgery
 from .merge import OPERATORS
 
-__all__ = ["OPERATORS", "apply_plan"]
+__all__ = ["OPERATORS", "apply_plan", "surgery"]

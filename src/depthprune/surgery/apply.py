@@ -8,6 +8,8 @@ lists (e.g. Gemma's ``layer_types``), so the checkpoint loads in plain transform
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 from ..models.arch import (
@@ -21,8 +23,8 @@ from ..plan import Plan, PlanError
 from .merge import merge_into_first
 
 
-def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
-    """Prune ``model`` in place according to ``plan`` and return it."""
+def surgery(model: nn.Module, plan: Plan) -> nn.Module:
+    """Remove and merge layers of ``model`` in place as ``plan`` says (its compensation is not applied here)."""
     spec = spec_for(model)
     layers = get_layers(model)
     if len(layers) != plan.num_layers:
@@ -44,4 +46,35 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
         for name, values in per_layer_config_values(model.config, spec).items()
     }
     set_layer_stack(model, [layers[i] for i in kept], per_layer)
+    return model
+
+
+def apply_plan(model: nn.Module, plan: Plan, *, calibration: Any = None, tokenizer: Any = None,
+               batch_size: int = 8) -> nn.Module:
+    """Prune ``model`` in place according to ``plan`` and return it.
+
+    A plan that compensates its gaps (``plan.compensation``) is applied with its maps re-fitted exactly as the
+    job that made it fitted them: on the fit windows of ``calibration`` (the job's
+    :class:`~depthprune.data.calibration.CalibrationSpec`, e.g. ``CalibrationSpec(**report["settings"]
+    ["calibration"])``) tokenized by ``tokenizer``, so the result equals the saved checkpoint. Without them it
+    refuses: a plan applied without its compensation would silently be another model.
+    """
+    overrides = None
+    if plan.compensation:
+        from ..compensate import Compensation, fit_compensation
+
+        if calibration is None or tokenizer is None:
+            raise PlanError(
+                f"this plan compensates its gaps ({plan.compensation.get('fit')} fit): re-fitting needs the "
+                "calibration text and the tokenizer; pass calibration=CalibrationSpec(...) (the settings in the "
+                "checkpoint's report.json) and tokenizer=, or use the saved checkpoint itself")
+        config = Compensation(**plan.compensation).validate()
+        count = max(1, -(-config.tokens // calibration.seq_len))
+        windows = calibration.fit_windows(tokenizer, count, config.seed)
+        overrides = fit_compensation(model, plan, list(windows.batches(batch_size)), config).overrides
+    surgery(model, plan)
+    if overrides:
+        from ..backend.memory import write_overrides
+
+        write_overrides(model, overrides)
     return model

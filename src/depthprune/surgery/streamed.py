@@ -22,11 +22,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..backend.hf import saved_names
+from ..backend.streamed import StreamedBackend
 from ..models.arch import count_parameters
 from ..plan import Plan
-from ..surgery import apply_plan
-from ..surgery.merge import check_operator, is_projection, merge_params
-from .model import StreamedModel, saved_names
+from .apply import surgery
+from .merge import check_operator, is_projection, merge_params
 from .safetensors_out import Entry, plan_shards, write_safetensors
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -48,8 +49,9 @@ class StreamedSave:
 class _Sources:
     """The value of every tensor of the pruned model, from the input checkpoint."""
 
-    def __init__(self, sm: StreamedModel, plan: Plan, dtype: torch.dtype | None):
-        self.sm, self.plan, self.dtype = sm, plan, dtype
+    def __init__(self, sm: StreamedBackend, plan: Plan, dtype: torch.dtype | None,
+                 overrides: dict[int, dict[str, torch.Tensor]]):
+        self.sm, self.plan, self.dtype, self.overrides = sm, plan, dtype, overrides
         self.layers = sm.spec.layers + "."
 
     def out_dtype(self, name: str, skeleton_value: torch.Tensor) -> torch.dtype:
@@ -80,6 +82,9 @@ class _Sources:
                 return skeleton_value.to(dtype)
             return self._read(name, dtype)
         index, _, rest = name[len(self.layers):].partition(".")
+        override = self.overrides.get(int(index), {}).get(rest)
+        if override is not None:
+            return override.to("cpu", dtype)
         return self._layer_value(self.plan.kept[int(index)], rest, len(self.plan.merges), dtype)
 
     def _layer_value(self, layer: int, rest: str, before: int, dtype: torch.dtype) -> torch.Tensor:
@@ -96,21 +101,22 @@ class _Sources:
         return merge_params(values, merge.operator, self.sm.spec)[rest]
 
 
-def pruned_skeleton(sm: StreamedModel, plan: Plan) -> torch.nn.Module:
+def pruned_skeleton(sm: StreamedBackend, plan: Plan) -> torch.nn.Module:
     """A meta-device copy of the skeleton pruned by in-memory surgery (config, names and per-layer lists)."""
     plan.check_model_depth(sm.num_layers, f"--model {sm.source}")
     for merge in plan.merges:
         check_operator(merge.operator)
     pruned = copy.deepcopy(sm.model)
-    apply_plan(pruned, plan)
+    surgery(pruned, plan)
     return pruned
 
 
 def write_pruned_checkpoint(
-    sm: StreamedModel,
+    sm: StreamedBackend,
     plan: Plan,
     directory: str | Path,
     *,
+    overrides: dict[int, dict[str, torch.Tensor]] | None = None,
     dtype: torch.dtype | None = None,
     max_shard_size: int = DEFAULT_SHARD_SIZE,
     progress: bool = False,
@@ -118,13 +124,15 @@ def write_pruned_checkpoint(
     """Write the pruned model (safetensors shards, index, config, generation config, tokenizer) into
     ``directory`` (in a job, the temporary directory of its atomic save; no output checks here).
 
-    ``dtype`` casts floating tensors; by default each keeps the dtype it is stored in, so a bfloat16 70B
-    checkpoint stays bfloat16 (in-memory surgery saves the dtype the model was loaded in).
+    ``overrides`` (pruned-model position -> parameter name inside the layer -> value, e.g. compensation folds)
+    replace what the plan would write there. ``dtype`` casts floating tensors; by default each keeps the dtype
+    it is stored in, so a bfloat16 70B checkpoint stays bfloat16 (in-memory surgery saves the dtype the model
+    was loaded in).
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     pruned = pruned_skeleton(sm, plan)
-    sources = _Sources(sm, plan, dtype)
+    sources = _Sources(sm, plan, dtype, overrides or {})
     state = pruned.state_dict()
     names = saved_names(pruned)
     entries, origin = [], {}
@@ -160,7 +168,7 @@ def write_pruned_checkpoint(
                         weight_map)
 
 
-def _write_configs(sm: StreamedModel, pruned: torch.nn.Module, directory: Path, dtype: torch.dtype) -> None:
+def _write_configs(sm: StreamedBackend, pruned: torch.nn.Module, directory: Path, dtype: torch.dtype) -> None:
     """config.json and generation_config.json as ``save_pretrained`` writes them for the pruned model."""
     from transformers import GenerationConfig
 

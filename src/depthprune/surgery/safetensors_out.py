@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .checkpoint import DTYPE_NAMES
+from ..backend.checkpoint import DTYPE_NAMES
 
 
 @dataclass(frozen=True)

@@ -52,15 +52,19 @@ def available_memory() -> int:
 class StateStore:
     """One tensor per key (a batch's hidden states, a layer's CKA kernel), in memory or in a memmap file each.
 
+    In memory, tensors are kept on ``device`` (None: where they are, e.g. on the GPU of an in-memory model).
+
     Spilled tensors keep their exact bytes (bfloat16 included: they are stored as raw bytes), so a spilled run
     computes exactly what an in-memory run computes.
     """
 
-    def __init__(self, spill_dir: Path | None = None):
+    def __init__(self, spill_dir: Path | None = None, device: str | torch.device | None = "cpu"):
         self.spill_dir = spill_dir
+        self.device = device
         self._memory: dict[object, torch.Tensor] = {}
         self._disk: dict[object, tuple[Path, torch.dtype, tuple[int, ...]]] = {}
         self._owned = False
+        self._files = 0
 
     @classmethod
     def spilling(cls, parent: Path | None) -> "StateStore":
@@ -76,17 +80,30 @@ class StateStore:
         return self.spill_dir is not None
 
     def put(self, key: object, tensor: torch.Tensor) -> None:
-        tensor = tensor.detach().to("cpu").contiguous()
         if self.spill_dir is None:
-            self._memory[key] = tensor
+            self._memory[key] = tensor.detach() if self.device is None else tensor.detach().to(self.device)
             return
-        path = self._disk[key][0] if key in self._disk else self.spill_dir / f"{len(self._disk)}.bin"
+        tensor = tensor.detach().to("cpu").contiguous()
+        if key in self._disk:
+            path = self._disk[key][0]
+        else:
+            path, self._files = self.spill_dir / f"{self._files}.bin", self._files + 1
         raw = tensor.reshape(-1).view(torch.uint8).numpy()
         array = np.memmap(path, dtype=np.uint8, mode="w+", shape=raw.shape)
         array[:] = raw
         array.flush()
         del array
         self._disk[key] = (path, tensor.dtype, tuple(tensor.shape))
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._memory or key in self._disk
+
+    def drop(self, key: object) -> None:
+        """Forget ``key`` (and delete its file, if spilled)."""
+        self._memory.pop(key, None)
+        entry = self._disk.pop(key, None)
+        if entry is not None:
+            entry[0].unlink(missing_ok=True)
 
     def get(self, key: object) -> torch.Tensor:
         if self.spill_dir is None:

@@ -1,0 +1,155 @@
+"""Interface compensation: a linear map fitted where layers were removed, folded into existing weights.
+
+ReplaceMe (arXiv 2505.02819) and LinearPatch (arXiv 2505.24680): after a run
+of layers is removed (or merged), the layer kept just before the gap now hands
+the next layer a hidden state that differs from what the original model had
+there. Fit a d x d map T on that kept layer's MLP output M so that
+
+    Y + M T  ~  H_t        (Y = the kept layer's output minus M, H_t = the original model's
+                            hidden state after the last layer the gap stands for)
+
+and fold it into weights the layer already has, so the checkpoint keeps its
+architecture, parameter count and plain-transformers loading:
+
+* ``full`` fold (the MLP output reaches the residual stream directly): the
+  down projection becomes ``W <- T^T W``, ``b <- T^T b`` (GPT-2's Conv1D stores
+  W transposed: ``W <- W T``);
+* ``qd`` fold (Gemma 2/3: the MLP output passes through an RMSNorm first, so no
+  weight can carry a full T): RMSNorm does not see a rotation of its input, so a
+  map of the form ``diag(g) T = Q D`` (Q orthogonal, D diagonal, g the norm's
+  gain) folds exactly: Q into the down projection, D as the norm's new gain.
+  The fold uses the orthogonal x diagonal matrix nearest to ``diag(g) T``.
+
+Gaps are fitted bottom-up, each on the model as pruned and compensated so far,
+on any backend (a streamed model included, for ``linear`` and ``cosine``): the
+fit never writes the model; it returns the changed parameters of each kept
+layer (``Fitted.overrides``), which surgery writes into the pruned model (in
+memory) or into the pruned checkpoint (streamed), and the candidate stack with
+those changes in place (``Fitted.stack``), which ``auto`` ranks.
+
+Modules: :mod:`.config` (settings), :mod:`.interfaces` (where the gaps are),
+:mod:`.fold` (folding T into weights), :mod:`.linear` (least squares),
+:mod:`.endtoend` (the ``kl`` fit).
+
+Fits (``fit``):
+
+``linear``  least squares in float64, from normal equations accumulated batch
+            by batch (memory O(d^2), not O(tokens x d)), with a ridge pulling
+            T towards the identity (``ridge`` x trace(M^T M) / d) so a fit on
+            a few thousand tokens cannot wander far from "no change";
+``cosine``  ``linear``, then Adam steps on the mean per-token
+            ``1 - cos(Y + M T, H_t)`` over a subsample of the tokens
+            (ReplaceMe's variant);
+``kl``      ``linear`` for every gap, then all maps trained together (Adam,
+            model weights frozen) on KL(original || pruned) next-token
+            distributions over calibration windows: it optimises what the
+            model outputs rather than the state at each gap. Costs a few
+            hundred forward/backward passes.
+
+A gap before the first kept layer has no layer to carry a map: skipped and
+recorded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from ..backend import Backend, InMemoryBackend, Stack, Walker
+from ..engine.merged import PatchedLayer, layer_params, plan_stack
+from ..models.forward import Batch
+from ..plan import Plan
+from .config import DEFAULT_TOKENS, FITS, Compensation
+from .endtoend import train_end_to_end
+from .fold import fold_in_place, folded, output_module
+from .interfaces import Interface, check_supported, fold_kind, interfaces
+from .linear import fit_interface
+
+__all__ = [
+    "DEFAULT_TOKENS",
+    "FITS",
+    "Compensation",
+    "Fitted",
+    "Interface",
+    "check_supported",
+    "fit_compensation",
+    "fold_in_place",
+    "fold_kind",
+    "folded",
+    "interfaces",
+    "output_module",
+]
+
+
+@dataclass
+class Fitted:
+    """What fitting a plan's compensation produced.
+
+    ``overrides``: pruned-model position -> parameter name inside that layer -> new value (surgery writes
+    them); ``stack``: the plan's kept layers as candidate modules with the changes in place (what ``auto``
+    scores); ``records``: one per interface (tokens, residuals, fold error) and notes on gaps not fitted.
+    """
+
+    overrides: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+    stack: list[nn.Module] = field(default_factory=list)
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _patch(backend: Backend, stack: list[nn.Module], fitted: Fitted, position: int,
+           changes: dict[str, torch.Tensor]) -> None:
+    stack[position] = PatchedLayer(stack[position], changes)
+    fitted.overrides[position] = {**fitted.overrides.get(position, {}), **changes}
+
+
+def fit_compensation(model: "nn.Module | Backend", plan: Plan, batches: Sequence[Batch], config: Compensation, *,
+                     progress: bool = False) -> Fitted:
+    """Fit every interface of ``plan`` bottom-up on the *unpruned* ``model`` (a model or a backend), each on
+    the plan's stack as compensated so far; for ``kl``, then train all maps end to end (in memory only)."""
+    backend = InMemoryBackend.of(model)
+    spec = backend.spec
+    check_supported(spec)
+    config.validate()
+    if config.fit == "kl":
+        backend.require_memory("--compensate kl")
+    found, notes = interfaces(plan)
+    stack = plan_stack(plan, list(backend.layers), spec)
+    fitted = Fitted(stack=stack, records=[{"note": note} for note in notes])
+    if not found:
+        return fitted
+    wanted = sorted({i.target for i in found})
+    layers = list(backend.layers)
+    # at the peak: the input, the original's output, its states after every target, the current stack, a probe
+    with Walker(backend, batches, sets=len(wanted) + 4) as walker:
+        walker.run({"original": Stack(layers)}, keep={"original": {t + 1 for t in wanted}}, progress=progress,
+                   desc="original states")
+        walker.copy("input", "current")
+        done = 0
+        for interface in found:
+            walker.run({"current": Stack(stack[done:interface.position], start="current")})
+            done = interface.position
+            t, record = fit_interface(walker, "current", stack[done], interface,
+                                      ("enter", "original", interface.target + 1), config, spec)
+            with backend.materialized([stack[done]]):
+                changes, fold = folded(layer_params(stack[done]), t, spec)
+                _release(stack[done])
+            _patch(backend, stack, fitted, done, changes)
+            fitted.records.append({**record, **fold})
+        teacher = walker.finals("original") if config.fit == "kl" else None
+    if config.fit == "kl":
+        model_ = backend.model
+        per_layer = {name: [values[i] for i in plan.kept] for name, values in backend.per_layer_config().items()}
+        maps, summary = train_end_to_end(model_, stack, per_layer, [stack[i.position] for i in found],
+                                         list(walker.batches), teacher, config, spec)
+        for k, interface in enumerate(found):
+            _patch(backend, stack, fitted, interface.position, maps.changes(stack[interface.position], k))
+        fitted.records.append({"end_to_end": summary})
+    return fitted
+
+
+def _release(module: nn.Module) -> None:
+    release = getattr(module, "release", None)
+    if release is not None:
+        release()

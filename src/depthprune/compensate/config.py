@@ -1,0 +1,45 @@
+"""How interface maps are fitted: the settings a plan records, so re-applying the plan re-fits the same way."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from ..errors import InputError
+
+FITS = ("linear", "cosine", "kl")
+DEFAULT_TOKENS = 8192
+"""Fit tokens by default: with the ridge, 8k tokens fit SmolLM2's maps as well as 64k or 128k (see the docs)."""
+
+
+@dataclass
+class Compensation:
+    """How to fit the interface maps (recorded in the plan, so re-applying the plan re-fits the same way)."""
+
+    fit: str = "linear"
+    tokens: int = DEFAULT_TOKENS
+    ridge: float = 1e-3
+    steps: int = 300
+    lr: float = 1e-3
+    refine_tokens: int = 16384
+    kl_steps: int = 150
+    kl_lr: float = 1e-4
+    kl_windows: int = 32
+    kl_batch: int = 4
+    seed: int = 4321
+
+    def validate(self) -> "Compensation":
+        if self.fit not in FITS:
+            raise InputError(f"unknown compensation {self.fit!r}: use one of {', '.join(FITS)}")
+        if self.tokens < 1:
+            raise InputError(f"--compensate-tokens must be at least 1, got {self.tokens}")
+        if self.ridge < 0:
+            raise InputError(f"--ridge must be 0 or more, got {self.ridge}")
+        if min(self.steps, self.kl_steps) < 0 or min(self.lr, self.kl_lr) <= 0:
+            raise InputError("compensation steps must be 0 or more and learning rates positive")
+        if min(self.refine_tokens, self.kl_windows, self.kl_batch) < 1:
+            raise InputError("compensation token, window and batch counts must be positive")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
