@@ -83,7 +83,7 @@ def test_virtual_stack_equals_in_place_folding():
     plan = Plan("x", LAYERS, remove=[1, 4], merges=[Merge(2, 3, "average")])
     original = tiny_model("qwen2", seed=4)
     fitted = fit_compensation(original, plan, batches, Compensation())
-    from depthprune.models.arch import temporary_layer_stack
+    from depthprune.models.mutate import temporary_layer_stack
 
     with torch.no_grad(), temporary_layer_stack(original, fitted.stack, {}):
         got = [run_decoder(original, ids, mask) for ids, mask in batches]
@@ -149,7 +149,8 @@ def test_end_to_end_kl_lowers_the_kl_and_the_virtual_stack_agrees(family):
     real = tiny_model(family, seed=6)
     InMemoryBackend(real).apply(plan, fitted.overrides)
     virtual = fitted.stack
-    from depthprune.models.arch import per_layer_config_values, temporary_layer_stack
+    from depthprune.models.arch import per_layer_config_values
+    from depthprune.models.mutate import temporary_layer_stack
 
     lists = {k: [v[i] for i in plan.kept] for k, v in per_layer_config_values(original.config, spec_for(original)).items()}
     with torch.no_grad():

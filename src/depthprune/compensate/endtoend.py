@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..engine.merged import base_module, layer_params
-from ..models.arch import ArchSpec, get_path, temporary_layer_stack
+from ..models.arch import ArchSpec, get_path
+from ..models.mutate import temporary_layer_stack
 from ..models.forward import Batch, run_decoder
 from .config import Compensation
 from .fold import folded, output_module

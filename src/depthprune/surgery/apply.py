@@ -12,13 +12,8 @@ from typing import Any
 
 from torch import nn
 
-from ..models.arch import (
-    get_layers,
-    per_layer_config_values,
-    set_layer_stack,
-    spec_for,
-    stale_per_layer_fields,
-)
+from ..models.arch import get_layers, per_layer_config_values, spec_for
+from ..models.mutate import set_layer_stack, stale_per_layer_fields
 from ..plan import Plan, PlanError
 from .merge import merge_into_first
 

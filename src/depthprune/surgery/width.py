@@ -43,7 +43,8 @@ from ..analysis.importance import (
     score_units,
 )
 from ..data.calibration import Calibration
-from ..models.arch import get_layers, get_path, set_config, spec_for
+from ..models.arch import get_layers, get_path, spec_for
+from ..models.mutate import set_config
 from ..records import JsonRecord
 
 WIDTH_PLAN_FILE = "depthprune_width_plan.json"
