@@ -206,3 +206,33 @@ def _text_slice(tmp_path):
 
 def _summary(plan_dict):
     return Plan.from_dict(plan_dict).summary()
+
+
+def test_apply_plan_refits_a_compensated_plan_to_the_saved_tensors_or_refuses(tmp_path, run_cli):
+    """``apply_plan(model, Plan.load(checkpoint))`` on a compensated plan: with the job's calibration settings and
+    tokenizer it re-fits the maps and reproduces the saved tensors exactly; without them it refuses (never a
+    silently uncompensated model)."""
+    import json
+
+    from depthprune import load_model
+    from depthprune.data.calibration import CalibrationSpec
+    from depthprune.errors import InputError
+    from test_streaming import tensors_of
+    from tiny import save_tiny_checkpoint
+
+    src = save_tiny_checkpoint(tmp_path / "model", "qwen2", seed=7)
+    out = tmp_path / "out"
+    run_cli("prune", "--model", src, "--method", "angular", "--remove-layers", "2", "--compensate", "linear",
+            "--compensate-tokens", "300", "--calib", str(_text_slice(tmp_path)), "--seq-len", "32",
+            "--calib-samples", "4", "--batch-size", "3", "--out", out, "-q")
+    plan = Plan.load(out)
+    report = json.loads((out / "report.json").read_text())
+    loaded = load_model(str(src), progress=False)
+    with pytest.raises(InputError, match="re-fitting needs the calibration text"):
+        apply_plan(loaded.model, plan)
+    assert loaded.model.config.num_hidden_layers == LAYERS  # refused before any change
+    apply_plan(loaded.model, plan, calibration=CalibrationSpec(**report["settings"]["calibration"]),
+               tokenizer=loaded.tokenizer, batch_size=report["settings"]["batch_size"])
+    saved = tensors_of(out)
+    state = loaded.model.state_dict()
+    assert all(torch.equal(state[name], saved[name]) for name in saved)

@@ -20,8 +20,8 @@ if TYPE_CHECKING:
 
 StreamOpt = Annotated[Optional[bool], typer.Option(
     "--stream/--no-stream", help="Layer streaming: keep the weights on disk and load one decoder layer at a "
-    "time (every method but auto; scoring, searches, surgery and ppl). Default: chosen when the weights would not fit in "
-    "--max-memory or the available memory.", show_default=False)]
+    "time (scoring, every method, linear/cosine compensation, surgery and ppl). Default: chosen when the weights "
+    "would not fit in --max-memory or the available memory.", show_default=False)]
 MaxMemoryOpt = Annotated[Optional[str], typer.Option(
     "--max-memory", help="Memory budget such as 8GB: decides streaming, and streamed calibration states that "
     "do not fit beside one layer and the embeddings spill to disk.")]
