@@ -26,7 +26,8 @@ def _cal(n: int = 4, seq: int = 12, pad_last: int = 0) -> Calibration:
 @pytest.mark.parametrize("objective", ["nll", "kl"])
 def test_engine_equals_slow_loop(family, objective):
     model, cal = tiny_model(family, seed=3), _cal(pad_last=3)
-    plan = make_plan("sleb", model, cal, Target(remove=3), objective=objective, batch_size=3, progress=False)
+    plan = make_plan("sleb", model, cal, Target(remove=3), objective=objective, batch_size=3, progress=False,
+                     exact=True)
     expected = slow_sleb(tiny_model(family, seed=3), cal.input_ids, cal.attention_mask, 3, objective, LAYERS)
     assert plan.remove == expected
     assert sorted(entry["removed"] for entry in plan.log) == plan.remove
@@ -77,5 +78,23 @@ def test_engine_equals_slow_loop_on_smollm2(smollm2_readonly):
 
     model, tok = smollm2_readonly
     cal = calibration_windows(tok, "default", num_windows=3, seq_len=48, seed=3)
-    plan = make_plan("sleb", model, cal, Target(remove=2), objective="kl", progress=False)
+    plan = make_plan("sleb", model, cal, Target(remove=2), objective="kl", progress=False, exact=True)
     assert plan.remove == slow_sleb(model, cal.input_ids, cal.attention_mask, 2, "kl", 30)
+
+
+def test_screened_rounds_rerank_the_best_on_all_windows():
+    """Multi-fidelity rounds: every candidate screened on the first windows (its screening loss equals the exact
+    loss on those windows), the best few decided on all windows; reranking everything is the exact search."""
+    model, cal = tiny_model("llama", seed=3), _cal(n=6)
+    exact = make_plan("sleb", model, cal, Target(remove=2), exact=True, progress=False)
+    screened = make_plan("sleb", model, cal, Target(remove=2), screen_windows=2, rerank=2, progress=False)
+    first = screened.log[0]
+    assert set(first["screened"]) == {str(i) for i in range(LAYERS)} and len(first["losses"]) == 2
+    assert "screened on 2 windows, the best 2 on all 6" in first["fidelity"]
+    on_two = make_plan("sleb", model, cal.first(2), Target(remove=1), exact=True, progress=False)
+    assert first["screened"] == on_two.log[0]["losses"]
+    for layer, loss in first["losses"].items():
+        assert loss == pytest.approx(exact.log[0]["losses"][layer], rel=1e-12)
+    assert screened.params["exact"] is False and exact.params["exact"] is True
+    everything = make_plan("sleb", model, cal, Target(remove=2), screen_windows=2, rerank=LAYERS, progress=False)
+    assert everything.remove == exact.remove and everything.log[0]["losses"] == exact.log[0]["losses"]

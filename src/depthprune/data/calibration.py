@@ -153,6 +153,11 @@ class Calibration:
         for start in range(0, self.num_windows, batch_size):
             yield self.input_ids[start : start + batch_size], self.attention_mask[start : start + batch_size]
 
+    def first(self, count: int) -> "Calibration":
+        """The first ``count`` windows (a cheap, lower-fidelity sample of the same text)."""
+        return Calibration(self.input_ids[:count], self.attention_mask[:count],
+                           {**self.description, "windows_used": min(count, self.num_windows)})
+
     def to_dict(self) -> dict[str, Any]:
         return dict(self.description)
 

@@ -77,6 +77,7 @@ class LossEngine:
         self.layers: list[nn.Module] = list(self.backend.layers)
         self.num_layers = len(self.layers)
         self.first_target = first_target_of(calibration)
+        self.num_windows = calibration.num_windows
         self.walker = Walker(self.backend, batches_of(calibration, batch_size), sets=sets + 2, head=True)
         self.batches = self.walker.batches
         self.evaluations = 0
