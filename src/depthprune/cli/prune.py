@@ -177,7 +177,10 @@ def print_result(result) -> None:
         typer.echo(f"candidates ({objective} on {result.plan.params['heldout_windows']} held-out windows; "
                    f"dense {result.plan.params['dense_heldout_loss']:.4f}):")
         for c in sorted(candidates, key=lambda c: c["loss"]):
-            typer.echo(f"  {c['loss']:.4f}  {c['method']:<10} compensation {c['compensation']:<7} {c['plan']}")
+            seconds = c.get("plan_seconds", 0) + c.get("fit_seconds", 0)
+            same = f" (same plan as {c['same_as']})" if c.get("same_as") else ""
+            typer.echo(f"  {c['loss']:.4f}  {c['method']:<10} compensation {c['compensation']:<7} "
+                       f"{seconds:6.1f} s  {c['plan']}{same}")
     for record in result.stages:
         typer.echo(record.get("summary", record["stage"]))
     for name, entry in result.metrics().items():

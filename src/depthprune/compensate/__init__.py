@@ -72,6 +72,7 @@ __all__ = [
     "DEFAULT_TOKENS",
     "FITS",
     "Compensation",
+    "FitSession",
     "Fitted",
     "Interface",
     "check_supported",
@@ -98,16 +99,69 @@ class Fitted:
     records: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _patch(backend: Backend, stack: list[nn.Module], fitted: Fitted, position: int,
-           changes: dict[str, torch.Tensor]) -> None:
+def _patch(stack: list[nn.Module], fitted: Fitted, position: int, changes: dict[str, torch.Tensor]) -> None:
     stack[position] = PatchedLayer(stack[position], changes)
     fitted.overrides[position] = {**fitted.overrides.get(position, {}), **changes}
 
 
+def unchanged_prefix(plan: Plan) -> int:
+    """How many of the pruned model's first layers are the original's first layers, untouched: the state
+    entering that position is the original model's."""
+    merged = {m.low for m in plan.merges}
+    count = 0
+    for position, layer in enumerate(plan.kept):
+        if layer != position or layer in merged:
+            break
+        count += 1
+    return count
+
+
+def needed_states(plan: Plan) -> set[int]:
+    """Original layer positions whose entering states fitting ``plan`` reads: after every gap's last layer,
+    and where the plan's first change begins."""
+    found, _ = interfaces(plan)
+    return {i.target + 1 for i in found} | {min(unchanged_prefix(plan), found[0].position if found else 0)}
+
+
+class FitSession:
+    """The original model's states on the fit windows, computed in one walk and shared by every plan fitted on
+    those windows (``auto`` fits several): each plan then runs only from its first changed layer up.
+
+    ``plans`` are the plans that will be fitted (their needed states are kept). Use as a context manager.
+    """
+
+    def __init__(self, model: "nn.Module | Backend", batches: Sequence[Batch], plans: Sequence[Plan], *,
+                 teacher: bool = False, progress: bool = False) -> None:
+        self.backend = InMemoryBackend.of(model)
+        positions = set().union(*(needed_states(plan) for plan in plans)) if plans else set()
+        # at the peak: the input, the original's output, its kept states, the stack being fitted and a probe
+        self.walker = Walker(self.backend, batches, sets=len(positions) + 4)
+        try:
+            self.walker.run({"original": Stack(list(self.backend.layers))}, keep={"original": positions},
+                            progress=progress, desc="original states (fit windows)")
+            self.teacher = self.walker.finals("original") if teacher else None
+        except BaseException:
+            self.walker.close()
+            raise
+
+    def close(self) -> None:
+        self.walker.close()
+
+    def __enter__(self) -> "FitSession":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def fit_compensation(model: "nn.Module | Backend", plan: Plan, batches: Sequence[Batch], config: Compensation, *,
-                     progress: bool = False) -> Fitted:
+                     session: FitSession | None = None, progress: bool = False) -> Fitted:
     """Fit every interface of ``plan`` bottom-up on the *unpruned* ``model`` (a model or a backend), each on
-    the plan's stack as compensated so far; for ``kl``, then train all maps end to end (in memory only)."""
+    the plan's stack as compensated so far; for ``kl``, then train all maps end to end (in memory only).
+
+    ``session`` (made for these ``batches`` with this plan among its plans) shares the original model's states
+    with other fits; without one, a session is made for this plan alone.
+    """
     backend = InMemoryBackend.of(model)
     spec = backend.spec
     check_supported(spec)
@@ -119,32 +173,34 @@ def fit_compensation(model: "nn.Module | Backend", plan: Plan, batches: Sequence
     fitted = Fitted(stack=stack, records=[{"note": note} for note in notes])
     if not found:
         return fitted
-    wanted = sorted({i.target for i in found})
-    layers = list(backend.layers)
-    # at the peak: the input, the original's output, its states after every target, the current stack, a probe
-    with Walker(backend, batches, sets=len(wanted) + 4) as walker:
-        walker.run({"original": Stack(layers)}, keep={"original": {t + 1 for t in wanted}}, progress=progress,
-                   desc="original states")
-        walker.copy("input", "current")
-        done = 0
-        for interface in found:
-            walker.run({"current": Stack(stack[done:interface.position], start="current")})
-            done = interface.position
-            t, record = fit_interface(walker, "current", stack[done], interface,
-                                      ("enter", "original", interface.target + 1), config, spec)
-            with backend.materialized([stack[done]]):
-                changes, fold = folded(layer_params(stack[done]), t, spec)
-                _release(stack[done])
-            _patch(backend, stack, fitted, done, changes)
-            fitted.records.append({**record, **fold})
-        teacher = walker.finals("original") if config.fit == "kl" else None
+    if session is None:
+        with FitSession(backend, batches, [plan], teacher=config.fit == "kl", progress=progress) as own:
+            return _fit(backend, plan, stack, fitted, found, config, own)
+    return _fit(backend, plan, stack, fitted, found, config, session)
+
+
+def _fit(backend: Backend, plan: Plan, stack: list[nn.Module], fitted: Fitted, found: list[Interface],
+         config: Compensation, session: FitSession) -> Fitted:
+    spec, walker = backend.spec, session.walker
+    done = min(unchanged_prefix(plan), found[0].position)
+    walker.copy(("enter", "original", done), "current")
+    for interface in found:
+        walker.run({"current": Stack(stack[done:interface.position], start="current")})
+        done = interface.position
+        t, record = fit_interface(walker, "current", stack[done], interface,
+                                  ("enter", "original", interface.target + 1), config, spec)
+        with backend.materialized([stack[done]]):
+            changes, fold = folded(layer_params(stack[done]), t, spec)
+            _release(stack[done])
+        _patch(stack, fitted, done, changes)
+        fitted.records.append({**record, **fold})
     if config.fit == "kl":
-        model_ = backend.model
+        teacher = session.teacher if session.teacher is not None else walker.finals("original")
         per_layer = {name: [values[i] for i in plan.kept] for name, values in backend.per_layer_config().items()}
-        maps, summary = train_end_to_end(model_, stack, per_layer, [stack[i.position] for i in found],
+        maps, summary = train_end_to_end(backend.model, stack, per_layer, [stack[i.position] for i in found],
                                          list(walker.batches), teacher, config, spec)
         for k, interface in enumerate(found):
-            _patch(backend, stack, fitted, interface.position, maps.changes(stack[interface.position], k))
+            _patch(stack, fitted, interface.position, maps.changes(stack[interface.position], k))
         fitted.records.append({"end_to_end": summary})
     return fitted
 

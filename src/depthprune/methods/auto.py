@@ -22,11 +22,13 @@ plan is applied, so the saved model is the candidate that was scored.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
 from ..backend import Backend, Stack
-from ..compensate import DEFAULT_TOKENS, FITS, Compensation, check_supported, fit_compensation, interfaces
+from ..compensate import (DEFAULT_TOKENS, FITS, Compensation, FitSession, check_supported, fit_compensation,
+                          interfaces)
 from ..data.calibration import Calibration
 from ..engine.loss import OBJECTIVES, LossEngine
 from ..engine.merged import plan_stack
@@ -68,6 +70,11 @@ class AutoOptions(MethodOptions):
             raise PlanError(f"--compensate-tokens must be at least 1, got {self.compensate_tokens}")
 
 
+def _decision(plan: Plan) -> tuple:
+    """What a plan does to the model (two methods can make the same plan; it is fitted and scored once)."""
+    return tuple(plan.remove), tuple(plan.merges)
+
+
 def _options_for(method: str, objective: str) -> MethodOptions:
     declared = {info.name for info in METHODS[method].options.infos()}
     return build_options(method, {"objective": objective} if "objective" in declared else {})
@@ -90,32 +97,54 @@ def plan(backend: Backend, calibration: Calibration, target: Target | None, opti
         unsupported = None
     if not backend.trainable and "kl" in fits:
         backend.require_memory("--fits kl")
-    fit_batches = run.data.fit_batches(options.compensate_tokens, Compensation.seed) if fits else None
-    entries: list[dict[str, Any]] = []
-    stacks: dict[int, Stack] = {}
-    chosen_from: list[tuple[Plan, dict[str, Any] | None]] = []
     layers = list(backend.layers)
+    planned: list[tuple[str, Plan]] = []
     for method in options.methods():
+        start = time.perf_counter()
         candidate = make_plan(method, backend, calibration, Target(remove=n), options=_options_for(method,
                               options.objective), batch_size=run.batch_size, progress=run.progress, data=run.data)
-        entry = {"method": method, "compensation": "none", "plan": candidate.summary(), "dropped": candidate.dropped}
-        stacks[len(entries)] = Stack(plan_stack(candidate, layers, backend.spec))
-        entries.append(entry)
-        chosen_from.append((candidate, None))
-        if fits and interfaces(candidate)[0]:
-            for fit in fits:
-                config = Compensation(fit=fit, tokens=options.compensate_tokens)
-                fitted = fit_compensation(backend, candidate, fit_batches, config)
-                stacks[len(entries)] = Stack(fitted.stack)
-                entries.append({**entry, "compensation": fit})
-                chosen_from.append((candidate, config.to_dict()))
+        candidate.params["seconds"] = round(time.perf_counter() - start, 2)
+        planned.append((method, candidate))
+
+    entries: list[dict[str, Any]] = []
+    chosen_from: list[tuple[Plan, dict[str, Any] | None]] = []
+    first: dict[tuple, int] = {}  # (decision, fit) -> the entry that scores it
+    for method, candidate in planned:
+        for fit in ["none", *(fits if interfaces(candidate)[0] else [])]:
+            key = (_decision(candidate), fit)
+            entry = {"method": method, "compensation": fit, "plan": candidate.summary(),
+                     "dropped": candidate.dropped, "plan_seconds": candidate.params["seconds"]}
+            if key in first:
+                entry["same_as"] = entries[first[key]]["method"]
+            else:
+                first[key] = len(entries)
+            entries.append(entry)
+            chosen_from.append((candidate, None if fit == "none" else
+                                Compensation(fit=fit, tokens=options.compensate_tokens).to_dict()))
+
+    stacks: dict[int, Stack] = {}
+    to_fit = [k for k in first.values() if entries[k]["compensation"] != "none"]
+    if to_fit:
+        fit_batches = run.data.fit_batches(options.compensate_tokens, Compensation.seed)
+        with FitSession(backend, fit_batches, [chosen_from[k][0] for k in to_fit],
+                        teacher=any(entries[k]["compensation"] == "kl" for k in to_fit)) as session:
+            for k in to_fit:
+                start = time.perf_counter()
+                config = Compensation(**chosen_from[k][1])
+                stacks[k] = Stack(fit_compensation(backend, chosen_from[k][0], fit_batches, config,
+                                                   session=session).stack)
+                entries[k]["fit_seconds"] = round(time.perf_counter() - start, 2)
+    for k in first.values():
+        stacks.setdefault(k, Stack(plan_stack(chosen_from[k][0], layers, backend.spec)))
     heldout = run.data.heldout()
+    start = time.perf_counter()
     with LossEngine(backend, heldout, objective=options.objective, batch_size=run.batch_size,
                     sets=len(stacks)) as engine:
         losses = engine.losses(stacks, progress=run.progress, desc="ranking candidates")
         dense_loss = engine.dense_loss
-    for k, entry in enumerate(entries):
-        entry["loss"] = losses[k]
+    ranking_seconds = round(time.perf_counter() - start, 2)
+    for entry, (candidate, compensation) in zip(entries, chosen_from):
+        entry["loss"] = losses[first[(_decision(candidate), entry["compensation"])]]
     best_index = min(range(len(entries)), key=lambda k: entries[k]["loss"])
     best, compensation = chosen_from[best_index]
     chosen = entries[best_index]
@@ -127,6 +156,7 @@ def plan(backend: Backend, calibration: Calibration, target: Target | None, opti
         params={"chosen": f"{chosen['method']}" + (f"+{chosen['compensation']}" if compensation else ""),
                 "objective": options.objective, "heldout_loss": chosen["loss"], "dense_heldout_loss": dense_loss,
                 "heldout_windows": heldout.num_windows, "candidates": entries, "chosen_params": best.params,
+                "ranking_seconds": ranking_seconds,
                 "compensation_unsupported": unsupported},
         scores=best.scores,
         calibration=calibration.to_dict(),
