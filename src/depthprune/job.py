@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from .backend import Backend, InMemoryBackend, NeedsMemoryError
-from .compensate import Compensation
+from .compensate import TRAINED_FITS, Compensation
 from .data.calibration import Calibration, CalibrationSpec
 from .errors import InputError
 from .evaluate.suite import EvalResult, Evaluation
@@ -81,12 +81,20 @@ class StageContext:
         """Calibration windows no fit ever sees, for ranking candidate plans."""
         return self.calibration_spec.heldout(self.tokenizer)
 
-    def fit_batches(self, tokens: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """About ``tokens`` tokens of calibration text (never the held-out windows) as batches on the model's
-        device, for fitting compensation maps."""
+    def fit_windows(self, tokens: int, seed: int) -> Calibration:
+        """About ``tokens`` tokens of calibration text (never the held-out windows), for fitting compensation."""
         count = max(1, -(-tokens // self.calibration_spec.seq_len))
-        windows = self.calibration_spec.fit_windows(self.tokenizer, count, seed)
-        return self.backend.to_device(windows.batches(self.run.batch_size))
+        return self.calibration_spec.fit_windows(self.tokenizer, count, seed)
+
+    def fit_batches(self, tokens: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """:meth:`fit_windows` as batches on the model's device."""
+        return self.backend.to_device(self.fit_windows(tokens, seed).batches(self.run.batch_size))
+
+    def fit_first_target(self, tokens: int, seed: int) -> int:
+        """Where the fit windows' predicted tokens start (after BOS when the tokenizer adds one)."""
+        from .evaluate.perplexity import first_target_of
+
+        return first_target_of(self.fit_windows(tokens, seed))
 
 
 class Stage(Protocol):
@@ -126,10 +134,9 @@ class DepthStage:
 
     def memory_needs(self) -> list[str]:
         needs = []
-        if self.compensation is not None and self.compensation.fit == "kl":
-            needs.append("--compensate kl")
-        if self.options is not None and "kl" in getattr(self.options, "fit_list", lambda: [])():
-            needs.append("--fits kl")
+        if self.compensation is not None and self.compensation.fit in TRAINED_FITS:
+            needs.append(f"--compensate {self.compensation.fit}")
+        needs += [f"--fits {fit}" for fit in getattr(self.options, "fit_list", lambda: [])() if fit in TRAINED_FITS]
         return needs
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
@@ -150,6 +157,7 @@ class DepthStage:
 
             config = Compensation(**plan.compensation).validate()
             fitted = fit_compensation(ctx.backend, plan, ctx.fit_batches(config.tokens, config.seed), config,
+                                      first_target=ctx.fit_first_target(config.tokens, config.seed),
                                       progress=ctx.run.progress)
             plan.params["compensation"] = fitted.records
             overrides = fitted.overrides

@@ -68,13 +68,19 @@ def replaced_forwards(layers: nn.ModuleList, make: Callable[[int], Callable[...,
                 layer.forward = previous
 
 
-@torch.inference_mode()
 def record_calls(model: nn.Module, layers: nn.ModuleList, ids: torch.Tensor, mask: torch.Tensor,
-                 upto: int | None = None) -> tuple[torch.Tensor, list[LayerCall]]:
+                 upto: int | None = None, *, training: bool = False) -> tuple[torch.Tensor, list[LayerCall]]:
     """The hidden state entering layer 0 and the calls of layers ``0..upto`` (default: all) for one batch.
 
-    Needs the embeddings in place. The recorder of layer ``upto`` stops the forward.
+    Needs the embeddings in place. The recorder of layer ``upto`` stops the forward. Recorded in inference
+    mode, unless ``training`` (then under ``no_grad``: inference tensors cannot be saved for a backward pass).
     """
+    with torch.no_grad() if training else torch.inference_mode():
+        return _record_calls(model, layers, ids, mask, upto)
+
+
+def _record_calls(model: nn.Module, layers: nn.ModuleList, ids: torch.Tensor, mask: torch.Tensor,
+                  upto: int | None) -> tuple[torch.Tensor, list[LayerCall]]:
     upto = len(layers) - 1 if upto is None else upto
     calls: list[LayerCall] = []
     entering: list[torch.Tensor] = []
@@ -100,11 +106,10 @@ def record_calls(model: nn.Module, layers: nn.ModuleList, ids: torch.Tensor, mas
     return entering[0], calls
 
 
-@torch.inference_mode()
 def final_states(model: nn.Module, layers: nn.ModuleList, ids: torch.Tensor, mask: torch.Tensor,
                  last: torch.Tensor) -> torch.Tensor:
     """What the base model returns when its last layer outputs ``last`` (the final norm, by the model's own
-    code). Needs the embeddings and final norm in place."""
+    code; differentiable in ``last`` outside inference mode). Needs the embeddings and final norm in place."""
     count = len(layers)
 
     def recorder(index: int):

@@ -73,8 +73,9 @@ PiqaDirOpt = Annotated[Optional[Path], typer.Option(
 
 CompensateOpt = Annotated[str, typer.Option(
     help="Fit a linear map at every gap the plan leaves and fold it into the layer before it: none, linear "
-    "(ridge least squares), cosine (then refined on per-token cosine) or kl (then all maps trained on the "
-    "original model's next-token distributions).")]
+    "(ridge least squares), cosine (then refined on per-token cosine), kl (then all maps trained on the "
+    "original model's next-token distributions) or layers (then the kept layer at every gap retrained on "
+    "them, everything else frozen).")]
 CompensateTokensOpt = Annotated[int, typer.Option(help="Calibration tokens for the compensation fit.")]
 RidgeOpt = Annotated[float, typer.Option(help="Compensation ridge towards the identity (x trace/d).")]
 

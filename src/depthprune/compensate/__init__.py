@@ -62,15 +62,17 @@ from ..backend import Backend, InMemoryBackend, Stack, Walker
 from ..engine.merged import PatchedLayer, layer_params, plan_stack
 from ..models.forward import Batch
 from ..plan import Plan
-from .config import DEFAULT_TOKENS, FITS, Compensation
+from .config import DEFAULT_TOKENS, FITS, TRAINED_FITS, Compensation
 from .endtoend import train_end_to_end
 from .fold import fold_in_place, folded, output_module
 from .interfaces import Interface, check_supported, fold_kind, interfaces
+from .layers import train_layers
 from .linear import fit_interface
 
 __all__ = [
     "DEFAULT_TOKENS",
     "FITS",
+    "TRAINED_FITS",
     "Compensation",
     "FitSession",
     "Fitted",
@@ -131,8 +133,9 @@ class FitSession:
     """
 
     def __init__(self, model: "nn.Module | Backend", batches: Sequence[Batch], plans: Sequence[Plan], *,
-                 teacher: bool = False, progress: bool = False) -> None:
+                 teacher: bool = False, first_target: int = 1, progress: bool = False) -> None:
         self.backend = InMemoryBackend.of(model)
+        self.first_target = first_target
         positions = set().union(*(needed_states(plan) for plan in plans)) if plans else set()
         # at the peak: the input, the original's output, its kept states, the stack being fitted and a probe
         self.walker = Walker(self.backend, batches, sets=len(positions) + 4)
@@ -155,26 +158,28 @@ class FitSession:
 
 
 def fit_compensation(model: "nn.Module | Backend", plan: Plan, batches: Sequence[Batch], config: Compensation, *,
-                     session: FitSession | None = None, progress: bool = False) -> Fitted:
+                     session: FitSession | None = None, first_target: int = 1, progress: bool = False) -> Fitted:
     """Fit every interface of ``plan`` bottom-up on the *unpruned* ``model`` (a model or a backend), each on
     the plan's stack as compensated so far; for ``kl``, then train all maps end to end (in memory only).
 
     ``session`` (made for these ``batches`` with this plan among its plans) shares the original model's states
-    with other fits; without one, a session is made for this plan alone.
+    with other fits; without one, a session is made for this plan alone. ``first_target``: where the windows'
+    predicted tokens start (after BOS), for the fits trained on next-token distributions.
     """
     backend = InMemoryBackend.of(model)
     spec = backend.spec
     check_supported(spec)
     config.validate()
-    if config.fit == "kl":
-        backend.require_memory("--compensate kl")
+    if config.fit in TRAINED_FITS:
+        backend.require_memory(f"--compensate {config.fit}")
     found, notes = interfaces(plan)
     stack = plan_stack(plan, list(backend.layers), spec)
     fitted = Fitted(stack=stack, records=[{"note": note} for note in notes])
     if not found:
         return fitted
     if session is None:
-        with FitSession(backend, batches, [plan], teacher=config.fit == "kl", progress=progress) as own:
+        with FitSession(backend, batches, [plan], teacher=config.fit in TRAINED_FITS, first_target=first_target,
+                        progress=progress) as own:
             return _fit(backend, plan, stack, fitted, found, config, own)
     return _fit(backend, plan, stack, fitted, found, config, session)
 
@@ -182,7 +187,7 @@ def fit_compensation(model: "nn.Module | Backend", plan: Plan, batches: Sequence
 def _fit(backend: Backend, plan: Plan, stack: list[nn.Module], fitted: Fitted, found: list[Interface],
          config: Compensation, session: FitSession) -> Fitted:
     spec, walker = backend.spec, session.walker
-    done = min(unchanged_prefix(plan), found[0].position)
+    done = start = min(unchanged_prefix(plan), found[0].position)
     walker.copy(("enter", "original", done), "current")
     for interface in found:
         walker.run({"current": Stack(stack[done:interface.position], start="current")})
@@ -202,6 +207,13 @@ def _fit(backend: Backend, plan: Plan, stack: list[nn.Module], fitted: Fitted, f
         for k, interface in enumerate(found):
             _patch(stack, fitted, interface.position, maps.changes(stack[interface.position], k))
         fitted.records.append({"end_to_end": summary})
+    if config.fit == "layers":
+        teacher = session.teacher if session.teacher is not None else walker.finals("original")
+        trained, summary = train_layers(backend, stack, found, walker, ("enter", "original", start), start,
+                                        teacher, config, first_target=session.first_target)
+        for position, changes in trained.items():
+            _patch(stack, fitted, position, changes)
+        fitted.records.append({"layers": summary})
     return fitted
 
 

@@ -7,7 +7,9 @@ from typing import Any
 
 from ..errors import InputError
 
-FITS = ("linear", "cosine", "kl")
+FITS = ("linear", "cosine", "kl", "layers")
+TRAINED_FITS = ("kl", "layers")
+"""Fits that train through the layers above a gap: they need the model in memory."""
 DEFAULT_TOKENS = 8192
 """Fit tokens by default: with the ridge, 8k tokens fit SmolLM2's maps as well as 64k or 128k (see the docs)."""
 
@@ -26,6 +28,12 @@ class Compensation:
     kl_lr: float = 1e-4
     kl_windows: int = 32
     kl_batch: int = 4
+    layers_steps: int = 100
+    layers_lr: float = 1e-4
+    layers_batch: int = 4
+    layers_after: bool = False
+    layers_holdout: int = 8
+    layers_chunk: int = 512
     seed: int = 4321
 
     def validate(self) -> "Compensation":
@@ -37,8 +45,11 @@ class Compensation:
             raise InputError(f"--ridge must be 0 or more, got {self.ridge}")
         if min(self.steps, self.kl_steps) < 0 or min(self.lr, self.kl_lr) <= 0:
             raise InputError("compensation steps must be 0 or more and learning rates positive")
-        if min(self.refine_tokens, self.kl_windows, self.kl_batch) < 1:
+        if min(self.refine_tokens, self.kl_windows, self.kl_batch, self.layers_batch, self.layers_chunk) < 1:
             raise InputError("compensation token, window and batch counts must be positive")
+        if self.layers_steps < 0 or self.layers_lr <= 0 or self.layers_holdout < 0:
+            raise InputError("--compensate layers: steps and held-out windows must be 0 or more, the learning "
+                             "rate positive")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -104,6 +104,7 @@ class LossEngine:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @torch.inference_mode()
     def _teacher_logprobs(self, b: int) -> torch.Tensor:
         ids, mask = self.batches[b]
         final = self.backend.final_states(ids, mask, self.walker.state("dense", b))

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..backend import Backend, Stack
-from ..compensate import (DEFAULT_TOKENS, FITS, Compensation, FitSession, check_supported, fit_compensation,
-                          interfaces)
+from ..compensate import (DEFAULT_TOKENS, FITS, TRAINED_FITS, Compensation, FitSession, check_supported,
+                          fit_compensation, interfaces)
 from ..data.calibration import Calibration
 from ..engine.loss import OBJECTIVES, LossEngine
 from ..engine.merged import plan_stack
@@ -95,8 +95,9 @@ def plan(backend: Backend, calibration: Calibration, target: Target | None, opti
         unsupported, fits = str(err), []
     else:
         unsupported = None
-    if not backend.trainable and "kl" in fits:
-        backend.require_memory("--fits kl")
+    for fit in fits:
+        if fit in TRAINED_FITS:
+            backend.require_memory(f"--fits {fit}")
     layers = list(backend.layers)
     planned: list[tuple[str, Plan]] = []
     for method in options.methods():
@@ -127,7 +128,9 @@ def plan(backend: Backend, calibration: Calibration, target: Target | None, opti
     if to_fit:
         fit_batches = run.data.fit_batches(options.compensate_tokens, Compensation.seed)
         with FitSession(backend, fit_batches, [chosen_from[k][0] for k in to_fit],
-                        teacher=any(entries[k]["compensation"] == "kl" for k in to_fit)) as session:
+                        teacher=any(entries[k]["compensation"] in TRAINED_FITS for k in to_fit),
+                        first_target=run.data.fit_first_target(options.compensate_tokens, Compensation.seed)
+                        ) as session:
             for k in to_fit:
                 start = time.perf_counter()
                 config = Compensation(**chosen_from[k][1])

@@ -117,6 +117,9 @@ class CalibrationData(Protocol):
     def fit_batches(self, tokens: int, seed: int) -> list:
         """About ``tokens`` tokens (never the held-out windows) as batches on the model's device."""
 
+    def fit_first_target(self, tokens: int, seed: int) -> int:
+        """Where those windows' predicted tokens start (after BOS)."""
+
 
 PlanFn = Callable[["Backend", Calibration, "Target | None", Any, RunContext], Plan]
 

@@ -1,0 +1,171 @@
+"""The ``layers`` fit: the kept layer at every gap retrained on what the model outputs.
+
+Fitting the hidden state at a gap (the linear maps) leaves most of what pruning
+took: what matters is the model's output. So after the linear maps, the kept
+layer before every gap -- all its weights -- (and, with ``layers_after``, the
+first kept layer after it) is trained with Adam on KL(dense || pruned) between
+the original model's and the pruned model's next-token distributions, every
+other weight frozen. LLM-Streamline (arXiv 2403.19135) trains a replacement
+layer for the pruned span the same way in spirit; Prune&Comp (arXiv
+2507.18212) calibrates what a removed block leaves behind.
+
+It is cheap by construction:
+
+* the states entering the lowest trained layer are computed once per window
+  and cached: no forward and no backward below it;
+* the teacher is the dense model's final states on the same windows, cached
+  once (one head matmul per step gives its exact distribution: no
+  approximation);
+* the LM head and the loss run a chunk of tokens at a time, the gradient with
+  respect to the final states accumulated chunk by chunk, so full-vocabulary
+  logits of a whole batch never exist.
+
+The result is plain weights of the same layers (same depth, same
+architecture), written into the checkpoint like any other compensation. Some
+fit windows are held out of training (``layers_holdout``) and the KL on them is
+recorded before and after, so overfitting shows in the plan.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from ..backend import Backend, Stack, Walker
+from ..backend.calls import final_states, record_calls
+from ..engine.merged import base_module, layer_params
+from ..evaluate.perplexity import logits_from_hidden, prediction_pairs
+from .config import Compensation
+from .interfaces import Interface
+
+
+class Trainable(nn.Module):
+    """A candidate layer (original, merged or patched) with every parameter a fresh trainable copy, run by
+    substituting them into the real layer (whose own weights are never written)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.base = base_module(module)
+        self.weights = {name: nn.Parameter(value.detach().clone()) for name, value in layer_params(module).items()}
+
+    def parameters_to_train(self) -> list[nn.Parameter]:
+        return list(self.weights.values())
+
+    def forward(self, *args, **kwargs):
+        return functional_call(self.base, self.weights, args, kwargs)
+
+    def changes(self) -> dict[str, torch.Tensor]:
+        return {name: value.detach().clone() for name, value in self.weights.items()}
+
+
+def trained_positions(found: Sequence[Interface], depth: int, after: bool) -> list[int]:
+    """The pruned-model positions whose layers train: the kept layer at every gap, and the one after it."""
+    positions = {i.position for i in found}
+    if after:
+        positions |= {i.position + 1 for i in found if i.position + 1 < depth}
+    return sorted(positions)
+
+
+def _kl_and_grad(model: nn.Module, student: torch.Tensor, teacher: torch.Tensor, chunk_tokens: int,
+                 backward: bool) -> float:
+    """Summed KL(teacher || student) over rows of final states; with ``backward``, the gradient of its mean
+    flows into ``student``'s graph, one chunk of logits at a time."""
+    detached = student.detach().requires_grad_(backward)
+    total = 0.0
+    count = student.shape[0]
+    for start in range(0, count, chunk_tokens):
+        part = slice(start, start + chunk_tokens)
+        with torch.no_grad():
+            dense = F.log_softmax(logits_from_hidden(model, teacher[part]).float(), dim=-1)
+        with torch.enable_grad() if backward else torch.no_grad():
+            logq = F.log_softmax(logits_from_hidden(model, detached[part]).float(), dim=-1)
+            kl = F.kl_div(logq, dense, log_target=True, reduction="sum")
+            if backward:
+                (kl / count).backward()
+        total += float(kl.detach())
+    if backward:
+        student.backward(detached.grad)
+    return total
+
+
+def train_layers(backend: Backend, stack: list[nn.Module], found: Sequence[Interface], walker: Walker,
+                 start: Any, lowest_done: int, teacher: list[torch.Tensor], config: Compensation,
+                 first_target: int = 1) -> tuple[dict[int, dict[str, torch.Tensor]], dict[str, Any]]:
+    """Train the layers at ``found``'s gaps in ``stack`` (linear maps already in place) on the walker's windows.
+
+    ``start`` is the walker state key holding the stack's states entering position ``lowest_done``;
+    ``teacher`` the dense model's final states per walker batch. Returns the trained layers' parameters by
+    position and the fit's record.
+    """
+    backend.require_memory("--compensate layers")
+    began = time.perf_counter()
+    model = backend.model
+    positions = trained_positions(found, len(stack), config.layers_after)
+    lowest = positions[0]
+    walker.run({"train": Stack(stack[lowest_done:lowest], start=start)})
+    windows = []
+    for b, (ids, mask) in enumerate(walker.batches):
+        entering = walker.state("train", b)
+        for r in range(ids.shape[0]):
+            windows.append((ids[r : r + 1], mask[r : r + 1], entering[r : r + 1].clone(), teacher[b][r : r + 1].clone()))
+    holdout = min(config.layers_holdout, max(0, len(windows) - 1))
+    train, held = windows[: len(windows) - holdout], windows[len(windows) - holdout :]
+
+    trainable = {p: Trainable(stack[p]) for p in positions}
+    modules = [trainable.get(p, stack[p]) for p in range(len(stack))]
+    anchors = [walker.anchor(m) for m in stack]
+    frozen = {p: p.requires_grad for p in model.parameters()}
+    params = [w for t in trainable.values() for w in t.parameters_to_train()]
+    optim = torch.optim.Adam(params, lr=config.layers_lr)
+    steps = config.layers_steps
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optim, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, steps) / max(steps, 1))))
+    generator = torch.Generator().manual_seed(config.seed)
+
+    def batch_kl(rows: Sequence[tuple], backward: bool) -> tuple[float, int]:
+        ids = torch.cat([r[0] for r in rows])
+        mask = torch.cat([r[1] for r in rows])
+        _, calls = record_calls(model, backend.layers, ids, mask, training=True)
+        h = torch.cat([r[2] for r in rows])
+        with torch.enable_grad() if backward else torch.no_grad():
+            for position in range(lowest, len(modules)):
+                h = calls[anchors[position]](modules[position], h)
+            final = final_states(model, backend.layers, ids, mask, h)
+            student, _ = prediction_pairs(final, ids, mask, first_target)
+        dense, _ = prediction_pairs(torch.cat([r[3] for r in rows]), ids, mask, first_target)
+        return _kl_and_grad(model, student, dense, config.layers_chunk, backward), student.shape[0]
+
+    def mean_kl(rows: Sequence[tuple]) -> float | None:
+        if not rows:
+            return None
+        totals = [batch_kl(rows[i : i + config.layers_batch], False)
+                  for i in range(0, len(rows), config.layers_batch)]
+        return sum(t for t, _ in totals) / max(sum(c for _, c in totals), 1)
+
+    tokens = 0
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        before, held_before = mean_kl(train), mean_kl(held)
+        for _ in range(steps):
+            pick = torch.randperm(len(train), generator=generator)[: config.layers_batch].tolist()
+            optim.zero_grad()
+            _, count = batch_kl([train[i] for i in pick], True)
+            tokens += count
+            optim.step()
+            schedule.step()
+        after, held_after = mean_kl(train), mean_kl(held)
+    finally:
+        for p, flag in frozen.items():
+            p.requires_grad_(flag)
+    record = {"trained_positions": positions, "train_windows": len(train), "holdout_windows": len(held),
+              "steps": steps, "tokens_trained": tokens, "kl_before": before, "kl_after": after,
+              "holdout_kl_before": held_before, "holdout_kl_after": held_after,
+              "seconds": round(time.perf_counter() - began, 2)}
+    return {p: t.changes() for p, t in trainable.items()}, record
