@@ -191,6 +191,8 @@ CASES += [
     # names the file system cannot hold
     ([*PRUNE, "--out", TOO_LONG], "that name is 300 bytes, and the file system allows at most"),
     (["eval-ppl", "--model", "{W}/model", "--json", f"{{W}}/{TOO_LONG}.json"], "that name is 305 bytes"),
+    (["analyze", "--model", "{W}/model", "--plan", f"{{W}}/{TOO_LONG}.json", "--out", "{W}/a"],
+     "that name is 305 bytes"),
     # data read and judged before loading, with the line that is wrong
     ([*ZEROSHOT[:-1], "{W}/piqa"], "valid.jsonl: line 2 is not valid JSON"),
     ([*PRUNE, "--calib", "{W}/empty.txt", "--out", "{W}/o"], "--calib {W}/empty.txt holds no text"),

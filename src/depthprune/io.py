@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterator
 from torch import nn
 
 from ._version import __version__
+from .checks import check_name_lengths, name_limit
 from .errors import DepthpruneError, InputError
 from .plan import PLAN_FILE, Plan
 
@@ -132,29 +133,6 @@ def written_by_depthprune(path: Path) -> bool:
     except (OSError, UnicodeDecodeError, ValueError):
         return False
     return isinstance(data, dict) and str(data.get("written_by", "")).startswith("depthprune")
-
-
-def name_limit(path: Path) -> int:
-    """The longest file name (in bytes) the file system holding ``path`` (or its nearest existing ancestor)
-    accepts."""
-    for directory in (path, *path.parents):
-        try:
-            return os.pathconf(directory, "PC_NAME_MAX")
-        except (OSError, ValueError):
-            continue
-    return 255
-
-
-def check_name_lengths(path: str | Path, option: str) -> None:
-    """Refuse a path with a component longer than the file system allows, before anything touches it (the
-    system's error would come from deep inside whatever opened it first)."""
-    path = Path(path).expanduser()
-    limit = name_limit(path.absolute())
-    for part in path.parts:
-        size = len(os.fsencode(part))
-        if size > limit:
-            raise InputError(f"{option} {part[:16]}...{part[-8:]}: that name is {size} bytes, and the file system "
-                             f"allows at most {limit} bytes per name; choose a shorter one")
 
 
 def _resolve(path: str | Path, option: str) -> Path:

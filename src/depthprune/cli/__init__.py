@@ -63,10 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     except click_errors.ClickException as err:
         typer.secho(f"error: {one_line(err.format_message())}", fg=typer.colors.RED, err=True)
         return 2
-    except typer.Abort:
-        typer.secho("interrupted: nothing half-written was left at the output", fg=typer.colors.RED, err=True)
-        return 130
-    except (KeyboardInterrupt, Terminated) as stop:
+    except (KeyboardInterrupt, Terminated, typer.Abort) as stop:
         typer.secho("interrupted: nothing half-written was left at the output", fg=typer.colors.RED, err=True)
         return 143 if isinstance(stop, Terminated) else 130
     finally:

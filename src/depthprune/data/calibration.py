@@ -22,8 +22,8 @@ from typing import Any, Collection
 
 import torch
 
+from ..checks import check_name_lengths
 from ..errors import InputError
-from ..io import check_name_lengths
 
 
 class CalibrationError(InputError):

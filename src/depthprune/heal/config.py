@@ -92,7 +92,7 @@ class HealConfig:
         ``--heal-max-steps`` for ``max_steps``)."""
         require_finite_fields(self, flag)
         if self.preset not in PRESETS:
-            raise HealError(f"unknown {flag('preset')} {self.preset!r}: use one of {', '.join(PRESETS)}")
+            raise HealError(f"unknown preset {flag('preset')} {self.preset!r}: use one of {', '.join(PRESETS)}")
         if self.train_on not in ("full", "response"):
             raise HealError(f"{flag('train_on')} must be 'full' or 'response', got {self.train_on!r}")
         if self.r < 1 or self.alpha <= 0:

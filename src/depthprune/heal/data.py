@@ -27,8 +27,8 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
+from ..checks import check_name_lengths
 from ..data.calibration import read_jsonl, special_prefix
-from ..io import check_name_lengths
 from .config import HealConfig, HealDataError
 
 ALPACA_HUB = {"alpaca-cleaned": "yahma/alpaca-cleaned", "yahma/alpaca-cleaned": "yahma/alpaca-cleaned"}

@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from ..errors import DepthpruneError, InputError, MissingInputError, MissingPackageError
-from ..io import atomic_directory, check_name_lengths
+from ..checks import check_name_lengths
+from ..io import atomic_directory
 from ..paths import cache_dir
 from .arch import layer_tensor, spec_for
 
