@@ -16,6 +16,7 @@ from depthprune.analysis.layer_cka import layer_similarity
 from depthprune.analysis.stats import layer_statistics
 from depthprune.data.calibration import Calibration, consecutive_windows, sample_windows
 from depthprune.evaluate.perplexity import perplexity_on
+from depthprune.models.load import ModelLoadError
 from depthprune.stream import (
     StateStore,
     StreamingError,
@@ -237,7 +238,7 @@ def test_checkpoint_missing_a_tensor_is_named(checkpoints, tmp_path):
     tensors = tensors_of(source)
     del tensors["model.layers.2.mlp.up_proj.weight"]
     save_file(tensors, str(broken / "model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(StreamingError, match="model.layers.2.mlp.up_proj.weight"):
+    with pytest.raises(ModelLoadError, match="model.layers.2.mlp.up_proj.weight"):  # named before any read
         load_streamed(str(broken), progress=False)
 
 

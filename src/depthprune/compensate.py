@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checks import require_finite_fields
 from .errors import InputError
 from .models.arch import ArchSpec, get_layers, get_path, per_layer_config_values, spec_for, temporary_layer_stack
 from .models.forward import Batch, layer_hooks, run_decoder
@@ -78,6 +79,7 @@ class Compensation:
     seed: int = 4321
 
     def validate(self) -> "Compensation":
+        require_finite_fields(self)
         if self.fit not in FITS:
             raise InputError(f"unknown compensation {self.fit!r}: use one of {', '.join(FITS)}")
         if self.tokens < 1:

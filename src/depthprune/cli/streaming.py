@@ -75,7 +75,7 @@ def run_checkpoint_job(job: "Job", *, load: Callable[..., "LoadedModel"], model:
     from ..stream.job import check_streamable, run_streamed_job
     from .prune import print_result
 
-    repo = check_repo_id(push_to_hub) if push_to_hub else None
+    repo = check_repo_id(push_to_hub) if push_to_hub is not None else None
     writers = [card_writer(command_line(), repo)] if repo else []
     streamed, budget = False, None
     if stream is not False or max_memory is not None:
