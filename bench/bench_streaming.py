@@ -54,9 +54,9 @@ def build_checkpoint(directory: Path, layers: int) -> Path:
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    from depthprune.stream.model import saved_names
-    from depthprune.stream.safetensors_out import Entry, plan_shards, write_safetensors
-    from depthprune.stream.surgery import INDEX_FILE
+    from depthprune.backend.hf import saved_names
+    from depthprune.surgery.safetensors_out import Entry, plan_shards, write_safetensors
+    from depthprune.surgery.streamed import INDEX_FILE
     from tiny import byte_tokenizer
 
     if (directory / "config.json").is_file():
@@ -91,33 +91,30 @@ def build_checkpoint(directory: Path, layers: int) -> Path:
 def variant(args) -> None:
     import torch
 
-    from depthprune import CalibrationSpec, DepthStage, Job, Target
+    from depthprune import CalibrationSpec, DepthStage, Job, Target, run_job, score_layers
+    from depthprune.backend import load_streamed
     from depthprune.data.calibration import sample_windows
-    from depthprune.stream import load_streamed, streamed_layer_statistics
-    from depthprune.stream.job import run_streamed_job
-    from depthprune.stream.passes import memory_plan
 
     torch.set_num_threads(args.threads)
     path = str(Path(args.dir) / f"llama-{args.layers}")
     n, s = (int(x) for x in args.windows.split("x"))
-    sm = load_streamed(path, progress=False)
+    cap = int(args.cap_mb * MB) or None
+    spilled = []
+    sm = load_streamed(path, progress=False, max_memory=cap, report=spilled.append)
     cal = sample_windows(sm.tokenizer, num_windows=n, seq_len=s, seed=1234)
-    plan = memory_plan(sm, n, s)
+    plan = sm.memory_plan(n, s)
     sizes = {"layer_mb": plan.layer / MB, "embeddings_mb": plan.outside / MB, "states_mb": plan.states / MB,
              "weights_mb": sm.checkpoint.nbytes(dtype=torch.float32) / MB}
     base = current_rss_mb()
-    cap = int(args.cap_mb * MB) or None
     out = Path(tempfile.mkdtemp(prefix="bench-streaming-", dir=args.dir))
-    spilled = []
     try:
         with Timer() as t:
             if args.variant == "stream-score":
-                streamed_layer_statistics(sm, cal, batch_size=8, progress=False, max_memory=cap,
-                                          report=spilled.append)
+                score_layers(sm, cal, batch_size=8, progress=False)
             elif args.variant == "stream-prune":
                 job = Job([DepthStage("shortgpt", Target(ratio=0.25))], CalibrationSpec(num_windows=n, seq_len=s),
                           progress=False)
-                run_streamed_job(path, job, out=out / "pruned", max_memory=cap, report=spilled.append)
+                run_job(sm, job, out=out / "pruned")
             else:
                 from depthprune import apply_plan, load_model, make_plan, save
 
@@ -175,7 +172,7 @@ def main() -> None:
 
 
 def _weights_mb(directory: str, layers: int) -> float:
-    from depthprune.stream.checkpoint import Checkpoint
+    from depthprune.backend.checkpoint import Checkpoint
 
     return Checkpoint(Path(directory) / f"llama-{layers}").nbytes() / MB
 

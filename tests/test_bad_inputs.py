@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -67,6 +68,30 @@ def world(tmp_path, monkeypatch):
     (root / "plan_bad.json").write_text("{oops")
     (root / "plan_incomplete.json").write_text('{"method": "shortgpt", "remove": [1]}')
     (root / "plan_wrong.json").write_text('{"method": "x", "num_layers": 6, "remove": ["a"]}')
+    for name, remove in [("plan_float.json", [LAYERS - 3.3, LAYERS - 2]), ("plan_bool.json", [True, LAYERS - 2])]:
+        (root / name).write_text(json.dumps({"method": "shortgpt", "num_layers": LAYERS, "remove": remove}))
+    (root / "plan_operator.json").write_text(json.dumps(
+        {"method": "slm", "num_layers": LAYERS, "merges": [{"low": 1, "high": 2, "operator": "bogus"}]}))
+    for name, change in [("deep", {"num_hidden_layers": LAYERS + 2}), ("shallow", {"num_hidden_layers": LAYERS - 2}),
+                         ("banana", {"dtype": "banana"}), ("heads", {"hidden_size": 66})]:
+        shutil.copytree(root / "model", root / name)
+        config = json.loads((root / name / "config.json").read_text())
+        (root / name / "config.json").write_text(json.dumps({**config, **change}))
+    (root / "short.gguf").write_bytes(b"GGUF\x03\x00\x00\x00")
+    (root / "random.gguf").write_bytes(os.urandom(4096))
+    (root / "piqa").mkdir()
+    (root / "piqa" / "valid.jsonl").write_text('{"goal": "g", "sol1": "a", "sol2": "b"}\n{broken\n')
+    (root / "piqa" / "valid-labels.lst").write_text("0\n1\n")
+    (root / "empty.txt").write_text("\n  \n")
+    (root / "binary.txt").write_bytes(bytes(range(128, 256)) * 8)
+    (root / "bad.jsonl").write_text('{"text": "fine"}\n{broken\n')
+    (root / "alpaca_bad.jsonl").write_text('{"instruction": "a", "output": "b"}\n{broken\n')
+    (root / "sentences.txt").write_text("One sentence.\nAnother one.\n")
+    for out in ("o", "h", "victim"):  # a user's files named like depthprune's temporaries beside the outputs
+        (root / f".{out}.tmp-99999-mine").mkdir()
+        (root / f".{out}.tmp-99999-mine" / "keep.txt").write_text("mine")
+        (root / f".{out}.old-99998-x").write_text("mine")
+        (root / f".{out}.99997.abc123.tmp").write_text("mine")
     monkeypatch.chdir(root)
     monkeypatch.setenv("HOME", str(root / "home"))
     monkeypatch.setenv("DEPTHPRUNE_CACHE", str(tmp_path / "cache"))
@@ -125,7 +150,7 @@ CASES = [
     (["eval-ppl", "--model", "{W}/model", "--seq-len", "129"], "longer than the model's context of 128"),
     (["eval-ppl", "--model", "{W}/model", "--seq-len", "1"], "at least 2"),
     (["bench", "--model", "{W}/model", "--methods", "shortgpt", "--seq-len", "1", "--out", "{W}/b"], "at least 2"),
-    (["eval-ppl", "--model", "{W}/model", "--max-windows", "-1"], "--ppl-windows must be 0 (all) or more"),
+    (["eval-ppl", "--model", "{W}/model", "--max-windows", "-1"], "--max-windows must be 0 (all) or more"),
     (["bench", "--model", "{W}/model", "--methods", "shortgpt", "--ppl-windows", "-3", "--out", "{W}/b"],
      "must be 0 (all) or more"),
     (["prune", "--model", "{W}/model", "--ratio", "0.2", "--calib-samples", "0", "--out", "{W}/o"],
@@ -137,6 +162,82 @@ CASES = [
     (["eval-speed", "--model", "{W}/model", "--gen-len", "0"], "--gen-len must be at least 1"),
     (["prune", "--model", "{W}/model", "--method", "nope", "--ratio", "0.2", "--out", "{W}/o"], "unknown method"),
     (["heal", "--model", "{W}/model", "--data", str(EMMA), "--out", "{W}/h", "--resume"], "--work-dir"),
+]
+FAST = ["--calib-samples", "2", "--seq-len", "32"]
+PRUNE = ["prune", "--model", "{W}/model", "--ratio", "0.34", *FAST]
+HEAL = ["heal", "--model", "{W}/model", "--data", str(EMMA), "--cutoff-len", "16", "--out", "{W}/h"]
+ZEROSHOT = ["eval-zeroshot", "--model", "{W}/model", "--tasks", "piqa_local", "--piqa-dir", str(PIQA_DIR)]
+TOO_LONG = "n" * 300
+# issue 18: what still got a traceback, saved a wrong model or was silently accepted
+CASES += [
+    # numbers that are not numbers
+    ([*PRUNE, "--compensate", "linear", "--ridge", "nan", "--out", "{W}/o"], "--ridge must be a finite number"),
+    ([*HEAL, "--lr", "nan"], "--lr must be a finite number"),
+    ([*ZEROSHOT, "--limit", "nan"], "--limit must be a finite number"),
+    (["prune", "--model", "{W}/model", "--method", "slm", "--threshold", "inf", *FAST, "--out", "{W}/o"],
+     "--threshold must be a finite number"),
+    ([*HEAL, "--max-steps", "-1"], "--max-steps must be 0 (train for --epochs) or more"),
+    ([*ZEROSHOT, "--num-fewshot", "-1"], "--num-fewshot must be 0 (zero-shot) or more"),
+    # a model that is not what its config says, read before loading
+    (["prune", "--model", "{W}/deep", "--ratio", "0.34", *FAST, "--out", "{W}/o"],
+     f"declares {LAYERS + 2} layers but the weights lack every tensor of layers {LAYERS}, {LAYERS + 1} "
+     f"(model.layers.{LAYERS}.*)"),
+    (["score", "--model", "{W}/shallow"], f"declares {LAYERS - 2} layers but the weights also hold layers "
+     f"{LAYERS - 2}, {LAYERS - 1}"),
+    (["eval-ppl", "--model", "{W}/banana"], "gives dtype 'banana', which is not a torch dtype"),
+    (["eval-ppl", "--model", "{W}/heads"], "The hidden size (66) is not a multiple of the number of attention heads"),
+    (["eval-ppl", "--model", "{W}/short.gguf"], "short.gguf is not a readable GGUF file"),
+    (["eval-ppl", "--model", "{W}/random.gguf"], "random.gguf is not a readable GGUF file"),
+    # names the file system cannot hold
+    ([*PRUNE, "--out", TOO_LONG], "that name is 300 bytes, and the file system allows at most"),
+    (["eval-ppl", "--model", "{W}/model", "--json", f"{{W}}/{TOO_LONG}.json"], "that name is 305 bytes"),
+    (["analyze", "--model", "{W}/model", "--plan", f"{{W}}/{TOO_LONG}.json", "--out", "{W}/a"],
+     "that name is 305 bytes"),
+    # data read and judged before loading, with the line that is wrong
+    ([*ZEROSHOT[:-1], "{W}/piqa"], "valid.jsonl: line 2 is not valid JSON"),
+    ([*PRUNE, "--calib", "{W}/empty.txt", "--out", "{W}/o"], "--calib {W}/empty.txt holds no text"),
+    ([*PRUNE, "--calib", "{W}/binary.txt", "--out", "{W}/o"], "binary.txt as calibration text ('utf-8' codec"),
+    ([*PRUNE, "--calib", "{W}/bad.jsonl", "--out", "{W}/o"], "line 2 column 2"),
+    (["prune", "--model", "{W}/model", "--ratio", "0.34", "--calib-samples", "100000000", "--seq-len", "32",
+      "--out", "{W}/o"], "cannot hold 100000000 windows of 32 tokens"),
+    (["heal", "--model", "{W}/model", "--data", "{W}/empty.txt", "--cutoff-len", "16", "--out", "{W}/h"],
+     "empty.txt holds no text to train on"),
+    (["heal", "--model", "{W}/model", "--data", "{W}/alpaca_bad.jsonl", "--cutoff-len", "16", "--out", "{W}/h"],
+     "line 2 column 2"),
+    # depths and ranges judged against the config's layer count before loading
+    (["prune", "--model", "{W}/model", "--remove-layers", str(LAYERS), *FAST, "--out", "{W}/o"],
+     f"cannot remove {LAYERS} of {LAYERS} layers"),
+    (["prune", "--model", "{W}/model", "--keep-layers", str(LAYERS + 1), *FAST, "--out", "{W}/o"],
+     f"nothing to remove: the model has {LAYERS} layers"),
+    (["prune", "--model", "{W}/model", "--method", "angular", "--block", str(LAYERS), *FAST, "--out", "{W}/o"],
+     f"--block must be between 1 and {LAYERS - 1}, got {LAYERS}"),
+    ([*PRUNE, "--method", "laco", "--highest", "10", "--out", "{W}/o"], "LaCo layer range [1, 10]"),
+    (["width", "--model", "{W}/model", "--ratio-mlp", "0.001", *FAST, "--out", "{W}/o"],
+     "--ratio-mlp 0.001 removes nothing"),
+    ([*PRUNE, "--then-width", "0.001", "--out", "{W}/o"], "--then-width 0.001 removes nothing"),
+    # plans: whole layer numbers, known operators, the model's depth, for every consumer
+    (["export", "mergekit", "{W}/plan_float.json", "--base-model", "x/y"], f"remove holds {LAYERS - 3.3}"),
+    (["export", "mergekit", "{W}/plan_bool.json", "--base-model", "x/y"], "remove holds True"),
+    (["export", "mergekit", "{W}/plan_other.json", "--base-model", "{W}/model"],
+     f"made for a model of {LAYERS + 6} layers but --base-model {{W}}/model has {LAYERS}"),
+    (["analyze", "--model", "{W}/model", "--plan", "{W}/plan_operator.json", "--out", "{W}/a"],
+     "unknown merge operator 'bogus'"),
+    (["export", "mergekit", "{W}/plan_operator.json"], "unknown merge operator 'bogus'"),
+    # options that would do nothing
+    ([*PRUNE, "--ridge", "0.1", "--out", "{W}/o"], "--ridge needs --compensate"),
+    ([*PRUNE, "--heal-distill", "--out", "{W}/o"], "--heal-distill needs --heal"),
+    ([*PRUNE, "--ppl-windows", "5", "--out", "{W}/o"], "--ppl-windows needs ppl in --eval"),
+    ([*HEAL, "--temperature", "2"], "--temperature needs --distill"),
+    ([*PRUNE, "--push-to-hub", "", "--out", "{W}/o"], "--push-to-hub is empty"),
+    (["prune", "--model", "{W}/model", "--method", "laco", "--ratio", "0.34", "--calib-sentences",
+      "{W}/sentences.txt", "--calib-samples", "5", "--out", "{W}/o"], "--calib-samples is not used with"),
+    (["bench", "--model", "{W}/model", "--methods", "shortgpt", "--ridge", "0.1", "--out", "{W}/b"],
+     "--ridge needs a fit in --compensate"),
+    # usage errors are one line too, and messages name the option typed
+    ([*PRUNE[:4], "abc", "--out", "{W}/o"], "Invalid value for '--ratio'"),
+    (["eval-ppl", "--nope"], "No such option: --nope"),
+    ([*PRUNE, "--out"], "'--out' requires an argument"),
+    (["export", "hub", "{W}/model", "--repo", "bad repo!!"], "error: --repo 'bad repo!!' is not a valid Hub"),
 ]
 # every path option of every command, pointed into a model directory that is not the input
 CASES += [([command, "--model", "{W}/model", *extra, "--out", "{W}/other/sub"], "inside the model directory")
@@ -159,9 +260,91 @@ def test_refused_with_one_line_and_nothing_touched(args, message, world, run_cli
     assert res.code == 2, res.err
     lines = [line for line in res.err.splitlines() if line.strip() and not line.startswith("loading ")]
     assert len(lines) == 1 and lines[0].startswith("error: "), res.err
-    assert message in lines[0]
+    assert message.replace("{W}", str(world)) in lines[0]
     assert "upgrade" not in lines[0] and "Traceback" not in res.err
     assert snapshot(world) == before
+
+
+def _dead_process_temporary(parent: Path, name: str) -> Path:
+    """A marked temporary for ``name`` made by a process that has exited (what SIGKILL leaves)."""
+    code = ("from pathlib import Path; from depthprune.io import make_temporary; "
+            f"print(make_temporary(Path({str(parent)!r}), {name!r}))")
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    return Path(subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True,
+                               text=True).stdout.strip())
+
+
+def test_only_marked_temporaries_of_dead_processes_are_removed(world, run_cli):
+    """A user's files named like temporaries stay; a marked temporary a killed run left for the same output
+    goes."""
+    leftover = _dead_process_temporary(world, "victim")
+    other = _dead_process_temporary(world, "other-output")
+    before = {name: snapshot(world)[name] for name in snapshot(world) if name.startswith(".victim.")
+              and not name.startswith(leftover.name)}
+    run_cli(*_args(PRUNE, world), "--out", world / "victim", "-q")
+    assert not leftover.exists() and other.exists()
+    after = snapshot(world)
+    assert {name: after.get(name) for name in before} == before
+    assert sorted(p.name for p in world.iterdir() if p.name.startswith(".victim.")) == [
+        ".victim.99997.abc123.tmp", ".victim.old-99998-x", ".victim.tmp-99999-mine"]
+    assert (world / "victim" / "model.safetensors").is_file()
+    assert not (world / "victim" / ".depthprune-temporary").exists()
+
+
+def test_temporaries_of_a_name_near_the_limit_fit(world, run_cli):
+    out = world / ("y" * 250)
+    run_cli(*_args(PRUNE, world), "--out", out, "-q")
+    assert (out / "model.safetensors").is_file()
+    assert [p.name for p in world.iterdir() if p.name.startswith(".yyy")] == []
+
+    from depthprune.io import TEMPORARY_MARKER, make_temporary
+
+    temporary = make_temporary(world, "z" * 255)
+    assert len(temporary.name.encode()) <= 255
+    assert json.loads((temporary / TEMPORARY_MARKER).read_text())["temporary_for"] == "z" * 255
+
+
+def test_a_broken_model_is_never_saved(world):
+    """Every checkpoint is verified before it is committed: finite weights, the config's depth = the weights'."""
+    import torch
+
+    from depthprune import save
+    from depthprune.io import CheckpointError
+    from tiny import byte_tokenizer, tiny_model
+
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[2].mlp.down_proj.weight[0, 0] = float("nan")
+    with pytest.raises(CheckpointError, match="1 weight tensors hold NaN or infinite values "
+                                              r"\(model.layers.2.mlp.down_proj.weight\)"):
+        save(model, byte_tokenizer(), world / "nan")
+    model = tiny_model("llama")
+    model.config.num_hidden_layers = LAYERS + 1
+    with pytest.raises(Exception, match=f"declares {LAYERS + 1} layers but the weights lack every tensor of "
+                                        f"layer {LAYERS}"):
+        save(model, byte_tokenizer(), world / "deeper")
+    assert not (world / "nan").exists() and not (world / "deeper").exists()
+    assert [p.name for p in world.iterdir() if p.name.startswith((".nan", ".deeper"))] == []
+
+
+def test_a_tensor_transformers_would_initialise_is_refused(world):
+    """A missing tensor outside the layers (the final norm) gets past the header checks; loading names it."""
+    from safetensors.torch import load_file, save_file
+
+    from depthprune import load_model
+    from depthprune.models.load import ModelLoadError
+
+    weights = world / "model" / "model.safetensors"
+    tensors = load_file(str(weights))
+    del tensors["model.norm.weight"]
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match="lacks 1 weight tensors its config needs \\(model.norm.weight\\)"):
+        load_model(str(world / "model"), progress=False)
+
+
+def test_bare_command_prints_help(run_cli):
+    res = run_cli()
+    assert res.code == 0 and "Usage: depthprune" in res.out and res.err == ""
 
 
 def test_overwrite_replaces_only_what_depthprune_wrote(world, run_cli):
@@ -238,23 +421,23 @@ def test_quiet_silences_transformers_too(world, run_cli):
 SLOW_SAVE = textwrap.dedent("""
     import sys, time
     import depthprune.io as io
-    real = io.write_checkpoint
+    real = io.write_beside
 
     def slow(directory, *args, **kwargs):
         real(directory, *args, **kwargs)
         print("WRITTEN", flush=True)
         time.sleep(60)
 
-    io.write_checkpoint = slow
+    io.write_beside = slow
     import depthprune.job
-    depthprune.job.write_checkpoint = slow
+    depthprune.job.write_beside = slow
     from depthprune.cli import main
     sys.exit(main(sys.argv[1:]))
 """)
 
 
 def _start_slow_prune(world: Path, out: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")])}
     proc = subprocess.Popen(
         [sys.executable, "-c", SLOW_SAVE, "prune", "--model", str(world / "model"), "--ratio", "0.34",
          "--calib-samples", "2", "--seq-len", "32", "--out", str(out), "-q"],

@@ -18,6 +18,7 @@ from depthprune.data.calibration import Calibration, consecutive_windows, sample
 from depthprune.evaluate.perplexity import perplexity_on
 from depthprune.backend import StateStore, StreamingError, load_streamed, parse_size, walk_layers
 from depthprune.surgery.streamed import write_pruned_checkpoint
+from depthprune.models.load import ModelLoadError
 from tiny import CONFIGS, LAYERS, save_tiny_checkpoint
 
 FAMILIES = ["llama", "gemma3", "gpt2", "opt", "qwen3"]
@@ -229,7 +230,7 @@ def test_checkpoint_missing_a_tensor_is_named(checkpoints, tmp_path):
     tensors = tensors_of(source)
     del tensors["model.layers.2.mlp.up_proj.weight"]
     save_file(tensors, str(broken / "model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(StreamingError, match="model.layers.2.mlp.up_proj.weight"):
+    with pytest.raises(ModelLoadError, match="model.layers.2.mlp.up_proj.weight"):  # named before any read
         load_streamed(str(broken), progress=False)
 
 

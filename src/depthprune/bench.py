@@ -417,6 +417,8 @@ def run_bench(
     if config is not None:
         for option, length in Job(list(stages.values())[:1], calibration, evaluation).window_lengths():
             check_context(config, length, option)
+        for stage in stages.values():
+            stage.check(config)
     prepare_dir(out, "bench")
     (out / ROWS_DIR).mkdir(parents=True, exist_ok=True)
     settings = {

@@ -2,8 +2,15 @@
 
 Every file goes to a uniquely named temporary sibling first and is renamed into
 place (``os.replace``), so a reader never sees half a file. A checkpoint is
-built in a temporary sibling directory and renamed at the end, so an
-interrupted run leaves either the old directory or the complete new one.
+built in a temporary sibling directory, checked (:func:`verify_checkpoint`:
+finite weights, the config's depth equal to the weights') and renamed at the
+end, so an interrupted or failed run leaves either the old directory or the
+complete new one.
+
+Every temporary is a directory whose first content is a marker naming what it
+is for and which process made it (:data:`TEMPORARY_MARKER`); the next run
+removes only marked temporaries of dead processes, never a file or folder that
+merely has a similar name.
 """
 
 from __future__ import annotations
@@ -11,9 +18,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
-import tempfile
+import socket
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,7 +28,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 from torch import nn
 
 from ._version import __version__
-from .errors import InputError
+from .checks import check_name_lengths, name_limit
+from .errors import DepthpruneError, InputError
 from .plan import PLAN_FILE, Plan
 
 if TYPE_CHECKING:
@@ -35,6 +42,10 @@ class OutputError(InputError):
     pass
 
 
+class CheckpointError(DepthpruneError, ValueError):
+    """The model about to be saved is broken (non-finite weights, a config that does not match its weights)."""
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -44,22 +55,21 @@ def _umask() -> int:
 def atomic_write(path: str | Path, data: bytes | str | Callable[[Any], None]) -> Path:
     """Write ``data`` (bytes, text, or a function writing to a binary stream) to ``path`` atomically.
 
-    The temporary file is opened with mode ``xb`` (not ``mkstemp``) so the result
-    gets the usual umask-derived permissions instead of 0600.
+    The file is written inside a marked temporary sibling directory and renamed over ``path``. It is opened
+    with mode ``xb`` (not ``mkstemp``) so the result gets the usual umask-derived permissions, not 0600.
     """
     target = Path(path)
     remove_stale_temporaries(target)
-    temp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
+    holder = make_temporary(target.parent, target.name)
     try:
-        with open(temp, "xb") as stream:
+        with open(holder / target.name, "xb") as stream:
             if callable(data):
                 data(stream)
             else:
                 stream.write(data.encode("utf-8") if isinstance(data, str) else data)
-        os.replace(temp, target)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
+        os.replace(holder / target.name, target)
+    finally:
+        shutil.rmtree(holder, ignore_errors=True)
     return target
 
 
@@ -131,6 +141,7 @@ def written_by_depthprune(path: Path) -> bool:
 def _resolve(path: str | Path, option: str) -> Path:
     if not str(path).strip():
         raise OutputError(f"{option} is empty (an unset shell variable?); give the path to write to")
+    check_name_lengths(path, option)
     return Path(path).expanduser().resolve()
 
 
@@ -225,7 +236,48 @@ def prepare_dir(out: Path, kind: str) -> Path:
     return out
 
 
-# ---------------------------------------------------------------- leftovers of killed runs
+# ---------------------------------------------------------------- temporaries, and leftovers of killed runs
+
+TEMPORARY_MARKER = ".depthprune-temporary"
+"""File written into every temporary directory the moment it exists: JSON naming the output it is for, the
+process and the host that made it. Only directories carrying it are ever removed as leftovers."""
+
+
+def _fit(name: str, size: int) -> str:
+    """``name`` cut to at most ``size`` bytes of UTF-8 (never inside a character)."""
+    return name.encode("utf-8")[: max(size, 1)].decode("utf-8", "ignore") or "x"
+
+
+def make_temporary(parent: Path, name: str, role: str = "tmp") -> Path:
+    """A new marked temporary directory ``.NAME.ROLE-PID-RANDOM`` in ``parent`` for the output ``name``.
+
+    ``NAME`` is shortened when the whole would exceed the file system's limit on names (the marker, not the
+    name, says what the temporary is for).
+    """
+    for _ in range(100):
+        suffix = f".{role}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        path = parent / f".{_fit(name, name_limit(parent) - 1 - len(suffix))}{suffix}"
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        with open(path / TEMPORARY_MARKER, "x", encoding="utf-8") as stream:
+            json.dump({"written_by": f"depthprune {__version__}", "temporary_for": name, "pid": os.getpid(),
+                       "host": socket.gethostname()}, stream)
+        return path
+    raise FileExistsError(f"could not create a temporary directory in {parent}")
+
+
+def _owner(entry: Path) -> dict[str, Any] | None:
+    """What a temporary directory's marker says, or None for anything depthprune did not mark as one."""
+    if entry.is_symlink() or not entry.is_dir():
+        return None
+    try:
+        with open(entry / TEMPORARY_MARKER, encoding="utf-8") as stream:
+            data = json.loads(stream.read(4096))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def _pid_alive(pid: int) -> bool:
@@ -239,54 +291,84 @@ def _pid_alive(pid: int) -> bool:
 
 
 def remove_stale_temporaries(target: Path) -> list[Path]:
-    """Remove temporaries a killed run left beside ``target`` (``.NAME.tmp-PID-*``, ``.NAME.old-PID-*``,
-    ``.NAME.PID.*.tmp``) whose process is gone; returns what was removed."""
-    removed = []
-    pattern = re.compile(rf"^\.{re.escape(target.name)}\.(?:(?:tmp|old)-(\d+)-.*|(\d+)\.[0-9a-f]+\.tmp)$")
+    """Remove the temporaries a killed run left beside ``target``: hidden directories whose marker says they
+    were for ``target``, made on this host by a process that is gone. Returns what was removed."""
+    removed: list[Path] = []
     if not target.parent.is_dir():
         return removed
+    host = socket.gethostname()
     for entry in target.parent.iterdir():
-        match = pattern.match(entry.name)
-        if not match:
+        if not entry.name.startswith(".") or entry.name == target.name:
             continue
-        pid = int(match.group(1) or match.group(2))
-        if pid == os.getpid() or _pid_alive(pid):
+        owner = _owner(entry)
+        if owner is None or owner.get("temporary_for") != target.name or owner.get("host") != host:
             continue
-        if entry.is_dir():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
+        pid = owner.get("pid")
+        if not isinstance(pid, int) or pid == os.getpid() or _pid_alive(pid):
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
         removed.append(entry)
         log.warning("removed %s, left by an interrupted run", entry)
     return removed
+
+
+#: Kinds of output that are model checkpoints, verified before they are committed.
+CHECKPOINT_KINDS = ("checkpoint", "converted")
 
 
 @contextmanager
 def atomic_directory(out: str | Path, *, overwrite: bool = False, kind: str = "checkpoint") -> Iterator[Path]:
     """Yield a temporary directory that replaces ``out`` when the block succeeds (and is marked as ``kind``).
 
-    Temporaries carry the process id, so the next run writing ``out`` removes what a killed run left.
+    A checkpoint is verified first (:func:`verify_checkpoint`); one that fails is never committed. Temporaries
+    are marked (:func:`make_temporary`), so the next run writing ``out`` removes what a killed run left.
     """
     out = Path(out).expanduser().resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+    tmp = make_temporary(out.parent, out.name)
     try:
         yield tmp
+        if kind in CHECKPOINT_KINDS:
+            verify_checkpoint(tmp)
         mark(tmp, kind)
         _apply_umask(tmp)
         if out.exists():
             if any(out.iterdir()) and not (overwrite and kind_of(out) == kind):
                 raise OutputError(f"{out} appeared while writing; not replacing it")
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
+            trash = make_temporary(out.parent, out.name, "old")
             os.replace(out, trash / out.name)
             os.replace(tmp, out)
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(tmp, out)
+        (out / TEMPORARY_MARKER).unlink(missing_ok=True)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def verify_checkpoint(directory: Path) -> None:
+    """Refuse a checkpoint that is not what it claims: the checks :func:`~depthprune.models.load.check_checkpoint`
+    makes before loading (a config transformers accepts, exactly the layers it declares), and every weight
+    finite (a NaN fit or a diverged heal must not be saved as a model)."""
+    import torch
+    from safetensors import safe_open
+
+    from .models.load import check_checkpoint
+
+    check_checkpoint(directory)
+    bad: list[str] = []
+    for shard in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(shard), framework="pt") as handle:
+            for name in handle.keys():
+                tensor = handle.get_tensor(name)
+                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                    bad.append(name)
+    if bad:
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise CheckpointError(f"not saving the checkpoint: {len(bad)} weight tensors hold NaN or infinite "
+                              f"values ({shown}); the run diverged or an option made the fit meaningless")
 
 
 def _apply_umask(root: Path) -> None:

@@ -42,7 +42,7 @@ from .evaluate.suite import EvalResult, Evaluation
 from .io import atomic_directory, check_output_dir, kind_of, prepare_dir, write_beside
 from .methods import MethodOptions, RunContext, Target, build_options, check_request, make_plan
 from .models.arch import count_parameters
-from .models.load import LoadedModel, check_context, load_model, quiet_transformers
+from .models.load import LoadedModel, check_context, config_num_layers, load_model, quiet_transformers
 from .plan import PLAN_FILE, Plan, PlanError
 from .report import compare_metrics, write_run_report
 
@@ -101,8 +101,8 @@ class Stage(Protocol):
     name: str
     uses_calibration: bool
 
-    def check(self) -> None:
-        """Everything that can be checked before a model is loaded."""
+    def check(self, config: dict[str, Any] | None = None) -> None:
+        """Everything that can be checked before a model is loaded (against its ``config.json`` when given)."""
 
     def memory_needs(self) -> list[str]:
         """What this stage asks that needs the whole model in memory (options as the user typed them)."""
@@ -123,10 +123,11 @@ class DepthStage:
     name: str = field(default="depth", init=False)
     uses_calibration: bool = field(default=True, init=False)
 
-    def check(self) -> None:
+    def check(self, config: dict[str, Any] | None = None) -> None:
         if self.options is None:
             self.options = build_options(self.method)
-        check_request(self.method, self.target, self.options)
+        check_request(self.method, self.target, self.options,
+                      config_num_layers(config) if config is not None else None)
         if self.compensation is not None:
             if self.method == "auto":
                 raise PlanError("--method auto decides compensation itself (its --fits option); drop --compensate")
@@ -176,14 +177,16 @@ class WidthStage:
     ratio_mlp: float = 0.2
     ratio_heads: float = 0.0
     scorer: str = "taylor"
+    flags: tuple[str, str] = ("--ratio-mlp", "--ratio-heads")
     name: str = field(default="width", init=False)
 
     @property
     def uses_calibration(self) -> bool:
         return self.scorer != "magnitude"
 
-    def check(self) -> None:
+    def check(self, config: dict[str, Any] | None = None) -> None:
         from .analysis.importance import SCORERS, WidthError
+        from .surgery.width import check_width_request, config_sizes
 
         if self.scorer not in SCORERS:
             raise WidthError(f"unknown width scorer {self.scorer!r}: use one of {', '.join(SCORERS)}")
@@ -192,6 +195,8 @@ class WidthStage:
                 raise WidthError(f"the width ratio for {what} must be in [0, 1), got {value}")
         if self.ratio_mlp == 0 and self.ratio_heads == 0:
             raise WidthError("nothing to prune: give an MLP and/or a heads ratio above 0")
+        if config is not None:
+            check_width_request(config_sizes(config), self.ratio_mlp, self.ratio_heads, self.flags)
 
     def memory_needs(self) -> list[str]:
         return ["--then-width (width pruning)"]
@@ -225,18 +230,18 @@ class HealStage:
     save_adapter: bool = False
     keep_checkpoints: bool = False
     teacher: str | None = None
+    option_prefix: str = "--"
     name: str = field(default="heal", init=False)
     uses_calibration: bool = field(default=False, init=False)
 
-    def check(self) -> None:
-        from .heal import QLORA_NEEDS_CUDA, HealConfig, HealDataError, HealError, data_paths
+    def check(self, config: dict[str, Any] | None = None) -> None:
+        from .heal import QLORA_NEEDS_CUDA, HealConfig, HealError, check_heal_data
 
-        self.config = (self.config or HealConfig()).validate()
+        flag = lambda name: self.option_prefix + name.replace("_", "-")  # noqa: E731
+        self.config = (self.config or HealConfig()).validate(flag)
         if self.config.qlora and not torch.cuda.is_available():
             raise HealError(QLORA_NEEDS_CUDA)
-        for path in data_paths(self.data) or []:
-            if not path.is_file():
-                raise HealDataError(f"healing data file not found: {path}")
+        check_heal_data(self.data)
         if self.resume and self.work_dir is None:
             raise HealError("--resume continues the Trainer checkpoints in --work-dir: pass the --work-dir "
                             "of the interrupted run")
@@ -288,14 +293,15 @@ class Job:
     batch_size: int = 8
     progress: bool = True
 
-    def check(self) -> "Job":
-        """Check every input that can be checked without a model (call before loading one)."""
+    def check(self, config: dict[str, Any] | None = None) -> "Job":
+        """Check every input that can be checked without a model (call before loading one); with the model's
+        ``config.json`` (a model on disk) also depth targets, layer ranges and widths against it."""
         if self.batch_size < 1:
             raise InputError(f"--batch-size must be at least 1, got {self.batch_size}")
         if any(stage.uses_calibration for stage in self.stages):
             self.calibration.check()
         for stage in self.stages:
-            stage.check()
+            stage.check(config)
         self.evaluation.check()
         return self
 

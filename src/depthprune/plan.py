@@ -7,6 +7,7 @@ All layer indices are *original* indices (positions in the unpruned model).
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +41,28 @@ class Merge:
         return range(self.low, self.high + 1)
 
 
+def _layer_index(value: Any, what: str) -> int:
+    """A layer index or count exactly as written: ``13.7`` or ``true`` would silently become another layer."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        return operator.index(value)  # ints, numpy and torch integers; never floats, strings or bools
+    except TypeError:
+        raise PlanError(f"malformed plan: {what} holds {value!r}, not a whole layer number (plans give layers as "
+                        "integers such as 3)") from None
+
+
+def _merge(data: Any) -> Merge:
+    if isinstance(data, Merge):
+        data = vars(data)
+    if not isinstance(data, dict) or not {"low", "high", "operator"} <= set(data):
+        raise PlanError(f"malformed plan: merge {data!r} is not an object with low, high, operator")
+    if not isinstance(data["operator"], str):
+        raise PlanError(f"malformed plan: merge operator {data['operator']!r} is not a name")
+    return Merge(_layer_index(data["low"], "a merge's low"), _layer_index(data["high"], "a merge's high"),
+                 data["operator"])
+
+
 @dataclass
 class Plan(JsonRecord):
     FILE = PLAN_FILE
@@ -60,19 +83,21 @@ class Plan(JsonRecord):
     compensation: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
-        try:
-            self.num_layers = int(self.num_layers)
-            self.remove = sorted(int(i) for i in self.remove)
-            self.merges = [m if isinstance(m, Merge) else Merge(int(m["low"]), int(m["high"]), str(m["operator"]))
-                           for m in self.merges]
-        except (TypeError, ValueError, KeyError) as err:
-            raise PlanError(f"malformed plan: {err!r} (remove: a list of layer indices; merges: "
-                            "objects with low, high, operator)") from err
+        self.num_layers = _layer_index(self.num_layers, "num_layers")
+        if any(isinstance(x, (str, bytes, dict)) or not hasattr(x, "__iter__") for x in (self.remove, self.merges)):
+            raise PlanError("malformed plan: remove and merges must be lists (remove: layer indices; merges: "
+                            "objects with low, high, operator)")
+        self.remove = sorted(_layer_index(i, "remove") for i in self.remove)
+        self.merges = [_merge(m) for m in self.merges]
         if self.version is None:
             self.version = __version__
         self.validate()
 
     def validate(self) -> None:
+        from .surgery.merge import check_operator  # surgery imports this module
+
+        if self.num_layers < 1:
+            raise PlanError(f"the plan's num_layers must be at least 1, got {self.num_layers}")
         removed: set[int] = set()
         for i in self.remove:
             if not 0 <= i < self.num_layers:
@@ -82,6 +107,7 @@ class Plan(JsonRecord):
             removed.add(i)
         done: list[Merge] = []
         for m in self.merges:
+            check_operator(m.operator)
             if not 0 <= m.low < m.high < self.num_layers:
                 raise PlanError(f"merge {m.low}..{m.high} is not a window inside 0..{self.num_layers - 1}")
             if removed.intersection(m.window):

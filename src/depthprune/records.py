@@ -12,6 +12,7 @@ from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
+from .checks import check_name_lengths
 from .errors import InputError
 
 R = TypeVar("R", bound="JsonRecord")
@@ -57,6 +58,7 @@ class JsonRecord:
     def load(cls: type[R], path: str | Path) -> R:
         """Read a record from its file, or from ``FILE`` inside a directory."""
         path = Path(path).expanduser()
+        check_name_lengths(path, f"the {cls.KIND} path")
         if path.is_dir():
             path = path / cls.FILE
         if not path.is_file():

@@ -2,8 +2,9 @@
 
 ``app`` lives in :mod:`.app`; the command modules register on it when
 imported below (nothing imports back up). :func:`main` turns an input error
-(:class:`~depthprune.errors.DepthpruneError`) into one line and exit code 2;
-any other exception is a bug and keeps its traceback.
+(:class:`~depthprune.errors.DepthpruneError`, and click's usage errors: an
+unknown option, a value that does not parse) into one ``error:`` line and exit
+code 2; any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sys
 import typer
 
 from . import evaluate, export, prune, recover  # noqa: F401  (each registers its commands on app)
-from .app import app
+from .app import NoArgsIsHelpError, app, click_errors
 from .streaming import remember_argv
 
 
@@ -30,6 +31,11 @@ def _terminate(signum, frame) -> None:
     raise Terminated()
 
 
+def one_line(message: str) -> str:
+    """An error as the one line the command prints (a message with line breaks is joined with spaces)."""
+    return " ".join(message.split())
+
+
 def main(argv: list[str] | None = None) -> int:
     from ..errors import DepthpruneError
 
@@ -40,13 +46,24 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:  # not the main thread: leave signal handling to the host
         previous = None
     try:
-        app(args=argv, prog_name="depthprune")
+        code = app(args=argv, prog_name="depthprune", standalone_mode=False)
+        return code if isinstance(code, int) else 0
     except SystemExit as done:
         return done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
-    except DepthpruneError as err:
-        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+    except NoArgsIsHelpError as help_asked:
+        typer.echo(help_asked.ctx.get_help())
+        return 0
+    except click_errors.UsageError as err:
+        where = f" (see `{err.ctx.command_path} --help`)" if err.ctx is not None else ""
+        typer.secho(f"error: {one_line(err.format_message())}{where}", fg=typer.colors.RED, err=True)
         return 2
-    except (KeyboardInterrupt, Terminated) as stop:
+    except DepthpruneError as err:
+        typer.secho(f"error: {one_line(str(err))}", fg=typer.colors.RED, err=True)
+        return 2
+    except click_errors.ClickException as err:
+        typer.secho(f"error: {one_line(err.format_message())}", fg=typer.colors.RED, err=True)
+        return 2
+    except (KeyboardInterrupt, Terminated, typer.Abort) as stop:
         typer.secho("interrupted: nothing half-written was left at the output", fg=typer.colors.RED, err=True)
         return 143 if isinstance(stop, Terminated) else 130
     finally:

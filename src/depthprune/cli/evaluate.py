@@ -24,6 +24,7 @@ from .options import (
     check_json,
     evaluation,
     load,
+    refuse_ignored,
     split_list,
     uses,
 )
@@ -46,7 +47,7 @@ def eval_ppl_cmd(
 
     json_out = check_json(json_out)
     spec = evaluation("ppl", ppl_data=dataset, ppl_windows=max_windows, seq_len=seq_len,
-                      batch_size=batch_size).perplexity
+                      batch_size=batch_size, windows_option="--max-windows").perplexity
     given.check_model(("--seq-len", seq_len))
     loaded = given.load()
     res = spec.run(loaded.model, loaded.tokenizer, not given.quiet)
@@ -192,6 +193,9 @@ def bench(
 
     names = check_methods(split_list(methods))
     options = {m: o for m, o in method_flags(ctx, names, "bench").items() if o}
+    compensated = any(fit != "none" for fit in split_list(compensate))
+    refuse_ignored(("ridge", compensated, "needs a fit in --compensate (linear, cosine or kl)"),
+                   ("compensate_tokens", compensated, "needs a fit in --compensate (linear, cosine or kl)"))
     if out is None:
         raise InputError("--out is required: the directory for results.json, results.md and the plot")
     result = run_bench(

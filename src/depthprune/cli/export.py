@@ -25,12 +25,16 @@ def mergekit_cmd(
         help="dtype for mergekit; default: the checkpoint's own (config.json), else bfloat16.")] = None,
 ) -> None:
     """Write a mergekit passthrough YAML reproducing a removal-only plan (layer_range over the original model)."""
-    from ..export.mergekit import mergekit_yaml
+    from ..export.mergekit import base_model_name, mergekit_yaml
     from ..io import atomic_write, check_output_file
+    from ..models.load import check_plan_depth
     from ..plan import Plan
 
     target = check_output_file(out, option="--out", suffix=".yaml") if out is not None else None
     plan = Plan.load(plan_dir)
+    base_model = base_model_name(plan, base_model)
+    if Path(base_model).expanduser().is_dir():  # a hub id, or a path on the machine mergekit runs on, is not here
+        check_plan_depth(plan, base_model, "--base-model")
     text = mergekit_yaml(plan, base_model=base_model, dtype=dtype or _checkpoint_dtype(plan_dir) or "bfloat16")
     if target is None:
         typer.echo(text, nl=False)
@@ -68,7 +72,7 @@ def hub_cmd(
     from ..export.hub import CARD_FILE, check_repo_id, ensure_card, model_card, push_checkpoint, upload_plan
     from ..io import kind_of
 
-    check_repo_id(repo)
+    check_repo_id(repo, "--repo")
     if not checkpoint.is_dir() or kind_of(checkpoint) != "checkpoint":
         raise InputError(f"{checkpoint} is not a checkpoint depthprune wrote; `export hub` uploads only those "
                          "(they carry the plan and report the model card is made from)")

@@ -22,8 +22,10 @@ from typing import TYPE_CHECKING, Annotated, Any, Callable, Optional
 
 import typer
 
+from ..checks import flag_of, require_finite
 from ..compensate import DEFAULT_TOKENS
 from ..errors import InputError
+from .app import ParameterSource, get_current_context
 from .streaming import MaxMemoryOpt, PushOpt, StreamOpt
 
 if TYPE_CHECKING:
@@ -150,6 +152,7 @@ def parse_limit(limit: float | None) -> int | float | None:
     """lm-eval reads an int as a count and a float below 1 as a fraction."""
     if limit is None:
         return None
+    require_finite(limit, "--limit")
     if limit <= 0:
         raise InputError(f"--limit must be positive, got {limit:g}")
     if limit >= 1:
@@ -183,13 +186,17 @@ def evaluation(
     batch_size: int = 8,
     seed: int = 1234,
     speed: bool = False,
+    windows_option: str = "--ppl-windows",
 ) -> "Evaluation":
-    """The ``--eval`` list and its options as an :class:`~depthprune.evaluate.suite.Evaluation` (checked)."""
+    """The ``--eval`` list and its options as an :class:`~depthprune.evaluate.suite.Evaluation` (checked).
+
+    ``windows_option`` is the option that gave ``ppl_windows`` (``eval-ppl`` calls it ``--max-windows``).
+    """
     from ..evaluate.suite import Evaluation, PerplexitySpec, SpeedSpec, ZeroShotSpec
 
     names = split_list(what)
     if ppl_windows < 0:
-        raise InputError(f"--ppl-windows must be 0 (all) or more, got {ppl_windows}")
+        raise InputError(f"{windows_option} must be 0 (all) or more, got {ppl_windows}")
     tasks = parse_tasks([n for n in names if n != "ppl"], piqa_dir)
     result = Evaluation(
         perplexity=PerplexitySpec(ppl_data, seq_len, ppl_windows or None, batch_size) if "ppl" in names else None,
@@ -252,6 +259,11 @@ class Given(SimpleNamespace):
 
     def evaluation_spec(self, *, batch_size: int, seq_len: int | None = None, seed: int | None = None,
                         speed: bool = False) -> "Evaluation":
+        names = split_list(self.eval_)
+        tasks = [n for n in names if n != "ppl"]
+        refuse_ignored(*[(name, "ppl" in names, "needs ppl in --eval") for name in ("ppl_data", "ppl_windows")],
+                       *[(name, bool(tasks), "needs lm-eval tasks in --eval")
+                         for name in ("limit", "num_fewshot", "task_dir", "piqa_dir")])
         return evaluation(self.eval_, ppl_data=self.ppl_data, ppl_windows=self.ppl_windows,
                           seq_len=seq_len or getattr(self, "seq_len", 128), limit=self.limit,
                           num_fewshot=self.num_fewshot, task_dir=self.task_dir, piqa_dir=self.piqa_dir,
@@ -279,11 +291,42 @@ class Given(SimpleNamespace):
                                   push_to_hub=getattr(self, "push_to_hub", None))
 
 
+def flag_for(name: str) -> str:
+    """The option of the running command whose parameter is ``name``, as the user would type it."""
+    ctx = get_current_context(silent=True)
+    for param in ctx.command.params if ctx is not None else ():
+        if param.name == name and param.opts:
+            return max(param.opts, key=len)
+    return flag_of(name)
+
+
+def typed(name: str) -> bool:
+    """Whether the user gave the option ``name`` (on the command line), rather than it keeping its default."""
+    ctx = get_current_context(silent=True)
+    return ctx is not None and ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE,
+                                                                  ParameterSource.ENVIRONMENT)
+
+
+def refuse_ignored(*rules: tuple[str, bool, str]) -> None:
+    """Refuse options the user typed that would have no effect: each rule is (parameter name, whether it has
+    an effect here, why not), e.g. ``("ridge", fit is not None, "needs --compensate linear, cosine or kl")``.
+    A silently ignored option is a run the user did not ask for."""
+    for name, effective, why in rules:
+        if typed(name) and not effective:
+            raise InputError(f"{flag_for(name)} {why}; as given it would do nothing")
+
+
+def check_numbers(values: dict[str, Any]) -> None:
+    """Every float option of the running command is finite (``nan``/``inf`` parse as floats)."""
+    for name, value in values.items():
+        require_finite(value, flag_for(name))
+
+
 def uses(*groups: OptionGroup) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Add the options of ``groups`` to a command; it receives their values as ``given`` (a :class:`Given`).
 
-    With ``--quiet`` among them, the command also runs with transformers', the Hub's and datasets' progress
-    bars off.
+    Every float option of the command (its own and the groups') is checked finite first. With ``--quiet``
+    among them, the command also runs with transformers', the Hub's and datasets' progress bars off.
     """
     from ..models.load import quiet_transformers
 
@@ -294,6 +337,7 @@ def uses(*groups: OptionGroup) -> Callable[[Callable[..., Any]], Callable[..., A
 
         @functools.wraps(command)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
+            check_numbers(kwargs)
             given = Given(**{p.name: kwargs.pop(p.name) for p in added})
             with quiet_transformers(bool(getattr(given, "quiet", False))):
                 return command(*args, given=given, **kwargs)

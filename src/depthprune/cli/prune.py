@@ -27,6 +27,7 @@ from .options import (
     OutOpt,
     OverwriteOpt,
     check_model,
+    refuse_ignored,
     require_out,
     uses,
 )
@@ -139,23 +140,34 @@ def prune(
 
     get_method(method)
     options = build_options(method, method_flags(ctx, [method], "prune")[method])
+    width = then_width is not None or bool(then_width_heads)
+    compensated = given.compensate != "none"
+    refuse_ignored(("ridge", compensated, "needs --compensate linear, cosine or kl"),
+                   ("compensate_tokens", compensated, "needs --compensate linear, cosine or kl"),
+                   ("width_scorer", width, "needs a width stage (--then-width or --then-width-heads)"),
+                   *[(name, heal is not None, "needs --heal DATA") for name in ("heal_max_steps", "heal_epochs",
+                                                                                "heal_train_layers", "heal_distill")],
+                   ("calib_samples", calib_sentences is None,
+                    "is not used with --calib-sentences (its file gives one sample per line)"))
     stages: list = [DepthStage(method, Target(ratio, remove_layers, keep_layers), options,
                                given.compensation_spec())]
-    if then_width is not None or then_width_heads:
-        stages.append(WidthStage(then_width or 0.0, then_width_heads, width_scorer))
+    if width:
+        stages.append(WidthStage(then_width or 0.0, then_width_heads, width_scorer,
+                                 flags=("--then-width", "--then-width-heads")))
     if heal is not None:
         from ..heal import HealConfig
 
         stages.append(HealStage(heal, HealConfig(max_steps=heal_max_steps, epochs=heal_epochs,
                                                  train_layers=heal_train_layers, distill=heal_distill,
-                                                 progress=not given.quiet)))
+                                                 progress=not given.quiet), option_prefix="--heal-"))
     job = Job(stages, given.calibration_spec(calib_sentences), given.evaluation_spec(batch_size=batch_size),
               batch_size=batch_size, progress=not given.quiet).check()
     given.run_job(job, check_out(require_out(out), given.model, overwrite, job), overwrite)
 
 
 def check_out(out: str, model: str, overwrite: bool, job) -> Path:
-    """The job's output directory and model source, checked before the model loads."""
+    """The job's output directory and model source, checked before the model loads; for a model on disk also
+    the job against its config (depth targets, layer ranges, widths, compensation support)."""
     from types import SimpleNamespace
 
     from ..compensate import check_supported
@@ -164,8 +176,10 @@ def check_out(out: str, model: str, overwrite: bool, job) -> Path:
 
     out = check_output_dir(out, inputs=[model], overwrite=overwrite)
     config = check_model(model, *job.window_lengths())
-    if config is not None and any(getattr(stage, "compensation", None) for stage in job.stages):
-        check_supported(spec_for(SimpleNamespace(**config)))
+    if config is not None:
+        job.check(config)
+        if any(getattr(stage, "compensation", None) for stage in job.stages):
+            check_supported(spec_for(SimpleNamespace(**config)))
     return out
 
 
@@ -229,7 +243,7 @@ def analyze(
     from ..analysis.layer_cka import layer_similarity
     from ..errors import InputError
     from ..io import atomic_write, check_output_dir, prepare_dir, write_json
-    from ..models.load import config_num_layers
+    from ..models.load import check_plan_depth
     from ..plan import Plan
     from ..report import plot_cka_heatmap
 
@@ -239,9 +253,9 @@ def analyze(
     spec = given.calibration_spec().check()
     out = check_output_dir(out, inputs=[given.model], kind="analysis")
     loaded_plan = Plan.load(plan) if plan is not None else None
-    config = given.check_model(("--seq-len", given.seq_len))
-    if loaded_plan is not None and config is not None:
-        loaded_plan.check_model_depth(config_num_layers(config), f"--model {given.model}")
+    given.check_model(("--seq-len", given.seq_len))
+    if loaded_plan is not None:
+        check_plan_depth(loaded_plan, given.model)
     loaded = given.backend()
     windows = None
     if loaded_plan is not None:

@@ -20,6 +20,7 @@ from .options import (
     SeqLenOpt,
     TrainLayersOpt,
     check_model,
+    refuse_ignored,
     require_out,
     uses,
 )
@@ -96,6 +97,10 @@ def heal_cmd(
     from ..io import check_output_dir
     from ..job import HealStage, Job
 
+    refuse_ignored(*[(name, distill, "needs --distill")
+                     for name in ("distill_alpha", "temperature", "distill_top_k", "teacher")],
+                   ("keep_checkpoints", work_dir is not None, "needs --work-dir (without it checkpoints live "
+                    "in scratch space that is always removed)"))
     config = HealConfig(
         r=rank, alpha=alpha, dropout=dropout, preset=preset, lr=lr, epochs=epochs, max_steps=max_steps,
         batch_size=batch_size, grad_accum=grad_accum, cutoff_len=cutoff_len, val_size=val_size,

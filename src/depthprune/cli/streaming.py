@@ -95,7 +95,7 @@ def run_checkpoint_job(job: "Job", *, load: Callable[..., "LoadedModel"], model:
     from ..job import run_job
     from .prune import print_result
 
-    repo = check_repo_id(push_to_hub) if push_to_hub else None
+    repo = check_repo_id(push_to_hub) if push_to_hub is not None else None
     writers = [card_writer(command_line(), repo)] if repo else []
     backend = open_backend(model, load=load, stream=stream, max_memory=max_memory, dtype=dtype, device=device,
                            quiet=quiet, job=job)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from ..checks import require_finite_fields
 from ..errors import InputError
 
 FITS = ("linear", "cosine", "kl", "layers")
@@ -37,6 +38,7 @@ class Compensation:
     seed: int = 4321
 
     def validate(self) -> "Compensation":
+        require_finite_fields(self)
         if self.fit not in FITS:
             raise InputError(f"unknown compensation {self.fit!r}: use one of {', '.join(FITS)}")
         if self.tokens < 1:

@@ -22,6 +22,7 @@ from typing import Any, Collection
 
 import torch
 
+from ..checks import check_name_lengths
 from ..errors import InputError
 
 
@@ -69,18 +70,36 @@ def _default_split(source: str) -> tuple[str, str]:
     return text[cut:], "default-heldout: Pride and Prejudice, last 15% (Project Gutenberg, shipped)"
 
 
+def read_jsonl(text: str) -> list[tuple[int, Any]]:
+    """(line number, value) of every non-empty line; a bad line's error gives its own line number."""
+    values, offset = [], 0
+    for number, line in enumerate(text.splitlines(keepends=True), start=1):
+        if line.strip():
+            try:
+                values.append((number, json.loads(line)))
+            except json.JSONDecodeError as err:
+                raise json.JSONDecodeError(err.msg, text, offset + err.pos) from None
+        offset += len(line)
+    return values
+
+
 def _read_local(path: Path) -> str:
     if path.is_dir():
         raise CalibrationError(f"{path} is a directory; pass a .txt or .jsonl file")
     if not path.is_file():
         raise CalibrationError(f"text file not found: {path}")
     try:
-        if path.suffix == ".jsonl":
-            lines = path.read_text(encoding="utf-8").splitlines()
-            texts = [json.loads(line)["text"] for line in lines if line.strip()]
-            return "\n\n".join(texts)
-        return path.read_text(encoding="utf-8")
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
+        text = path.read_text(encoding="utf-8")
+        if path.suffix != ".jsonl":
+            return text
+        texts = []
+        for number, value in read_jsonl(text):
+            if not isinstance(value, dict) or not isinstance(value.get("text"), str):
+                raise CalibrationError(f"{path}: line {number} is not an object with a string 'text' field; "
+                                       "each line of a calibration .jsonl must be one")
+            texts.append(value["text"])
+        return "\n\n".join(texts)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CalibrationError(
             f"cannot read {path} as calibration text ({err}); use UTF-8 .txt or .jsonl with a 'text' field"
         ) from err
@@ -173,14 +192,17 @@ class CalibrationSpec:
     sentences_file: str | None = None
 
     def check(self) -> "CalibrationSpec":
-        """What can be checked before a model is loaded."""
+        """What can be checked before a model is loaded: the numbers, and a local text read and judged (UTF-8,
+        valid .jsonl, not empty, long enough for the windows asked for)."""
         if self.num_windows < 1:
             raise CalibrationError(f"--calib-samples must be at least 1, got {self.num_windows}")
         if self.seq_len < 2:
             raise CalibrationError(f"--seq-len must be at least 2 tokens, got {self.seq_len}")
-        check_text_source(self.source, "--calib")
+        text = check_text_source(self.source, "--calib")
         if self.sentences_file is not None:
             check_text_source(self.sentences_file, "--calib-sentences")
+        elif text is not None:
+            check_room(text, self.num_windows, self.seq_len)
         return self
 
     #: Windows held out of every fit, for ranking candidate plans (``--method auto``).
@@ -224,16 +246,42 @@ def tokenizer_key(tokenizer: Any) -> tuple:
 NAMED_TEXTS = ("default", "default-heldout")
 
 
-def check_text_source(source: str | Path, option: str) -> None:
-    """A named text or an existing file; anything else is a typo caught before loading the model."""
-    if str(source) in NAMED_TEXTS or str(source) in HUB_TEXTS:
-        return
+def check_text_source(source: str | Path, option: str) -> str | None:
+    """A named text or a readable file holding text; anything else is caught before loading the model.
+
+    Returns the text, or None for a hub dataset (read only when it is used: it may need the network).
+    """
+    if str(source) in HUB_TEXTS:
+        return None
+    if str(source) in NAMED_TEXTS:
+        return _default_split(str(source))[0]
     path = Path(source).expanduser()
+    check_name_lengths(path, option)
     if path.is_dir():
         raise CalibrationError(f"{option} {source} is a directory; pass a .txt or .jsonl file")
     if not path.is_file():
         raise CalibrationError(f"{option} {source!r} is neither a file nor a known text ({', '.join(NAMED_TEXTS)}, "
                                f"{', '.join(HUB_TEXTS)}); pass a .txt/.jsonl path")
+    text = _read_local(path)
+    if not text.strip():
+        raise CalibrationError(f"{option} {source} holds no text; pass a file with some")
+    return text
+
+
+#: No tokenizer makes more than this many tokens of one UTF-8 byte, so a text of n bytes holds at most
+#: ``MAX_TOKENS_PER_BYTE * n`` tokens: a bound to refuse impossible window counts before any tokenizer loads.
+MAX_TOKENS_PER_BYTE = 2
+
+
+def check_room(text: str, num_windows: int, seq_len: int) -> None:
+    """Refuse ``num_windows`` windows of ``seq_len`` tokens that ``text`` cannot hold whatever the tokenizer
+    (the exact count is known, and checked again, once the text is tokenized)."""
+    most = MAX_TOKENS_PER_BYTE * len(text.encode("utf-8")) // max(1, seq_len - 2)
+    if num_windows > most:
+        raise CalibrationError(
+            f"--calib-samples {num_windows}: the calibration text ({len(text.encode('utf-8'))} bytes) cannot hold "
+            f"{num_windows} windows of {seq_len} tokens (at most {most} even at {MAX_TOKENS_PER_BYTE} tokens per "
+            "byte); use fewer --calib-samples, a smaller --seq-len or a longer text")
 
 
 def _tokenize_body(tokenizer: Any, text: str) -> list[int]:
@@ -363,7 +411,9 @@ __all__ = [
     "Calibration",
     "CalibrationError",
     "CalibrationSpec",
+    "check_room",
     "check_text_source",
+    "read_jsonl",
     "HUB_TEXTS",
     "HubText",
     "consecutive_windows",

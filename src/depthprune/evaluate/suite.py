@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
+from ..checks import require_finite
 from ..data.calibration import Calibration, check_text_source, consecutive_windows, tokenizer_key
 from ..errors import InputError
 from .perplexity import PPL_DATASETS, PerplexityResult, perplexity_on
@@ -77,8 +78,11 @@ class ZeroShotSpec:
 
         if self.batch_size < 1:
             raise InputError(f"--batch-size must be at least 1, got {self.batch_size}")
+        require_finite(self.limit, "--limit")
         if self.limit is not None and self.limit <= 0:
             raise InputError(f"--limit must be positive, got {self.limit}")
+        if self.num_fewshot < 0:
+            raise InputError(f"--num-fewshot must be 0 (zero-shot) or more, got {self.num_fewshot}")
         check_tasks(self.tasks, task_dir=self.task_dir, piqa_dir=self.piqa_dir)
         if self.task_dir is not None:
             self.task_dir = str(Path(self.task_dir).resolve())

@@ -66,6 +66,8 @@ PAPER_TASKS: dict[str, str] = {
 PIQA_LOCAL_TASK = "piqa_local"
 LOCAL_TASK_METRICS: dict[str, str] = {PIQA_LOCAL_TASK: PAPER_TASKS["piqa"]}
 PIQA_DIR_ENV = "DEPTHPRUNE_PIQA_DIR"
+PIQA_FIELDS = ("goal", "sol1", "sol2")
+"""What lm-eval's piqa task reads from every example."""
 FALLBACK_METRIC = "acc"
 
 _OFFLINE_ENV_VARS = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
@@ -145,17 +147,28 @@ def _merge_split(piqa_dir: Path, split: str) -> bytes:
                 f"PIQA file {path} not found; piqa_dir must contain PIQA's release "
                 f"files {split}.jsonl and {split}-labels.lst"
             )
-    q_lines = [ln for ln in questions.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    l_lines = [ln.strip() for ln in labels.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    if len(q_lines) != len(l_lines):
+    from ..data.calibration import read_jsonl
+
+    try:
+        docs = read_jsonl(questions.read_text(encoding="utf-8"))
+        l_lines = [ln.strip() for ln in labels.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    except UnicodeDecodeError as err:
+        raise PiqaDataError(f"PIQA's files in {piqa_dir} are not UTF-8 text ({err}); restore the release "
+                            "files") from None
+    except json.JSONDecodeError as err:
+        raise PiqaDataError(f"{questions}: line {err.lineno} is not valid JSON ({err.msg}, column {err.colno}); "
+                            "restore PIQA's release file") from None
+    if len(docs) != len(l_lines):
         raise PiqaDataError(
-            f"{questions} has {len(q_lines)} examples but {labels} has {len(l_lines)} labels"
+            f"{questions} has {len(docs)} examples but {labels} has {len(l_lines)} labels"
         )
     out = []
-    for lineno, (q_line, label) in enumerate(zip(q_lines, l_lines), start=1):
+    for lineno, ((q_lineno, doc), label) in enumerate(zip(docs, l_lines), start=1):
         if label not in ("0", "1"):
             raise PiqaDataError(f"{labels}:{lineno}: expected label 0 or 1, got {label!r}")
-        doc = json.loads(q_line)
+        if not isinstance(doc, dict) or not all(isinstance(doc.get(k), str) for k in PIQA_FIELDS):
+            raise PiqaDataError(f"{questions}: line {q_lineno} is not a PIQA example (an object with string "
+                                f"fields {', '.join(PIQA_FIELDS)}); restore PIQA's release file")
         out.append(json.dumps({**doc, "label": int(label)}, ensure_ascii=False))
     return ("\n".join(out) + "\n").encode("utf-8")
 

@@ -31,14 +31,17 @@ class HubError(DepthpruneError):
     """The upload did not happen (no login, no network, no permission); the checkpoint on disk is complete."""
 
 
-def check_repo_id(repo: str) -> str:
-    """A valid Hub repository id (``name`` or ``owner/name``), checked before any work."""
+def check_repo_id(repo: str, option: str = "--push-to-hub") -> str:
+    """A valid Hub repository id (``name`` or ``owner/name``), checked before any work; ``option`` is the
+    option that gave it."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+    if not repo.strip():
+        raise InputError(f"{option} is empty (an unset shell variable?); give the Hub repository as owner/name")
     try:
         validate_repo_id(repo)
     except HFValidationError as err:
-        raise InputError(f"--push-to-hub {repo!r} is not a valid Hub repository id ({err})") from None
+        raise InputError(f"{option} {repo!r} is not a valid Hub repository id ({err})") from None
     return repo
 
 
@@ -145,7 +148,7 @@ def push_checkpoint(directory: str | Path, repo: str, *, private: bool = False, 
     """Create ``repo`` (if needed) and upload the checkpoint in ``directory``: exactly :func:`upload_plan`'s
     files, in one commit. ``dry_run`` returns the plan without touching the network."""
     directory = Path(directory)
-    check_repo_id(repo)
+    check_repo_id(repo, "--repo")
     files = upload_plan(directory)
     if CARD_FILE not in files:
         raise InputError(f"{directory} has no {CARD_FILE} model card; write one with `depthprune export hub`")

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Callable
 
+from ..checks import flag_of, require_finite_fields
 from ..errors import InputError
 
 PRESETS = ("default", "gromov")
@@ -37,7 +38,7 @@ class HealConfig:
     reproducing them; only the targets change here. ``target_modules``
     overrides both presets (PEFT module-name suffixes or one regex).
 
-    ``max_steps > 0`` overrides ``epochs``. ``val_size`` below 1 is a fraction
+    ``max_steps > 0`` overrides ``epochs`` (0: train for ``epochs``). ``val_size`` below 1 is a fraction
     of the items, 1 or more a count, 0 disables validation (then the last
     state is kept instead of the best one). The effective batch is
     ``batch_size * grad_accum`` (times the number of processes).
@@ -62,7 +63,7 @@ class HealConfig:
     target_modules: list[str] | str | None = None
     lr: float = 1e-4
     epochs: float = 2.0
-    max_steps: int = -1
+    max_steps: int = 0
     batch_size: int = 4
     grad_accum: int = 16
     eval_batch_size: int | None = None
@@ -86,46 +87,58 @@ class HealConfig:
     distill_top_k: int | None = None
     progress: bool = True
 
-    def validate(self) -> "HealConfig":
+    def validate(self, flag: Callable[[str], str] = flag_of) -> "HealConfig":
+        """Check every setting; messages name a setting as ``flag(field name)`` (``--lr``; ``prune`` passes
+        ``--heal-max-steps`` for ``max_steps``)."""
+        require_finite_fields(self, flag)
         if self.preset not in PRESETS:
-            raise HealError(f"unknown preset {self.preset!r}: use one of {', '.join(PRESETS)}")
+            raise HealError(f"unknown preset {flag('preset')} {self.preset!r}: use one of {', '.join(PRESETS)}")
         if self.train_on not in ("full", "response"):
-            raise HealError(f"train_on must be 'full' or 'response', got {self.train_on!r}")
+            raise HealError(f"{flag('train_on')} must be 'full' or 'response', got {self.train_on!r}")
         if self.r < 1 or self.alpha <= 0:
-            raise HealError(f"LoRA rank and alpha must be positive (got r={self.r}, alpha={self.alpha})")
+            raise HealError(f"LoRA rank and alpha must be positive (got {flag('rank')} {self.r}, {flag('alpha')} "
+                            f"{self.alpha})")
         if not 0.0 <= self.dropout < 1.0:
-            raise HealError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+            raise HealError(f"{flag('dropout')} must be in [0, 1), got {self.dropout}")
         if self.lr <= 0:
-            raise HealError(f"learning rate must be positive, got {self.lr}")
-        if self.max_steps <= 0 and self.epochs <= 0:
-            raise HealError("give a positive number of epochs or max_steps")
+            raise HealError(f"{flag('lr')} (the learning rate) must be positive, got {self.lr}")
+        if self.max_steps < 0:
+            raise HealError(f"{flag('max_steps')} must be 0 (train for {flag('epochs')}) or more, got "
+                            f"{self.max_steps}")
+        if self.epochs < 0 or (self.max_steps == 0 and self.epochs == 0):
+            raise HealError(f"give a positive {flag('epochs')} or {flag('max_steps')} (got {self.epochs} and "
+                            f"{self.max_steps})")
         if self.batch_size < 1 or self.grad_accum < 1:
-            raise HealError("batch_size and grad_accum must be at least 1")
+            raise HealError(f"{flag('batch_size')} and {flag('grad_accum')} must be at least 1")
         if self.cutoff_len < 8:
-            raise HealError(f"cutoff_len {self.cutoff_len} is too short; use at least 8 tokens (papers: 256)")
+            raise HealError(f"{flag('cutoff_len')} {self.cutoff_len} is too short; use at least 8 tokens "
+                            "(papers: 256)")
         if self.val_size < 0:
-            raise HealError(f"val_size must be >= 0, got {self.val_size}")
+            raise HealError(f"{flag('val_size')} must be 0 or more, got {self.val_size}")
         if self.eval_steps < 1 or self.logging_steps < 1:
-            raise HealError("eval_steps and logging_steps must be at least 1")
-        self.last_layers()
+            raise HealError(f"{flag('eval_steps')} and logging_steps must be at least 1")
+        if self.max_items is not None and self.max_items < 1:
+            raise HealError(f"{flag('max_items')} must be at least 1, got {self.max_items}")
+        self.last_layers(flag)
         if not 0.0 <= self.distill_alpha <= 1.0:
-            raise HealError(f"--distill-alpha must be in [0, 1], got {self.distill_alpha}")
+            raise HealError(f"{flag('distill_alpha')} must be in [0, 1], got {self.distill_alpha}")
         if self.temperature <= 0:
-            raise HealError(f"--temperature must be positive, got {self.temperature}")
+            raise HealError(f"{flag('temperature')} must be positive, got {self.temperature}")
         if self.distill_top_k is not None and self.distill_top_k < 1:
-            raise HealError(f"--distill-top-k must be at least 1, got {self.distill_top_k}")
+            raise HealError(f"{flag('distill_top_k')} must be at least 1, got {self.distill_top_k}")
         if self.qlora and self.last_layers() is not None:
-            raise HealError("--qlora trains LoRA adapters on a 4-bit copy; it cannot be combined with "
-                            "--train-layers last:N")
+            raise HealError(f"{flag('qlora')} trains LoRA adapters on a 4-bit copy; it cannot be combined with "
+                            f"{flag('train_layers')} last:N")
         return self
 
-    def last_layers(self) -> int | None:
+    def last_layers(self, flag: Callable[[str], str] = flag_of) -> int | None:
         """N of ``train_layers="last:N"``, or None for LoRA."""
         if self.train_layers == "lora":
             return None
         kind, _, count = self.train_layers.partition(":")
         if kind != "last" or not count.isdigit() or int(count) < 1:
-            raise HealError(f"--train-layers must be 'lora' or 'last:N' with N >= 1, got {self.train_layers!r}")
+            raise HealError(f"{flag('train_layers')} must be 'lora' or 'last:N' with N >= 1, got "
+                            f"{self.train_layers!r}")
         return int(count)
 
     def to_dict(self) -> dict[str, Any]:

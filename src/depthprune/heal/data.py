@@ -27,7 +27,8 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from ..data.calibration import special_prefix
+from ..checks import check_name_lengths
+from ..data.calibration import read_jsonl, special_prefix
 from .config import HealConfig, HealDataError
 
 ALPACA_HUB = {"alpaca-cleaned": "yahma/alpaca-cleaned", "yahma/alpaca-cleaned": "yahma/alpaca-cleaned"}
@@ -84,10 +85,7 @@ def read_alpaca_file(path: Path) -> list[dict[str, str]]:
     """Records of a local alpaca .json (a list) or .jsonl (one object per line) file."""
     try:
         text = path.read_text(encoding="utf-8")
-        if path.suffix == ".jsonl":
-            records = [json.loads(line) for line in text.splitlines() if line.strip()]
-        else:
-            records = json.loads(text)
+        records = [r for _, r in read_jsonl(text)] if path.suffix == ".jsonl" else json.loads(text)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise HealDataError(f"cannot read {path} as alpaca JSON ({err}); use UTF-8 .json (a list of "
                             "records) or .jsonl (one record per line)") from err
@@ -183,33 +181,61 @@ def data_paths(data: str | Path | Sequence[str | Path]) -> list[Path] | None:
     return None
 
 
+def _check_hub_name(data: Any) -> None:
+    if str(data) not in ALPACA_HUB and str(data).count("/") != 1:
+        raise HealDataError(
+            f"unknown healing data {data!r}: pass 'alpaca-cleaned', a hub id in alpaca layout, a local "
+            ".json/.jsonl file in alpaca layout, or .txt files"
+        )
+
+
+def _local_kind(paths: list[Path]) -> str:
+    """``alpaca`` or ``text`` for existing local files of one kind."""
+    for p in paths:
+        check_name_lengths(p, "--data")
+        if not p.is_file():
+            raise HealDataError(f"healing data file not found: {p}")
+    suffixes = {p.suffix for p in paths}
+    if suffixes <= set(JSON_SUFFIXES):
+        return "alpaca"
+    if not suffixes & set(JSON_SUFFIXES):
+        return "text"
+    raise HealDataError("do not mix alpaca .json/.jsonl files and plain text files in one run")
+
+
+def check_heal_data(data: str | Path | Sequence[str | Path]) -> None:
+    """Read and check what ``data`` names before any model is loaded: local files exist, alpaca files hold
+    valid records, text files are UTF-8 with some text in them; a hub dataset has the shape of a name (whether
+    it exists is only known when it downloads)."""
+    paths = data_paths(data)
+    if paths is None:
+        _check_hub_name(data)
+        return
+    kind = _local_kind(paths)
+    for p in paths:
+        if kind == "alpaca":
+            read_alpaca_file(p)
+        elif not _read_text_file(p).strip():
+            raise HealDataError(f"{p} holds no text to train on")
+
+
 def load_heal_data(data: str | Path | Sequence[str | Path], tokenizer: Any, config: HealConfig) -> HealData:
     """Read, format, tokenize and split ``data`` (see the module docstring for what it may name)."""
     paths = data_paths(data)
     if paths is None:
-        if str(data) not in ALPACA_HUB and str(data).count("/") != 1:
-            raise HealDataError(
-                f"unknown healing data {data!r}: pass 'alpaca-cleaned', a hub id in alpaca layout, a local "
-                ".json/.jsonl file in alpaca layout, or .txt files"
-            )
+        _check_hub_name(data)
         records = read_alpaca_hub(str(data), config.max_items)
         items = tokenize_alpaca(records, tokenizer, config.cutoff_len, config.train_on)
         kind, desc = "alpaca", {"source": f"hub:{ALPACA_HUB.get(str(data), str(data))}", "records": len(records)}
     else:
-        for p in paths:
-            if not p.is_file():
-                raise HealDataError(f"healing data file not found: {p}")
-        suffixes = {p.suffix for p in paths}
-        if suffixes <= set(JSON_SUFFIXES):
+        if _local_kind(paths) == "alpaca":
             records = [r for p in paths for r in read_alpaca_file(p)][: config.max_items]
             items = tokenize_alpaca(records, tokenizer, config.cutoff_len, config.train_on)
             kind, desc = "alpaca", {"source": [str(p) for p in paths], "records": len(records)}
-        elif not suffixes & set(JSON_SUFFIXES):
+        else:
             items = text_blocks([_read_text_file(p) for p in paths], tokenizer, config.cutoff_len)
             items = items[: config.max_items]
             kind, desc = "text", {"source": [str(p) for p in paths], "blocks": len(items)}
-        else:
-            raise HealDataError("do not mix alpaca .json/.jsonl files and plain text files in one run")
     if not items:
         raise HealDataError(
             f"{data} yields no training items of up to {config.cutoff_len} tokens; text must be longer "

@@ -32,6 +32,10 @@ class AngularOptions(MethodOptions):
         elif given(target):
             raise PlanError("--method angular takes either --block or a depth target, not both")
 
+    def check_depth(self, num_layers: int) -> None:
+        if self.block is not None and not 1 <= self.block < num_layers:
+            raise PlanError(f"--block must be between 1 and {num_layers - 1}, got {self.block}")
+
 
 def plan_angular(stats: LayerStats, block: int, *, model: str | None = None) -> Plan:
     """Plan removing the ``block`` consecutive layers with the smallest angular distance."""

@@ -63,6 +63,10 @@ class LaCoOptions(ThresholdOptions):
         if self.lowest < 0:
             raise PlanError(f"LaCo's lowest merge position must be 0 or more, got {self.lowest}")
 
+    def check_depth(self, num_layers: int) -> None:
+        highest = num_layers if self.highest is None else self.highest
+        check_laco_options(num_layers, self.merge_layers, self.interval, self.lowest, highest)
+
 
 def check_laco_options(num_layers: int, merge_layers: int, interval: int, lowest: int, highest: int) -> None:
     if merge_layers < 2:

@@ -23,6 +23,7 @@ from typing import Any, Callable, Literal, Mapping, Protocol, Sequence
 from torch import nn
 
 from ..backend import Backend, InMemoryBackend
+from ..checks import require_finite_fields
 from ..data.calibration import Calibration
 from ..plan import Plan, PlanError
 from .target import Target, require
@@ -69,10 +70,15 @@ class MethodOptions:
     """Base of every method's options; subclasses declare fields with :func:`option`."""
 
     def __post_init__(self) -> None:
+        require_finite_fields(self)
         self.validate()
 
     def validate(self) -> None:
         """Check values that can be checked without the model (raise :class:`PlanError`)."""
+
+    def check_depth(self, num_layers: int) -> None:
+        """Check option values against the model's depth (layer ranges, block sizes) once it is known, which
+        is before loading for a model on disk (its config); methods with such options override this."""
 
     def check_target(self, method: str, target: Target | None) -> None:
         """Most methods need a depth target; threshold and block methods override this."""
@@ -178,11 +184,16 @@ def build_options(method: str, values: Mapping[str, Any] | None = None) -> Metho
     return opts
 
 
-def check_request(method: str, target: Target | None, options: MethodOptions) -> None:
-    """Everything about a planning request that can be checked before a model is loaded."""
+def check_request(method: str, target: Target | None, options: MethodOptions, num_layers: int | None = None) -> None:
+    """Everything about a planning request that can be checked before a model is loaded; with ``num_layers``
+    (from the model's config) also whether the target can be met and the options fit the model's depth."""
     if target is not None:
         target.validate()
     options.check_target(method, target)
+    if num_layers is not None:
+        if target is not None and target.given:
+            target.n_remove(num_layers)
+        options.check_depth(num_layers)
 
 
 def make_plan(

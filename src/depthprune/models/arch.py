@@ -221,6 +221,21 @@ def set_path(root: nn.Module, path: str, value: Any) -> None:
     setattr(parent, name, value)
 
 
+def layer_tensor(name: str, spec: ArchSpec) -> tuple[int, str] | None:
+    """(layer index, name inside the layer) of a stored decoder-layer tensor, None for any other tensor.
+
+    Checkpoints name layer tensors under the layers' path (``model.layers.3.mlp.up_proj.weight``), or without
+    the base model's prefix when other tools wrote them (``layers.3...``).
+    """
+    parts = spec.layers.split(".")
+    for start in range(len(parts)):
+        prefix = ".".join(parts[start:]) + "."
+        if name.startswith(prefix):
+            index, _, inner = name[len(prefix):].partition(".")
+            return (int(index), inner) if index.isdigit() and inner else None
+    return None
+
+
 def get_layers(model: nn.Module) -> nn.ModuleList:
     return get_path(model, spec_for(model).layers)
 

@@ -12,6 +12,7 @@ import importlib.util
 import json
 import logging
 import shutil
+import struct
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,9 +23,10 @@ import torch
 from torch import nn
 
 from ..errors import DepthpruneError, InputError, MissingInputError, MissingPackageError
+from ..checks import check_name_lengths
 from ..io import atomic_directory
 from ..paths import cache_dir
-from .arch import spec_for
+from .arch import layer_tensor, spec_for
 
 log = logging.getLogger(__name__)
 
@@ -164,19 +166,85 @@ def read_config(directory: Path) -> dict[str, Any]:
     return config
 
 
+def _transformers_config(directory: Path, config: dict[str, Any]) -> Any:
+    """The config as transformers builds it when loading, or an error naming what in config.json it refuses
+    (a dtype that is no dtype, a hidden size the heads do not divide, ...)."""
+    from huggingface_hub.errors import StrictDataclassError
+    from transformers import AutoConfig
+
+    path = directory / "config.json"
+    for key in ("dtype", "torch_dtype"):
+        value = config.get(key)
+        if value is not None and not (isinstance(value, str) and (value == "auto" or isinstance(
+                getattr(torch, value, None), torch.dtype))):
+            raise ModelLoadError(f"{path} gives {key} {value!r}, which is not a torch dtype (float32, bfloat16, "
+                                 "float16); fix it in config.json")
+    try:
+        return AutoConfig.from_pretrained(directory)
+    except (StrictDataclassError, ValueError, TypeError, AttributeError, KeyError) as err:
+        reason = str(err).strip().splitlines()[-1].strip() if str(err).strip() else type(err).__name__
+        raise ModelLoadError(f"{path} is not a config transformers can build ({reason}); "
+                             "fix config.json") from err
+
+
+def check_layer_tensors(config: dict[str, Any], names: list[str], where: Path) -> None:
+    """The stored decoder layers are exactly the ``config``'s depth, each with the tensors the others have.
+
+    A config declaring more layers than the weights hold would otherwise load with the missing layers
+    initialised at random (transformers only warns), one declaring fewer would silently drop layers.
+    """
+    spec = spec_for(SimpleNamespace(**config))
+    depth = config_num_layers(config)
+    layers: dict[int, set[str]] = {}
+    prefix = spec.layers
+    for name in names:
+        found = layer_tensor(name, spec)
+        if found is not None:
+            layers.setdefault(found[0], set()).add(found[1])
+            prefix = name[: -(len(found[1]) + len(str(found[0])) + 2)]  # as stored: model.layers, layers, ...
+    if not layers:
+        return  # stored under names depthprune does not recognise: transformers' loading report decides
+    tensors = set().union(*layers.values())
+    absent = [i for i in range(depth) if i not in layers]  # a config deeper than its weights
+    partial = [f"{prefix}.{i}.{t}" for i in range(depth) if i in layers for t in sorted(tensors - layers[i])]
+    if absent:
+        raise ModelLoadError(f"{where}: config.json declares {depth} layers but the weights lack every tensor of "
+                             f"layer{'s' * (len(absent) > 1)} {_ranges(absent)} ({prefix}.{absent[0]}.*), which "
+                             f"transformers would initialise at random; fix {spec.num_layers_field} in config.json "
+                             "or restore the missing weights")
+    if partial:
+        shown = ", ".join(partial[:3]) + (f" and {len(partial) - 3} more" if len(partial) > 3 else "")
+        raise ModelLoadError(f"{where}: the weights lack {shown} (the other layers have them), which transformers "
+                             "would initialise at random; restore them (re-save or re-download the model)")
+    extra = sorted(i for i in layers if i >= depth)
+    if extra:
+        raise ModelLoadError(f"{where}: config.json declares {depth} layers but the weights also hold layers "
+                             f"{_ranges(extra)}, which loading would silently drop; fix {spec.num_layers_field} in "
+                             "config.json")
+
+
+def _ranges(indices: list[int]) -> str:
+    return f"{indices[0]}..{indices[-1]}" if len(indices) > 2 and indices[-1] - indices[0] == len(indices) - 1 \
+        else ", ".join(map(str, indices))
+
+
 def check_checkpoint(directory: Path) -> dict[str, Any]:
     """Name what is wrong with a local checkpoint before transformers tries to load it.
 
-    Checks ``config.json`` (valid JSON, a ``model_type`` depthprune supports), that weights are present, and
-    that every safetensors file has a readable header covering the whole file (truncated or garbage files
-    are caught here, reading only the header). Returns the config.
+    Checks ``config.json`` (valid JSON, a ``model_type`` depthprune supports, values transformers accepts),
+    that weights are present, that every safetensors file has a readable header covering the whole file
+    (truncated or garbage files are caught here, reading only the header), and that the stored layers are
+    exactly the ones the config declares. Returns the config (its depth filled in from transformers' default
+    when config.json does not give it).
     """
     from safetensors import SafetensorError, safe_open
 
     config = read_config(directory)
     if "model_type" not in config:
         raise ModelLoadError(f"{directory / 'config.json'} has no model_type; the model directory is damaged")
-    spec_for(SimpleNamespace(**config))
+    spec = spec_for(SimpleNamespace(**config))
+    built = _transformers_config(directory, config)
+    config.setdefault(spec.num_layers_field, getattr(built, spec.num_layers_field))
     shards = sorted(directory.glob("*.safetensors"))
     index = directory / "model.safetensors.index.json"
     if index.is_file():
@@ -190,13 +258,30 @@ def check_checkpoint(directory: Path) -> dict[str, Any]:
     if not shards and not any(directory.glob("*.bin")):
         raise MissingInputError(f"{directory} has a config.json but no weights (model.safetensors, shards or "
                                 "pytorch_model.bin)")
+    names: list[str] = []
     for shard in shards:
         try:
             with safe_open(str(shard), framework="pt") as handle:
-                handle.keys()
+                names.extend(handle.keys())
         except (SafetensorError, OSError) as err:
             raise ModelLoadError(f"{shard} is truncated or corrupt ({err}); re-download or re-save the model")
+    if shards:
+        check_layer_tensors(config, names, directory)
     return config
+
+
+def check_gguf(path: Path) -> None:
+    """Read a .gguf file's header and tensor table before transformers converts it (a short or foreign file
+    would fail deep inside the conversion)."""
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        raise MissingPackageError("reading .gguf files needs the gguf package: run `pip install gguf`") from None
+    try:
+        GGUFReader(str(path))
+    except (ValueError, struct.error, IndexError, KeyError, OverflowError, UnicodeDecodeError, OSError) as err:
+        raise ModelLoadError(f"{path} is not a readable GGUF file ({type(err).__name__}: {err}); pass a complete "
+                             ".gguf model file") from None
 
 
 def context_length(config: Any) -> int | None:
@@ -214,6 +299,14 @@ def config_num_layers(config: dict[str, Any]) -> int:
     return int(config[spec_for(SimpleNamespace(**config)).num_layers_field])
 
 
+def check_plan_depth(plan: Any, source: str, option: str = "--model") -> None:
+    """A plan is only applied to, or exported for, a model of the depth it was made for; checked from the
+    model's config without loading it when the model is on disk (a hub id is checked when it loads)."""
+    config = local_config(source)
+    if config is not None:
+        plan.check_model_depth(config_num_layers(config), f"{option} {source}")
+
+
 def check_context(config: Any, seq_len: int, option: str = "--seq-len") -> None:
     """Refuse windows longer than the model's context: they are slow (quadratic attention) and meaningless."""
     limit = context_length(config)
@@ -225,9 +318,11 @@ def check_context(config: Any, seq_len: int, option: str = "--seq-len") -> None:
 def _local_path(source: str) -> Path | None:
     """The local file or directory ``source`` names, None for a hub id; a path that cannot be right is an error."""
     path = Path(source).expanduser()
+    check_name_lengths(path, "--model")
     if path.suffix == ".gguf":
         if not path.is_file():
             raise MissingInputError(f"GGUF file not found: {path}")
+        check_gguf(path)
         return path
     if path.exists():
         if not path.is_dir():
@@ -332,13 +427,18 @@ def load_model(
         kwargs["device_map"] = "auto"
     try:
         with quiet_transformers(not progress):
-            model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
+            model, info = AutoModelForCausalLM.from_pretrained(where, output_loading_info=True, **kwargs)
             tokenizer = AutoTokenizer.from_pretrained(where)
     except OSError as err:
         raise ModelLoadError(
             f"could not load {source!r}: {err}\nOffline? Use a local directory, a .gguf file or an alias "
             f"({', '.join(ALIASES)})."
         ) from err
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise ModelLoadError(f"{source} lacks {len(missing)} weight tensors its config needs ({shown}); "
+                             "transformers would initialise them at random, so depthprune does not use it")
     if "device_map" not in kwargs:
         model.to(device)
     model.eval()

@@ -24,6 +24,7 @@ otherwise transformers would recompute it as hidden_size / num_heads on load.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -143,14 +144,40 @@ def current_sizes(model: nn.Module) -> dict[str, int]:
     return sizes
 
 
-def units_to_keep(total: int, ratio: float, what: str) -> int:
-    """``floor(ratio * total)`` units are removed; at least one must stay."""
+def units_to_keep(total: int, ratio: float, what: str, flag: str | None = None) -> int:
+    """``floor(ratio * total)`` units are removed; at least one must go (a ratio that removes nothing would
+    save an unchanged model) and at least one must stay. ``flag`` is the option that set ``ratio``."""
+    flag = flag or f"--ratio-{what}"
     if not 0.0 <= ratio < 1.0:
-        raise WidthError(f"--ratio-{what} must be in [0, 1), got {ratio}")
-    keep = total - int(ratio * total + 1e-9)
+        raise WidthError(f"{flag} must be in [0, 1), got {ratio}")
+    removed = int(ratio * total + 1e-9)
+    if ratio > 0 and removed == 0:
+        raise WidthError(f"{flag} {ratio} removes nothing (floor({ratio} x {total} {what} units) = 0); use at "
+                         f"least {1 / total:.3g}, or 0 to leave the {what} width alone")
+    keep = total - removed
     if keep < 1:
-        raise WidthError(f"--ratio-{what} {ratio} would remove all {total} {what} units; use a smaller ratio")
+        raise WidthError(f"{flag} {ratio} would remove all {total} {what} units; use a smaller ratio")
     return keep
+
+
+def config_sizes(config: dict[str, Any]) -> dict[str, int]:
+    """The widths a model's ``config.json`` declares, to check a request before the model is loaded."""
+    spec = spec_for(SimpleNamespace(**config))
+    sizes = {}
+    if spec.mlp_size_field is not None and isinstance(config.get(spec.mlp_size_field), int):
+        sizes["intermediate_size"] = config[spec.mlp_size_field]
+    if isinstance(config.get("num_key_value_heads"), int):
+        sizes["num_key_value_heads"] = config["num_key_value_heads"]
+    return sizes
+
+
+def check_width_request(sizes: dict[str, int], ratio_mlp: float, ratio_heads: float,
+                        flags: tuple[str, str] = ("--ratio-mlp", "--ratio-heads")) -> None:
+    """Refuse ratios that remove nothing or everything of the widths in ``sizes``."""
+    for what, ratio, key, flag in (("mlp", ratio_mlp, "intermediate_size", flags[0]),
+                                   ("heads", ratio_heads, "num_key_value_heads", flags[1])):
+        if ratio > 0 and key in sizes:
+            units_to_keep(sizes[key], ratio, what, flag)
 
 
 def _top(scores: torch.Tensor, keep: int) -> list[int]:
