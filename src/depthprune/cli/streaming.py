@@ -87,6 +87,9 @@ def run_checkpoint_job(job: "Job", *, load: Callable[..., "LoadedModel"], model:
         result = run_streamed_job(model, job, out=out, overwrite=overwrite, dtype=dtype, device=device,
                                   max_memory=budget, writers=writers, report=None if quiet else say)
     else:
+        # a reference for kl/top1 that is another model is loaded, used and freed before the input loads
+        job.evaluation.prepare(model, first_is_input=job.evaluate_before or not job.stages, dtype=dtype,
+                               device=device, progress=not quiet)
         result = run_job(load(model, dtype, device, quiet), job, out=out, overwrite=overwrite, writers=writers)
     print_result(result)
     if repo:

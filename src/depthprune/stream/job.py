@@ -61,6 +61,8 @@ def check_streamable(job: Job) -> DepthStage:
         raise StreamingError(f"--compensate needs {in_memory}: its fit runs the pruned model on calibration text")
     if job.evaluation.zeroshot is not None or job.evaluation.speed is not None:
         raise StreamingError(f"lm-eval tasks and speed in --eval need {in_memory}; streaming evaluates ppl only")
+    if job.evaluation.divergence is not None:
+        raise StreamingError(f"kl/top1 in --eval need {in_memory}; streaming evaluates ppl only")
     return stage
 
 
