@@ -226,7 +226,7 @@ CASES += [
     # options that would do nothing
     ([*PRUNE, "--ridge", "0.1", "--out", "{W}/o"], "--ridge needs --compensate"),
     ([*PRUNE, "--heal-distill", "--out", "{W}/o"], "--heal-distill needs --heal"),
-    ([*PRUNE, "--ppl-windows", "5", "--out", "{W}/o"], "--ppl-windows needs ppl in --eval"),
+    ([*PRUNE, "--ppl-windows", "5", "--out", "{W}/o"], "--ppl-windows needs ppl, kl or top1 in --eval"),
     ([*HEAL, "--temperature", "2"], "--temperature needs --distill"),
     ([*PRUNE, "--push-to-hub", "", "--out", "{W}/o"], "--push-to-hub is empty"),
     (["prune", "--model", "{W}/model", "--method", "laco", "--ratio", "0.34", "--calib-sentences",

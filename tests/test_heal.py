@@ -20,7 +20,7 @@ from depthprune.heal import (
     load_heal_data,
     lora_targets,
 )
-from tiny import tiny_model
+from tiny import small_llama, tiny_model
 
 EXPECTED_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -47,10 +47,7 @@ def tok(smollm2_path):
 
 def _tiny_llama(tok, seed: int = 0):
     """A 2-layer random Llama sharing SmolLM2's tokenizer (so real text can be tokenized)."""
-    torch.manual_seed(seed)
-    config = tf.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    return tf.AutoModelForCausalLM.from_config(config).eval()
+    return small_llama(len(tok), seed)
 
 
 def _tiny_config(**kw) -> HealConfig:
@@ -205,7 +202,7 @@ def test_heal_command(tok, shared_data, tmp_path, run_cli, monkeypatch):
                            "--out", str(out), "--max-steps", "2", "--batch-size", "2", "--grad-accum", "1",
                            "--cutoff-len", "32", "--max-items", "12", "--val-size", "2", "--eval-steps", "2",
                            "--save-adapter", "-q")
-    assert "heal: 2 steps of LoRA" in stdout and "saved to" in stdout
+    assert "heal: 2 steps (128 tokens, " in stdout and "tokens/s) of LoRA" in stdout and "saved to" in stdout
     assert _digest(src) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["healed", "pruned"], "no work directory left behind"
     assert not (out / ".depthprune-work").exists()

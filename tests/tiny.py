@@ -59,6 +59,14 @@ def tiny_inputs(batch: int = 2, seq: int = 12, seed: int = 1) -> torch.Tensor:
     return torch.randint(3, VOCAB, (batch, seq), generator=g)
 
 
+def small_llama(vocab_size: int, seed: int = 0, positions: int = 256) -> torch.nn.Module:
+    """A 2-layer random Llama (hidden 32) for a given tokenizer's vocabulary: healing runs in seconds."""
+    torch.manual_seed(seed)
+    config = tf.LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=positions)
+    return tf.AutoModelForCausalLM.from_config(config).eval()
+
+
 def byte_tokenizer():
     """A byte-level tokenizer built in code (259 tokens: <pad>, <s>, </s> and the 256 bytes), no download.
 

@@ -48,6 +48,7 @@ RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
 RESULTS_PLOT = "results.png"
 ROWS_DIR = "rows"
+REFERENCE_FILE = "reference.safetensors"
 DENSE = "dense"
 
 
@@ -66,6 +67,8 @@ class BenchRow:
     layers_removed: int | None = None
     params: int | None = None
     perplexity: float | None = None
+    kl: float | None = None
+    top1: float | None = None
     tasks: dict[str, float] = field(default_factory=dict)
     task_mean: float | None = None
     decode_tokens_per_s: float | None = None
@@ -139,9 +142,10 @@ class BenchResult:
     def markdown(self) -> str:
         """The results table: one row per model, dense first."""
         speed = self.settings["evaluation"].get("speed") is not None
+        divergence = self.settings["evaluation"].get("divergence") is not None
         compensated = any(row.compensation != "none" for row in self.rows)
         headers = ["method", *(["compensation"] if compensated else []), "ratio", "layers", "removed / merged",
-                   "params", "PPL", *self.tasks]
+                   "params", "PPL", *(["KL", "top-1"] if divergence else []), *self.tasks]
         many = len(self.tasks) > 1
         if self.tasks:
             headers += (["mean"] if many else []) + ["acc retention"]
@@ -155,6 +159,8 @@ class BenchResult:
                                 row.layers if row.layers is not None else "-", _dropped(row.plan),
                                 format_params(row.params),
                                 format_number(row.perplexity)]
+            if divergence:
+                cells += [format_number(row.kl), format_number(row.top1)]
             cells += [format_number(row.tasks.get(t)) for t in self.tasks]
             if self.tasks:
                 cells += ([format_number(row.task_mean)] if many else []) + [_percent(r["accuracy_retention"])]
@@ -225,6 +231,11 @@ def _describe_settings(s: dict[str, Any]) -> str:
     if evaluation.get("perplexity"):
         p = evaluation["perplexity"]
         parts.append(f"PPL: {p['dataset']}, {p['max_windows'] or 'all'} windows x {p['seq_len']} tokens")
+    if evaluation.get("divergence"):
+        d = evaluation["divergence"]
+        parts.append(f"KL(dense || row) per token and top-1 agreement with the dense row on the PPL windows "
+                     f"(dense distributions exact when they fit {d['exact_budget_mb']:g} MiB, else its top-"
+                     f"{d['top_k']} tokens + remainder, then KL is a lower bound; see {REFERENCE_FILE})")
     if evaluation.get("zeroshot"):
         z = evaluation["zeroshot"]
         parts.append(f"zero-shot: {', '.join(z['tasks'])} (lm-eval, {z['num_fewshot']}-shot, "
@@ -346,6 +357,8 @@ def _row(method: str, ratio: float | None, compensation: str, session: _Session,
         row.timings_s.update({**result.timings, **after.timings})
         if after.perplexity is not None:
             row.perplexity = after.perplexity.perplexity
+        if after.divergence is not None:
+            row.kl, row.top1 = after.divergence.kl, after.divergence.top1
         if after.zeroshot is not None:
             row.tasks, row.task_mean = after.zeroshot.metrics, after.zeroshot.mean
         if after.speed is not None:
@@ -421,6 +434,9 @@ def run_bench(
             stage.check(config)
     prepare_dir(out, "bench")
     (out / ROWS_DIR).mkdir(parents=True, exist_ok=True)
+    if evaluation.divergence is not None:  # every row against the dense one: its distributions, kept in OUT
+        evaluation.divergence.reference = evaluation.divergence.reference or session.source
+        evaluation.divergence.cache_file = evaluation.divergence.cache_file or str(out / REFERENCE_FILE)
     settings = {
         "model": session.source, "model_path": session.path, "dtype": str(session.dtype),
         "device": session.device, "methods": methods, "ratios": ratios, "calibration": asdict(calibration),
@@ -437,6 +453,11 @@ def run_bench(
         for method, ratio, fit in bar:
             path = _row_file(out, method, ratio, fit)
             row = _load_cached(path, key) if resume else None
+            if row is not None and ratio is None and evaluation.divergence is not None:
+                try:  # the dense row also stands for the reference the other rows are measured against
+                    evaluation.prepare(session.source, session.path, first_is_input=False)
+                except InputError:
+                    row = None
             if row is not None:
                 cached.append(row.name)
                 bar.set_postfix_str(f"{row.name} (cached)")

@@ -235,7 +235,8 @@ class HealStage:
     uses_calibration: bool = field(default=False, init=False)
 
     def check(self, config: dict[str, Any] | None = None) -> None:
-        from .heal import QLORA_NEEDS_CUDA, HealConfig, HealError, check_heal_data
+        from .heal import QLORA_NEEDS_CUDA, HealConfig, HealError, check_heal_data, data_paths
+        from .heal.data import TEXT_SUFFIXES
 
         flag = lambda name: self.option_prefix + name.replace("_", "-")  # noqa: E731
         self.config = (self.config or HealConfig()).validate(flag)
@@ -249,22 +250,28 @@ class HealStage:
             self.work_dir = check_output_dir(self.work_dir, kind="work", option="--work-dir")
             if self.resume and not self.work_dir.is_dir():
                 raise HealError(f"--resume: {self.work_dir} does not exist, so there is nothing to continue")
+        paths = data_paths(self.data)
+        if paths and all(p.suffix in TEXT_SUFFIXES for p in paths):
+            self.config.check_budget(self.config.cutoff_len)  # text blocks are exactly --cutoff-len tokens
+        if self.config.teacher_cache_dir is not None:
+            self.config.teacher_cache_dir = str(check_output_dir(self.config.teacher_cache_dir, kind="teacher-cache",
+                                                                 option="--teacher-cache"))
 
     def memory_needs(self) -> list[str]:
         return ["--heal (healing)"]
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
-        from .heal import heal
+        from .heal import Teacher, heal
 
         work = prepare_dir(self.work_dir, "work") if self.work_dir is not None else ctx.scratch / "heal-work"
         teacher = None
         if self.config.distill:
             params = next(ctx.model.parameters())
-            teacher = load_model(self.teacher or ctx.backend.path, dtype=params.dtype, device=str(params.device),
-                                 progress=ctx.run.progress).model
+            source = self.teacher or ctx.backend.path
+            teacher = Teacher(source, lambda: load_model(source, dtype=params.dtype, device=str(params.device),
+                                                         progress=ctx.run.progress).model)
         result = heal(ctx.model, ctx.tokenizer, self.data, self.config, work, resume=self.resume,
                       save_adapter=self.save_adapter, teacher=teacher)
-        del teacher
         ctx.backend = InMemoryBackend(result.model, ctx.backend.tokenizer, ctx.backend.source, ctx.backend.path)
         if result.adapter_dir:
             adapter = Path(result.adapter_dir)
@@ -276,10 +283,13 @@ class HealStage:
             summary["best_checkpoint"] = Path(summary["best_checkpoint"]).name
         trained = "LoRA" if self.config.last_layers() is None else self.config.train_layers
         loss = f"distillation from {self.teacher or 'the input model'}" if self.config.distill else "LM loss"
-        return {"stage": self.name, "summary": f"heal: {result.global_step} steps of {trained} on "
-                f"{result.data.get('kind')} data with {loss}, best validation loss {result.best_eval_loss}",
-                "data": result.data, "steps": result.global_step, "best_eval_loss": result.best_eval_loss,
-                "config": result.config, "result": summary}
+        speed = f", {result.tokens_per_s:,.0f} tokens/s" if result.tokens_per_s else ""
+        return {"stage": self.name, "summary": f"heal: {result.global_step} steps ({result.tokens_seen:,} tokens"
+                f"{speed}) of {trained} on {result.data.get('kind')} data with {loss}, best validation loss "
+                f"{result.best_eval_loss}", "data": result.data, "steps": result.global_step,
+                "tokens": result.tokens_seen, "max_tokens": self.config.max_tokens,
+                "tokens_per_s": result.tokens_per_s, "teacher": result.teacher,
+                "best_eval_loss": result.best_eval_loss, "config": result.config, "result": summary}
 
 
 @dataclass
@@ -435,6 +445,8 @@ def run_job(model: "Backend | LoadedModel", job: Job, *, out: str | Path | None 
             backend.scratch = scratch  # a streamed model's states spill inside the job's scratch space
         ctx = StageContext(backend, job.calibration, RunContext(job.batch_size, job.progress), scratch)
 
+        job.evaluation.prepare(source, source_path, first_is_input=job.evaluate_before or not job.stages,
+                               open_reference=backend.open_like, progress=job.progress)
         before = None
         if job.evaluate_before and not job.evaluation.empty:
             start = time.perf_counter()

@@ -115,6 +115,17 @@ def _change_text(entry: Mapping[str, Any]) -> str:
     return f"{entry['change']:+.4f} ({100 * entry['ratio']:.1f}% retained)"
 
 
+def _divergence_note(report: Mapping[str, Any]) -> str:
+    """What kl/top1 were measured against, and whether kl is the top-k lower bound."""
+    measured = (report.get("evaluation") or {}).get("after") or (report.get("evaluation") or {}).get("before") or {}
+    divergence = measured.get("divergence")
+    if not divergence:
+        return ""
+    return (f"\nkl = mean per-token KL(reference || model), top1 = fraction of predicted tokens where both models' "
+            f"most likely next token agree; reference `{divergence['reference']}`, {divergence['tokens']} tokens, "
+            f"reference distributions {divergence['cache']}.\n")
+
+
 def write_run_report(directory: str | Path, report: Mapping[str, Any], plan: Any = None) -> tuple[Path, Path]:
     """Write ``report.md`` and ``report.json`` of one job into ``directory`` (the checkpoint being written).
 
@@ -149,7 +160,7 @@ def write_run_report(directory: str | Path, report: Mapping[str, Any], plan: Any
     stages = "".join(f"{i}. `{st.get('summary', st.get('stage'))}`\n" for i, st in enumerate(report.get("stages", []), 1))
     parts.append("## Stages\n\n" + (stages or "none\n"))
     parts.append("## Metrics\n\n" + (markdown_table(("metric", "before", "after", "change"), rows) if rows
-                                     else "No metrics measured.\n"))
+                                     else "No metrics measured.\n") + _divergence_note(report))
     if plan is not None:
         merged = ", ".join(f"{m.low}..{m.high} ({m.operator})" for m in plan.merges) or "none"
         parts.append(
@@ -214,10 +225,52 @@ def plot_depth_curves(
             ax.axhline(origin, color="grey", linestyle=":", linewidth=1, label="dense")
         if column == 1:
             _log_axis(ax)
-        ax.set_xlabel("layers removed")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        _label(ax, "layers removed", label)
+    if title:
+        fig.suptitle(title)
+    return save_figure(fig, path)
+
+
+def _label(ax, xlabel: str, ylabel: str) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def plot_budget_curves(
+    curves: Mapping[str, Sequence[tuple[int, Mapping[str, float | None]]]],
+    path: str | Path,
+    *,
+    panels: Sequence[tuple[str, str]],
+    dense: Mapping[str, float | None] | None = None,
+    title: str | None = None,
+) -> Path:
+    """Metrics against training tokens: one panel per ``(key, label)`` of ``panels``, one line per recipe.
+
+    ``curves`` maps a recipe to ``(tokens, {key: value})`` points (the untrained model at 0 tokens belongs
+    in every recipe's points); ``dense`` values are drawn as dotted lines. Tokens are on a symmetric-log axis
+    so 0 and budgets that grow by factors both show; a ``perplexity`` panel is log-scaled.
+    """
+    from matplotlib.figure import Figure
+
+    shown = [(key, label) for key, label in panels
+             if any(values.get(key) is not None for points in curves.values() for _, values in points)]
+    fig = Figure(figsize=(4.6 * max(1, len(shown)), 3.8))
+    axes = fig.subplots(1, max(1, len(shown)), squeeze=False)[0]
+    positive = [t for points in curves.values() for t, _ in points if t > 0]
+    for ax, (key, label) in zip(axes, shown):
+        for recipe, points in curves.items():
+            xy = sorted((t, v[key]) for t, v in points if v.get(key) is not None)
+            if xy:
+                ax.plot([x for x, _ in xy], [y for _, y in xy], marker="o", label=recipe)
+        if dense and dense.get(key) is not None:
+            ax.axhline(dense[key], color="grey", linestyle=":", linewidth=1, label="dense")
+        if positive:
+            ax.set_xscale("symlog", linthresh=min(positive))
+        if key == "perplexity":
+            _log_axis(ax)
+        _label(ax, "training tokens", label)
     if title:
         fig.suptitle(title)
     return save_figure(fig, path)

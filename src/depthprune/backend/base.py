@@ -89,6 +89,10 @@ class Backend:
         """Position of each current layer module, by id (candidate layers are resolved through it)."""
         return {id(layer): i for i, layer in enumerate(self.layers)}
 
+    def open_like(self, source: str) -> "Backend":
+        """Another model opened the way this one was (dtype, device; streamed with the same memory budget)."""
+        raise NotImplementedError
+
     def require_memory(self, what: str) -> None:
         """Refuse ``what`` (an option, as the user typed it) unless the whole model is in memory."""
         if not self.trainable:

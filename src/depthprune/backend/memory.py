@@ -40,6 +40,12 @@ class InMemoryBackend(Backend):
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
+    def open_like(self, source: str) -> Backend:
+        from ..models.load import load_model
+
+        device = "auto" if getattr(self.model, "hf_device_map", None) else str(self.device)
+        return InMemoryBackend.of(load_model(source, dtype=self.dtype, device=device, progress=False))
+
     def materialized(self, modules: Sequence[nn.Module]):
         return nullcontext()
 

@@ -95,6 +95,11 @@ class StreamedBackend(Backend):
     def dtype(self) -> torch.dtype:
         return self._dtype
 
+    def open_like(self, source: str) -> "StreamedBackend":
+        return load_streamed(source, dtype=self._dtype, device=self._device, progress=False,
+                             max_memory=self.max_memory, scratch=self.scratch, report=self.report,
+                             save_dtype=self.save_dtype)
+
     # ------------------------------------------------------------ which tensors make up which part
 
     def layer_prefix(self, index: int) -> str:

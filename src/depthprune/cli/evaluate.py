@@ -18,6 +18,7 @@ from .options import (
     CompensateTokensOpt,
     Given,
     JsonOpt,
+    ReferenceCacheOpt,
     RidgeOpt,
     SeedOpt,
     SeqLenOpt,
@@ -25,6 +26,7 @@ from .options import (
     evaluation,
     load,
     refuse_ignored,
+    reference_for,
     split_list,
     uses,
 )
@@ -40,21 +42,40 @@ def eval_ppl_cmd(
     seq_len: SeqLenOpt = 128,
     batch_size: BatchOpt = 8,
     max_windows: Annotated[int, typer.Option(help="Use at most this many windows (0 = all).")] = 0,
+    reference: Annotated[Optional[str], typer.Option(
+        help="Also measure KL(reference || model) per token and top-1 agreement with this dense model on the "
+        "same windows (loaded first, its distributions cached, then freed). With only --reference-cache: the "
+        "source recorded in the model's depthprune_plan.json.")] = None,
+    reference_cache: ReferenceCacheOpt = None,
     json_out: JsonOpt = None,
 ) -> None:
-    """Perplexity on non-overlapping windows (BOS as the tokenizer adds it)."""
+    """Perplexity on non-overlapping windows (BOS as the tokenizer adds it); with --reference, KL and top-1
+    agreement against the dense model beside it."""
     from ..io import write_result
 
     json_out = check_json(json_out)
-    spec = evaluation("ppl", ppl_data=dataset, ppl_windows=max_windows, seq_len=seq_len,
-                      batch_size=batch_size, windows_option="--max-windows").perplexity
+    spec = evaluation("ppl,kl,top1" if reference or reference_cache else "ppl", ppl_data=dataset,
+                      ppl_windows=max_windows, seq_len=seq_len, batch_size=batch_size,
+                      windows_option="--max-windows", reference_cache=reference_cache)
     given.check_model(("--seq-len", seq_len))
+    if spec.divergence is not None:
+        spec.divergence.reference = reference_for(given.model, reference, input_is_reference=False)
+        from ..backend import InMemoryBackend
+        from .options import load
+
+        spec.prepare(given.model, first_is_input=True, progress=not given.quiet,
+                     open_reference=lambda source: InMemoryBackend.of(load(source, given.dtype, given.device,
+                                                                            given.quiet)))
     loaded = given.load()
-    res = spec.run(loaded.model, loaded.tokenizer, not given.quiet)
+    result = spec.run(loaded.model, loaded.tokenizer, not given.quiet)
+    res, div = result.perplexity, result.divergence
     typer.echo(f"perplexity {res.perplexity:.3f}  ({res.windows} windows x {res.seq_len} tokens, "
                f"{res.tokens} scored tokens, {res.source})")
+    if div is not None:
+        typer.echo(f"kl {div.kl:.4f}  top1 {div.top1:.4f}  (against {div.reference}; reference cache {div.cache})")
     if json_out:
-        write_result(json_out, {"model": given.model, **res.to_dict()})
+        write_result(json_out, {"model": given.model, **res.to_dict(),
+                                **({"divergence": div.to_dict()} if div is not None else {})})
 
 
 TasksOpt = Annotated[str, typer.Option(

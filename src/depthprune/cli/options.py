@@ -57,8 +57,16 @@ SeedOpt = Annotated[int, typer.Option(help="Seed for sampling calibration window
 # ------------------------------------------------------------------ evaluation
 
 EvalOpt = Annotated[Optional[str], typer.Option(
-    "--eval", help="What to measure, comma separated: ppl and/or lm-eval tasks ('paper' = the seven paper "
-    "tasks; piqa = the offline piqa_local task when --piqa-dir or $DEPTHPRUNE_PIQA_DIR is set).")]
+    "--eval", help="What to measure, comma separated: ppl; kl and top1 (mean KL(dense || model) per token and "
+    "how often both predict the same next token, on the perplexity windows, against --reference); and/or "
+    "lm-eval tasks ('paper' = the seven paper tasks; piqa = the offline piqa_local task when --piqa-dir or "
+    "$DEPTHPRUNE_PIQA_DIR is set).")]
+ReferenceOpt = Annotated[Optional[str], typer.Option(
+    "--reference", help="kl/top1: the dense model to compare with (default: the source recorded in the input's "
+    "depthprune_plan.json, else the input itself where it is evaluated before any change).")]
+ReferenceCacheOpt = Annotated[Optional[Path], typer.Option(
+    "--reference-cache", help="kl/top1: a .safetensors file for the reference's next-token distributions: "
+    "read when it matches (the reference is then not loaded), written after they are computed.")]
 PplDataOpt = Annotated[str, typer.Option(
     help="Perplexity text: default-heldout (shipped, offline), wikitext2, ptb (need the Hub) or a file.")]
 PplWindowsOpt = Annotated[int, typer.Option(help="Maximum perplexity windows (0 = all).")]
@@ -94,6 +102,9 @@ def compensation(fit: str, tokens: int, ridge: float):
 TrainLayersOpt = Annotated[str, typer.Option(
     help="What healing trains: lora (adapters on every projection, merged after) or last:N (the LM head and "
     "the last N layers, in full).")]
+MaxTokensOpt = Annotated[Optional[int], typer.Option(
+    help="Training budget in tokens (non-padding, every micro-batch): the steps follow from it and training "
+    "stops once that many were seen (instead of --max-steps / --epochs).")]
 DistillOpt = Annotated[bool, typer.Option(
     "--distill/--no-distill", help="Heal by distillation: KL from the dense model's next-token distribution "
     "instead of the LM loss.")]
@@ -133,6 +144,23 @@ def check_model(model: str, *seq_lens: tuple[str, int]) -> dict | None:
         for option, length in seq_lens:
             check_context(config, length, option)
     return config
+
+
+def reference_for(model: str, reference: str | None, input_is_reference: bool) -> str | None:
+    """The dense model kl/top1 compare ``model`` with, checked before anything loads: ``--reference``, else
+    the source recorded in the input's plan, else (None) the input itself where it is measured before any
+    change; a command whose input is not the dense model and records none gets a one-line error."""
+    from ..evaluate.divergence import check_reference_vocab, recorded_reference
+    from ..evaluate.suite import NO_REFERENCE, DivergenceError
+
+    chosen = reference or recorded_reference(model)
+    if chosen is None:
+        if not input_is_reference:
+            raise DivergenceError(f"{NO_REFERENCE}; {model} records none in its depthprune_plan.json")
+        return None
+    check_model(chosen)
+    check_reference_vocab(model, chosen)
+    return chosen
 
 
 def check_json(path: str | None) -> Path | None:
@@ -187,19 +215,26 @@ def evaluation(
     seed: int = 1234,
     speed: bool = False,
     windows_option: str = "--ppl-windows",
+    reference: str | None = None,
+    reference_cache: Path | None = None,
 ) -> "Evaluation":
     """The ``--eval`` list and its options as an :class:`~depthprune.evaluate.suite.Evaluation` (checked).
 
-    ``windows_option`` is the option that gave ``ppl_windows`` (``eval-ppl`` calls it ``--max-windows``).
-    """
-    from ..evaluate.suite import Evaluation, PerplexitySpec, SpeedSpec, ZeroShotSpec
+    ``windows_option`` is the option that gave ``ppl_windows`` (``eval-ppl`` calls it ``--max-windows``);
+    ``reference`` is the dense model kl/top1 compare with (None: the model measured first)."""
+    from ..evaluate.divergence import METRICS as DIVERGENCE_METRICS
+    from ..evaluate.suite import DivergenceSpec, Evaluation, PerplexitySpec, SpeedSpec, ZeroShotSpec
 
     names = split_list(what)
     if ppl_windows < 0:
         raise InputError(f"{windows_option} must be 0 (all) or more, got {ppl_windows}")
-    tasks = parse_tasks([n for n in names if n != "ppl"], piqa_dir)
+    tasks = parse_tasks([n for n in names if n not in ("ppl", *DIVERGENCE_METRICS)], piqa_dir)
+    windows = PerplexitySpec(ppl_data, seq_len, ppl_windows or None, batch_size)
+    divergence = [n for n in DIVERGENCE_METRICS if n in names]
     result = Evaluation(
-        perplexity=PerplexitySpec(ppl_data, seq_len, ppl_windows or None, batch_size) if "ppl" in names else None,
+        perplexity=windows if "ppl" in names else None,
+        divergence=DivergenceSpec(divergence, windows, reference, str(reference_cache) if reference_cache else None)
+        if divergence else None,
         zeroshot=ZeroShotSpec(tasks, parse_limit(limit), batch_size, num_fewshot,
                               str(task_dir) if task_dir else None, str(piqa_dir) if piqa_dir else None,
                               seed) if tasks else None,
@@ -238,7 +273,8 @@ CALIBRATION = OptionGroup((("calib", CalibOpt, "default"), ("calib_samples", Sam
 ZEROSHOT = OptionGroup((("limit", LimitOpt, None), ("num_fewshot", FewshotOpt, 0), ("task_dir", TaskDirOpt, None),
                         ("piqa_dir", PiqaDirOpt, None)))
 EVALUATION = OptionGroup((("eval_", EvalOpt, None), ("ppl_data", PplDataOpt, "default-heldout"),
-                          ("ppl_windows", PplWindowsOpt, 40))) + ZEROSHOT
+                          ("ppl_windows", PplWindowsOpt, 40), ("reference", ReferenceOpt, None),
+                          ("reference_cache", ReferenceCacheOpt, None))) + ZEROSHOT
 STREAMING = OptionGroup((("stream", StreamOpt, None), ("max_memory", MaxMemoryOpt, None)))
 PUSH = OptionGroup((("push_to_hub", PushOpt, None),))
 COMPENSATION = OptionGroup((("compensate", CompensateOpt, "none"),
@@ -258,16 +294,24 @@ class Given(SimpleNamespace):
         return calibration(self.calib, self.calib_samples, self.seq_len, self.seed, sentences_file)
 
     def evaluation_spec(self, *, batch_size: int, seq_len: int | None = None, seed: int | None = None,
-                        speed: bool = False) -> "Evaluation":
+                        speed: bool = False, input_is_reference: bool = True) -> "Evaluation":
+        """The command's evaluation, checked; for kl/top1 with its reference resolved (see :func:`reference_for`)."""
+        from ..evaluate.divergence import METRICS as DIVERGENCE_METRICS
+
         names = split_list(self.eval_)
-        tasks = [n for n in names if n != "ppl"]
-        refuse_ignored(*[(name, "ppl" in names, "needs ppl in --eval") for name in ("ppl_data", "ppl_windows")],
+        windowed = "ppl" in names or any(n in names for n in DIVERGENCE_METRICS)
+        tasks = [n for n in names if n not in ("ppl", *DIVERGENCE_METRICS)]
+        refuse_ignored(*[(name, windowed, "needs ppl, kl or top1 in --eval") for name in ("ppl_data", "ppl_windows")],
                        *[(name, bool(tasks), "needs lm-eval tasks in --eval")
                          for name in ("limit", "num_fewshot", "task_dir", "piqa_dir")])
-        return evaluation(self.eval_, ppl_data=self.ppl_data, ppl_windows=self.ppl_windows,
+        spec = evaluation(self.eval_, ppl_data=self.ppl_data, ppl_windows=self.ppl_windows,
                           seq_len=seq_len or getattr(self, "seq_len", 128), limit=self.limit,
                           num_fewshot=self.num_fewshot, task_dir=self.task_dir, piqa_dir=self.piqa_dir,
-                          batch_size=batch_size, seed=seed or getattr(self, "seed", 1234), speed=speed)
+                          batch_size=batch_size, seed=seed or getattr(self, "seed", 1234), speed=speed,
+                          reference_cache=self.reference_cache)
+        if spec.divergence is not None:
+            spec.divergence.reference = reference_for(self.model, self.reference, input_is_reference)
+        return spec
 
     def compensation_spec(self):
         return compensation(self.compensate, self.compensate_tokens, self.ridge)

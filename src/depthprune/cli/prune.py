@@ -124,6 +124,8 @@ def prune(
     heal: Annotated[Optional[str], typer.Option(
         help="Heal after pruning on this data (alpaca .json/.jsonl, .txt, or alpaca-cleaned).")] = None,
     heal_max_steps: Annotated[int, typer.Option(help="Healing: optimizer steps (0 = --heal-epochs).")] = 0,
+    heal_max_tokens: Annotated[Optional[int], typer.Option(
+        help="Healing: training budget in tokens (instead of --heal-max-steps / --heal-epochs).")] = None,
     heal_epochs: Annotated[float, typer.Option(help="Healing: epochs when --heal-max-steps is 0.")] = 2.0,
     heal_train_layers: Annotated[str, typer.Option(
         help="Healing: lora, or last:N (the LM head and the last N layers in full).")] = "lora",
@@ -146,6 +148,7 @@ def prune(
                    ("compensate_tokens", compensated, "needs --compensate linear, cosine or kl"),
                    ("width_scorer", width, "needs a width stage (--then-width or --then-width-heads)"),
                    *[(name, heal is not None, "needs --heal DATA") for name in ("heal_max_steps", "heal_epochs",
+                                                                                "heal_max_tokens",
                                                                                 "heal_train_layers", "heal_distill")],
                    ("calib_samples", calib_sentences is None,
                     "is not used with --calib-sentences (its file gives one sample per line)"))
@@ -158,8 +161,9 @@ def prune(
         from ..heal import HealConfig
 
         stages.append(HealStage(heal, HealConfig(max_steps=heal_max_steps, epochs=heal_epochs,
-                                                 train_layers=heal_train_layers, distill=heal_distill,
-                                                 progress=not given.quiet), option_prefix="--heal-"))
+                                                 max_tokens=heal_max_tokens, train_layers=heal_train_layers,
+                                                 distill=heal_distill, progress=not given.quiet),
+                              option_prefix="--heal-"))
     job = Job(stages, given.calibration_spec(calib_sentences), given.evaluation_spec(batch_size=batch_size),
               batch_size=batch_size, progress=not given.quiet).check()
     given.run_job(job, check_out(require_out(out), given.model, overwrite, job), overwrite)
@@ -202,12 +206,16 @@ def print_result(result) -> None:
             typer.echo(f"{name}: {entry['before']:.4f} before -> {entry['after']:.4f} after")
         elif entry["after"] is not None:
             typer.echo(f"{name}: {entry['after']:.4f}")
+    divergence = result.after.divergence if result.after is not None else None
+    if divergence is not None:
+        typer.echo(f"(kl/top1 against {divergence.reference} on {divergence.tokens} tokens, reference cache "
+                   f"{divergence.cache})")
     if result.out:
         typer.echo(f"saved to {result.out} (report.md, report.json, depthprune_plan.json)")
 
 
 @app.command()
-@uses(MODEL, STREAMING, PUSH)
+@uses(MODEL, EVALUATION.with_defaults(eval_="ppl"), STREAMING, PUSH)
 def run(
     given: Given = None,
     method: Annotated[str, typer.Option(help="Pruning method (auto: the best of several, see `methods`).")] = "auto",
@@ -216,13 +224,12 @@ def run(
     overwrite: OverwriteOpt = False,
 ) -> None:
     """The default job: the best 25%-shallower SmolLM2-135M depthprune can make (--method auto), offline, with
-    perplexity before and after."""
-    from ..evaluate.suite import Evaluation, PerplexitySpec
+    perplexity (and whatever else --eval names) before and after."""
     from ..job import DepthStage, Job
     from ..methods import Target, build_options
 
     job = Job([DepthStage(method, Target(ratio=ratio), build_options(method))],
-              evaluation=Evaluation(perplexity=PerplexitySpec()), progress=not given.quiet).check()
+              evaluation=given.evaluation_spec(batch_size=8), progress=not given.quiet).check()
     given.run_job(job, check_out(out, given.model, overwrite, job), overwrite)
 
 

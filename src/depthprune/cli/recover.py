@@ -15,6 +15,7 @@ from .options import (
     BatchOpt,
     DistillOpt,
     Given,
+    MaxTokensOpt,
     OutOpt,
     OverwriteOpt,
     SeqLenOpt,
@@ -29,13 +30,11 @@ from .prune import check_out
 
 def recorded_source(model: str) -> str:
     """The dense model an input checkpoint was pruned from, as its depthprune plan records it."""
-    from pathlib import Path
-
+    from ..evaluate.divergence import recorded_reference
     from ..heal import HealError
-    from ..plan import PLAN_FILE, Plan
+    from ..plan import PLAN_FILE
 
-    plan_file = Path(model).expanduser() / PLAN_FILE
-    source = Plan.load(plan_file).model if plan_file.is_file() else None
+    source = recorded_reference(model)
     if not source:
         raise HealError(f"--distill needs the dense model as teacher: {model} records none in {PLAN_FILE}; "
                         "pass --teacher")
@@ -52,6 +51,7 @@ def heal_cmd(
         "on cutoff-length blocks).")] = "alpaca-cleaned",
     out: OutOpt = None,
     max_steps: Annotated[int, typer.Option(help="Optimizer steps (0 = train for --epochs).")] = 0,
+    max_tokens: MaxTokensOpt = None,
     epochs: Annotated[float, typer.Option(help="Passes over the training split when --max-steps is 0 "
                                           "(SLM: 2).")] = 2.0,
     lr: Annotated[float, typer.Option(help="Peak learning rate (SLM / Shortened-LLaMA: 1e-4).")] = 1e-4,
@@ -85,7 +85,17 @@ def heal_cmd(
         help="Distillation: weight of the KL term; 1 - alpha goes to the LM loss.")] = 1.0,
     temperature: Annotated[float, typer.Option(help="Distillation temperature.")] = 1.0,
     distill_top_k: Annotated[Optional[int], typer.Option(
-        help="Distillation: keep only the teacher's k most likely tokens (large vocabularies).")] = None,
+        help="Distillation: KL from the teacher's k most likely tokens only, renormalised (large "
+        "vocabularies).")] = None,
+    teacher_top_k: Annotated[int, typer.Option(
+        help="Distillation: the teacher's distributions are computed once before training; when the full ones "
+        "exceed 1 GiB, its k most likely tokens + the remaining mass are kept (the loss is then KL over those "
+        "k tokens + one remainder bucket).")] = 64,
+    teacher_cache: Annotated[Optional[str], typer.Option(
+        help="Distillation: keep the teacher's cached distributions in this directory and reuse them in later "
+        "runs with the same teacher, data and settings (default: inside the work directory).")] = None,
+    live_teacher: Annotated[bool, typer.Option(
+        help="Distillation: run the teacher on every step instead of caching its distributions once.")] = False,
     teacher: Annotated[Optional[str], typer.Option(
         help="Distillation teacher (the dense model; default: the source recorded in the input's plan).")] = None,
     overwrite: OverwriteOpt = False,
@@ -93,6 +103,7 @@ def heal_cmd(
 ) -> None:
     """Heal a pruned model (LoRA or its last layers, on LM loss or distilled from the dense model), save a plain
     checkpoint."""
+    from ..evaluate.divergence import check_reference_vocab
     from ..heal import HealConfig
     from ..io import check_output_dir
     from ..job import HealStage, Job
@@ -106,19 +117,23 @@ def heal_cmd(
         batch_size=batch_size, grad_accum=grad_accum, cutoff_len=cutoff_len, val_size=val_size,
         eval_steps=eval_steps, train_on=train_on, max_items=max_items, seed=seed, qlora=qlora,
         train_layers=train_layers, distill=distill, distill_alpha=distill_alpha, temperature=temperature,
-        distill_top_k=distill_top_k, progress=not given.quiet,
+        distill_top_k=distill_top_k, max_tokens=max_tokens, teacher_cache=not live_teacher,
+        teacher_top_k=teacher_top_k, teacher_cache_dir=teacher_cache, progress=not given.quiet,
     )
     if distill and teacher is None:
         teacher = recorded_source(given.model)
     stage = HealStage(data, config, work_dir=work_dir, resume=resume, save_adapter=save_adapter,
                       keep_checkpoints=keep_checkpoints, teacher=teacher)
-    job = Job([stage], evaluation=given.evaluation_spec(batch_size=8, seq_len=seq_len),
+    job = Job([stage], evaluation=given.evaluation_spec(batch_size=8, seq_len=seq_len, input_is_reference=False),
               progress=not given.quiet).check()
     out = check_out(require_out(out), given.model, overwrite, job)
     if work_dir is not None:
         check_output_dir(work_dir, inputs=[given.model, out], kind="work", option="--work-dir")
     if teacher is not None:
         check_model(teacher)
+        check_reference_vocab(given.model, teacher, option="--teacher")
+    if teacher_cache is not None:
+        check_output_dir(teacher_cache, inputs=[given.model, out], kind="teacher-cache", option="--teacher-cache")
     given.run_job(job, out, overwrite)
 
 

@@ -67,20 +67,28 @@ def open_backend(model: str, *, load: Callable[..., "LoadedModel"], stream: bool
                  dtype: str | None, device: str, quiet: bool, job: "Job | None" = None) -> "Backend":
     """The model as a backend, streamed or in memory (``stream=False``: a command without streaming never
     streams; ``None``: decided from the model's size, and said). With ``job``, what the chosen backend cannot
-    do is refused before anything loads. ``load`` is the command's in-memory loader."""
+    do is refused before anything loads, and a kl/top1 reference that is another model is opened the same way,
+    measured and freed before the input loads. ``load`` is the command's in-memory loader."""
     from ..backend import InMemoryBackend, load_streamed
     from ..models.load import resolve_dtype
 
     streamed, budget = False, None
     if stream is not False or max_memory is not None:
         streamed, budget, _ = streaming_choice(model, stream, max_memory, dtype, device)
+
+    def open_(source: str) -> "Backend":
+        if not streamed:
+            return InMemoryBackend.of(load(source, dtype, device, quiet))
+        typer.echo(f"streaming {source} ...", err=True)
+        return load_streamed(source, dtype=dtype, device=device, progress=not quiet, max_memory=budget,
+                             report=None if quiet else say,
+                             save_dtype=resolve_dtype(dtype, "cpu") if dtype else None)
+
     if job is not None:
         job.check_backend("streamed" if streamed else "in-memory")
-    if not streamed:
-        return InMemoryBackend.of(load(model, dtype, device, quiet))
-    typer.echo(f"streaming {model} ...", err=True)
-    return load_streamed(model, dtype=dtype, device=device, progress=not quiet, max_memory=budget,
-                         report=None if quiet else say, save_dtype=resolve_dtype(dtype, "cpu") if dtype else None)
+        job.evaluation.prepare(model, first_is_input=job.evaluate_before or not job.stages, open_reference=open_,
+                               progress=not quiet)
+    return open_(model)
 
 
 def run_checkpoint_job(job: "Job", *, load: Callable[..., "LoadedModel"], model: str, out: Any,

@@ -1,6 +1,7 @@
 """What to measure on a model, declared once and run the same way everywhere.
 
-:class:`Evaluation` bundles perplexity, lm-eval zero-shot tasks and speed. A
+:class:`Evaluation` bundles perplexity, KL / top-1 agreement against a reference (dense) model, lm-eval
+zero-shot tasks and speed. A
 prune job runs it before and after its stages, ``bench`` runs it on every row,
 and each piece tokenizes its windows once and reuses them, so every model in a
 comparison is measured on exactly the same tokens.
@@ -11,7 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from typing import TYPE_CHECKING
 
@@ -20,6 +21,19 @@ from torch import nn
 from ..checks import require_finite
 from ..data.calibration import Calibration, check_text_source, consecutive_windows, tokenizer_key
 from ..errors import InputError
+from .divergence import (
+    DEFAULT_TOP_K,
+    EXACT_BUDGET_MB,
+    METRICS as DIVERGENCE_METRICS,
+    DistributionCache,
+    DivergenceError,
+    DivergenceResult,
+    build_reference,
+    load_reference,
+    measure_divergence,
+    release_memory,
+    same_model,
+)
 from .perplexity import PPL_DATASETS, PerplexityResult, perplexity_on
 from .speed import SpeedResult
 from .zeroshot import ZeroShotResult
@@ -57,6 +71,113 @@ class PerplexitySpec:
 
     def run(self, model: nn.Module, tokenizer: Any, progress: bool = True) -> PerplexityResult:
         return perplexity_on(model, self.windows(tokenizer), batch_size=self.batch_size, progress=progress)
+
+
+NO_REFERENCE = ("--eval kl/top1 compare with the dense (reference) model, and none is known here: pass "
+                "--reference DENSE (the model this one was made from)")
+
+
+@dataclass
+class DivergenceSpec:
+    """KL(reference || model) and top-1 agreement on the perplexity windows ``text`` (see :mod:`.divergence`).
+
+    ``reference`` is the dense model's source; None means the model measured first (in a job: the input, in
+    its "before" pass, which builds the cache in the same pass). The reference's distributions are computed
+    once and kept (exact when they fit ``exact_budget_mb``, else its ``top_k`` tokens + remainder);
+    ``cache_file`` (safetensors) is read instead when it holds a matching cache, and written after a build.
+    """
+
+    metrics: list[str] = field(default_factory=lambda: list(DIVERGENCE_METRICS))
+    text: PerplexitySpec = field(default_factory=PerplexitySpec)
+    reference: str | None = None
+    cache_file: str | None = None
+    top_k: int = DEFAULT_TOP_K
+    exact_budget_mb: float = EXACT_BUDGET_MB
+
+    def check(self) -> None:
+        unknown = [m for m in self.metrics if m not in DIVERGENCE_METRICS]
+        if unknown or not self.metrics:
+            raise InputError(f"unknown divergence metric(s) {unknown}: use {', '.join(DIVERGENCE_METRICS)}")
+        if self.top_k < 1:
+            raise InputError(f"the reference cache's top-k must be at least 1, got {self.top_k}")
+        self.text.check()
+        if self.cache_file is not None:
+            from ..io import check_output_file
+
+            path = Path(self.cache_file).expanduser()
+            if path.is_file():
+                DistributionCache.peek(path)  # only a cache depthprune wrote is read or replaced
+                self.cache_file = str(path.resolve())
+            else:
+                self.cache_file = str(check_output_file(path, option="--reference-cache", suffix=".safetensors"))
+
+    @property
+    def cache(self) -> DistributionCache | None:
+        """The reference's distributions, once prepared."""
+        return self.__dict__.get("_reference")
+
+    def _recorded(self) -> dict[str, Any]:
+        """What a cache file must have been built with to be reused by this spec."""
+        text = {k: v for k, v in asdict(self.text).items() if k != "batch_size"}
+        return {"spec": {"text": text, "top_k": self.top_k, "exact_budget_mb": self.exact_budget_mb}}
+
+    def prepare(self, input_source: str, input_path: str | None = None, *, first_is_input: bool,
+                open_reference: "Callable[[str], Backend] | None" = None, progress: bool = True) -> None:
+        """Make the reference ready before ``input_source`` is measured: read ``cache_file``, or open the
+        reference (when it is another model than the input) with ``open_reference(source)`` (default: load it
+        in memory on the CPU), build its cache and free it, or (reference = the input, ``first_is_input``) let
+        the first measurement build it. No reference: a one-line error."""
+        if self.cache is not None:
+            return
+        reference = self.reference or input_source
+        if self.cache_file is not None:
+            if Path(self.cache_file).is_file():
+                recorded = DistributionCache.peek(self.cache_file)
+                if same_model(recorded.get("reference"), reference) and \
+                        all(recorded.get(k) == v for k, v in self._recorded().items()):
+                    self.__dict__["_reference"] = DistributionCache.load(self.cache_file)
+                    return
+        if self.reference is None or same_model(self.reference, input_source) or \
+                same_model(self.reference, input_path):
+            if not first_is_input:
+                raise DivergenceError(NO_REFERENCE)
+            self.__dict__["_adopt_next"] = input_source
+            return
+        if open_reference is None:
+            from ..backend import InMemoryBackend
+
+            def open_reference(source: str) -> "Backend":
+                return InMemoryBackend.of(load_reference(source, progress=progress))
+        opened = open_reference(self.reference)
+        self.adopt(opened, opened.tokenizer, self.reference, progress)
+        del opened
+        release_memory()
+
+    def adopt(self, model: "nn.Module | Backend", tokenizer: Any, source: str | None,
+              progress: bool = True) -> DistributionCache:
+        """Build the reference cache from ``model`` (the dense model, or its backend) and keep it; written to
+        ``cache_file``."""
+        cache = build_reference(model, self.text.windows(tokenizer), source=source, top_k=self.top_k,
+                                exact_budget_mb=self.exact_budget_mb, batch_size=self.text.batch_size,
+                                progress=progress)
+        cache.meta.update(self._recorded())
+        self.__dict__["_reference"] = cache
+        self.__dict__.pop("_adopt_next", None)
+        if self.cache_file is not None:
+            cache.save(self.cache_file)
+        return cache
+
+    def run(self, model: "nn.Module | Backend", tokenizer: Any, progress: bool = True
+            ) -> tuple[DivergenceResult, PerplexityResult]:
+        """KL and top-1 against the reference (and perplexity on the same windows, from the same pass)."""
+        if self.cache is None:
+            if "_adopt_next" not in self.__dict__:
+                raise DivergenceError(NO_REFERENCE)
+            self.adopt(model, tokenizer, self.__dict__["_adopt_next"], progress)
+        result, ppl = measure_divergence(model, self.text.windows(tokenizer), self.cache,
+                                         batch_size=self.text.batch_size, progress=progress)
+        result.metrics = tuple(self.metrics)
+        return result, ppl
 
 
 @dataclass
@@ -128,21 +249,26 @@ class EvalResult:
     zeroshot: ZeroShotResult | None = None
     speed: SpeedResult | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    divergence: DivergenceResult | None = None
 
     def values(self) -> dict[str, float]:
-        """Every headline number by name: ``perplexity`` and one entry per task."""
+        """Every headline number by name: ``perplexity``, ``kl``, ``top1`` and one entry per task."""
         out: dict[str, float] = {}
         if self.perplexity is not None:
             out["perplexity"] = self.perplexity.perplexity
+        if self.divergence is not None:
+            out.update(self.divergence.values())
         if self.zeroshot is not None:
             out.update(self.zeroshot.metrics)
         return out
 
     def higher_is_better(self) -> dict[str, bool]:
-        """Direction of each value: perplexity goes down, tasks as lm-eval declares them."""
+        """Direction of each value: perplexity and KL go down, top-1 agreement up, tasks as lm-eval declares."""
         out: dict[str, bool] = {}
         if self.perplexity is not None:
             out["perplexity"] = False
+        if self.divergence is not None:
+            out.update({name: name == "top1" for name in self.divergence.metrics})
         if self.zeroshot is not None:
             out.update({name: s.higher_is_better for name, s in self.zeroshot.scores.items()})
         return out
@@ -154,6 +280,7 @@ class EvalResult:
     def to_dict(self) -> dict[str, Any]:
         return {
             "perplexity": self.perplexity.to_dict() if self.perplexity else None,
+            "divergence": self.divergence.to_dict() if self.divergence else None,
             "zeroshot": ({"scores": {k: asdict(v) for k, v in self.zeroshot.scores.items()},
                           "mean": self.zeroshot.mean, "n_samples": self.zeroshot.raw.get("n-samples")}
                          if self.zeroshot else None),
@@ -162,42 +289,65 @@ class EvalResult:
         }
 
 
+PARTS = ("perplexity", "divergence", "zeroshot", "speed")
+
+
 @dataclass
 class Evaluation:
-    """Perplexity, zero-shot tasks and speed: each optional."""
+    """Perplexity, KL / top-1 against a reference, zero-shot tasks and speed: each optional."""
 
     perplexity: PerplexitySpec | None = None
     zeroshot: ZeroShotSpec | None = None
     speed: SpeedSpec | None = None
+    divergence: DivergenceSpec | None = None
 
     @property
     def empty(self) -> bool:
-        return self.perplexity is None and self.zeroshot is None and self.speed is None
+        return all(getattr(self, name) is None for name in PARTS)
 
     def check(self) -> "Evaluation":
-        for part in (self.perplexity, self.zeroshot, self.speed):
-            if part is not None:
-                part.check()
+        for name in PARTS:
+            if getattr(self, name) is not None:
+                getattr(self, name).check()
         return self
 
+    def prepare(self, input_source: str, input_path: str | None = None, *, first_is_input: bool,
+                **how: Any) -> None:
+        """Ready what must exist before the first measurement (the reference's distributions for kl/top1);
+        see :meth:`DivergenceSpec.prepare`."""
+        if self.divergence is not None:
+            self.divergence.prepare(input_source, input_path, first_is_input=first_is_input, **how)
+
     def run(self, model: "nn.Module | Backend", tokenizer: Any, progress: bool = True) -> EvalResult:
-        """Measure ``model`` (a model or a :class:`~depthprune.backend.Backend`: perplexity runs on any backend,
-        lm-eval and speed on the model in memory)."""
+        """Measure ``model`` (a model or a :class:`~depthprune.backend.Backend`: perplexity and kl/top1 run on
+        any backend, lm-eval and speed on the model in memory)."""
         from ..backend import InMemoryBackend
 
         backend = InMemoryBackend.of(model)
         result = EvalResult()
-        for name in ("perplexity", "zeroshot", "speed"):
+        for name in PARTS:
             spec = getattr(self, name)
-            if spec is not None:
-                if name != "perplexity":
-                    backend.require_memory("lm-eval tasks and speed in --eval")
-                start = time.perf_counter()
-                setattr(result, name, spec.run(backend if name == "perplexity" else backend.model, tokenizer,
-                                               progress))
-                result.timings[name] = time.perf_counter() - start
+            if spec is None or (name == "perplexity" and self._shared_pass):
+                continue
+            start = time.perf_counter()
+            if name == "divergence":
+                result.divergence, ppl = spec.run(backend, tokenizer, progress)
+                if self._shared_pass:
+                    result.perplexity = ppl
+            elif name == "perplexity":
+                result.perplexity = spec.run(backend, tokenizer, progress)
+            else:
+                backend.require_memory("lm-eval tasks and speed in --eval")
+                setattr(result, name, spec.run(backend.model, tokenizer, progress))
+            result.timings[name] = time.perf_counter() - start
         return result
 
+    @property
+    def _shared_pass(self) -> bool:
+        """Perplexity on the divergence windows comes out of the same pass (the LM head runs once)."""
+        return self.divergence is not None and self.perplexity is not None and self.perplexity == self.divergence.text
+
     def to_dict(self) -> dict[str, Any]:
-        return {name: asdict(getattr(self, name)) if getattr(self, name) else None
-                for name in ("perplexity", "zeroshot", "speed")}
+        """Every part's settings (``divergence`` only when measured, so earlier records keep their fingerprint)."""
+        return {name: asdict(getattr(self, name)) if getattr(self, name) else None for name in PARTS
+                if name != "divergence" or self.divergence is not None}

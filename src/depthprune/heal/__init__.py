@@ -15,7 +15,8 @@ loop, so ``accelerate launch`` / DeepSpeed configurations, mixed precision,
 checkpointing and resuming work as they do for any Trainer job.
 
 Modules: :mod:`.config` (settings), :mod:`.data` (alpaca / text data),
-:mod:`.train` (the run), :mod:`.distill` (distillation loss, last-layer training).
+:mod:`.train` (the run), :mod:`.distill` (distillation loss, last-layer training), :mod:`.teacher` (the
+teacher's distributions, computed once before training and cached).
 """
 
 from .config import PRESETS, QLORA_NEEDS_CUDA, HealConfig, HealDataError, HealError
@@ -31,8 +32,9 @@ from .data import (
     text_blocks,
     tokenize_alpaca,
 )
-from .distill import distill_trainer, distillation_loss_sum, train_last_layers
-from .train import HealResult, heal, lora_targets
+from .distill import distill_trainer, distillation_loss_sum, rows_loss_sum, train_last_layers
+from .teacher import Teacher, TeacherCache, teacher_cache
+from .train import HealResult, heal, lora_targets, token_budget
 
 __all__ = [
     "PRESETS",
@@ -43,6 +45,8 @@ __all__ = [
     "HealError",
     "HealResult",
     "PadCollator",
+    "Teacher",
+    "TeacherCache",
     "alpaca_prompt",
     "check_heal_data",
     "data_paths",
@@ -53,7 +57,10 @@ __all__ = [
     "lora_targets",
     "read_alpaca_file",
     "read_alpaca_hub",
+    "rows_loss_sum",
+    "teacher_cache",
     "text_blocks",
+    "token_budget",
     "tokenize_alpaca",
     "train_last_layers",
 ]

@@ -52,8 +52,22 @@ class HealConfig:
     adapter). ``distill=True`` replaces the language-modelling loss with the
     KL divergence from the dense (teacher) model's next-token distribution at
     ``temperature``, mixed as ``distill_alpha * KL + (1 - distill_alpha) * LM``;
-    ``distill_top_k`` keeps only the teacher's k most likely tokens (for large
-    vocabularies).
+    ``distill_top_k`` keeps only the teacher's k most likely tokens, renormalised
+    (for large vocabularies).
+
+    The teacher's distributions are computed once before training and cached
+    (``teacher_cache``; see :mod:`depthprune.heal.teacher`): exact when they fit
+    ``teacher_cache_mb``, else its ``teacher_top_k`` tokens + remainder, in
+    ``teacher_cache_dir`` (default: the work directory), where a later run with
+    the same teacher, data and settings reuses them. ``teacher_cache=False``
+    runs the teacher on every step instead.
+
+    ``max_tokens`` is the training budget in tokens (non-padding input tokens,
+    counted over every micro-batch): steps are derived from it (the items'
+    mean length x ``batch_size`` x ``grad_accum`` per step) and training stops
+    once that many were seen. Below one budget, a run that fits one epoch
+    trains on the first items of the (shuffled) training split only, each
+    once, so a teacher cache covers just those.
     """
 
     r: int = 8
@@ -85,6 +99,11 @@ class HealConfig:
     distill_alpha: float = 1.0
     temperature: float = 1.0
     distill_top_k: int | None = None
+    max_tokens: int | None = None
+    teacher_cache: bool = True
+    teacher_top_k: int = 64
+    teacher_cache_mb: float = 1024.0
+    teacher_cache_dir: str | None = None
     progress: bool = True
 
     def validate(self, flag: Callable[[str], str] = flag_of) -> "HealConfig":
@@ -126,10 +145,32 @@ class HealConfig:
             raise HealError(f"{flag('temperature')} must be positive, got {self.temperature}")
         if self.distill_top_k is not None and self.distill_top_k < 1:
             raise HealError(f"{flag('distill_top_k')} must be at least 1, got {self.distill_top_k}")
+        if self.teacher_top_k < 1 or self.teacher_cache_mb < 0:
+            raise HealError(f"{flag('teacher_top_k')} must be at least 1 (got {self.teacher_top_k}) and the "
+                            f"exact-cache budget 0 or more (got {self.teacher_cache_mb})")
+        if self.max_tokens is not None:
+            if self.max_tokens < 1:
+                raise HealError(f"{flag('max_tokens')} must be positive, got {self.max_tokens}")
+            if self.max_steps > 0:
+                raise HealError(f"give {flag('max_steps')} or {flag('max_tokens')}, not both: the token budget "
+                                "decides the steps")
         if self.qlora and self.last_layers() is not None:
             raise HealError(f"{flag('qlora')} trains LoRA adapters on a 4-bit copy; it cannot be combined with "
                             f"{flag('train_layers')} last:N")
         return self
+
+    @property
+    def items_per_step(self) -> int:
+        return self.batch_size * self.grad_accum
+
+    def check_budget(self, tokens_per_item: float) -> None:
+        """A ``max_tokens`` budget below one optimizer step (items of ``tokens_per_item`` on average) is an error."""
+        step = self.items_per_step * tokens_per_item
+        if self.max_tokens is not None and self.max_tokens < step:
+            raise HealError(f"--max-tokens {self.max_tokens:,} is less than one optimizer step (--batch-size "
+                            f"{self.batch_size} x --grad-accum {self.grad_accum} items of {tokens_per_item:,.0f} "
+                            f"tokens = {step:,.0f} tokens); give a larger budget or a smaller --batch-size / "
+                            "--grad-accum")
 
     def last_layers(self, flag: Callable[[str], str] = flag_of) -> int | None:
         """N of ``train_layers="last:N"``, or None for LoRA."""

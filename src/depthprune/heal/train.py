@@ -21,7 +21,8 @@ from ..io import write_json
 from ..models.arch import spec_for
 from .config import ADAPTER, CHECKPOINTS, CONFIG_FILE, PRESETS, QLORA_NEEDS_CUDA, HealConfig, HealError
 from .data import Items, PadCollator, load_heal_data, pad_id
-from .distill import distill_trainer, train_last_layers
+from .distill import IndexedItems, TeacherRowsCollator, distill_trainer, train_last_layers
+from .teacher import TEACHER_CACHE, Teacher, loss_name, teacher_cache
 
 log = logging.getLogger(__name__)
 
@@ -66,19 +67,27 @@ class HealResult:
     data: dict[str, Any]
     config: dict[str, Any]
     runtime_s: float
+    tokens_seen: int = 0
+    train_seconds: float = 0.0
+    tokens_per_s: float | None = None
+    teacher: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.__dataclass_fields__ if name != "model"}
 
 
-def _make_callbacks():
+def _make_callbacks(max_tokens: int | None = None):
     from transformers import ProgressCallback, TrainerCallback
 
     class EvaluateAtEnd(TrainerCallback):
-        """Evaluate and checkpoint at the last step too, so the final weights compete for 'best'."""
+        """Evaluate and checkpoint at the last step too, so the final weights compete for 'best'; the last step
+        is the one at ``max_steps`` or the one that reaches the token budget ``max_tokens``."""
 
         def on_step_end(self, args, state, control, **kwargs):
-            if state.max_steps and state.global_step >= state.max_steps:
+            spent = max_tokens is not None and state.num_input_tokens_seen >= max_tokens
+            if spent:
+                control.should_training_stop = True
+            if spent or (state.max_steps and state.global_step >= state.max_steps):
                 control.should_save = True
                 if args.eval_strategy != "no":
                     control.should_evaluate = True
@@ -93,7 +102,22 @@ def _make_callbacks():
                 if shown:
                     self.training_bar.set_postfix(shown, refresh=False)
 
-    return EvaluateAtEnd, LossBar
+    class StepClock(TrainerCallback):
+        """Seconds spent in optimizer steps (forward, backward, update; not evaluation or saving) and the tokens
+        they saw, for the training throughput of this session."""
+
+        def __init__(self):
+            self.seconds, self.tokens, self._since = 0.0, 0, None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self._since = (time.perf_counter(), state.num_input_tokens_seen)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self._since is not None:
+                self.seconds += time.perf_counter() - self._since[0]
+                self.tokens += state.num_input_tokens_seen - self._since[1]
+
+    return EvaluateAtEnd, LossBar, StepClock
 
 
 def _steps_per_run(n_train: int, config: HealConfig) -> int:
@@ -101,6 +125,18 @@ def _steps_per_run(n_train: int, config: HealConfig) -> int:
         return config.max_steps
     batches = math.ceil(n_train / config.batch_size)
     return max(1, math.ceil(config.epochs * math.ceil(batches / config.grad_accum)))
+
+
+def token_budget(train: list[dict[str, list[int]]], config: HealConfig) -> tuple[list[dict[str, list[int]]], int]:
+    """The training items a run reads and its optimizer steps. With ``max_tokens``: steps = the budget over the
+    tokens of one step (the items' mean length x items per step); when that is less than an epoch, only the
+    first items of the shuffled split are used, each once."""
+    if config.max_tokens is None:
+        return train, _steps_per_run(len(train), config)
+    mean = sum(len(it["input_ids"]) for it in train) / len(train)
+    config.check_budget(mean)
+    steps = math.ceil(config.max_tokens / (mean * config.items_per_step))
+    return train[: steps * config.items_per_step], steps
 
 
 def _checkpoint_to_resume(ckpt_dir: Path, resume: bool) -> str | None:
@@ -167,7 +203,7 @@ def heal(
     resume: bool = False,
     save_adapter: bool = False,
     callbacks: Sequence[Any] = (),
-    teacher: nn.Module | None = None,
+    teacher: nn.Module | Teacher | None = None,
 ) -> HealResult:
     """Heal ``model`` on ``data`` and return it as plain weights (LoRA merged, or its last layers trained).
 
@@ -178,8 +214,11 @@ def heal(
     ``heal_config.json`` and, with ``save_adapter=True`` (LoRA only),
     ``adapter/`` (the best adapter alone, loadable with
     ``PeftModel.from_pretrained``). ``teacher`` is the dense model the loss
-    distils from when ``config.distill`` is set. Saving the healed model is
-    left to :func:`depthprune.save`.
+    distils from when ``config.distill`` is set: a model, or a
+    :class:`~.teacher.Teacher` that loads it only when its cache must be built
+    (then ``teacher-cache/`` holds its distributions, unless
+    ``config.teacher_cache_dir`` names another place). Saving the healed model
+    is left to :func:`depthprune.save`.
     """
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
     from peft.tuners.tuners_utils import BaseTunerLayer
@@ -200,8 +239,23 @@ def heal(
     resume_from = _checkpoint_to_resume(ckpt_dir, resume)
 
     heal_data = load_heal_data(data, tokenizer, config)
+    train_items, total = token_budget(heal_data.train, config)
+    heal_data.description["train_items_used"] = len(train_items)
     output_dir.mkdir(parents=True, exist_ok=True)
     _write_run_config(output_dir, config, heal_data.description, resuming=resume_from is not None)
+
+    cache, teacher_record = None, None
+    if config.distill and config.teacher_cache:
+        where = Path(config.teacher_cache_dir).expanduser() if config.teacher_cache_dir else output_dir / TEACHER_CACHE
+        cache = teacher_cache(teacher, [*heal_data.val, *train_items], where, config,
+                              vocab_size=model.get_output_embeddings().weight.shape[0], pad=pad_id(tokenizer),
+                              progress=config.progress)
+        teacher, teacher_record = None, {"mode": "cache", **cache.record}
+    elif config.distill:
+        teacher = teacher.load() if isinstance(teacher, Teacher) else teacher
+        teacher_record = {"mode": "live: the teacher runs on every step"}
+    if teacher_record is not None:
+        teacher_record["loss"] = loss_name(cache.cache if cache else None, config)
 
     saved_flags = {p: p.requires_grad for p in model.parameters()}
     saved_use_cache = getattr(model.config, "use_cache", None)
@@ -223,7 +277,6 @@ def heal(
     trainable = sum(p.numel() for p in trained.parameters() if p.requires_grad)
 
     has_val = bool(heal_data.val)
-    total = _steps_per_run(len(heal_data.train), config)
     every = min(config.eval_steps, total)
     cuda = torch.cuda.is_available()
     args = TrainingArguments(
@@ -232,7 +285,8 @@ def heal(
         per_device_eval_batch_size=config.eval_batch_size or config.batch_size,
         gradient_accumulation_steps=config.grad_accum,
         num_train_epochs=config.epochs,
-        max_steps=config.max_steps if config.max_steps > 0 else -1,
+        max_steps=config.max_steps if config.max_steps > 0 else (total if config.max_tokens else -1),
+        include_num_input_tokens_seen="non_padding",
         learning_rate=config.lr,
         warmup_steps=min(config.warmup_steps, total // 10),
         weight_decay=config.weight_decay,
@@ -260,16 +314,18 @@ def heal(
         activation_checkpointing=config.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
     )
-    evaluate_at_end, loss_bar = _make_callbacks()
-    distill = {"teacher": teacher, "alpha": config.distill_alpha, "temperature": config.temperature,
+    evaluate_at_end, loss_bar, step_clock = _make_callbacks(config.max_tokens)
+    clock = step_clock()
+    distill = {"teacher": teacher, "cache": cache, "alpha": config.distill_alpha, "temperature": config.temperature,
                "top_k": config.distill_top_k} if config.distill else {}
+    collator = PadCollator(pad_id(tokenizer))
     trainer = (distill_trainer() if config.distill else Trainer)(
         model=trained,
         args=args,
-        train_dataset=Items(heal_data.train),
-        eval_dataset=Items(heal_data.val) if has_val else None,
-        data_collator=PadCollator(pad_id(tokenizer)),
-        callbacks=[evaluate_at_end(), *callbacks],
+        train_dataset=IndexedItems(train_items, len(heal_data.val)) if cache else Items(train_items),
+        eval_dataset=(IndexedItems(heal_data.val) if cache else Items(heal_data.val)) if has_val else None,
+        data_collator=TeacherRowsCollator(collator, cache) if cache else collator,
+        callbacks=[evaluate_at_end(), clock, *callbacks],
         **distill,
     )
     trainer.remove_callback(PrinterCallback)
@@ -323,4 +379,8 @@ def heal(
         data=heal_data.description,
         config=config.to_dict(),
         runtime_s=time.perf_counter() - started,
+        tokens_seen=int(state.num_input_tokens_seen),
+        train_seconds=clock.seconds,
+        tokens_per_s=clock.tokens / clock.seconds if clock.seconds else None,
+        teacher=teacher_record,
     )

@@ -99,22 +99,21 @@ def plan(backend: Backend, calibration: Calibration, target: Target | None, opti
         if fit in TRAINED_FITS:
             backend.require_memory(f"--fits {fit}")
     layers = list(backend.layers)
-    planned: list[tuple[str, Plan]] = []
+    planned: list[tuple[str, Plan, float]] = []
     for method in options.methods():
         start = time.perf_counter()
         candidate = make_plan(method, backend, calibration, Target(remove=n), options=_options_for(method,
                               options.objective), batch_size=run.batch_size, progress=run.progress, data=run.data)
-        candidate.params["seconds"] = round(time.perf_counter() - start, 2)
-        planned.append((method, candidate))
+        planned.append((method, candidate, round(time.perf_counter() - start, 2)))
 
     entries: list[dict[str, Any]] = []
     chosen_from: list[tuple[Plan, dict[str, Any] | None]] = []
     first: dict[tuple, int] = {}  # (decision, fit) -> the entry that scores it
-    for method, candidate in planned:
+    for method, candidate, seconds in planned:
         for fit in ["none", *(fits if interfaces(candidate)[0] else [])]:
             key = (_decision(candidate), fit)
             entry = {"method": method, "compensation": fit, "plan": candidate.summary(),
-                     "dropped": candidate.dropped, "plan_seconds": candidate.params["seconds"]}
+                     "dropped": candidate.dropped, "plan_seconds": seconds}
             if key in first:
                 entry["same_as"] = entries[first[key]]["method"]
             else:
