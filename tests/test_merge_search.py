@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 
-from depthprune import Calibration, Merge, Plan, apply_plan
+from depthprune import Merge, Plan, apply_plan
 from depthprune.engine.search import SimilarityEngine
 from depthprune.methods import Target, make_plan
 from depthprune.methods.laco import laco_search
@@ -14,7 +16,7 @@ from depthprune.models.arch import get_layers, get_path, spec_for
 from depthprune.plan import PlanError
 from depthprune.surgery.merge import OPERATORS
 from reference_search import slow_laco, slow_slm
-from tiny import LAYERS, tiny_inputs, tiny_model
+from tiny import LAYERS, tiny_calibration, tiny_inputs, tiny_model
 
 
 def _hand_built_layers(model):
@@ -79,11 +81,7 @@ def test_nested_merge_applies_in_order():
         Plan(method="t", num_layers=LAYERS, merges=[Merge(3, 4, "rdsc"), Merge(1, 3, "rdsc")])
 
 
-def _cal(batch=3, seq=12):
-    ids = tiny_inputs(batch=batch, seq=seq)
-    mask = torch.ones_like(ids)
-    mask[1, 9:] = 0
-    return Calibration(ids, mask, {"source": "test"})
+_cal = partial(tiny_calibration, 3, 12, padded={1: 9})
 
 
 DEEP = 10

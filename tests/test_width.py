@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-import transformers as tf
 from transformers import AutoModelForCausalLM
 
 import depthprune as dp
@@ -15,7 +14,7 @@ from depthprune.analysis.importance import WidthError, score_units
 from depthprune.data.calibration import Calibration
 from depthprune.models.arch import get_layers
 from depthprune.surgery.width import WIDTH_PLAN_FILE, WidthPlan, apply_width_plan, width_plan
-from tiny import LAYERS, tiny_inputs, tiny_model
+from tiny import LAYERS, bpe_tokenizer, tiny_calibration, tiny_inputs, tiny_model
 
 HEAD_DIM = 16  # tiny configs: hidden 64 / 4 heads
 
@@ -24,13 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _calibration(padded: bool = False) -> Calibration:
-    ids = tiny_inputs(5, 16, seed=7)
-    mask = torch.ones_like(ids)
-    if padded:
-        mask[1, 11:] = 0
-        mask[3, 6:] = 0
-        ids = ids.masked_fill(mask == 0, 0)
-    return Calibration(ids, mask, {"source": "test"})
+    return tiny_calibration(5, 16, seed=7, padded={1: 11, 3: 6} if padded else None, pad_id=0)
 
 
 def _logits(model, ids) -> torch.Tensor:
@@ -235,15 +228,10 @@ def test_bad_input_is_refused_with_a_clear_message():
 
 
 
-def test_width_command(smollm2_path, tmp_path, run_cli):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(smollm2_path)
-    config = tf.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                            num_attention_heads=4, num_key_value_heads=2)
-    torch.manual_seed(0)
+def test_width_command(tmp_path, run_cli):
+    tok = bpe_tokenizer()
     src = tmp_path / "src"
-    dp.save(tf.AutoModelForCausalLM.from_config(config), tok, src,
+    dp.save(tiny_model("llama", layers=3, vocab_size=len(tok)), tok, src,
             dp.Plan(method="manual", num_layers=4, remove=[2]))
     out = tmp_path / "narrow"
     code, stdout, _ = run_cli("width", "--model", str(src), "--ratio-mlp", "0.25", "--ratio-heads", "0.5",
