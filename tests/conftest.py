@@ -36,6 +36,11 @@ def pytest_configure(config):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # One torch thread, in this process and the CLI processes tests start: tiny models gain nothing from a
+    # second one, and on a busy 2-core machine spin-waiting threads make real-model forwards and deep copies
+    # several times slower (a SmolLM2 forward on 3x48 tokens: 0.4 s of CPU on one thread, 2.6 s on two).
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -126,14 +131,11 @@ def gemma3_path() -> str:
     return str(resolve_source("gemma3-270m"))
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    """One torch thread for a module: tiny models and short training gain nothing from a second one, and on a
-    shared 2-core machine its spin-waiting makes them several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Back to one thread after a test that changed it (`eval-speed --threads`); see pytest_configure."""
     yield
-    torch.set_num_threads(threads)
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -38,9 +38,6 @@ RECORDS = [
 ]
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
 @pytest.fixture(scope="module")
 def tok():
     return bpe_tokenizer()

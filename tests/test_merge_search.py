@@ -15,7 +15,7 @@ from depthprune.methods.slm import slm_search
 from depthprune.models.arch import get_layers, get_path, spec_for
 from depthprune.plan import PlanError
 from depthprune.surgery.merge import OPERATORS
-from reference_search import slow_laco, slow_slm
+from reference_search import CandidateSimilarities, slow_laco, slow_slm
 from tiny import LAYERS, tiny_calibration, tiny_inputs, tiny_model
 
 
@@ -100,9 +100,10 @@ def test_slm_engine_equals_slow_reference(family, operator):
     model = tiny_model(family, seed=3, layers=DEEP)
     cal = _cal()
     engine = SimilarityEngine(model, cal, batch_size=2, checkpoint_every=3)
+    sims = CandidateSimilarities(model, cal.input_ids, cal.attention_mask, DEEP)
     shapes = set()
     for threshold in _thresholds_between(engine, slm_search, operator=operator):
-        expected = slow_slm(model, cal.input_ids, cal.attention_mask, threshold, operator, DEEP)
+        expected = slow_slm(model, cal.input_ids, cal.attention_mask, threshold, operator, DEEP, sims)
         for final_window in ("commit", "skip"):
             plan = slm_search(engine, threshold, operator=operator, final_window=final_window)
             assert plan.merges == expected[final_window], (threshold, final_window, plan.log)
@@ -115,13 +116,14 @@ def test_laco_engine_equals_slow_reference(family, operator):
     model = tiny_model(family, seed=5, layers=DEEP)
     cal = _cal()
     engine = SimilarityEngine(model, cal)
+    sims = CandidateSimilarities(model, cal.input_ids, cal.attention_mask, DEEP)
     nested = 0
     for C, interval in ((2, 1), (3, 2)):
         opts = dict(operator=operator, merge_layers=C, interval=interval)
         for threshold in _thresholds_between(engine, laco_search, count=3, **opts):
             plan = laco_search(engine, threshold, **opts)
             expected = slow_laco(model, cal.input_ids, cal.attention_mask, threshold, operator, DEEP,
-                                 C, interval, 1, DEEP)
+                                 C, interval, 1, DEEP, sims)
             assert plan.merges == expected, (operator, threshold, C, interval)
             nested += any(a.low <= b.low and b.high <= a.high
                           for i, a in enumerate(plan.merges) for b in plan.merges[:i])

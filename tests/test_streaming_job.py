@@ -22,11 +22,6 @@ from test_streaming import tensors_of
 from tiny import save_tiny_checkpoint
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(one_thread):
-    pass
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     return str(save_tiny_checkpoint(tmp_path_factory.mktemp("job") / "model", "gemma3", layers=8))

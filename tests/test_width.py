@@ -14,12 +14,9 @@ from depthprune.analysis.importance import WidthError, score_units
 from depthprune.data.calibration import Calibration
 from depthprune.models.arch import get_layers
 from depthprune.surgery.width import WIDTH_PLAN_FILE, WidthPlan, apply_width_plan, width_plan
-from tiny import LAYERS, bpe_tokenizer, tiny_calibration, tiny_inputs, tiny_model
+from tiny import LAYERS, bpe_tokenizer, greedy, tiny_calibration, tiny_inputs, tiny_model
 
 HEAD_DIM = 16  # tiny configs: hidden 64 / 4 heads
-
-
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _calibration(padded: bool = False) -> Calibration:
@@ -29,11 +26,6 @@ def _calibration(padded: bool = False) -> Calibration:
 def _logits(model, ids) -> torch.Tensor:
     with torch.no_grad():
         return model(ids).logits
-
-
-def _generate(model, ids, use_cache: bool) -> torch.Tensor:
-    return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
-                          use_cache=use_cache, pad_token_id=0)
 
 
 def test_shapes_and_config_agree_after_pruning():
@@ -63,13 +55,13 @@ def test_save_reload_and_cached_generation(family, ratio_heads, tmp_path):
                       progress=False)
     apply_width_plan(model, plan)
     ids = tiny_inputs()
-    cached, uncached = _generate(model, ids, True), _generate(model, ids, False)
+    cached, uncached = greedy(model, ids, True), greedy(model, ids, False)
     assert torch.equal(cached, uncached)
 
     dp.save(model, None, tmp_path / "out", extra_json={WIDTH_PLAN_FILE: plan.to_dict()})
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     assert torch.equal(_logits(model, ids), _logits(reloaded, ids))
-    assert torch.equal(_generate(reloaded, ids, True), cached)
+    assert torch.equal(greedy(reloaded, ids, True), cached)
     saved = json.loads((tmp_path / "out" / "config.json").read_text())
     if ratio_heads:
         assert saved["head_dim"] == HEAD_DIM and saved["num_key_value_heads"] == 1

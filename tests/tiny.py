@@ -66,6 +66,24 @@ def tiny_inputs(batch: int = 2, seq: int = 12, seed: int = 1) -> torch.Tensor:
     return torch.randint(3, VOCAB, (batch, seq), generator=g)
 
 
+def greedy(model, ids: torch.Tensor, use_cache: bool = True, new_tokens: int = 8) -> torch.Tensor:
+    """Greedy continuation of ``ids``, with or without the KV cache: surgery that leaves a stale layer index or
+    config makes the two differ."""
+    return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
+                          use_cache=use_cache, pad_token_id=0)
+
+
+def assert_reloads_exactly(model, directory, ids: torch.Tensor, new_tokens: int = 8):
+    """A saved checkpoint, reloaded by plain transformers, gives ``model``'s logits, and its cached generation
+    equals its uncached one. Returns the reloaded model."""
+    reloaded = tf.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reloaded(ids).logits), "the reloaded checkpoint computes otherwise"
+    cached = greedy(reloaded, ids, True, new_tokens)
+    assert torch.equal(cached, greedy(reloaded, ids, False, new_tokens)), "cached generation differs"
+    return reloaded
+
+
 def tiny_calibration(batch: int = 2, seq: int = 12, seed: int = 1, padded: dict[int, int] | None = None,
                      pad_id: int | None = None, source: str = "test"):
     """Random-token calibration windows; ``padded`` maps a row to the position its padding starts at (masked
