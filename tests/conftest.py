@@ -1,4 +1,5 @@
-"""Shared fixtures: real models load once per test session; tiny random models per architecture.
+"""Shared fixtures and markers: real models load once per test session (the tiny random models, tokenizers and
+other helpers are in tiny.py); every test runs on one torch thread (see pytest_configure).
 
 Two markers are set here, never by hand:
 
@@ -65,7 +66,8 @@ def pytest_collection_modifyitems(config, items):
 
 def _needs_shared(item, fixtures: set[str]) -> bool:
     """The test asks for `shared_data` (itself or through a fixture), names one of the path constants above, or
-    is parametrized with a path under ../shared/data."""
+    is parametrized with a path under ../shared/data. A helper or fixture that reads ../shared must therefore
+    take `shared_data` (the test's own code is all that is inspected)."""
     if "shared_data" in fixtures:
         return True
     params = getattr(getattr(item, "callspec", None), "params", {})
