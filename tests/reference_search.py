@@ -31,14 +31,30 @@ def similarity(original_final, model, merges, ids, mask, num_layers):
     return sum(sims) / len(sims)
 
 
-def slow_slm(model, ids, mask, threshold, operator, num_layers):
+class CandidateSimilarities:
+    """``similarity`` of each candidate merge list to the dense model, each candidate built and run once: the
+    searches of a threshold sweep meet the same candidates again. Pass one to several slow_slm/slow_laco calls."""
+
+    def __init__(self, model, ids, mask, num_layers):
+        self.model, self.ids, self.mask, self.num_layers = model, ids, mask, num_layers
+        self.orig = final_states(model, ids, mask)
+        self.seen: dict[tuple[Merge, ...], float] = {}
+
+    def __call__(self, merges: list[Merge]) -> float:
+        key = tuple(merges)
+        if key not in self.seen:
+            self.seen[key] = similarity(self.orig, self.model, merges, self.ids, self.mask, self.num_layers)
+        return self.seen[key]
+
+
+def slow_slm(model, ids, mask, threshold, operator, num_layers, sims: CandidateSimilarities | None = None):
     """Returns the plan's merges for final_window="commit" and for "skip" (the released code)."""
-    orig = final_states(model, ids, mask)
+    sims = sims or CandidateSimilarities(model, ids, mask, num_layers)
     merges: list[Merge] = []
     high, low = num_layers - 2, num_layers - 3
     passing = False
     while low >= 0:
-        sim = similarity(orig, model, merges + [Merge(low, high, operator)], ids, mask, num_layers)
+        sim = sims(merges + [Merge(low, high, operator)])
         if sim > threshold:
             low -= 1
             passing = True
@@ -53,15 +69,16 @@ def slow_slm(model, ids, mask, threshold, operator, num_layers):
     return {"commit": committed, "skip": merges}
 
 
-def slow_laco(model, ids, mask, threshold, operator, num_layers, merge_layers, interval, lowest, highest):
-    orig = final_states(model, ids, mask)
+def slow_laco(model, ids, mask, threshold, operator, num_layers, merge_layers, interval, lowest, highest,
+              sims: CandidateSimilarities | None = None):
+    sims = sims or CandidateSimilarities(model, ids, mask, num_layers)
     spans = [(i, i) for i in range(num_layers)]
     merges: list[Merge] = []
     l = highest - merge_layers
     while l >= lowest:
         last = min(l + merge_layers - 1, len(spans) - 1)
         candidate = Merge(spans[l][0], spans[last][1], operator)
-        sim = similarity(orig, model, merges + [candidate], ids, mask, num_layers)
+        sim = sims(merges + [candidate])
         if sim > threshold:
             merges.append(candidate)
             spans[l : last + 1] = [(candidate.low, candidate.high)]

@@ -13,18 +13,13 @@ from depthprune.models.arch import (
     spec_for,
     supported_model_types,
 )
-from tiny import CONFIGS, LAYERS, tiny_inputs, tiny_model
+from tiny import CONFIGS, LAYERS, greedy, tiny_inputs, tiny_model
 
 REMOVE = [1, 3]
 
 
-def _generate(model, ids, use_cache: bool) -> torch.Tensor:
-    return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
-                          use_cache=use_cache, pad_token_id=0)
-
-
 @pytest.mark.parametrize("family", sorted(CONFIGS))
-def test_prune_save_reload_generate(family, tmp_path):
+def test_prune_save_reloadgreedy(family, tmp_path):
     model = tiny_model(family)
     types_before = list(getattr(model.config, "layer_types", None) or [])
     apply_plan(model, Plan(method="manual", num_layers=LAYERS, remove=REMOVE))
@@ -39,7 +34,7 @@ def test_prune_save_reload_generate(family, tmp_path):
         assert model.config.layer_types == [t for i, t in enumerate(types_before) if i not in REMOVE]
 
     ids = tiny_inputs()
-    cached, uncached = _generate(model, ids, True), _generate(model, ids, False)
+    cached, uncached = greedy(model, ids, True), greedy(model, ids, False)
     assert torch.equal(cached, uncached), "cached generation differs: stale layer_idx or config"
 
     save(model, None, tmp_path / "out")
@@ -47,7 +42,7 @@ def test_prune_save_reload_generate(family, tmp_path):
     assert reloaded.config.num_hidden_layers == LAYERS - 2
     with torch.no_grad():
         assert torch.equal(model(ids).logits, reloaded(ids).logits)
-    assert torch.equal(_generate(reloaded, ids, True), cached)
+    assert torch.equal(greedy(reloaded, ids, True), cached)
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
@@ -57,13 +52,13 @@ def test_stale_layer_idx_breaks_cached_generation(family):
     kept = [(i, layer) for i, layer in enumerate(get_layers(model)) if i not in REMOVE]
     ids = tiny_inputs()
     apply_plan(model, Plan(method="manual", num_layers=LAYERS, remove=REMOVE))
-    good = _generate(model, ids, True)
+    good = greedy(model, ids, True)
     for stale_idx, layer in kept:
         for module in layer.modules():
             if hasattr(module, "layer_idx"):
                 module.layer_idx = stale_idx
     try:
-        bad = _generate(model, ids, True)
+        bad = greedy(model, ids, True)
     except (IndexError, RuntimeError, KeyError):
         return
     assert not torch.equal(bad, good)

@@ -8,19 +8,16 @@ import json
 import pytest
 import torch
 
-from conftest import EMMA
 from depthprune import CalibrationSpec, DepthStage, Job, Target, run_job
 from depthprune.methods import build_options
 from depthprune.models.load import load_model
 from depthprune.plan import PlanError
-from tiny import LAYERS, save_tiny_checkpoint
+from tiny import LAYERS, save_tiny_checkpoint, text_file
 
 
 @pytest.fixture()
 def text(tmp_path):
-    path = tmp_path / "text.txt"
-    path.write_text(EMMA.read_text()[:120000])
-    return path
+    return text_file(tmp_path / "text.txt")
 
 
 def test_auto_keeps_the_candidate_with_the_lowest_heldout_loss(tmp_path, text):

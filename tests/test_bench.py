@@ -7,8 +7,6 @@ import json
 from collections import Counter
 
 import pytest
-import torch
-from transformers import AutoModelForCausalLM
 
 from conftest import PIQA_DIR
 from depthprune import CalibrationSpec, Evaluation, PerplexitySpec, Plan, SpeedSpec, ZeroShotSpec, apply_plan, save
@@ -17,7 +15,7 @@ from depthprune.cli import main
 from depthprune.models.arch import num_layers
 from depthprune.models.load import load_model
 from depthprune.report import compare_metrics, write_run_report
-from tiny import LAYERS, tiny_config, tiny_model
+from tiny import LAYERS, save_tiny_checkpoint, text_file, tiny_model
 
 RATIO = 0.2  # 30 layers -> 6 removed, 24 kept
 LIMIT = 20
@@ -125,16 +123,10 @@ def test_rerun_reuses_finished_rows(first_run, planning_calls, smollm2_path, cap
     assert [r["perplexity"] for r in data["rows"][:3]] == [r.perplexity for r in result.all_rows[:3]]
 
 
-def test_bench_api_with_a_loaded_model_speed_and_changed_settings(smollm2_readonly, tmp_path):
+def test_bench_api_with_a_loaded_model_speed_and_changed_settings(tmp_path):
     """A LoadedModel is only evaluated (rows reload from its path); speed is reported against the ideal;
     rows computed with other settings are not reused."""
-    _, tok = smollm2_readonly
-    config = tiny_config("llama")
-    config.vocab_size = len(tok)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "tiny")
-    tok.save_pretrained(tmp_path / "tiny")
-    loaded = load_model(str(tmp_path / "tiny"))
+    loaded = load_model(str(save_tiny_checkpoint(tmp_path / "tiny")))
 
     def bench(windows: int):
         return run_bench(loaded, ["shortgpt"], [0.34], tmp_path / "out", progress=False,
@@ -250,17 +242,14 @@ def test_run_report_without_scores_has_no_plot(tmp_path):
 def test_compensation_axis_and_auto_rows(tmp_path, monkeypatch):
     from dataclasses import replace
 
-    from conftest import EMMA
     from depthprune.compensate import Compensation
     from depthprune.methods import METHODS
-    from tiny import save_tiny_checkpoint
 
     calls = []
     real = METHODS["shortgpt"]
     monkeypatch.setitem(METHODS, "shortgpt", replace(real, plan=lambda *a, **k: calls.append(1) or real.plan(*a, **k)))
 
-    text = tmp_path / "text.txt"
-    text.write_text(EMMA.read_text()[:120000])
+    text = text_file(tmp_path / "text.txt")
     src = save_tiny_checkpoint(tmp_path / "model", "llama", seed=3)
     result = run_bench(str(src), ["shortgpt", "auto"], [0.34], tmp_path / "out", progress=False,
                        calibration=CalibrationSpec(str(text), num_windows=4, seq_len=32),

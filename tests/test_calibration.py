@@ -1,4 +1,5 @@
-"""Calibration windows: sources, BOS handling, determinism, errors."""
+"""Calibration windows: sources, BOS handling, determinism, errors (on a tiny trained tokenizer, and on the real
+models' tokenizers where their BOS conventions are the point)."""
 
 from __future__ import annotations
 
@@ -16,9 +17,15 @@ from depthprune.data.calibration import (
     sample_windows,
     special_prefix,
 )
+from tiny import bpe_tokenizer, text_file
 
 
-def test_default_text_is_shipped_and_split(smollm2_readonly):
+@pytest.fixture(scope="module")
+def tok():
+    return bpe_tokenizer()
+
+
+def test_default_text_is_shipped_and_split():
     cal, desc = read_text("default")
     held, held_desc = read_text("default-heldout")
     assert len(cal) > 300_000 and len(held) > 50_000
@@ -26,8 +33,7 @@ def test_default_text_is_shipped_and_split(smollm2_readonly):
     assert held[:200] not in cal
 
 
-def test_windows_are_seeded_and_sized(smollm2_readonly):
-    tok = smollm2_readonly.tokenizer
+def test_windows_are_seeded_and_sized(tok):
     a = sample_windows(tok, num_windows=6, seq_len=64, seed=1)
     b = sample_windows(tok, num_windows=6, seq_len=64, seed=1)
     c = sample_windows(tok, num_windows=6, seq_len=64, seed=2)
@@ -37,18 +43,17 @@ def test_windows_are_seeded_and_sized(smollm2_readonly):
     assert a.description["seed"] == 1 and a.description["num_windows"] == 6
 
 
-def test_local_txt_and_jsonl(tmp_path, smollm2_readonly, shared_data):
-    tok = smollm2_readonly.tokenizer
-    emma = (shared_data / "austen" / "emma.txt").read_text()
+def test_local_txt_and_jsonl(tmp_path, tok):
+    text = text_file(tmp_path / "novel.txt", 60_000)
     jl = tmp_path / "d.jsonl"
-    jl.write_text("\n".join(json.dumps({"text": p}) for p in emma.split("\n\n")[:400]))
+    jl.write_text("\n".join(json.dumps({"text": p}) for p in text.read_text().split("\n\n")[:400]))
     cal = sample_windows(tok, jl, num_windows=4, seq_len=32)
     assert cal.input_ids.shape == (4, 32)
-    txt = sample_windows(tok, shared_data / "austen" / "emma.txt", num_windows=4, seq_len=32)
+    txt = sample_windows(tok, text, num_windows=4, seq_len=32)
     assert txt.description["source"].startswith("file:")
 
 
-def test_hub_loader_code_path_on_local_files(tmp_path, smollm2_readonly):
+def test_hub_loader_code_path_on_local_files(tmp_path):
     """The real datasets.load_dataset path, pointed at a local file instead of the hub."""
     f = tmp_path / "train.txt"
     f.write_text("\n".join(f"line {i} of a local corpus" for i in range(500)))
@@ -80,8 +85,7 @@ def test_no_bos_for_smollm2(smollm2_readonly):
     assert special_prefix(smollm2_readonly.tokenizer) == []
 
 
-def test_errors(tmp_path, smollm2_readonly):
-    tok = smollm2_readonly.tokenizer
+def test_errors(tmp_path, tok):
     short = tmp_path / "short.txt"
     short.write_text("Too short.")
     with pytest.raises(CalibrationError, match="shorter than one 128-token window"):

@@ -9,7 +9,7 @@ import pytest
 from conftest import PIQA_DIR
 from depthprune import Plan, apply_plan
 from depthprune.evaluate.zeroshot import evaluate_zeroshot
-from tiny import LAYERS, tiny_model
+from tiny import LAYERS, byte_tokenizer, save_tiny_checkpoint, tiny_model
 
 LIMIT = 10
 
@@ -43,21 +43,22 @@ def test_eval_zeroshot_bad_input(args, message, run_cli):
     assert res.code == 2 and message in res.err
 
 
-def test_eval_zeroshot_hub_task_offline_is_an_input_error(smollm2_path, run_cli, monkeypatch, tmp_path):
+def test_eval_zeroshot_hub_task_offline_is_an_input_error(run_cli, monkeypatch, tmp_path):
     import datasets.config
 
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets")
-    res = run_cli("eval-zeroshot", "--model", smollm2_path, "--tasks", "boolq", "--limit", 2, "-q", check=False)
+    model = save_tiny_checkpoint(tmp_path / "model")
+    res = run_cli("eval-zeroshot", "--model", model, "--tasks", "boolq", "--limit", 2, "-q", check=False)
     assert res.code == 2
     assert "Hugging Face Hub" in res.err and "--task-dir" in res.err and "Traceback" not in res.err
 
 
 @pytest.fixture(scope="module")
-def tiny_pair(tmp_path_factory, smollm2_readonly):
+def tiny_pair(tmp_path_factory):
     """A tiny random Llama and the same model with two layers removed, saved with a tokenizer."""
     root = tmp_path_factory.mktemp("speed")
-    _, tok = smollm2_readonly
-    dense = tiny_model("llama")
+    tok = byte_tokenizer()
+    dense = tiny_model("llama", vocab_size=len(tok))
     dense.save_pretrained(root / "dense")
     tok.save_pretrained(root / "dense")
     apply_plan(dense, Plan("manual", LAYERS, remove=[1, 2]))

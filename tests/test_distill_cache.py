@@ -9,18 +9,20 @@ import pytest
 import torch
 import transformers as tf
 
-from conftest import EMMA
 from depthprune.evaluate.divergence import rows_from_logits
 from depthprune.heal import HealConfig, HealError, Teacher, distillation_loss_sum, heal, rows_loss_sum
 from depthprune.heal.distill import label_positions
-from tiny import byte_tokenizer, save_tiny_checkpoint, small_llama
-
-pytestmark = pytest.mark.usefixtures("one_thread")
-
+from tiny import byte_tokenizer, save_tiny_checkpoint, small_llama, text_file
 
 @pytest.fixture(scope="module")
 def tok():
     return byte_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def emma(tmp_path_factory):
+    """Real English to heal on (the shipped novel's start)."""
+    return text_file(tmp_path_factory.mktemp("distill") / "text.txt", 60_000)
 
 
 def _tiny(tok, seed: int):
@@ -77,12 +79,12 @@ def _loads(tok, seed: int, calls: list):
 
 
 @pytest.mark.parametrize("distill_top_k, train_layers", [(None, "last:1"), (5, "lora")])
-def test_cached_teacher_trains_exactly_like_the_live_teacher(tok, tmp_path, distill_top_k, train_layers):
+def test_cached_teacher_trains_exactly_like_the_live_teacher(tok, tmp_path, distill_top_k, train_layers, emma):
     config = dict(distill_top_k=distill_top_k, train_layers=train_layers, temperature=1.5, distill_alpha=0.8)
-    live = heal(_tiny(tok, 2), tok, EMMA, _config(teacher_cache=False, **config), tmp_path / "live",
+    live = heal(_tiny(tok, 2), tok, emma, _config(teacher_cache=False, **config), tmp_path / "live",
                 teacher=_tiny(tok, 1))
     calls: list = []
-    cached = heal(_tiny(tok, 2), tok, EMMA, _config(**config), tmp_path / "cached", teacher=_loads(tok, 1, calls))
+    cached = heal(_tiny(tok, 2), tok, emma, _config(**config), tmp_path / "cached", teacher=_loads(tok, 1, calls))
     assert calls == [1] and cached.teacher["mode"] == "cache" and live.teacher["mode"].startswith("live")
     assert cached.teacher["kind"] == ("exact" if distill_top_k is None else "top-k")
     assert ("renormalised" in cached.teacher["loss"]) == (distill_top_k is not None)
@@ -95,49 +97,49 @@ def test_cached_teacher_trains_exactly_like_the_live_teacher(tok, tmp_path, dist
     assert any(not torch.equal(p, changed[n]) for n, p in cached.model.named_parameters()), "it trained"
 
 
-def test_a_teacher_cache_directory_is_reused_and_rebuilt_for_other_settings(tok, tmp_path):
+def test_a_teacher_cache_directory_is_reused_and_rebuilt_for_other_settings(tok, tmp_path, emma):
     calls: list = []
     shared = str(tmp_path / "teacher-cache")
-    first = heal(_tiny(tok, 2), tok, EMMA, _config(teacher_cache_dir=shared), tmp_path / "a",
+    first = heal(_tiny(tok, 2), tok, emma, _config(teacher_cache_dir=shared), tmp_path / "a",
                  teacher=_loads(tok, 1, calls))
-    again = heal(_tiny(tok, 2), tok, EMMA, _config(teacher_cache_dir=shared, train_layers="lora"), tmp_path / "b",
+    again = heal(_tiny(tok, 2), tok, emma, _config(teacher_cache_dir=shared, train_layers="lora"), tmp_path / "b",
                  teacher=_loads(tok, 1, calls))
     assert calls == [1] and again.teacher["reused"] and not first.teacher["reused"]
     assert again.teacher["tokens"] == first.teacher["tokens"] == (14 + 2) * 31
-    fewer = heal(_tiny(tok, 2), tok, EMMA, _config(teacher_cache_dir=shared, max_steps=0, max_tokens=128),
+    fewer = heal(_tiny(tok, 2), tok, emma, _config(teacher_cache_dir=shared, max_steps=0, max_tokens=128),
                  tmp_path / "f", teacher=_loads(tok, 1, calls))
     assert calls == [1] and fewer.teacher["reused"] and fewer.teacher["tokens"] == (4 + 2) * 31, \
         "a smaller budget reads a prefix of the same items"
-    other = heal(_tiny(tok, 2), tok, EMMA, _config(teacher_cache_dir=shared, temperature=2.0), tmp_path / "c",
+    other = heal(_tiny(tok, 2), tok, emma, _config(teacher_cache_dir=shared, temperature=2.0), tmp_path / "c",
                  teacher=_loads(tok, 1, calls))
     assert calls == [1, 1] and not other.teacher["reused"]
-    big = heal(_tiny(tok, 2), tok, EMMA, _config(teacher_cache_mb=0, teacher_top_k=9), tmp_path / "d",
+    big = heal(_tiny(tok, 2), tok, emma, _config(teacher_cache_mb=0, teacher_top_k=9), tmp_path / "d",
                teacher=_loads(tok, 1, calls))
     assert big.teacher["kind"] == "top-k" and big.teacher["top_k"] == 9 and "lower bound" in big.teacher["loss"]
     with pytest.raises(HealError, match="vocabulary of 100 tokens and the student 259"):
-        heal(_tiny(tok, 2), tok, EMMA, _config(), tmp_path / "e",
+        heal(_tiny(tok, 2), tok, emma, _config(), tmp_path / "e",
              teacher=tf.AutoModelForCausalLM.from_config(tf.LlamaConfig(
                  vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)))
 
 
-def test_max_tokens_decides_the_steps_and_stops_training(tok, tmp_path):
+def test_max_tokens_decides_the_steps_and_stops_training(tok, tmp_path, emma):
     # 2 x 2 items of 32 tokens per step = 128 tokens; a budget of 300 takes 3 steps on the first 12 items
-    result = heal(_tiny(tok, 2), tok, EMMA, _config(max_steps=0, max_tokens=300, distill=False), tmp_path / "a")
+    result = heal(_tiny(tok, 2), tok, emma, _config(max_steps=0, max_tokens=300, distill=False), tmp_path / "a")
     assert result.global_step == 3 and result.tokens_seen == 384 and result.data["train_items_used"] == 12
     assert result.tokens_per_s > 0 and 0 < result.train_seconds < result.runtime_s
     # more than an epoch of the 8 training items: the budget, not the data, ends the run
-    long = heal(_tiny(tok, 2), tok, EMMA, _config(max_steps=0, max_tokens=700, max_items=10, distill=False),
+    long = heal(_tiny(tok, 2), tok, emma, _config(max_steps=0, max_tokens=700, max_items=10, distill=False),
                 tmp_path / "b")
     assert long.global_step == 6 and long.tokens_seen == 768 and long.data["train_items_used"] == 8
     with pytest.raises(HealError, match="less than one optimizer step .* = 128 tokens"):
-        heal(_tiny(tok, 2), tok, EMMA, _config(max_steps=0, max_tokens=100, distill=False), tmp_path / "c")
+        heal(_tiny(tok, 2), tok, emma, _config(max_steps=0, max_tokens=100, distill=False), tmp_path / "c")
     with pytest.raises(HealError, match="not both"):
         _config(max_tokens=1000).validate()
 
 
-def test_heal_command_records_tokens_speed_and_teacher(tmp_path, run_cli):
+def test_heal_command_records_tokens_speed_and_teacher(tmp_path, run_cli, emma):
     text = tmp_path / "text.txt"
-    text.write_text(EMMA.read_text()[:60000])
+    text.write_text(emma.read_text()[:60000])
     dense = save_tiny_checkpoint(tmp_path / "dense", "llama", seed=3)
     pruned = tmp_path / "pruned"
     run_cli("prune", "--model", dense, "--method", "shortgpt", "--remove-layers", "2", "--calib", text,

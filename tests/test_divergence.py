@@ -9,7 +9,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import EMMA
 from depthprune import CalibrationSpec, Evaluation, Job, PerplexitySpec, Plan, apply_plan, load_model, run_job
 from depthprune.data.calibration import Calibration
 from depthprune.evaluate.divergence import (
@@ -21,9 +20,8 @@ from depthprune.evaluate.divergence import (
     rows_from_logits,
 )
 from depthprune.evaluate.suite import DivergenceSpec
-from tiny import VOCAB, save_tiny_checkpoint, tiny_model
+from tiny import VOCAB, save_tiny_checkpoint, shipped_text, tiny_model
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _windows(prefix: list[int] | None = None) -> Calibration:
@@ -122,7 +120,7 @@ def test_cache_file_round_trip_and_mismatches(tmp_path):
 def checkpoints(tmp_path):
     """A tiny dense checkpoint (byte tokenizer) and a short text for perplexity windows."""
     text = tmp_path / "text.txt"
-    text.write_text(EMMA.read_text()[:60000])
+    text.write_text(shipped_text(60000))
     return save_tiny_checkpoint(tmp_path / "dense", "llama", seed=3), text
 
 
@@ -196,7 +194,7 @@ def test_cli_prune_heal_width_and_eval_ppl_report_kl(checkpoints, tmp_path, run_
     assert f"kl {kl:.4f}" in res.out and loads == [str(pruned)], "the cached reference was reused, not reloaded"
 
     healed = tmp_path / "healed"
-    res = run_cli("heal", "--model", pruned, "--data", EMMA, "--out", healed, "--max-steps", "1", "--batch-size",
+    res = run_cli("heal", "--model", pruned, "--data", text, "--out", healed, "--max-steps", "1", "--batch-size",
                   "2", "--grad-accum", "1", "--cutoff-len", "32", "--max-items", "8", "--val-size", "0",
                   "--eval", "kl,top1", *_common(text))
     assert f"kl: {kl:.4f} before -> " in res.out
@@ -217,7 +215,7 @@ def test_cli_reference_errors_come_before_any_model_loads(checkpoints, tmp_path,
     tf.AutoModelForCausalLM.from_config(config).save_pretrained(other)
     (tmp_path / "user.safetensors").write_bytes(b"mine")
     for args, message in [
-        (["heal", "--model", src, "--data", EMMA, "--out", tmp_path / "h", "--eval", "kl"], "pass --reference DENSE"),
+        (["heal", "--model", src, "--data", text, "--out", tmp_path / "h", "--eval", "kl"], "pass --reference DENSE"),
         (["eval-ppl", "--model", src, "--reference-cache", tmp_path / "c.safetensors"], "pass --reference DENSE"),
         (["prune", "--model", src, "--ratio", "0.3", "--eval", "kl", "--reference", other, "--out", tmp_path / "p"],
          "vocabulary of 300 tokens"),

@@ -14,11 +14,6 @@ from depthprune.export.mergekit import ExportError, kept_ranges, mergekit_config
 from tiny import save_tiny_checkpoint
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(one_thread):
-    pass
-
-
 # ------------------------------------------------------------------ mergekit
 
 

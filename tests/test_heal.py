@@ -1,4 +1,5 @@
-"""LoRA healing: data formats, targets, resume, clear errors, and a real heal of a pruned SmolLM2-135M."""
+"""LoRA healing: data formats, targets, resume, clear errors (on tiny random models with a tiny trained
+tokenizer), and a real heal of a pruned SmolLM2-135M."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers as tf
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from transformers import AutoModelForCausalLM, TrainerCallback
 
 import depthprune as dp
 from depthprune.heal import (
@@ -20,7 +21,7 @@ from depthprune.heal import (
     load_heal_data,
     lora_targets,
 )
-from tiny import small_llama, tiny_model
+from tiny import bpe_tokenizer, text_file, tiny_model
 
 EXPECTED_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -37,17 +38,20 @@ RECORDS = [
 ]
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+@pytest.fixture(scope="module")
+def tok():
+    return bpe_tokenizer()
 
 
 @pytest.fixture(scope="module")
-def tok(smollm2_path):
-    return AutoTokenizer.from_pretrained(smollm2_path)
+def text(tmp_path_factory) -> Path:
+    """Real English, enough for every healing run here (tokenizing the whole novel would cost seconds)."""
+    return text_file(tmp_path_factory.mktemp("heal-data") / "text.txt", 20_000)
 
 
 def _tiny_llama(tok, seed: int = 0):
-    """A 2-layer random Llama sharing SmolLM2's tokenizer (so real text can be tokenized)."""
-    return small_llama(len(tok), seed)
+    """A 2-layer random Llama for the tiny tokenizer (so real text can be tokenized)."""
+    return tiny_model("llama", seed, layers=2, vocab_size=len(tok))
 
 
 def _tiny_config(**kw) -> HealConfig:
@@ -95,9 +99,8 @@ def test_alpaca_cleaned_goes_through_datasets_load_dataset(tok, monkeypatch):
         load_heal_data("alpaca-cleaned", tok, HealConfig())
 
 
-def test_text_files_become_cutoff_length_blocks(tok, shared_data):
-    data = load_heal_data(shared_data / "austen" / "emma.txt", tok, HealConfig(cutoff_len=64, max_items=50,
-                                                                                val_size=0.1))
+def test_text_files_become_cutoff_length_blocks(tok, text):
+    data = load_heal_data(text, tok, HealConfig(cutoff_len=64, max_items=50, val_size=0.1))
     assert data.kind == "text" and (len(data.train), len(data.val)) == (45, 5)
     assert all(len(item["input_ids"]) == 64 and item["labels"] == item["input_ids"] for item in data.train)
 
@@ -159,17 +162,16 @@ def _lora_free(model) -> bool:
         not any("lora" in name for name, _ in model.named_parameters())
 
 
-def test_interrupted_run_resumes_and_writes_only_its_output_dir(tok, shared_data, tmp_path, monkeypatch):
+def test_interrupted_run_resumes_and_writes_only_its_output_dir(tok, text, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    emma = shared_data / "austen" / "emma.txt"
-    straight = heal(_tiny_llama(tok), tok, emma, _tiny_config(), tmp_path / "straight")
+    straight = heal(_tiny_llama(tok), tok, text, _tiny_config(), tmp_path / "straight")
 
     with pytest.raises(KeyboardInterrupt):
-        heal(_tiny_llama(tok), tok, emma, _tiny_config(), tmp_path / "run", callbacks=[_Interrupt(2)])
+        heal(_tiny_llama(tok), tok, text, _tiny_config(), tmp_path / "run", callbacks=[_Interrupt(2)])
     assert (tmp_path / "run" / "checkpoints" / "checkpoint-2").is_dir()
     with pytest.raises(HealError, match="resume"):
-        heal(_tiny_llama(tok), tok, emma, _tiny_config(), tmp_path / "run")
-    resumed = heal(_tiny_llama(tok), tok, emma, _tiny_config(), tmp_path / "run", resume=True,
+        heal(_tiny_llama(tok), tok, text, _tiny_config(), tmp_path / "run")
+    resumed = heal(_tiny_llama(tok), tok, text, _tiny_config(), tmp_path / "run", resume=True,
                    save_adapter=True)
 
     assert resumed.resumed_from.endswith("checkpoint-2") and resumed.global_step == 4
@@ -193,12 +195,12 @@ def _digest(folder: Path) -> str:
 
 
 
-def test_heal_command(tok, shared_data, tmp_path, run_cli, monkeypatch):
+def test_heal_command(tok, text, tmp_path, run_cli, monkeypatch):
     src = tmp_path / "pruned"
     dp.save(_tiny_llama(tok), tok, src, dp.Plan(method="manual", num_layers=3, remove=[1]))
     before = _digest(src)
     out = tmp_path / "healed"
-    _, stdout, _ = run_cli("heal", "--model", str(src), "--data", str(shared_data / "austen" / "emma.txt"),
+    _, stdout, _ = run_cli("heal", "--model", str(src), "--data", str(text),
                            "--out", str(out), "--max-steps", "2", "--batch-size", "2", "--grad-accum", "1",
                            "--cutoff-len", "32", "--max-items", "12", "--val-size", "2", "--eval-steps", "2",
                            "--save-adapter", "-q")
@@ -296,22 +298,21 @@ def test_distillation_loss_equals_its_formula():
     assert distillation_loss_sum(student, student, labels)[0].abs() < 1e-5
 
 
-def test_distilled_and_last_layer_healing(tok, shared_data, tmp_path):
+def test_distilled_and_last_layer_healing(tok, text, tmp_path):
     """Distillation pulls the student towards the teacher; last:N trains only the head and the last layers."""
-    emma = shared_data / "austen" / "emma.txt"
     teacher = _tiny_llama(tok, seed=1)
     student = _tiny_llama(tok, seed=2)
     before = {n: p.detach().clone() for n, p in student.named_parameters()}
     config = _tiny_config(max_steps=6, train_layers="last:1", distill=True, lr=5e-3, val_size=4, eval_steps=6)
-    result = heal(student, tok, emma, config, tmp_path / "run", teacher=teacher)
+    result = heal(student, tok, text, config, tmp_path / "run", teacher=teacher)
     changed = {n for n, p in result.model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all(n.startswith(("model.layers.1.", "lm_head")) for n in changed), changed
     assert result.eval_losses[-1][1] < result.eval_losses[0][1], "the KL to the teacher went down"
     assert all(p.requires_grad == before_flag for p, before_flag in
                zip(result.model.parameters(), [True] * len(before)))
     with pytest.raises(HealError, match="teacher"):
-        heal(_tiny_llama(tok), tok, emma, _tiny_config(distill=True), tmp_path / "x")
+        heal(_tiny_llama(tok), tok, text, _tiny_config(distill=True), tmp_path / "x")
     with pytest.raises(HealError, match="last:N"):
         _tiny_config(train_layers="first:2").validate()
     with pytest.raises(HealError, match="--save-adapter needs LoRA"):
-        heal(_tiny_llama(tok), tok, emma, _tiny_config(train_layers="last:1"), tmp_path / "y", save_adapter=True)
+        heal(_tiny_llama(tok), tok, text, _tiny_config(train_layers="last:1"), tmp_path / "y", save_adapter=True)

@@ -10,6 +10,7 @@ import torch
 from depthprune import load_model
 from depthprune.models import load as load_mod
 from depthprune.paths import CACHE_ENV
+from tiny import save_tiny_checkpoint
 
 
 def test_missing_alias_package_names_the_pip_command(monkeypatch, tmp_path):
@@ -35,9 +36,9 @@ def test_local_directory_loads_through_from_pretrained(smollm2_path):
 
 
 @pytest.mark.parametrize("kwargs, message", [({"dtype": "int3"}, "unknown dtype"), ({"device": "tpu"}, "unknown device")])
-def test_bad_dtype_or_device(smollm2_path, kwargs, message):
+def test_bad_dtype_or_device(tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message):
-        load_model(smollm2_path, **kwargs)
+        load_model(str(save_tiny_checkpoint(tmp_path / "model")), **kwargs)
 
 
 def test_directory_without_config_is_refused(tmp_path):

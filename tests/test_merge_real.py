@@ -5,38 +5,33 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from depthprune import calibration_windows, load_model, perplexity, save
 from depthprune.engine.search import SimilarityEngine
 from depthprune.methods import Target, make_plan
 from depthprune.methods.slm import slm_search
 from depthprune.surgery import apply_plan
-from reference_search import slow_slm
+from reference_search import CandidateSimilarities, slow_slm
+from tiny import assert_reloads_exactly
 
 
 def _check_checkpoint(model, tok, plan, tmp_path, layers_before):
     apply_plan(model, plan)
     assert model.config.num_hidden_layers == plan.num_layers_after < layers_before
     out = save(model, tok, tmp_path / plan.method, plan)
-    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    ids = AutoTokenizer.from_pretrained(out)("Mr. Darcy walked into the room and", return_tensors="pt")
-    with torch.no_grad():
-        assert torch.equal(model(**ids).logits, reloaded(**ids).logits)
-    cached = reloaded.generate(**ids, max_new_tokens=10, do_sample=False)
-    plain = reloaded.generate(**ids, max_new_tokens=10, do_sample=False, use_cache=False)
-    assert torch.equal(cached, plain)
-    return reloaded
+    ids = AutoTokenizer.from_pretrained(out)("Mr. Darcy walked into the room and", return_tensors="pt").input_ids
+    return assert_reloads_exactly(model, out, ids, new_tokens=10)
 
 
 def test_slm_engine_equals_slow_reference_on_smollm2(smollm2_readonly):
     model, tok = smollm2_readonly
     cal = calibration_windows(tok, num_windows=2, seq_len=32, seed=7)
     engine = SimilarityEngine(model, cal)
+    sims = CandidateSimilarities(model, cal.input_ids, cal.attention_mask, 30)
     for threshold in (0.95, 0.8):
         plan = slm_search(engine, threshold)
-        expected = slow_slm(model, cal.input_ids, cal.attention_mask, threshold, "reference", 30)
+        expected = slow_slm(model, cal.input_ids, cal.attention_mask, threshold, "reference", 30, sims)
         assert plan.merges == expected["commit"], threshold
         assert plan.merges, "these thresholds merge something on SmolLM2"
 

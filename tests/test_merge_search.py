@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 
-from depthprune import Calibration, Merge, Plan, apply_plan
+from depthprune import Merge, Plan, apply_plan
 from depthprune.engine.search import SimilarityEngine
 from depthprune.methods import Target, make_plan
 from depthprune.methods.laco import laco_search
@@ -13,8 +15,8 @@ from depthprune.methods.slm import slm_search
 from depthprune.models.arch import get_layers, get_path, spec_for
 from depthprune.plan import PlanError
 from depthprune.surgery.merge import OPERATORS
-from reference_search import slow_laco, slow_slm
-from tiny import LAYERS, tiny_inputs, tiny_model
+from reference_search import CandidateSimilarities, slow_laco, slow_slm
+from tiny import LAYERS, tiny_calibration, tiny_inputs, tiny_model
 
 
 def _hand_built_layers(model):
@@ -79,11 +81,7 @@ def test_nested_merge_applies_in_order():
         Plan(method="t", num_layers=LAYERS, merges=[Merge(3, 4, "rdsc"), Merge(1, 3, "rdsc")])
 
 
-def _cal(batch=3, seq=12):
-    ids = tiny_inputs(batch=batch, seq=seq)
-    mask = torch.ones_like(ids)
-    mask[1, 9:] = 0
-    return Calibration(ids, mask, {"source": "test"})
+_cal = partial(tiny_calibration, 3, 12, padded={1: 9})
 
 
 DEEP = 10
@@ -102,9 +100,10 @@ def test_slm_engine_equals_slow_reference(family, operator):
     model = tiny_model(family, seed=3, layers=DEEP)
     cal = _cal()
     engine = SimilarityEngine(model, cal, batch_size=2)
+    sims = CandidateSimilarities(model, cal.input_ids, cal.attention_mask, DEEP)
     shapes = set()
     for threshold in _thresholds_between(engine, slm_search, operator=operator):
-        expected = slow_slm(model, cal.input_ids, cal.attention_mask, threshold, operator, DEEP)
+        expected = slow_slm(model, cal.input_ids, cal.attention_mask, threshold, operator, DEEP, sims)
         for final_window in ("commit", "skip"):
             plan = slm_search(engine, threshold, operator=operator, final_window=final_window)
             assert plan.merges == expected[final_window], (threshold, final_window, plan.log)
@@ -117,13 +116,14 @@ def test_laco_engine_equals_slow_reference(family, operator):
     model = tiny_model(family, seed=5, layers=DEEP)
     cal = _cal()
     engine = SimilarityEngine(model, cal)
+    sims = CandidateSimilarities(model, cal.input_ids, cal.attention_mask, DEEP)
     nested = 0
     for C, interval in ((2, 1), (3, 2)):
         opts = dict(operator=operator, merge_layers=C, interval=interval)
         for threshold in _thresholds_between(engine, laco_search, count=3, **opts):
             plan = laco_search(engine, threshold, **opts)
             expected = slow_laco(model, cal.input_ids, cal.attention_mask, threshold, operator, DEEP,
-                                 C, interval, 1, DEEP)
+                                 C, interval, 1, DEEP, sims)
             assert plan.merges == expected, (operator, threshold, C, interval)
             nested += any(a.low <= b.low and b.high <= a.high
                           for i, a in enumerate(plan.merges) for b in plan.merges[:i])

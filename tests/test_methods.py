@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
-import torch
 
 import depthprune.bench  # noqa: F401  (bound before any test patches load_model)
-from depthprune import Calibration
 from depthprune.cli import main
 from depthprune.errors import DepthpruneError
 from depthprune.methods import METHODS, Target, build_options, describe_methods, make_plan, parse_flags
 from depthprune.plan import PlanError
-from tiny import tiny_model
+from tiny import tiny_calibration, tiny_model
 
 
-def _cal(n: int = 3, seq: int = 10) -> Calibration:
-    g = torch.Generator().manual_seed(5)
-    ids = torch.randint(3, 128, (n, seq), generator=g)
-    return Calibration(ids, torch.ones_like(ids), {"source": "random"})
+_cal = partial(tiny_calibration, 3, 10, seed=5, source="random")
 
 
 def _foreign_option(method: str) -> str:

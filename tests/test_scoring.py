@@ -8,13 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from depthprune import Calibration, plan_angular, plan_shortgpt, score_layers
+from depthprune import plan_angular, plan_shortgpt, score_layers
 from depthprune.models.arch import get_base_model, get_layers, spec_for, get_path
-from tiny import LAYERS, tiny_inputs, tiny_model
-
-
-def _calibration(ids: torch.Tensor, mask: torch.Tensor | None = None) -> Calibration:
-    return Calibration(ids, torch.ones_like(ids) if mask is None else mask, {"source": "test"})
+from tiny import LAYERS, tiny_calibration, tiny_model
 
 
 def _slow_states(model, ids, mask):
@@ -47,11 +43,9 @@ def slow_block_influence(model, ids, mask):
 @pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2", "opt"])
 def test_block_influence_matches_slow_reference_with_padding(family):
     model = tiny_model(family)
-    ids = tiny_inputs(batch=3, seq=10)
-    mask = torch.ones_like(ids)
-    mask[1, 7:] = 0
-    mask[2, 4:] = 0
-    stats = score_layers(model, _calibration(ids, mask), batch_size=2, progress=False)
+    cal = tiny_calibration(3, 10, padded={1: 7, 2: 4})
+    ids, mask = cal.input_ids, cal.attention_mask
+    stats = score_layers(model, cal, batch_size=2, progress=False)
     expected = slow_block_influence(model, ids, mask)
     assert stats.tokens == int(mask.sum())
     assert stats.bi == pytest.approx(expected, abs=1e-5)
@@ -59,10 +53,9 @@ def test_block_influence_matches_slow_reference_with_padding(family):
 
 def test_angular_distance_matches_slow_reference():
     model = tiny_model("llama")
-    ids = tiny_inputs(batch=3, seq=10)
-    mask = torch.ones_like(ids)
-    mask[1, 6:] = 0
-    stats = score_layers(model, _calibration(ids, mask), progress=False)
+    cal = tiny_calibration(3, 10, padded={1: 6})
+    ids, mask = cal.input_ids, cal.attention_mask
+    stats = score_layers(model, cal, progress=False)
     states = _slow_states(model, ids, mask)
     last = [9, 5, 9]
     for n in (1, 2, 3):
@@ -87,7 +80,7 @@ def test_identity_layer_has_zero_bi_and_is_removed_first():
     model = tiny_model("llama")
     spec = spec_for(model)
     _make_identity(get_layers(model)[4], spec)
-    stats = score_layers(model, _calibration(tiny_inputs(batch=4, seq=16)), progress=False)
+    stats = score_layers(model, tiny_calibration(4, 16), progress=False)
     assert stats.bi[4] == pytest.approx(0.0, abs=1e-6)
     assert min(stats.bi[:4] + stats.bi[5:]) > 1e-3
     plan = plan_shortgpt(stats, 1)
@@ -100,7 +93,7 @@ def test_angular_plan_picks_identity_block():
     spec = spec_for(model)
     for i in (2, 3):
         _make_identity(get_layers(model)[i], spec)
-    stats = score_layers(model, _calibration(tiny_inputs(batch=4, seq=16)), progress=False)
+    stats = score_layers(model, tiny_calibration(4, 16), progress=False)
     plan = plan_angular(stats, block=2)
     assert plan.remove == [2, 3]
     assert plan.params["start"] == 2
@@ -111,14 +104,14 @@ def test_scoring_never_runs_the_lm_head():
     head = model.get_output_embeddings()
     calls = []
     handle = head.register_forward_hook(lambda *a: calls.append(1))
-    score_layers(model, _calibration(tiny_inputs()), progress=False)
+    score_layers(model, tiny_calibration(), progress=False)
     handle.remove()
     assert calls == []
     assert get_base_model(model) is model.model
 
 
 def test_unknown_metric():
-    stats = score_layers(tiny_model("llama"), _calibration(tiny_inputs()), progress=False)
+    stats = score_layers(tiny_model("llama"), tiny_calibration(), progress=False)
     with pytest.raises(ValueError, match="unknown metric"):
         stats.scores("cosine")
     with pytest.raises(ValueError, match="block size"):

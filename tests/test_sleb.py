@@ -3,29 +3,24 @@ several architectures and on SmolLM2, for both objectives; protection and errors
 
 from __future__ import annotations
 
-import pytest
-import torch
+from functools import partial
 
-from depthprune import Calibration, Target, make_plan
+import pytest
+
+from depthprune import Target, make_plan
 from depthprune.engine.loss import LossEngine
 from depthprune.plan import PlanError
 from reference_search import next_token_loss, slow_sleb
-from tiny import LAYERS, tiny_model
+from tiny import LAYERS, tiny_calibration, tiny_model
 
 
-def _cal(n: int = 4, seq: int = 12, pad_last: int = 0) -> Calibration:
-    g = torch.Generator().manual_seed(7)
-    ids = torch.randint(3, 128, (n, seq), generator=g)
-    mask = torch.ones_like(ids)
-    if pad_last:
-        mask[-1, -pad_last:] = 0
-    return Calibration(ids, mask, {"source": "random"})
+_cal = partial(tiny_calibration, 4, 12, seed=7, source="random")
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2", "opt"])
 @pytest.mark.parametrize("objective", ["nll", "kl"])
 def test_engine_equals_slow_loop(family, objective):
-    model, cal = tiny_model(family, seed=3), _cal(pad_last=3)
+    model, cal = tiny_model(family, seed=3), _cal(padded={-1: -3})
     plan = make_plan("sleb", model, cal, Target(remove=3), objective=objective, batch_size=3, progress=False,
                      exact=True)
     expected = slow_sleb(tiny_model(family, seed=3), cal.input_ids, cal.attention_mask, 3, objective, LAYERS)
@@ -85,7 +80,7 @@ def test_engine_equals_slow_loop_on_smollm2(smollm2_readonly):
 def test_screened_rounds_rerank_the_best_on_all_windows():
     """Multi-fidelity rounds: every candidate screened on the first windows (its screening loss equals the exact
     loss on those windows), the best few decided on all windows; reranking everything is the exact search."""
-    model, cal = tiny_model("llama", seed=3), _cal(n=6)
+    model, cal = tiny_model("llama", seed=3), tiny_calibration(6, 12, seed=7, source="random")
     exact = make_plan("sleb", model, cal, Target(remove=2), exact=True, progress=False)
     screened = make_plan("sleb", model, cal, Target(remove=2), screen_windows=2, rerank=2, progress=False)
     first = screened.log[0]

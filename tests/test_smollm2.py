@@ -6,13 +6,14 @@ import math
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from depthprune import apply_plan, calibration_windows, perplexity, plan_shortgpt, save, score_layers
 from depthprune.evaluate.perplexity import perplexity_on
 from depthprune.data.calibration import consecutive_windows
 from depthprune.methods import layers_to_remove
 from test_scoring import slow_block_influence
+from tiny import assert_reloads_exactly
 
 
 def test_shortgpt_25_percent_end_to_end(smollm2, tmp_path, shared_data):
@@ -36,14 +37,8 @@ def test_shortgpt_25_percent_end_to_end(smollm2, tmp_path, shared_data):
     assert math.isfinite(pruned.perplexity) and pruned.perplexity > dense.perplexity
 
     out = save(model, tok, tmp_path / "pruned", plan)
-    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    tok2 = AutoTokenizer.from_pretrained(out)
-    ids = tok2("It is a truth universally acknowledged", return_tensors="pt")
-    with torch.no_grad():
-        assert torch.equal(model(**ids).logits, reloaded(**ids).logits)
-    gen_cached = reloaded.generate(**ids, max_new_tokens=12, do_sample=False)
-    gen_plain = reloaded.generate(**ids, max_new_tokens=12, do_sample=False, use_cache=False)
-    assert torch.equal(gen_cached, gen_plain)
+    ids = AutoTokenizer.from_pretrained(out)("It is a truth universally acknowledged", return_tensors="pt").input_ids
+    assert_reloads_exactly(model, out, ids, new_tokens=12)
     assert (out / "depthprune_plan.json").exists() and (out / "generation_config.json").exists()
 
 

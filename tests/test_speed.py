@@ -7,7 +7,6 @@ import statistics
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from depthprune import Plan, apply_plan
 from depthprune.evaluate.speed import (
@@ -18,21 +17,14 @@ from depthprune.evaluate.speed import (
     ideal_speedup,
     measure_speed,
 )
-from tiny import VOCAB, tiny_config
+from tiny import VOCAB, tiny_model
 
 WORKLOAD = dict(prompt_len=16, gen_len=8, batch_size=2, warmup=1, repeats=3)
 
 
-def tiny_llama(num_layers: int = 4) -> torch.nn.Module:
-    torch.manual_seed(0)
-    config = tiny_config("llama")
-    config.num_hidden_layers = num_layers
-    return AutoModelForCausalLM.from_config(config).eval()
-
-
 @pytest.fixture(scope="module")
 def dense() -> torch.nn.Module:
-    return tiny_llama(4)
+    return tiny_model("llama", layers=4)
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +49,7 @@ def test_measure_speed_fields(dense: torch.nn.Module, dense_speed: SpeedResult) 
 
 
 def test_measure_speed_restores_training_mode() -> None:
-    model = tiny_llama(2).train()
+    model = tiny_model("llama", layers=2).train()
     measure_speed(model, prompt_len=4, gen_len=2, warmup=0, repeats=1)
     assert model.training
 
@@ -121,7 +113,7 @@ def test_compare_speed_refuses_different_workloads() -> None:
 
 
 def test_dense_vs_pruned_run(dense_speed: SpeedResult) -> None:
-    pruned_speed = measure_speed(tiny_llama(3), **WORKLOAD)
+    pruned_speed = measure_speed(tiny_model("llama", layers=3), **WORKLOAD)
     assert pruned_speed.num_layers == 3
     assert pruned_speed.num_params < dense_speed.num_params
     c = compare_speed(dense_speed, pruned_speed)

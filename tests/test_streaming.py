@@ -24,11 +24,6 @@ from tiny import CONFIGS, LAYERS, save_tiny_checkpoint
 FAMILIES = ["llama", "gemma3", "gpt2", "opt", "qwen3"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(one_thread):
-    pass
-
-
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """One saved tiny checkpoint per family (with a byte tokenizer), shared by the module."""
@@ -200,18 +195,23 @@ def test_streamed_surgery_keeps_or_casts_dtype(checkpoints, tmp_path):
         assert json.loads((directory / "config.json").read_text())["dtype"] == "bfloat16"
 
 
-def test_checkpoint_without_base_prefix_is_read(checkpoints, tmp_path):
-    """GPT-2's original hub checkpoints store ``h.0...`` instead of ``transformer.h.0...``."""
+def _copy_with_tensors(source: Path, target: Path, tensors: dict[str, torch.Tensor]) -> Path:
+    """``source``'s checkpoint with its weights replaced by ``tensors`` (one shard), other files as they were."""
     from safetensors.torch import save_file
 
-    source = Path(checkpoints["gpt2"])
-    renamed = tmp_path / "gpt2-hub-layout"
-    renamed.mkdir()
+    target.mkdir()
     for f in source.iterdir():
         if f.suffix != ".safetensors":
-            (renamed / f.name).write_bytes(f.read_bytes())
-    save_file({n.removeprefix("transformer."): t for n, t in tensors_of(source).items()},
-              str(renamed / "model.safetensors"), metadata={"format": "pt"})
+            (target / f.name).write_bytes(f.read_bytes())
+    save_file(tensors, str(target / "model.safetensors"), metadata={"format": "pt"})
+    return target
+
+
+def test_checkpoint_without_base_prefix_is_read(checkpoints, tmp_path):
+    """GPT-2's original hub checkpoints store ``h.0...`` instead of ``transformer.h.0...``."""
+    source = Path(checkpoints["gpt2"])
+    renamed = _copy_with_tensors(source, tmp_path / "gpt2-hub-layout",
+                                 {n.removeprefix("transformer."): t for n, t in tensors_of(source).items()})
     loaded = load_model(str(source), progress=False)
     cal = padded_calibration(loaded.tokenizer)
     got = layer_statistics(load_streamed(str(renamed), progress=False), cal, progress=False)
@@ -219,17 +219,10 @@ def test_checkpoint_without_base_prefix_is_read(checkpoints, tmp_path):
 
 
 def test_checkpoint_missing_a_tensor_is_named(checkpoints, tmp_path):
-    from safetensors.torch import save_file
-
     source = Path(checkpoints["llama"])
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    for f in source.iterdir():
-        if f.suffix != ".safetensors":
-            (broken / f.name).write_bytes(f.read_bytes())
     tensors = tensors_of(source)
     del tensors["model.layers.2.mlp.up_proj.weight"]
-    save_file(tensors, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    broken = _copy_with_tensors(source, tmp_path / "broken", tensors)
     with pytest.raises(ModelLoadError, match="model.layers.2.mlp.up_proj.weight"):  # named before any read
         load_streamed(str(broken), progress=False)
 

@@ -13,18 +13,12 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import PIQA_DIR, ROOT
 from depthprune import DepthStage, Job, Target, load_model, make_plan, run_job
 from depthprune.backend import NeedsMemoryError, load_streamed
 from depthprune.data.calibration import sample_windows
 from test_streaming import tensors_of
 from tiny import save_tiny_checkpoint
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread(one_thread):
-    pass
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +111,7 @@ def test_streaming_is_chosen_when_the_weights_do_not_fit(model_dir, tmp_path, ru
 REFUSED = [
     (["--method", "shortgpt", "--ratio", "0.25", "--compensate", "kl"], "--compensate kl needs the model in memory"),
     (["--ratio", "0.25", "--then-width", "0.2"], "--then-width (width pruning) needs the model in memory"),
-    (["--ratio", "0.25", "--eval", "ppl,piqa_local", "--piqa-dir", str(ROOT.parent / "shared/data/piqa")],
+    (["--ratio", "0.25", "--eval", "ppl,piqa_local", "--piqa-dir", str(PIQA_DIR)],
      "lm-eval tasks in --eval needs the model in memory"),
 ]
 
@@ -127,8 +121,7 @@ REFUSED = [
     *[(extra, message, ["--max-memory", "10kB"]) for extra, message in REFUSED],
     (["--ratio", "0.25", "--stream", "--max-memory", "lots"], "give a size such as 8GB", []),
 ])
-def test_what_streaming_cannot_do_is_refused_before_work(extra, message, how, model_dir, tmp_path, run_cli,
-                                                         shared_data):
+def test_what_streaming_cannot_do_is_refused_before_work(extra, message, how, model_dir, tmp_path, run_cli):
     """With --stream, or when streaming is chosen because the weights exceed --max-memory."""
     proc = run_cli("prune", "--model", model_dir, "--out", tmp_path / "out", *extra, *how, check=False)
     assert proc.returncode == 2, proc.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -15,6 +16,12 @@ from depthprune.backend import load_streamed
 from depthprune.compensate import Compensation
 from depthprune.surgery.streamed import write_pruned_checkpoint
 from test_streaming import tensors_of
+
+
+@pytest.fixture(scope="module")
+def gemma3_readonly(gemma3_path):
+    """One Gemma-3 for the tests that only read it (loaded once; released after this module)."""
+    return load_model(gemma3_path, progress=False)
 
 
 def test_smollm2_streamed_job_equals_in_memory(smollm2_path, tmp_path):
@@ -56,21 +63,21 @@ def test_smollm2_streamed_merge_surgery_is_byte_identical(smollm2_path, tmp_path
     assert len(list((tmp_path / "streamed").glob("model-*.safetensors"))) > 1
 
 
-def test_gemma3_streamed_statistics_equal_in_memory(gemma3_path):
+def test_gemma3_streamed_statistics_equal_in_memory(gemma3_path, gemma3_readonly):
     """Sliding-window and full-attention layers, tied 262k embeddings: BI and last-token states equal."""
-    loaded = load_model(gemma3_path, progress=False)
+    loaded = gemma3_readonly
     cal = sample_windows(loaded.tokenizer, num_windows=3, seq_len=64)
     expected = layer_statistics(loaded.model, cal, progress=False)
     got = layer_statistics(load_streamed(gemma3_path, progress=False, max_memory=1), cal, progress=False)
     assert got.bi == expected.bi and torch.equal(got.last_token_states, expected.last_token_states)
 
 
-def test_gemma3_streamed_sleb_equals_in_memory(gemma3_path, tmp_path):
+def test_gemma3_streamed_sleb_equals_in_memory(gemma3_path, gemma3_readonly, tmp_path):
     """SLEB's layer-major rounds on a real model (sliding and full attention layers, 262k vocabulary, kl
     objective), states spilled to disk: the in-memory search's losses and plan."""
     from depthprune import make_plan
 
-    loaded = load_model(gemma3_path, progress=False)
+    loaded = gemma3_readonly
     cal = sample_windows(loaded.tokenizer, num_windows=3, seq_len=32)
     expected = make_plan("sleb", loaded.model, cal, Target(remove=1), progress=False, batch_size=2, objective="kl")
     streamed = load_streamed(gemma3_path, progress=False, max_memory=1, scratch=tmp_path)
@@ -78,11 +85,11 @@ def test_gemma3_streamed_sleb_equals_in_memory(gemma3_path, tmp_path):
     assert got.to_dict() == expected.to_dict()
 
 
-def test_smollm2_streamed_slm_equals_in_memory(smollm2_path, tmp_path):
+def test_smollm2_streamed_slm_equals_in_memory(smollm2_path, smollm2_readonly, tmp_path):
     """SLM's search on the streamed similarity engine (merged windows read from disk), states spilled."""
     from depthprune import make_plan
 
-    loaded = load_model(smollm2_path, progress=False)
+    loaded = smollm2_readonly
     cal = sample_windows(loaded.tokenizer, num_windows=2, seq_len=32)
     expected = make_plan("slm", loaded.model, cal, Target(remove=3), progress=False, batch_size=2)
     streamed = load_streamed(smollm2_path, progress=False, max_memory=1, scratch=tmp_path)

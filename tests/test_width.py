@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-import transformers as tf
 from transformers import AutoModelForCausalLM
 
 import depthprune as dp
@@ -15,32 +14,18 @@ from depthprune.analysis.importance import WidthError, score_units
 from depthprune.data.calibration import Calibration
 from depthprune.models.arch import get_layers
 from depthprune.surgery.width import WIDTH_PLAN_FILE, WidthPlan, apply_width_plan, width_plan
-from tiny import LAYERS, tiny_inputs, tiny_model
+from tiny import LAYERS, bpe_tokenizer, greedy, tiny_calibration, tiny_inputs, tiny_model
 
 HEAD_DIM = 16  # tiny configs: hidden 64 / 4 heads
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
 def _calibration(padded: bool = False) -> Calibration:
-    ids = tiny_inputs(5, 16, seed=7)
-    mask = torch.ones_like(ids)
-    if padded:
-        mask[1, 11:] = 0
-        mask[3, 6:] = 0
-        ids = ids.masked_fill(mask == 0, 0)
-    return Calibration(ids, mask, {"source": "test"})
+    return tiny_calibration(5, 16, seed=7, padded={1: 11, 3: 6} if padded else None, pad_id=0)
 
 
 def _logits(model, ids) -> torch.Tensor:
     with torch.no_grad():
         return model(ids).logits
-
-
-def _generate(model, ids, use_cache: bool) -> torch.Tensor:
-    return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
-                          use_cache=use_cache, pad_token_id=0)
 
 
 def test_shapes_and_config_agree_after_pruning():
@@ -70,13 +55,13 @@ def test_save_reload_and_cached_generation(family, ratio_heads, tmp_path):
                       progress=False)
     apply_width_plan(model, plan)
     ids = tiny_inputs()
-    cached, uncached = _generate(model, ids, True), _generate(model, ids, False)
+    cached, uncached = greedy(model, ids, True), greedy(model, ids, False)
     assert torch.equal(cached, uncached)
 
     dp.save(model, None, tmp_path / "out", extra_json={WIDTH_PLAN_FILE: plan.to_dict()})
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     assert torch.equal(_logits(model, ids), _logits(reloaded, ids))
-    assert torch.equal(_generate(reloaded, ids, True), cached)
+    assert torch.equal(greedy(reloaded, ids, True), cached)
     saved = json.loads((tmp_path / "out" / "config.json").read_text())
     if ratio_heads:
         assert saved["head_dim"] == HEAD_DIM and saved["num_key_value_heads"] == 1
@@ -235,15 +220,10 @@ def test_bad_input_is_refused_with_a_clear_message():
 
 
 
-def test_width_command(smollm2_path, tmp_path, run_cli):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(smollm2_path)
-    config = tf.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                            num_attention_heads=4, num_key_value_heads=2)
-    torch.manual_seed(0)
+def test_width_command(tmp_path, run_cli):
+    tok = bpe_tokenizer()
     src = tmp_path / "src"
-    dp.save(tf.AutoModelForCausalLM.from_config(config), tok, src,
+    dp.save(tiny_model("llama", layers=3, vocab_size=len(tok)), tok, src,
             dp.Plan(method="manual", num_layers=4, remove=[2]))
     out = tmp_path / "narrow"
     code, stdout, _ = run_cli("width", "--model", str(src), "--ratio-mlp", "0.25", "--ratio-heads", "0.5",
