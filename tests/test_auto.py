@@ -84,4 +84,5 @@ def test_auto_on_gemma_ranks_rotation_and_scale_compensation(tmp_path, text):
     assert {c["compensation"] for c in plan["params"]["candidates"]} == {"none", "linear"}
     assert plan["params"]["compensation_unsupported"] is None
     if plan["compensation"]:
-        assert {r["fold"] for r in plan["params"]["compensation"] if "fold" in r} == {"qd"}
+        fits = json.loads((tmp_path / "out" / "depthprune_run.json").read_text())["stages"][0]["compensation"]
+        assert {r["fold"] for r in fits if "fold" in r} == {"qd"}

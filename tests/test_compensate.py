@@ -172,7 +172,9 @@ def test_compensated_checkpoint_reloads_exactly_and_generates(tmp_path, run_cli)
             "--calib-samples", "4", "--out", out, "-q")
     plan = json.loads((out / "depthprune_plan.json").read_text())
     assert plan["compensation"]["fit"] == "linear" and plan["compensation"]["tokens"] == 600
-    fits = [r for r in plan["params"]["compensation"] if "residual_after" in r]
+    run = json.loads((out / "depthprune_run.json").read_text())
+    assert "compensation" not in plan["params"], "the plan is the decision; the fits are the run's record"
+    fits = [r for r in run["stages"][0]["compensation"] if "residual_after" in r]
     assert fits and all(r["residual_after"] <= r["residual_before"] for r in fits)
     assert "compensate (linear)" in _summary(plan)
     reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
@@ -183,7 +185,7 @@ def test_compensated_checkpoint_reloads_exactly_and_generates(tmp_path, run_cli)
     run_cli("prune", "--model", save_tiny_checkpoint(tmp_path / "gemma", "gemma3"), "--remove-layers", "2",
             "--compensate", "linear", "--compensate-tokens", "600", "--calib", text,
             "--seq-len", "32", "--calib-samples", "4", "--out", gemma, "-q")
-    fits = json.loads((gemma / "depthprune_plan.json").read_text())["params"]["compensation"]
+    fits = json.loads((gemma / "depthprune_run.json").read_text())["stages"][0]["compensation"]
     assert {r["fold"] for r in fits if "fold" in r} == {"qd"}
     assert AutoModelForCausalLM.from_pretrained(gemma).config.num_hidden_layers == LAYERS - 2
 
@@ -215,8 +217,10 @@ def test_apply_plan_refits_a_compensated_plan_to_the_saved_tensors_or_refuses(tm
     with pytest.raises(InputError, match="re-fitting needs the calibration text"):
         apply_plan(loaded.model, plan)
     assert loaded.model.config.num_hidden_layers == LAYERS  # refused before any change
-    apply_plan(loaded.model, plan, calibration=CalibrationSpec(**report["settings"]["calibration"]),
-               tokenizer=loaded.tokenizer, batch_size=report["settings"]["batch_size"])
+    depth = json.loads((out / "depthprune_run.json").read_text())["stages"][0]
+    assert depth["calibration_spec"] == report["settings"]["calibration"]
+    apply_plan(loaded.model, plan, calibration=CalibrationSpec(**depth["calibration_spec"]),
+               tokenizer=loaded.tokenizer, batch_size=depth["batch_size"])
     saved = tensors_of(out)
     state = loaded.model.state_dict()
     assert all(torch.equal(state[name], saved[name]) for name in saved)

@@ -11,6 +11,7 @@ import yaml
 from depthprune import Merge, Plan
 from depthprune.export.hub import CARD_FILE, model_card, push_checkpoint, upload_plan
 from depthprune.export.mergekit import ExportError, kept_ranges, mergekit_config, mergekit_yaml
+from depthprune.run_record import RunRecord
 from tiny import save_tiny_checkpoint
 
 
@@ -18,33 +19,50 @@ from tiny import save_tiny_checkpoint
 
 
 def test_non_contiguous_removals_become_half_open_slices():
-    plan = Plan("shortgpt", 12, remove=[0, 3, 4, 7, 11], model="org/base")
+    plan = Plan("shortgpt", 12, remove=[0, 3, 4, 7, 11])
+    run = RunRecord(source="org/base", stages=[{"stage": "depth"}])
     assert kept_ranges(plan) == [(1, 3), (5, 7), (8, 11)]
-    recipe = yaml.safe_load(mergekit_yaml(plan, dtype="bfloat16"))
+    recipe = yaml.safe_load(mergekit_yaml(plan, dtype="bfloat16", run=run))
     assert recipe["merge_method"] == "passthrough" and recipe["dtype"] == "bfloat16"
     assert [s["sources"][0]["layer_range"] for s in recipe["slices"]] == [[1, 3], [5, 7], [8, 11]]
     assert {s["sources"][0]["model"] for s in recipe["slices"]} == {"org/base"}
     kept = [i for s in recipe["slices"] for i in range(*s["sources"][0]["layer_range"])]
     assert kept == plan.kept and len(kept) == plan.num_layers_after
-    assert recipe == mergekit_config(plan, dtype="bfloat16")
+    assert recipe == mergekit_config(plan, dtype="bfloat16", run=run)
 
 
 def test_base_model_option_and_odd_paths_survive_yaml():
-    plan = Plan("angular", 6, remove=[2, 3], model="org/base")
+    plan = Plan("angular", 6, remove=[2, 3])
     recipe = yaml.safe_load(mergekit_yaml(plan, base_model='/models/my "llama": v2'))
     assert recipe["slices"][0]["sources"][0]["model"] == '/models/my "llama": v2'
     assert [s["sources"][0]["layer_range"] for s in recipe["slices"]] == [[0, 2], [4, 6]]
 
 
-@pytest.mark.parametrize("plan, message", [
-    (Plan("slm", 8, merges=[Merge(2, 4, "reference")], model="m"), "merges layers \\(2..4\\)"),
-    (Plan("x", 8, remove=[1], params={"compensation": "least-squares"}, model="m"), "compensation"),
-    (Plan("shortgpt", 8, remove=[1], stages=[{"stage": "width", "summary": "w"}], model="m"), "later stages"),
-    (Plan("shortgpt", 8, remove=[1]), "records no source model"),
+SOURCE = RunRecord(source="m", stages=[{"stage": "depth"}])
+
+
+@pytest.mark.parametrize("plan, run, message", [
+    (Plan("slm", 8, merges=[Merge(2, 4, "reference")]), SOURCE, "merges layers \\(2..4\\)"),
+    (Plan("x", 8, remove=[1], compensation={"fit": "linear"}), SOURCE, "compensates its gaps \\(linear fit\\)"),
+    (Plan("shortgpt", 8, remove=[1]), RunRecord(source="m", stages=[{"stage": "depth"}, {"stage": "width"}]),
+     "later stages \\(width\\)"),
+    (Plan("shortgpt", 8, remove=[1]), None, "records no source model"),
 ])
-def test_plans_passthrough_cannot_express_are_refused(plan, message):
+def test_plans_passthrough_cannot_express_are_refused(plan, run, message):
     with pytest.raises(ExportError, match=message):
-        mergekit_config(plan)
+        mergekit_config(plan, run=run)
+
+
+def test_a_checkpoint_from_before_the_run_record_keeps_its_source_and_stages(tmp_path):
+    """Older checkpoints kept the source model and later stages in their plan file."""
+    legacy = {"method": "shortgpt", "num_layers": 8, "remove": [1], "model": "org/base",
+              "calibration": {"source": "default"}, "stages": [{"stage": "heal", "summary": "h"}]}
+    (tmp_path / "depthprune_plan.json").write_text(json.dumps(legacy))
+    run = RunRecord.of_checkpoint(tmp_path)
+    assert run.source == "org/base" and run.names() == ["depth", "heal"]
+    assert run.stages[0]["calibration"] == {"source": "default"}
+    with pytest.raises(ExportError, match="later stages \\(heal\\)"):
+        mergekit_config(Plan.load(tmp_path), run=run)
 
 
 @pytest.fixture()
@@ -79,7 +97,7 @@ def test_export_mergekit_command(pruned, tmp_path, run_cli):
 
 
 def test_export_mergekit_refuses_a_merge_plan(tmp_path, run_cli):
-    (tmp_path / "plan.json").write_text(Plan("slm", 6, merges=[Merge(1, 3, "average")], model="m").to_json())
+    (tmp_path / "plan.json").write_text(Plan("slm", 6, merges=[Merge(1, 3, "average")]).to_json())
     proc = run_cli("export", "mergekit", tmp_path / "plan.json", check=False)
     assert proc.returncode == 2 and "passthrough can only select" in proc.stderr
 
@@ -123,7 +141,8 @@ def test_model_card_says_what_was_done(pruned):
 def test_push_uploads_exactly_the_planned_files(pruned):
     (pruned / CARD_FILE).write_text(model_card(pruned))
     files = upload_plan(pruned)
-    assert files == sorted(["README.md", "config.json", "depthprune_plan.json", "generation_config.json",
+    assert files == sorted(["README.md", "config.json", "depthprune_plan.json", "depthprune_run.json",
+                            "generation_config.json",
                             "layer_scores.png", "model.safetensors", "report.json", "report.md", "tokenizer.json",
                             "tokenizer_config.json"])
     assert push_checkpoint(pruned, "me/tiny", dry_run=True).files == files
@@ -146,7 +165,7 @@ def test_prune_push_to_hub_writes_the_card_in_the_atomic_save(tmp_path, run_cli,
                    "--seq-len", "24", "-q", "--push-to-hub", "me/tiny-pruned")
     card = (tmp_path / "out" / CARD_FILE).read_text()
     assert "depthprune prune --model" in card and "--push-to-hub me/tiny-pruned" in card
-    assert "uploaded 10 files to https://huggingface.co/me/tiny-pruned/commit/1" in proc.stderr
+    assert "uploaded 11 files to https://huggingface.co/me/tiny-pruned/commit/1" in proc.stderr
     assert apis[0].calls[1][1]["allow_patterns"] == upload_plan(tmp_path / "out")
 
 

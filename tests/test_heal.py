@@ -212,7 +212,7 @@ def test_heal_command(tok, text, tmp_path, run_cli, monkeypatch):
     stage = report["stages"][0]
     assert stage["stage"] == "heal" and stage["steps"] == 2 and stage["data"]["kind"] == "text"
     assert stage["result"]["best_checkpoint"] == "checkpoint-2"
-    assert json.loads((out / "depthprune_plan.json").read_text())["stages"][0]["stage"] == "heal"
+    assert json.loads((out / "depthprune_run.json").read_text())["stages"][0]["stage"] == "heal"
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 2
 
@@ -266,8 +266,9 @@ def test_prune_then_width_then_heal_records_every_stage(smollm2, shared_data, tm
                  calibration=dp.CalibrationSpec(num_windows=4, seq_len=64), progress=False)
     result = dp.run_job(smollm2, job, out=out)
     plan = json.loads((out / "depthprune_plan.json").read_text())
-    assert [s["stage"] for s in plan["stages"]] == ["width", "heal"]
-    assert plan["num_layers_after"] == 26 and plan["stages"][1]["steps"] == 2
+    run = json.loads((out / "depthprune_run.json").read_text())
+    assert [s["stage"] for s in run["stages"]] == ["depth", "width", "heal"]
+    assert plan["num_layers_after"] == 26 and run["stages"][2]["steps"] == 2
     assert json.loads((out / "config.json").read_text())["intermediate_size"] == 1152
     assert (out / "depthprune_width_plan.json").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["combined"], "trainer checkpoints are cleaned up"

@@ -56,7 +56,7 @@ COMMON = ["--calib-samples", "4", "--seq-len", "24", "-q"]
 
 
 def _without_timings(record):
-    """A plan record without its wall-clock times (``auto`` records how long each candidate took)."""
+    """A run record without its wall-clock times."""
     if isinstance(record, dict):
         return {k: _without_timings(v) for k, v in record.items() if not k.endswith("seconds")}
     if isinstance(record, list):
@@ -79,9 +79,10 @@ def test_prune_stream_equals_in_memory(method, extra, model_dir, tmp_path, run_c
     run_cli(*args, "--out", tmp_path / "memory", "--no-stream")
     proc = run_cli(*args, "--out", tmp_path / "streamed", "--stream", "--max-memory", "1kB")
     assert f"{method}: 8 -> " in proc.stdout
-    memory, streamed = (_without_timings(json.loads((tmp_path / d / "depthprune_plan.json").read_text()))
-                        for d in ("memory", "streamed"))
+    memory, streamed = (json.loads((tmp_path / d / "depthprune_plan.json").read_text()) for d in ("memory", "streamed"))
     assert streamed == memory
+    runs = [_without_timings(json.loads((tmp_path / d / "depthprune_run.json").read_text())) for d in ("memory", "streamed")]
+    assert runs[1]["stages"][0].pop("streamed") is True and runs[1] == runs[0]
     expected, got = tensors_of(tmp_path / "memory"), tensors_of(tmp_path / "streamed")
     assert got.keys() == expected.keys() and all(torch.equal(got[n], expected[n]) for n in expected)
     reports = [json.loads((tmp_path / d / "report.json").read_text()) for d in ("memory", "streamed")]

@@ -235,7 +235,7 @@ def test_width_command(tmp_path, run_cli):
     report = json.loads((out / "report.json").read_text())
     assert report["parameters"]["after"] < report["parameters"]["before"]
     assert report["stages"][0]["sizes_after"]["intermediate_size"] == 96
-    assert json.loads((out / "depthprune_plan.json").read_text())["stages"][0]["stage"] == "width"
+    assert json.loads((out / "depthprune_run.json").read_text())["stages"][0]["stage"] == "width"
     assert WidthPlan.load(out).calibration["num_windows"] == 3
 
     for args, message in [

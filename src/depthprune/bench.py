@@ -483,11 +483,7 @@ def run_bench(
 def _uncompensated(plan: dict[str, Any]) -> Plan:
     """A row's plan without its compensation: the other compensation rows of that method and ratio re-apply it
     instead of planning again (methods are deterministic, so the plan would be the same)."""
-    plan = Plan.from_dict(plan)
-    plan.compensation = None
-    plan.params.pop("compensation", None)
-    plan.stages = []
-    return plan
+    return replace(Plan.from_dict(plan), compensation=None)
 
 
 def summary_line(result: BenchResult) -> str:

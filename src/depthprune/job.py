@@ -27,7 +27,7 @@ import shutil
 import tempfile
 import time
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
@@ -45,6 +45,7 @@ from .models.arch import count_parameters
 from .models.load import LoadedModel, check_context, config_num_layers, load_model, quiet_transformers
 from .plan import PLAN_FILE, Plan, PlanError
 from .report import compare_metrics, write_run_report
+from .run_record import RUN_FILE, RunRecord, RunRecordError
 
 log = logging.getLogger(__name__)
 
@@ -142,16 +143,23 @@ class DepthStage:
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
         """Plan (or re-apply ``self.plan``, a plan this method made for this model before), fit the plan's
-        compensation if it has one, then surgery."""
+        compensation if it has one, then surgery. The plan stays the method's decision; what this stage used
+        and measured goes to its record (and from there to the run record)."""
         self.check()
+        notes: dict[str, Any] = {}
         if self.plan is not None:
             plan = Plan.from_dict(self.plan.to_dict())
         else:
             plan = make_plan(self.method, ctx.backend, ctx.calibration, self.target, options=self.options,
-                             batch_size=ctx.run.batch_size, progress=ctx.run.progress, data=ctx)
-        plan.model = ctx.backend.source
+                             batch_size=ctx.run.batch_size, progress=ctx.run.progress, data=ctx, notes=notes)
         if self.compensation is not None:
-            plan.compensation = self.compensation.to_dict()
+            plan = replace(plan, compensation=self.compensation.to_dict())
+        record: dict[str, Any] = {
+            "stage": self.name, "method": self.method, "source": ctx.backend.source, "summary": plan.summary(),
+            "options": self.options.to_dict() if self.options else {},
+            "target": self.target.to_dict() if self.target else None,
+            "calibration": ctx.calibration.to_dict() if self.plan is None else None,
+            "calibration_spec": asdict(ctx.calibration_spec), "batch_size": ctx.run.batch_size, **notes}
         overrides = None
         if plan.compensation:
             from .compensate import fit_compensation
@@ -160,14 +168,13 @@ class DepthStage:
             fitted = fit_compensation(ctx.backend, plan, ctx.fit_batches(config.tokens, config.seed), config,
                                       first_target=ctx.fit_first_target(config.tokens, config.seed),
                                       progress=ctx.run.progress)
-            plan.params["compensation"] = fitted.records
+            record["compensation"] = fitted.records
             overrides = fitted.overrides
         ctx.backend = ctx.backend.apply(plan, overrides, scratch=ctx.scratch, progress=ctx.run.progress)
         ctx.plan = plan
-        return {"stage": self.name, "method": self.method, "summary": plan.summary(),
-                "options": self.options.to_dict() if self.options else {},
-                "target": self.target.to_dict() if self.target else None,
-                **({"streamed": True} if ctx.backend.kind == "streamed" else {})}
+        if ctx.backend.kind == "streamed":
+            record["streamed"] = True
+        return record
 
 
 @dataclass
@@ -359,6 +366,7 @@ class JobResult:
     settings: dict[str, Any]
     timings: dict[str, float]
     out: Path | None = None
+    run: RunRecord | None = None
 
     def metrics(self) -> dict[str, dict[str, Any]]:
         """Every measured value before and after, with its change and direction."""
@@ -379,6 +387,7 @@ class JobResult:
             "parameters": self.parameters,
             "stages": self.stages,
             "plan": self.plan.to_dict() if self.plan else None,
+            "run": self.run.to_dict() if self.run else None,
             "metrics": self.metrics(),
             "before": self.before.values() if self.before else {},
             "after": self.after.values() if self.after else {},
@@ -399,6 +408,16 @@ def _carried_plan(model_dir: str) -> Plan | None:
     except PlanError as err:
         log.warning("not carrying the input's plan into the output: %s", err)
         return None
+
+
+def _carried_record(model_dir: str | None) -> RunRecord:
+    """The run record of the input checkpoint (how it was made), or an empty one for a model depthprune did
+    not make."""
+    try:
+        return (RunRecord.of_checkpoint(model_dir) if model_dir else None) or RunRecord()
+    except RunRecordError as err:
+        log.warning("not carrying the input's run record into the output: %s", err)
+        return RunRecord()
 
 
 def _copy_provenance(model_dir: str, names: list[str]) -> Callable[[Path], None]:
@@ -468,15 +487,14 @@ def run_job(model: "Backend | LoadedModel", job: Job, *, out: str | Path | None 
 
         plan = ctx.plan
         saved_plan = plan if plan is not None else (_carried_plan(source_path) if out is not None else None)
-        if saved_plan is not None:
-            saved_plan.stages.extend(r for r in records if r["stage"] != "depth")
+        run = _carried_record(source_path).extended(source, records)
         settings = {"calibration": asdict(job.calibration) if ctx._calibration is not None else None,
                     "evaluation": job.evaluation.to_dict(), "batch_size": job.batch_size}
         if ctx.backend.kind == "streamed":
             settings["streaming"] = {"device": str(ctx.backend.device),
                                      "compute_dtype": str(ctx.backend.dtype).split(".")[1],
                                      "max_memory": ctx.backend.max_memory}
-        result = JobResult(source, records, plan, before, after, layers, parameters, settings, timings, out)
+        result = JobResult(source, records, plan, before, after, layers, parameters, settings, timings, out, run)
         if tmp is not None:
             start = time.perf_counter()
             writers = [*ctx.writers, _copy_provenance(source_path, [WIDTH_PLAN_FILE]),
@@ -485,7 +503,7 @@ def run_job(model: "Backend | LoadedModel", job: Job, *, out: str | Path | None 
                 saved = ctx.backend.save(tmp, progress=job.progress)
                 if "streaming" in settings:
                     settings["streaming"]["files"] = saved.get("files")
-                write_beside(tmp, saved_plan, extra_json=ctx.files, writers=writers)
+                write_beside(tmp, saved_plan, extra_json={**ctx.files, RUN_FILE: run.to_dict()}, writers=writers)
             shutil.rmtree(scratch, ignore_errors=True)
             timings["save"] = time.perf_counter() - start
     return result

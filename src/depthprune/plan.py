@@ -1,6 +1,11 @@
-"""A Plan says which layers to remove or merge, and why. Methods produce plans;
-:mod:`depthprune.surgery` applies them. Plans are JSON, so they can be read,
-diffed, saved beside the checkpoint and applied again to another copy of the model.
+"""A Plan is one decision: which layers to remove or merge, whether to compensate the gaps, and why.
+
+Methods produce plans; :mod:`depthprune.surgery` applies them. Plans are JSON,
+so they can be read, diffed, saved beside the checkpoint and applied again to
+another copy of the model. A plan is what its method returned: what the jobs
+around it add (the model it was applied to, the depth target, the calibration
+windows, compensation fits, later stages) is kept in the
+:class:`~depthprune.run_record.RunRecord` beside it.
 
 All layer indices are *original* indices (positions in the unpruned model).
 """
@@ -75,11 +80,8 @@ class Plan(JsonRecord):
     merges: list[Merge] = field(default_factory=list)
     params: dict[str, Any] = field(default_factory=dict)
     scores: dict[str, list[float]] = field(default_factory=dict)
-    calibration: dict[str, Any] = field(default_factory=dict)
     log: list[dict[str, Any]] = field(default_factory=list)
-    model: str | None = None
     version: str | None = None
-    stages: list[dict[str, Any]] = field(default_factory=list)
     compensation: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
@@ -96,6 +98,9 @@ class Plan(JsonRecord):
     def validate(self) -> None:
         from .surgery.merge import check_operator  # surgery imports this module
 
+        if self.compensation is not None and not isinstance(self.compensation, dict):
+            raise PlanError(f"malformed plan: compensation is {self.compensation!r}, not the fit's settings (an "
+                            "object such as {\"fit\": \"linear\"}) or null")
         if self.num_layers < 1:
             raise PlanError(f"the plan's num_layers must be at least 1, got {self.num_layers}")
         removed: set[int] = set()

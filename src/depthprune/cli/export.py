@@ -20,22 +20,27 @@ def mergekit_cmd(
         help="A pruned checkpoint directory or a depthprune_plan.json file (a removal-only plan).")],
     out: Annotated[Optional[str], typer.Option(help="Write the YAML here (.yaml); default: print it.")] = None,
     base_model: Annotated[Optional[str], typer.Option(
-        help="The model mergekit should read (hub id or directory); default: the plan's recorded source.")] = None,
+        help="The model mergekit should read (hub id or directory); default: the source model in the "
+        "checkpoint's run record.")] = None,
     dtype: Annotated[Optional[str], typer.Option(
         help="dtype for mergekit; default: the checkpoint's own (config.json), else bfloat16.")] = None,
 ) -> None:
     """Write a mergekit passthrough YAML reproducing a removal-only plan (layer_range over the original model)."""
-    from ..export.mergekit import base_model_name, mergekit_yaml
+    from ..export.mergekit import base_model_name, check_passthrough, mergekit_yaml
     from ..io import atomic_write, check_output_file
     from ..models.load import check_plan_depth
     from ..plan import Plan
+    from ..run_record import RunRecord
 
     target = check_output_file(out, option="--out", suffix=".yaml") if out is not None else None
     plan = Plan.load(plan_dir)
-    base_model = base_model_name(plan, base_model)
+    run = RunRecord.of_checkpoint(plan_dir)
+    check_passthrough(plan, run)
+    base_model = base_model_name(run, base_model)
     if Path(base_model).expanduser().is_dir():  # a hub id, or a path on the machine mergekit runs on, is not here
         check_plan_depth(plan, base_model, "--base-model")
-    text = mergekit_yaml(plan, base_model=base_model, dtype=dtype or _checkpoint_dtype(plan_dir) or "bfloat16")
+    text = mergekit_yaml(plan, base_model=base_model, dtype=dtype or _checkpoint_dtype(plan_dir) or "bfloat16",
+                         run=run)
     if target is None:
         typer.echo(text, nl=False)
         return

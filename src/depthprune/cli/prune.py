@@ -194,8 +194,10 @@ def print_result(result) -> None:
         objective = result.plan.params["objective"]
         typer.echo(f"candidates ({objective} on {result.plan.params['heldout_windows']} held-out windows; "
                    f"dense {result.plan.params['dense_heldout_loss']:.4f}):")
-        for c in sorted(candidates, key=lambda c: c["loss"]):
-            seconds = c.get("plan_seconds", 0) + c.get("fit_seconds", 0)
+        depth = next((r for r in result.stages if r.get("stage") == "depth"), {})
+        timings = depth.get("candidate_seconds") or [{} for _ in candidates]
+        for c, t in sorted(zip(candidates, timings), key=lambda ct: ct[0]["loss"]):
+            seconds = t.get("plan_seconds", 0) + t.get("fit_seconds", 0)
             same = f" (same plan as {c['same_as']})" if c.get("same_as") else ""
             typer.echo(f"  {c['loss']:.4f}  {c['method']:<10} compensation {c['compensation']:<7} "
                        f"{seconds:6.1f} s  {c['plan']}{same}")

@@ -29,14 +29,14 @@ from .prune import check_out
 
 
 def recorded_source(model: str) -> str:
-    """The dense model an input checkpoint was pruned from, as its depthprune plan records it."""
+    """The dense model an input checkpoint was pruned from, as its run record says."""
     from ..evaluate.divergence import recorded_reference
     from ..heal import HealError
-    from ..plan import PLAN_FILE
+    from ..run_record import RUN_FILE
 
     source = recorded_reference(model)
     if not source:
-        raise HealError(f"--distill needs the dense model as teacher: {model} records none in {PLAN_FILE}; "
+        raise HealError(f"--distill needs the dense model as teacher: {model} records none in {RUN_FILE}; "
                         "pass --teacher")
     return source
 

@@ -487,12 +487,13 @@ def same_model(a: str | None, b: str | None) -> bool:
 
 
 def recorded_reference(model: str) -> str | None:
-    """The dense model a checkpoint was pruned from, as its ``depthprune_plan.json`` records it (else None;
-    an unreadable plan is a one-line error)."""
-    from ..plan import PLAN_FILE, Plan
+    """The dense model a checkpoint was pruned from, as its run record says (else None; an unreadable record
+    is a one-line error)."""
+    from ..run_record import RunRecord
 
-    path = Path(model).expanduser() / PLAN_FILE
-    return (Plan.load(path).model or None) if path.is_file() else None
+    path = Path(model).expanduser()
+    run = RunRecord.of_checkpoint(path) if path.is_dir() else None
+    return run.source if run is not None and run.source else None
 
 
 def check_reference_vocab(model: str, reference: str, option: str = "--reference") -> None:

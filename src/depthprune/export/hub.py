@@ -22,6 +22,7 @@ from .._version import __version__
 from ..errors import DepthpruneError, InputError
 from ..io import MARKER, atomic_write
 from ..plan import PLAN_FILE, Plan
+from ..run_record import RunRecord
 from ..report import RUN_REPORT_JSON, format_number
 
 CARD_FILE = "README.md"
@@ -66,7 +67,8 @@ def model_card(directory: str | Path, *, command: str | None = None, repo: str |
     report = _read_json(directory / RUN_REPORT_JSON)
     plan_data = _read_json(directory / PLAN_FILE)
     plan = Plan.from_dict(plan_data, where=str(directory / PLAN_FILE)) if plan_data else None
-    base = (plan.model if plan else None) or report.get("model")
+    run = RunRecord.of_checkpoint(directory)
+    base = (run.source if run else None) or report.get("model")
     hub_base = _hub_id(base)
     front = ["---", "library_name: transformers", "tags:", "  - depthprune", "  - pruned", "  - layer-pruning"]
     if hub_base:
@@ -91,7 +93,7 @@ def model_card(directory: str | Path, *, command: str | None = None, repo: str |
         summary.append(f"- layers: {layers.get('before')} -> {layers.get('after')}")
     if params.get("before") and params.get("after"):
         summary.append(f"- parameters: {params['before']:,} -> {params['after']:,}")
-    for stage in report.get("stages") or (plan.stages if plan else []):
+    for stage in (run.stages if run else report.get("stages") or []):
         if stage.get("stage") != "depth":
             summary.append(f"- later stage: {stage.get('summary', stage.get('stage'))}")
     parts.append("## What was done\n\n" + ("\n".join(summary) if summary else "No plan was recorded.") + "\n")
@@ -107,7 +109,8 @@ def model_card(directory: str | Path, *, command: str | None = None, repo: str |
     how = [f"```\n{command}\n```"] if command else []
     how += [f"- {k}: `{json.dumps(v, default=str)}`" for k, v in settings.items()]
     parts.append("## How it was made\n\n" + ("\n".join(how) if how else "Through the Python API.") +
-                 "\n\n`depthprune_plan.json` and `report.json` in this repository hold every number above.\n")
+                 "\n\n`depthprune_plan.json`, `depthprune_run.json` and `report.json` in this repository hold every "
+                 "number above.\n")
     parts.append("## License\n\nThis checkpoint is derived from "
                  f"`{base or 'its base model'}` and is subject to that model's license and use policy; check them "
                  "before use. depthprune itself adds no terms.\n")

@@ -18,6 +18,7 @@ from ..errors import InputError
 from ..models.load import ALIASES
 from ..paths import cache_dir
 from ..plan import Plan
+from ..run_record import RunRecord
 
 YAML_MARK = "# written_by: depthprune"
 
@@ -37,43 +38,46 @@ def kept_ranges(plan: Plan) -> list[tuple[int, int]]:
     return ranges
 
 
-def check_passthrough(plan: Plan) -> None:
-    """Refuse plans whose result is more than a selection of the original layers."""
+def check_passthrough(plan: Plan, run: RunRecord | None = None) -> None:
+    """Refuse plans whose result is more than a selection of the original layers (merges, compensation, or a
+    checkpoint whose run record shows later stages that changed its weights)."""
     if plan.merges:
         windows = ", ".join(f"{m.low}..{m.high}" for m in plan.merges)
         raise ExportError(f"the plan merges layers ({windows}); mergekit's passthrough can only select "
                           "original layers, so it cannot express merged weights")
-    compensation = {k: v for k, v in plan.params.items() if "compensat" in k.lower() and v}
-    if compensation:
-        raise ExportError(f"the plan records compensation ({', '.join(compensation)}): changed weights that "
-                          "mergekit's passthrough cannot express")
-    later = [s.get("stage", "?") for s in plan.stages if s.get("stage") != "depth"]
+    if plan.compensation:
+        raise ExportError(f"the plan compensates its gaps ({plan.compensation.get('fit')} fit): changed weights "
+                          "that mergekit's passthrough cannot express")
+    later = [name for name in (run.names() if run else []) if name != "depth"]
     if later:
         raise ExportError(f"the checkpoint went through later stages ({', '.join(later)}) that changed its "
                           "weights; a passthrough of the base model would not contain them")
 
 
-def base_model_name(plan: Plan, base_model: str | None) -> str:
-    """What mergekit should read: ``--base-model``, else the plan's recorded source (an alias as its
+def base_model_name(run: RunRecord | None, base_model: str | None) -> str:
+    """What mergekit should read: ``--base-model``, else the run record's source model (an alias as its
     converted directory, a relative path that exists here as an absolute one)."""
     if base_model:
         return base_model
-    if not plan.model:
-        raise ExportError("the plan records no source model; pass --base-model (a hub id or a local directory)")
-    if plan.model in ALIASES:
-        converted = cache_dir() / "models" / plan.model
+    source = run.source if run else None
+    if not source:
+        raise ExportError("the checkpoint records no source model; pass --base-model (a hub id or a local "
+                          "directory)")
+    if source in ALIASES:
+        converted = cache_dir() / "models" / source
         if not (converted / "config.json").is_file():
-            raise ExportError(f"the plan's model is the alias {plan.model!r}, which is not converted on this "
+            raise ExportError(f"the plan's model is the alias {source!r}, which is not converted on this "
                               "machine; pass --base-model with its hub id or directory")
         return str(converted)
-    local = Path(plan.model).expanduser()
-    return str(local.resolve()) if local.exists() else plan.model
+    local = Path(source).expanduser()
+    return str(local.resolve()) if local.exists() else source
 
 
-def mergekit_config(plan: Plan, *, base_model: str | None = None, dtype: str | None = None) -> dict[str, Any]:
-    """The passthrough recipe as a dict (the YAML's content)."""
-    check_passthrough(plan)
-    model = base_model_name(plan, base_model)
+def mergekit_config(plan: Plan, *, base_model: str | None = None, dtype: str | None = None,
+                    run: RunRecord | None = None) -> dict[str, Any]:
+    """The passthrough recipe as a dict (the YAML's content); ``run`` is the checkpoint's run record."""
+    check_passthrough(plan, run)
+    model = base_model_name(run, base_model)
     config: dict[str, Any] = {
         "slices": [{"sources": [{"model": model, "layer_range": [a, b]}]} for a, b in kept_ranges(plan)],
         "merge_method": "passthrough",
@@ -83,12 +87,13 @@ def mergekit_config(plan: Plan, *, base_model: str | None = None, dtype: str | N
     return config
 
 
-def mergekit_yaml(plan: Plan, *, base_model: str | None = None, dtype: str | None = None) -> str:
+def mergekit_yaml(plan: Plan, *, base_model: str | None = None, dtype: str | None = None,
+                  run: RunRecord | None = None) -> str:
     """The recipe as YAML, headed by a comment saying depthprune wrote it and from which plan.
 
     Strings are written as JSON strings (valid YAML scalars), so paths with any characters stay exact.
     """
-    config = mergekit_config(plan, base_model=base_model, dtype=dtype)
+    config = mergekit_config(plan, base_model=base_model, dtype=dtype, run=run)
     lines = [f"{YAML_MARK} {__version__}", f"# plan: {plan.summary()}", "slices:"]
     for piece in config["slices"]:
         source = piece["sources"][0]

@@ -37,7 +37,7 @@ class AngularOptions(MethodOptions):
             raise PlanError(f"--block must be between 1 and {num_layers - 1}, got {self.block}")
 
 
-def plan_angular(stats: LayerStats, block: int, *, model: str | None = None) -> Plan:
+def plan_angular(stats: LayerStats, block: int) -> Plan:
     """Plan removing the ``block`` consecutive layers with the smallest angular distance."""
     distances = stats.angular_distance(block)
     start = min(range(len(distances)), key=lambda l: (distances[l], l))
@@ -47,8 +47,6 @@ def plan_angular(stats: LayerStats, block: int, *, model: str | None = None) -> 
         remove=list(range(start, start + block)),
         params={"block": block, "start": start},
         scores={f"angular_d(l,{block})": distances, "angular": stats.angular_distance(1)},
-        calibration=stats.calibration,
-        model=model,
     )
 
 

@@ -107,13 +107,15 @@ def plan(backend: Backend, calibration: Calibration, target: Target | None, opti
         planned.append((method, candidate, round(time.perf_counter() - start, 2)))
 
     entries: list[dict[str, Any]] = []
+    timings: list[dict[str, float]] = []
     chosen_from: list[tuple[Plan, dict[str, Any] | None]] = []
     first: dict[tuple, int] = {}  # (decision, fit) -> the entry that scores it
     for method, candidate, seconds in planned:
         for fit in ["none", *(fits if interfaces(candidate)[0] else [])]:
             key = (_decision(candidate), fit)
             entry = {"method": method, "compensation": fit, "plan": candidate.summary(),
-                     "dropped": candidate.dropped, "plan_seconds": seconds}
+                     "dropped": candidate.dropped}
+            timings.append({"plan_seconds": seconds})
             if key in first:
                 entry["same_as"] = entries[first[key]]["method"]
             else:
@@ -135,7 +137,7 @@ def plan(backend: Backend, calibration: Calibration, target: Target | None, opti
                 config = Compensation(**chosen_from[k][1])
                 stacks[k] = Stack(fit_compensation(backend, chosen_from[k][0], fit_batches, config,
                                                    session=session).stack)
-                entries[k]["fit_seconds"] = round(time.perf_counter() - start, 2)
+                timings[k]["fit_seconds"] = round(time.perf_counter() - start, 2)
     for k in first.values():
         stacks.setdefault(k, Stack(plan_stack(chosen_from[k][0], layers, backend.spec)))
     heldout = run.data.heldout()
@@ -144,7 +146,7 @@ def plan(backend: Backend, calibration: Calibration, target: Target | None, opti
                     sets=len(stacks)) as engine:
         losses = engine.losses(stacks, progress=run.progress, desc="ranking candidates")
         dense_loss = engine.dense_loss
-    ranking_seconds = round(time.perf_counter() - start, 2)
+    run.notes.update(candidate_seconds=timings, ranking_seconds=round(time.perf_counter() - start, 2))
     for entry, (candidate, compensation) in zip(entries, chosen_from):
         entry["loss"] = losses[first[(_decision(candidate), entry["compensation"])]]
     best_index = min(range(len(entries)), key=lambda k: entries[k]["loss"])
@@ -158,10 +160,8 @@ def plan(backend: Backend, calibration: Calibration, target: Target | None, opti
         params={"chosen": f"{chosen['method']}" + (f"+{chosen['compensation']}" if compensation else ""),
                 "objective": options.objective, "heldout_loss": chosen["loss"], "dense_heldout_loss": dense_loss,
                 "heldout_windows": heldout.num_windows, "candidates": entries, "chosen_params": best.params,
-                "ranking_seconds": ranking_seconds,
                 "compensation_unsupported": unsupported},
         scores=best.scores,
-        calibration=calibration.to_dict(),
         log=entries,
         compensation=compensation,
     )

@@ -50,6 +50,5 @@ def run_threshold_search(name: str, search: Search, engine: SimilarityEngine, ca
             plan = threshold_for_target(
                 lambda t, budget: search(engine, t, max_remove=budget, memo=memo, progress=bar), n
             )
-    plan.calibration = calibration.to_dict()
     plan.params["candidates_evaluated"] = engine.evaluations
     return plan

@@ -107,13 +107,15 @@ class MethodOptions:
 
 @dataclass(frozen=True)
 class RunContext:
-    """How a method runs, not what it decides: forward batch size (sequences per pass), progress bars, and
+    """How a method runs, not what it decides: forward batch size (sequences per pass), progress bars,
     where more calibration text can be drawn from (``data``: held-out windows and fit batches, see
-    :class:`CalibrationData`; the job provides it, a bare ``make_plan`` call may not)."""
+    :class:`CalibrationData`; the job provides it, a bare ``make_plan`` call may not), and ``notes``: what
+    the method reports about the run rather than the decision (timings), which the job adds to its record."""
 
     batch_size: int = 8
     progress: bool = True
     data: "CalibrationData | None" = None
+    notes: dict[str, Any] = field(default_factory=dict)
 
 
 class CalibrationData(Protocol):
@@ -206,6 +208,7 @@ def make_plan(
     batch_size: int = 8,
     progress: bool = True,
     data: CalibrationData | None = None,
+    notes: dict[str, Any] | None = None,
     **values: Any,
 ) -> Plan:
     """Run a registered method: ``make_plan("slm", model, cal, threshold=0.72)`` or with ``options=``.
@@ -222,11 +225,8 @@ def make_plan(
     check_request(method, target, options)
     if batch_size < 1:
         raise PlanError(f"--batch-size must be at least 1, got {batch_size}")
-    plan = spec.plan(InMemoryBackend.of(model), calibration, target, options, RunContext(batch_size, progress, data))
-    if target is not None and target.given:
-        plan.params.setdefault("target", target.to_dict())
-    if not plan.calibration:
-        plan.calibration = calibration.to_dict()
+    run = RunContext(batch_size, progress, data, notes if notes is not None else {})
+    plan = spec.plan(InMemoryBackend.of(model), calibration, target, options, run)
     return plan
 
 

@@ -24,7 +24,7 @@ class ShortGPTOptions(MethodOptions):
                          choices=METRICS)
 
 
-def plan_shortgpt(stats: LayerStats, n_remove: int, *, metric: str = "bi", model: str | None = None) -> Plan:
+def plan_shortgpt(stats: LayerStats, n_remove: int, *, metric: str = "bi") -> Plan:
     """Plan removing the ``n_remove`` lowest-scoring layers (ties broken by lower index)."""
     scores = stats.scores(metric)
     order = sorted(range(len(scores)), key=lambda i: (scores[i], i))
@@ -34,8 +34,6 @@ def plan_shortgpt(stats: LayerStats, n_remove: int, *, metric: str = "bi", model
         remove=order[:n_remove],
         params={"metric": metric, "n_remove": n_remove},
         scores={metric: scores},
-        calibration=stats.calibration,
-        model=model,
     )
 
 

@@ -156,5 +156,4 @@ def plan(backend: Backend, calibration: Calibration, target: Target | None, opti
                            screen=screen, rerank=options.rerank, progress=bar)
     plan.params.update(exact=not screened, screen_windows=options.screen_windows if screened else None,
                        rerank=options.rerank if screened else None)
-    plan.calibration = calibration.to_dict()
     return plan
