@@ -45,14 +45,18 @@ def test_losses_equal_a_full_forward():
     assert got == pytest.approx(want, rel=1e-5)
 
 
-def test_kl_without_a_teacher_cache_gives_the_same_plan():
+def test_kl_teacher_beyond_its_budget_is_the_top_k_lower_bound_and_says_so():
+    """Over its memory budget the dense model's distributions are kept as top-k + remainder: the kl objective is
+    then a lower bound (equal when k covers the vocabulary), and the engine says which it used."""
     model, cal = tiny_model("qwen3", seed=5), _cal()
-    cached = LossEngine(model, cal, objective="kl")
-    uncached = LossEngine(model, cal, objective="kl", teacher_cache_mb=0)
-    assert cached._teacher is not None and uncached._teacher is None
     keep = [1, 2, 3, 4, 5]
-    assert cached.loss([cached.layers[i] for i in keep]) == pytest.approx(
-        uncached.loss([uncached.layers[i] for i in keep]))
+    exact = LossEngine(model, cal, objective="kl")
+    top = LossEngine(model, cal, objective="kl", teacher_cache_mb=0, teacher_top_k=8)
+    whole = LossEngine(model, cal, objective="kl", teacher_cache_mb=0, teacher_top_k=10**6)
+    assert exact.teacher_note == "exact" == whole.teacher_note and "top-8" in top.teacher_note
+    loss = exact.loss([exact.layers[i] for i in keep])
+    assert top.loss([top.layers[i] for i in keep]) < loss
+    assert whole.loss([whole.layers[i] for i in keep]) == pytest.approx(loss, rel=1e-9)
 
 
 def test_protected_layers_are_never_removed():

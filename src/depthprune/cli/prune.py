@@ -192,8 +192,10 @@ def print_result(result) -> None:
     candidates = result.plan.params.get("candidates", []) if result.plan is not None else []
     if candidates:
         objective = result.plan.params["objective"]
+        teacher = result.plan.params.get("teacher")
+        approximation = f"; kl against {teacher}" if teacher and teacher != "exact" else ""
         typer.echo(f"candidates ({objective} on {result.plan.params['heldout_windows']} held-out windows; "
-                   f"dense {result.plan.params['dense_heldout_loss']:.4f}):")
+                   f"dense {result.plan.params['dense_heldout_loss']:.4f}{approximation}):")
         depth = next((r for r in result.stages if r.get("stage") == "depth"), {})
         timings = depth.get("candidate_seconds") or [{} for _ in candidates]
         for c, t in sorted(zip(candidates, timings), key=lambda ct: ct[0]["loss"]):

@@ -10,8 +10,9 @@ Objectives, both averaged over every predicted calibration token:
 Candidates are evaluated with a :class:`~depthprune.backend.walk.Walker` (cached states, only the
 candidates' own layers run, no model copy, all candidates of one call in one walk, so a streamed model reads
 each layer once per call) and the LM head applied a chunk of tokens at a time. For ``kl`` the dense model's
-log-probabilities are cached when they fit in ``teacher_cache_mb`` and recomputed from its cached final
-states otherwise.
+distributions are cached once: exactly when they fit ``teacher_cache_mb``, else (very large vocabularies) its
+top-k tokens plus the remainder mass, which makes the objective a lower bound of the KL (the engine's
+``teacher_note`` says which, and the plans record it).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from torch import nn
 from ..data.calibration import Calibration
 from ..errors import InputError
 from ..backend import InMemoryBackend, Stack, Walker
+from ..evaluate.divergence import (DEFAULT_TOP_K, EXACT_BUDGET_MB, CachedRows, DistributionCache, choose_top_k,
+                                   kl_per_token, vocab_size_of, write_reference)
 from ..evaluate.perplexity import chunked_logits, first_target_of, prediction_pairs
 from ..models.forward import batches_of
 
@@ -32,27 +35,20 @@ OBJECTIVES = ("nll", "kl")
 
 
 @torch.inference_mode()
-def teacher_logprobs(model: nn.Module, final: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
-                     first_target: int, chunk_tokens: int = 512) -> torch.Tensor:
-    """The dense model's next-token log-probabilities at every predicted token, from its final states."""
-    states, _ = prediction_pairs(final, ids, mask, first_target)
-    return torch.cat([F.log_softmax(logits, dim=-1) for _, logits in chunked_logits(model, states, chunk_tokens)])
-
-
-@torch.inference_mode()
 def objective_sum(model: nn.Module, hidden: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
                   first_target: int, chunk_tokens: int = 512,
-                  teacher: torch.Tensor | None = None) -> tuple[float, int]:
+                  teacher: CachedRows | None = None) -> tuple[float, int]:
     """Summed objective over one batch's predicted tokens given its final states, and their count: next-token
-    NLL, or KL(teacher || model) when the dense model's ``teacher`` log-probabilities are given."""
+    NLL, or KL(teacher || model) when the dense model's distributions at those tokens (``teacher``: exact, or
+    its top k + remainder, see :mod:`depthprune.evaluate.divergence`) are given."""
     states, targets = prediction_pairs(hidden, ids, mask, first_target)
     total = 0.0
     for part, logits in chunked_logits(model, states, chunk_tokens):
         if teacher is None:
             total += float(F.cross_entropy(logits, targets[part], reduction="sum"))
         else:
-            logp = F.log_softmax(logits, dim=-1)
-            total += float(F.kl_div(logp, teacher[part], log_target=True, reduction="sum"))
+            rows = teacher.select(slice(part.start, min(part.stop, len(teacher))))
+            total += float(kl_per_token(F.log_softmax(logits, dim=-1), rows).sum())
     return total, int(targets.numel())
 
 
@@ -65,8 +61,8 @@ class LossEngine:
     """
 
     def __init__(self, model, calibration: Calibration, *, objective: str = "nll", batch_size: int | None = None,
-                 chunk_tokens: int = 512, teacher_cache_mb: float = 1024, sets: int = 1,
-                 progress: bool = False) -> None:
+                 chunk_tokens: int = 512, teacher_cache_mb: float = EXACT_BUDGET_MB,
+                 teacher_top_k: int = DEFAULT_TOP_K, sets: int = 1, progress: bool = False) -> None:
         if objective not in OBJECTIVES:
             raise InputError(f"unknown objective {objective!r}: use one of {', '.join(OBJECTIVES)}")
         self.backend = InMemoryBackend.of(model)
@@ -81,19 +77,40 @@ class LossEngine:
         self.walker = Walker(self.backend, batches_of(calibration, batch_size), sets=sets + 2, head=True)
         self.batches = self.walker.batches
         self.evaluations = 0
-        self._teacher: list[torch.Tensor] | None = None
+        self.teacher: DistributionCache | None = None
         try:
             self.walker.run({"dense": Stack(self.layers)}, progress=progress, desc="dense states")
             if objective == "kl":
-                tokens = sum(int(mask[:, self.first_target:].sum()) for _, mask in self.batches)
-                vocab = self.model.get_output_embeddings().weight.shape[0]
-                if tokens * vocab * 4 / 2**20 <= teacher_cache_mb:
-                    with self.backend.outside(head=True):
-                        self._teacher = [self._teacher_logprobs(b) for b in range(len(self.batches))]
+                self.teacher = self._teacher_cache(teacher_cache_mb, teacher_top_k)
             self.dense_loss = self._mean_losses(["dense"])["dense"]
         except BaseException:
             self.walker.close()
             raise
+
+    @torch.inference_mode()
+    def _teacher_cache(self, budget_mb: float, top_k: int) -> DistributionCache:
+        """The dense model's distributions at every predicted token, once: exact when they fit ``budget_mb``,
+        else its ``top_k`` tokens + the remainder (then the kl objective is a lower bound, and
+        :attr:`teacher_note` says so)."""
+        counts = [int(mask[:, self.first_target:].sum()) for _, mask in self.batches]
+        vocab = vocab_size_of(self.model)
+        cache = DistributionCache.allocate(sum(counts), vocab, choose_top_k(sum(counts), vocab, top_k, budget_mb),
+                                           {"reference": "the dense model"})
+        self._offsets = [sum(counts[:b]) for b in range(len(counts) + 1)]
+        with self.backend.outside(head=True):
+            for b, (ids, mask) in enumerate(self.batches):
+                final = self.backend.final_states(ids, mask, self.walker.state("dense", b))
+                write_reference(cache, self._offsets[b], self.model, final, ids, mask, self.first_target,
+                                self.chunk_tokens)
+        return cache
+
+    @property
+    def teacher_note(self) -> str | None:
+        """How the kl objective's teacher is held: exact, or the approximation used (for the plan's record)."""
+        if self.teacher is None:
+            return None
+        return ("exact" if not self.teacher.approximate else
+                f"the dense model's top-{self.teacher.top_k} tokens + one remainder bucket (a lower bound of the KL)")
 
     def close(self) -> None:
         self.walker.close()
@@ -105,21 +122,15 @@ class LossEngine:
         self.close()
 
     @torch.inference_mode()
-    def _teacher_logprobs(self, b: int) -> torch.Tensor:
-        ids, mask = self.batches[b]
-        final = self.backend.final_states(ids, mask, self.walker.state("dense", b))
-        return teacher_logprobs(self.model, final, ids, mask, self.first_target, self.chunk_tokens)
-
-    @torch.inference_mode()
     def _mean_losses(self, keys: Sequence[Hashable]) -> dict[Hashable, float]:
-        """Each stack's mean objective from its states in the walker; the dense model's log-probabilities are
-        formed once per batch for all stacks when they are not cached."""
+        """Each stack's mean objective from its states in the walker (kl: against the dense model's cached
+        distributions)."""
         sums = {key: [0.0, 0] for key in keys}
         with self.backend.outside(head=True):
             for b, (ids, mask) in enumerate(self.batches):
                 teacher = None
-                if self.objective == "kl":
-                    teacher = self._teacher[b] if self._teacher is not None else self._teacher_logprobs(b)
+                if self.teacher is not None:
+                    teacher = self.teacher.take(slice(self._offsets[b], self._offsets[b + 1]), ids.device)
                 for key in keys:
                     hidden = self.backend.final_states(ids, mask, self.walker.state(key, b))
                     t, c = objective_sum(self.model, hidden, ids, mask, self.first_target, self.chunk_tokens,

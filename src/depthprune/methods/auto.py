@@ -145,7 +145,7 @@ def plan(backend: Backend, calibration: Calibration, target: Target | None, opti
     with LossEngine(backend, heldout, objective=options.objective, batch_size=run.batch_size,
                     sets=len(stacks)) as engine:
         losses = engine.losses(stacks, progress=run.progress, desc="ranking candidates")
-        dense_loss = engine.dense_loss
+        dense_loss, teacher = engine.dense_loss, engine.teacher_note
     run.notes.update(candidate_seconds=timings, ranking_seconds=round(time.perf_counter() - start, 2))
     for entry, (candidate, compensation) in zip(entries, chosen_from):
         entry["loss"] = losses[first[(_decision(candidate), entry["compensation"])]]
@@ -159,7 +159,8 @@ def plan(backend: Backend, calibration: Calibration, target: Target | None, opti
         merges=best.merges,
         params={"chosen": f"{chosen['method']}" + (f"+{chosen['compensation']}" if compensation else ""),
                 "objective": options.objective, "heldout_loss": chosen["loss"], "dense_heldout_loss": dense_loss,
-                "heldout_windows": heldout.num_windows, "candidates": entries, "chosen_params": best.params,
+                "heldout_windows": heldout.num_windows, "teacher": teacher, "candidates": entries,
+                "chosen_params": best.params,
                 "compensation_unsupported": unsupported},
         scores=best.scores,
         log=entries,

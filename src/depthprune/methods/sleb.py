@@ -155,5 +155,5 @@ def plan(backend: Backend, calibration: Calibration, target: Target | None, opti
         plan = sleb_search(engine, n, protect_first=options.protect_first, protect_last=options.protect_last,
                            screen=screen, rerank=options.rerank, progress=bar)
     plan.params.update(exact=not screened, screen_windows=options.screen_windows if screened else None,
-                       rerank=options.rerank if screened else None)
+                       rerank=options.rerank if screened else None, teacher=engine.teacher_note)
     return plan
