@@ -10,13 +10,14 @@ from .checkpoint import Checkpoint, StreamingError, weights_bytes
 from .memory import InMemoryBackend
 from .states import StateStore, available_memory, format_size, parse_size
 from .streamed import MemoryPlan, StreamedBackend, load_streamed
-from .walk import Stack, Walker, walk_layers
+from .walk import Meter, Stack, Walker, count_work, metered, walk_layers
 
 __all__ = [
     "Backend",
     "Checkpoint",
     "InMemoryBackend",
     "LayerCall",
+    "Meter",
     "MemoryPlan",
     "NeedsMemoryError",
     "Stack",
@@ -25,9 +26,11 @@ __all__ = [
     "StreamingError",
     "Walker",
     "available_memory",
+    "count_work",
     "final_states",
     "format_size",
     "load_streamed",
+    "metered",
     "originals",
     "parse_size",
     "record_calls",

@@ -85,6 +85,11 @@ class Backend:
         """Per-layer config lists (e.g. Gemma's ``layer_types``), one entry per current layer."""
         return per_layer_config_values(self.config, self.spec)
 
+    def head_cost(self) -> float:
+        """The LM head's work per token in units of one decoder layer's (its weights over a layer's)."""
+        head = self.model.get_output_embeddings().weight.numel()
+        return head / max(1, sum(p.numel() for p in self.layers[0].parameters()))
+
     def layer_index(self) -> dict[int, int]:
         """Position of each current layer module, by id (candidate layers are resolved through it)."""
         return {id(layer): i for i, layer in enumerate(self.layers)}

@@ -19,8 +19,10 @@ Two shapes of pass, each written once for both backends:
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Callable, Hashable, Iterable, Sequence
+from typing import Callable, Hashable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -33,6 +35,40 @@ from .states import StateStore
 OnInput = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
 OnLayer = Callable[[int, int, torch.Tensor, torch.Tensor, torch.Tensor], None]
 OnOutput = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+
+class Meter:
+    """Counts work as layer-windows (one decoder layer run on one window), the unit every pass and walk is made
+    of, so a long job made of many searches can tell how much of its estimated total is done."""
+
+    def __init__(self, on_add: Callable[[int], None] | None = None) -> None:
+        self.done = 0
+        self.on_add = on_add
+
+    def add(self, units: float) -> None:
+        self.done += units
+        if self.on_add is not None:
+            self.on_add(units)
+
+
+_METER: ContextVar[Meter | None] = ContextVar("depthprune_meter", default=None)
+
+
+@contextmanager
+def metered(meter: Meter) -> Iterator[Meter]:
+    """Count every layer run of the passes and walks inside the block on ``meter``."""
+    token = _METER.set(meter)
+    try:
+        yield meter
+    finally:
+        _METER.reset(token)
+
+
+def count_work(units: float) -> None:
+    """Report ``units`` layer-windows of work to the meter of the enclosing :func:`metered` block, if any."""
+    meter = _METER.get()
+    if meter is not None:
+        meter.add(units)
 
 
 def _windows(batches: Sequence[Batch]) -> tuple[int, int]:
@@ -79,6 +115,7 @@ def walk_layers(
                             if on_layer is not None:
                                 on_layer(i, b, chosen[k][1], h_in, h_out)
                             store.put(b, h_out)
+                    count_work(windows)
                     bar.update(1)
                 if on_output is not None:
                     with backend.outside(head=head):
@@ -115,6 +152,7 @@ class Walker:
         self.batches = backend.to_device(batches)
         self.progress = progress
         windows, seq_len = _windows(self.batches)
+        self.windows = windows
         self.store: StateStore = backend.state_store(windows, seq_len, sets=sets, head=head)
         try:
             entering, self.calls = backend.record_calls(self.batches)
@@ -178,6 +216,7 @@ class Walker:
                         for b in range(len(self.batches)):
                             self.store.put((key, b), self.calls[b][a](module, self.state(key, b)))
                         done[key] += 1
+                        count_work(self.windows)
                 finally:
                     for module in modules:
                         release = getattr(module, "release", None)
@@ -202,6 +241,7 @@ class Walker:
                     if on_batch is not None:
                         on_batch(b, out)
                     self.store.put((key, b), out)
+                count_work(self.windows)
             finally:
                 release = getattr(module, "release", None)
                 if release is not None:

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from ..backend import Backend, Stack, Walker
+from ..backend import Backend, Stack, Walker, count_work
 from ..backend.calls import final_states, record_calls
 from ..engine.merged import base_module, layer_params
 from ..evaluate.perplexity import logits_from_hidden, prediction_pairs
@@ -128,7 +128,10 @@ def train_layers(backend: Backend, stack: list[nn.Module], found: Sequence[Inter
         optim, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, steps) / max(steps, 1))))
     generator = torch.Generator().manual_seed(config.seed)
 
+    per_window = len(modules) - lowest + backend.head_cost()
+
     def batch_kl(rows: Sequence[tuple], backward: bool) -> tuple[float, int]:
+        count_work(per_window * len(rows) * (3 if backward else 1))  # a backward pass costs about two forwards
         ids = torch.cat([r[0] for r in rows])
         mask = torch.cat([r[1] for r in rows])
         _, calls = record_calls(model, backend.layers, ids, mask, training=True)

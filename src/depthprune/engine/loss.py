@@ -25,7 +25,7 @@ from torch import nn
 
 from ..data.calibration import Calibration
 from ..errors import InputError
-from ..backend import InMemoryBackend, Stack, Walker
+from ..backend import InMemoryBackend, Stack, Walker, count_work
 from ..evaluate.divergence import (DEFAULT_TOP_K, EXACT_BUDGET_MB, CachedRows, DistributionCache, choose_top_k,
                                    kl_per_token, vocab_size_of, write_reference)
 from ..evaluate.perplexity import chunked_logits, first_target_of, prediction_pairs
@@ -74,6 +74,7 @@ class LossEngine:
         self.num_layers = len(self.layers)
         self.first_target = first_target_of(calibration)
         self.num_windows = calibration.num_windows
+        self.head = self.backend.head_cost()
         self.walker = Walker(self.backend, batches_of(calibration, batch_size), sets=sets + 2, head=True)
         self.batches = self.walker.batches
         self.evaluations = 0
@@ -132,6 +133,7 @@ class LossEngine:
                 if self.teacher is not None:
                     teacher = self.teacher.take(slice(self._offsets[b], self._offsets[b + 1]), ids.device)
                 for key in keys:
+                    count_work(self.head * ids.shape[0])
                     hidden = self.backend.final_states(ids, mask, self.walker.state(key, b))
                     t, c = objective_sum(self.model, hidden, ids, mask, self.first_target, self.chunk_tokens,
                                          teacher)

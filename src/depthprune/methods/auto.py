@@ -26,7 +26,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from ..backend import Backend, Stack
+from tqdm.auto import tqdm
+
+from ..backend import Backend, Meter, Stack, metered
 from ..compensate import (DEFAULT_TOKENS, FITS, TRAINED_FITS, Compensation, FitSession, check_supported,
                           fit_compensation, interfaces)
 from ..data.calibration import Calibration
@@ -34,7 +36,8 @@ from ..engine.loss import OBJECTIVES, LossEngine
 from ..engine.merged import plan_stack
 from ..errors import InputError
 from ..plan import Plan, PlanError
-from .registry import METHODS, MethodOptions, RunContext, build_options, get_method, make_plan, option, register
+from .registry import (METHODS, MethodOptions, RunContext, Work, build_options, get_method, make_plan, option,
+                       register)
 from .target import Target, require
 
 DEFAULT_CANDIDATES = "shortgpt,angular,sleb,slm"
@@ -70,6 +73,24 @@ class AutoOptions(MethodOptions):
             raise PlanError(f"--compensate-tokens must be at least 1, got {self.compensate_tokens}")
 
 
+def estimated_work(work: Work, options: AutoOptions, methods: list[str], fits: list[str], fit_windows: int,
+                   heldout_windows: int) -> float:
+    """Layer-windows of the whole job: every candidate's search, one walk of the original over the fit windows
+    plus each fit from about the middle of the model (a trained fit: its steps, forward and backward), and the
+    ranking walk with every candidate's LM head on the held-out windows."""
+    units = sum(METHODS[m].estimate(work, _options_for(m, options.objective)) for m in methods)
+    candidates = len(methods) * (1 + len(fits))
+    if fits:
+        units += work.layers * fit_windows
+        for fit in fits:
+            units += len(methods) * work.layers / 2 * fit_windows
+            if fit == "layers":
+                config = Compensation(fit="layers")
+                units += len(methods) * config.layers_steps * config.layers_batch * 3 * (work.layers / 2 + work.head)
+    units += (candidates + 1) * (work.layers + work.head) * heldout_windows
+    return units
+
+
 def _decision(plan: Plan) -> tuple:
     """What a plan does to the model (two methods can make the same plan; it is fitted and scored once)."""
     return tuple(plan.remove), tuple(plan.merges)
@@ -99,54 +120,64 @@ def plan(backend: Backend, calibration: Calibration, target: Target | None, opti
         if fit in TRAINED_FITS:
             backend.require_memory(f"--fits {fit}")
     layers = list(backend.layers)
-    planned: list[tuple[str, Plan, float]] = []
-    for method in options.methods():
-        start = time.perf_counter()
-        candidate = make_plan(method, backend, calibration, Target(remove=n), options=_options_for(method,
-                              options.objective), batch_size=run.batch_size, progress=run.progress, data=run.data)
-        planned.append((method, candidate, round(time.perf_counter() - start, 2)))
-
-    entries: list[dict[str, Any]] = []
-    timings: list[dict[str, float]] = []
-    chosen_from: list[tuple[Plan, dict[str, Any] | None]] = []
-    first: dict[tuple, int] = {}  # (decision, fit) -> the entry that scores it
-    for method, candidate, seconds in planned:
-        for fit in ["none", *(fits if interfaces(candidate)[0] else [])]:
-            key = (_decision(candidate), fit)
-            entry = {"method": method, "compensation": fit, "plan": candidate.summary(),
-                     "dropped": candidate.dropped}
-            timings.append({"plan_seconds": seconds})
-            if key in first:
-                entry["same_as"] = entries[first[key]]["method"]
-            else:
-                first[key] = len(entries)
-            entries.append(entry)
-            chosen_from.append((candidate, None if fit == "none" else
-                                Compensation(fit=fit, tokens=options.compensate_tokens).to_dict()))
-
-    stacks: dict[int, Stack] = {}
-    to_fit = [k for k in first.values() if entries[k]["compensation"] != "none"]
-    if to_fit:
-        fit_batches = run.data.fit_batches(options.compensate_tokens, Compensation.seed)
-        with FitSession(backend, fit_batches, [chosen_from[k][0] for k in to_fit],
-                        teacher=any(entries[k]["compensation"] in TRAINED_FITS for k in to_fit),
-                        first_target=run.data.fit_first_target(options.compensate_tokens, Compensation.seed)
-                        ) as session:
-            for k in to_fit:
-                start = time.perf_counter()
-                config = Compensation(**chosen_from[k][1])
-                stacks[k] = Stack(fit_compensation(backend, chosen_from[k][0], fit_batches, config,
-                                                   session=session).stack)
-                timings[k]["fit_seconds"] = round(time.perf_counter() - start, 2)
-    for k in first.values():
-        stacks.setdefault(k, Stack(plan_stack(chosen_from[k][0], layers, backend.spec)))
+    methods = options.methods()
     heldout = run.data.heldout()
-    start = time.perf_counter()
-    with LossEngine(backend, heldout, objective=options.objective, batch_size=run.batch_size,
-                    sets=len(stacks)) as engine:
-        losses = engine.losses(stacks, progress=run.progress, desc="ranking candidates")
-        dense_loss, teacher = engine.dense_loss, engine.teacher_note
-    run.notes.update(candidate_seconds=timings, ranking_seconds=round(time.perf_counter() - start, 2))
+    fit_windows = -(-options.compensate_tokens // int(calibration.input_ids.shape[1])) if fits else 0
+    work = Work(backend.num_layers, n, calibration.num_windows, backend.head_cost())
+    total = estimated_work(work, options, methods, fits, fit_windows, heldout.num_windows)
+    with tqdm(total=round(total), desc="auto", unit=" layer-windows", disable=not run.progress,
+              bar_format="{l_bar}{bar}| [{elapsed}<{remaining}] {postfix}") as bar, metered(Meter(bar.update)):
+        planned: list[tuple[str, Plan, float]] = []
+        for method in methods:
+            bar.set_postfix_str(f"planning {method}")
+            start = time.perf_counter()
+            candidate = make_plan(method, backend, calibration, Target(remove=n), options=_options_for(
+                method, options.objective), batch_size=run.batch_size, progress=False, data=run.data)
+            planned.append((method, candidate, round(time.perf_counter() - start, 2)))
+
+        entries: list[dict[str, Any]] = []
+        timings: list[dict[str, float]] = []
+        chosen_from: list[tuple[Plan, dict[str, Any] | None]] = []
+        first: dict[tuple, int] = {}  # (decision, fit) -> the entry that scores it
+        for method, candidate, seconds in planned:
+            for fit in ["none", *(fits if interfaces(candidate)[0] else [])]:
+                key = (_decision(candidate), fit)
+                entry = {"method": method, "compensation": fit, "plan": candidate.summary(),
+                         "dropped": candidate.dropped}
+                timings.append({"plan_seconds": seconds})
+                if key in first:
+                    entry["same_as"] = entries[first[key]]["method"]
+                else:
+                    first[key] = len(entries)
+                entries.append(entry)
+                chosen_from.append((candidate, None if fit == "none" else
+                                    Compensation(fit=fit, tokens=options.compensate_tokens).to_dict()))
+
+        stacks: dict[int, Stack] = {}
+        to_fit = [k for k in first.values() if entries[k]["compensation"] != "none"]
+        if to_fit:
+            bar.set_postfix_str("fitting compensation")
+            fit_batches = run.data.fit_batches(options.compensate_tokens, Compensation.seed)
+            with FitSession(backend, fit_batches, [chosen_from[k][0] for k in to_fit],
+                            teacher=any(entries[k]["compensation"] in TRAINED_FITS for k in to_fit),
+                            first_target=run.data.fit_first_target(options.compensate_tokens, Compensation.seed)
+                            ) as session:
+                for k in to_fit:
+                    start = time.perf_counter()
+                    config = Compensation(**chosen_from[k][1])
+                    stacks[k] = Stack(fit_compensation(backend, chosen_from[k][0], fit_batches, config,
+                                                       session=session).stack)
+                    timings[k]["fit_seconds"] = round(time.perf_counter() - start, 2)
+        for k in first.values():
+            stacks.setdefault(k, Stack(plan_stack(chosen_from[k][0], layers, backend.spec)))
+        bar.set_postfix_str(f"ranking {len(stacks)} candidates")
+        start = time.perf_counter()
+        with LossEngine(backend, heldout, objective=options.objective, batch_size=run.batch_size,
+                        sets=len(stacks)) as engine:
+            losses = engine.losses(stacks)
+            dense_loss, teacher = engine.dense_loss, engine.teacher_note
+        run.notes.update(candidate_seconds=timings, ranking_seconds=round(time.perf_counter() - start, 2),
+                         estimated_layer_windows=round(total))
     for entry, (candidate, compensation) in zip(entries, chosen_from):
         entry["loss"] = losses[first[(_decision(candidate), entry["compensation"])]]
     best_index = min(range(len(entries)), key=lambda k: entries[k]["loss"])

@@ -139,6 +139,11 @@ class Method:
     options: type[MethodOptions]
     plan: PlanFn
     reference: str = ""
+    cost: "CostFn | None" = None
+
+    def estimate(self, work: "Work", options: MethodOptions) -> float:
+        """Layer-windows this method's search runs (see :class:`Work`); one pass unless it declares more."""
+        return self.cost(work, options) if self.cost is not None else work.layers * work.windows
 
     def describe(self) -> str:
         lines = [f"{self.name}: {self.summary}" + (f" ({self.reference})" if self.reference else "")]
@@ -147,14 +152,29 @@ class Method:
         return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class Work:
+    """What a planning job's cost depends on, for estimates in layer-windows (one decoder layer run on one
+    calibration window; ``head`` is the LM head's cost in the same unit)."""
+
+    layers: int
+    remove: int
+    windows: int
+    head: float
+
+
+CostFn = Callable[[Work, Any], float]
+
 METHODS: dict[str, Method] = {}
 
 
-def register(name: str, summary: str, options: type[MethodOptions], *, reference: str = ""):
-    """Decorator: register ``plan`` as method ``name`` with its options class."""
+def register(name: str, summary: str, options: type[MethodOptions], *, reference: str = "",
+             cost: CostFn | None = None):
+    """Decorator: register ``plan`` as method ``name`` with its options class (and, for a search costlier than
+    one pass, an estimate of its work in layer-windows, which a job's progress turns into time left)."""
 
     def deco(fn: PlanFn) -> PlanFn:
-        METHODS[name] = Method(name, summary, options, fn, reference)
+        METHODS[name] = Method(name, summary, options, fn, reference, cost)
         return fn
 
     return deco

@@ -35,7 +35,7 @@ from ..backend import Backend, Stack
 from ..data.calibration import Calibration
 from ..engine.loss import OBJECTIVES, LossEngine
 from ..plan import Plan, PlanError
-from .registry import MethodOptions, RunContext, option, register
+from .registry import MethodOptions, RunContext, Work, option, register
 from .target import Target, require
 
 
@@ -136,8 +136,24 @@ def sleb_search(engine: LossEngine, n_remove: int, *, protect_first: int = 0, pr
                      protect_last=protect_last, dense_loss=engine.dense_loss, evaluations=evaluations)
 
 
+def estimated_work(work: Work, options: SLEBOptions) -> float:
+    """Layer-windows of the search: every round walks the current model and every candidate above its layer,
+    each candidate then scored by the LM head (on the screening windows first, when screened)."""
+    screened = not options.exact and options.screen_windows < work.windows
+    screen = options.screen_windows if screened else work.windows
+    units = (work.layers + work.head) * (work.windows + (screen if screened else 0))
+    for r in range(work.remove):
+        current = work.layers - r
+        walk = current + current * (current - 1) / 2
+        units += (walk + current * work.head) * screen
+        if screened:
+            units += (current + options.rerank * (current / 2 + work.head)) * work.windows
+    return units
+
+
 @register("sleb", "remove layers one at a time, each round the one whose removal hurts calibration loss least",
-          SLEBOptions, reference="SLEB, arXiv 2402.09025; kl objective: EvoPress, arXiv 2410.14649")
+          SLEBOptions, reference="SLEB, arXiv 2402.09025; kl objective: EvoPress, arXiv 2410.14649",
+          cost=estimated_work)
 def plan(backend: Backend, calibration: Calibration, target: Target | None, options: SLEBOptions,
          run: RunContext) -> Plan:
     n = require("sleb", target).n_remove(backend.num_layers)
