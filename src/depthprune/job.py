@@ -60,6 +60,7 @@ class StageContext:
     run: RunContext
     scratch: Path
     plan: Plan | None = None
+    evaluation: Evaluation | None = None
     files: dict[str, Any] = field(default_factory=dict)
     writers: list[Callable[[Path], None]] = field(default_factory=list)
     _calibration: Calibration | None = None
@@ -121,6 +122,7 @@ class DepthStage:
     options: MethodOptions | None = None
     compensation: Compensation | None = None
     plan: Plan | None = None
+    measure_uncompensated: bool = False
     name: str = field(default="depth", init=False)
     uses_calibration: bool = field(default=True, init=False)
 
@@ -139,6 +141,8 @@ class DepthStage:
         if self.compensation is not None and self.compensation.fit in TRAINED_FITS:
             needs.append(f"--compensate {self.compensation.fit}")
         needs += [f"--fits {fit}" for fit in getattr(self.options, "fit_list", lambda: [])() if fit in TRAINED_FITS]
+        if getattr(self.options, "recover", "none") != "none":
+            needs.append(f"--recover {self.options.recover}")
         return needs
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
@@ -161,6 +165,9 @@ class DepthStage:
             "calibration": ctx.calibration.to_dict() if self.plan is None else None,
             "calibration_spec": asdict(ctx.calibration_spec), "batch_size": ctx.run.batch_size, **notes}
         overrides = None
+        if plan.compensation and self.measure_uncompensated and ctx.evaluation is not None \
+                and not ctx.evaluation.empty:
+            record["uncompensated"] = _measure_stack(ctx, plan)
         if plan.compensation:
             from .compensate import fit_compensation
 
@@ -175,6 +182,20 @@ class DepthStage:
         if ctx.backend.kind == "streamed":
             record["streamed"] = True
         return record
+
+
+def _measure_stack(ctx: StageContext, plan: Plan) -> dict[str, float]:
+    """The job's evaluation of ``plan`` without its compensation (the model as pruned, before any fit), run on
+    the plan's stack of the original layers: nothing is copied or written."""
+    from .engine.merged import plan_stack
+    from .models.mutate import temporary_layer_stack
+
+    ctx.backend.require_memory("measuring the plan before compensation")
+    stack = plan_stack(plan, list(ctx.backend.layers), ctx.backend.spec)
+    lists = {k: [v[i] for i in plan.kept] for k, v in ctx.backend.per_layer_config().items()}
+    with temporary_layer_stack(ctx.model, stack, lists):
+        view = InMemoryBackend(ctx.model, ctx.tokenizer, ctx.backend.source, ctx.backend.path)
+        return ctx.evaluation.run(view, ctx.tokenizer, ctx.run.progress).values()
 
 
 @dataclass
@@ -462,7 +483,8 @@ def run_job(model: "Backend | LoadedModel", job: Job, *, out: str | Path | None 
             scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="depthprune-work-")))
         if getattr(backend, "scratch", False) is None:
             backend.scratch = scratch  # a streamed model's states spill inside the job's scratch space
-        ctx = StageContext(backend, job.calibration, RunContext(job.batch_size, job.progress), scratch)
+        ctx = StageContext(backend, job.calibration, RunContext(job.batch_size, job.progress), scratch,
+                           evaluation=job.evaluation)
 
         job.evaluation.prepare(source, source_path, first_is_input=job.evaluate_before or not job.stages,
                                open_reference=backend.open_like, progress=job.progress)

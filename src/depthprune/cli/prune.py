@@ -205,8 +205,13 @@ def print_result(result) -> None:
                        f"{seconds:6.1f} s  {c['plan']}{same}")
     for record in result.stages:
         typer.echo(record.get("summary", record["stage"]))
+    depth = next((r for r in result.stages if r.get("stage") == "depth"), {})
+    pruned = depth.get("uncompensated") or {}
     for name, entry in result.metrics().items():
-        if entry["before"] is not None and entry["after"] is not None:
+        if entry["before"] is not None and entry["after"] is not None and name in pruned:
+            typer.echo(f"{name}: {entry['before']:.4f} dense -> {pruned[name]:.4f} pruned -> {entry['after']:.4f} "
+                       f"recovered")
+        elif entry["before"] is not None and entry["after"] is not None:
             typer.echo(f"{name}: {entry['before']:.4f} before -> {entry['after']:.4f} after")
         elif entry["after"] is not None:
             typer.echo(f"{name}: {entry['after']:.4f}")
@@ -219,20 +224,31 @@ def print_result(result) -> None:
 
 
 @app.command()
-@uses(MODEL, EVALUATION.with_defaults(eval_="ppl"), STREAMING, PUSH)
+@uses(MODEL, EVALUATION.with_defaults(eval_="ppl,kl,top1"), STREAMING, PUSH)
 def run(
     given: Given = None,
     method: Annotated[str, typer.Option(help="Pruning method (auto: the best of several, see `methods`).")] = "auto",
     ratio: Annotated[float, typer.Option(help="Fraction of layers to remove.")] = 0.25,
+    recover: Annotated[str, typer.Option(
+        help="With --method auto, after choosing: layers (retrain the kept layer at every gap of the chosen plan "
+        "on the dense model's next-token distributions) or none.")] = "layers",
     out: Annotated[str, typer.Option(help="Output directory.")] = "runs/smollm2-135m-auto-0.25",
     overwrite: OverwriteOpt = False,
 ) -> None:
-    """The default job: the best 25%-shallower SmolLM2-135M depthprune can make (--method auto), offline, with
-    perplexity (and whatever else --eval names) before and after."""
+    """The default job: the best 25%-shallower SmolLM2-135M depthprune can make (--method auto, then the cheapest
+    recovery that helps), offline, with perplexity, KL and top-1 agreement against the dense model: dense vs
+    pruned vs recovered."""
+    from ..errors import InputError
     from ..job import DepthStage, Job
     from ..methods import Target, build_options
 
-    job = Job([DepthStage(method, Target(ratio=ratio), build_options(method))],
+    if recover not in ("layers", "none"):
+        raise InputError(f"--recover must be layers or none, got {recover!r}")
+    if method != "auto" and recover != "none":
+        raise InputError(f"--recover belongs to --method auto; with --method {method} pass --recover none (or use "
+                         "`depthprune prune --compensate layers`)")
+    options = build_options(method, {"recover": recover} if method == "auto" else {})
+    job = Job([DepthStage(method, Target(ratio=ratio), options, measure_uncompensated=True)],
               evaluation=given.evaluation_spec(batch_size=8), progress=not given.quiet).check()
     given.run_job(job, check_out(out, given.model, overwrite, job), overwrite)
 

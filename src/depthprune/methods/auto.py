@@ -51,6 +51,11 @@ class AutoOptions(MethodOptions):
     objective: str = option("kl", "how candidates are ranked on held-out windows: nll, or kl to the dense model",
                             choices=OBJECTIVES)
     compensate_tokens: int = option(DEFAULT_TOKENS, "calibration tokens for each compensation fit")
+    exact: bool = option(False, "run every candidate's search at full fidelity (SLEB's --exact: every candidate "
+                         "of a round on every window)")
+    recover: str = option("none", "after choosing: none, or layers (the winner's kept layer at every gap is "
+                          "retrained on the dense model's next-token distributions, --compensate layers)",
+                          choices=("none", "layers"))
 
     def methods(self) -> list[str]:
         return [m.strip() for m in self.candidates.split(",") if m.strip()]
@@ -78,7 +83,7 @@ def estimated_work(work: Work, options: AutoOptions, methods: list[str], fits: l
     """Layer-windows of the whole job: every candidate's search, one walk of the original over the fit windows
     plus each fit from about the middle of the model (a trained fit: its steps, forward and backward), and the
     ranking walk with every candidate's LM head on the held-out windows."""
-    units = sum(METHODS[m].estimate(work, _options_for(m, options.objective)) for m in methods)
+    units = sum(METHODS[m].estimate(work, _options_for(m, options)) for m in methods)
     candidates = len(methods) * (1 + len(fits))
     if fits:
         units += work.layers * fit_windows
@@ -96,9 +101,11 @@ def _decision(plan: Plan) -> tuple:
     return tuple(plan.remove), tuple(plan.merges)
 
 
-def _options_for(method: str, objective: str) -> MethodOptions:
+def _options_for(method: str, options: AutoOptions) -> MethodOptions:
+    """A candidate method's options: auto's objective and fidelity where the method takes them."""
     declared = {info.name for info in METHODS[method].options.infos()}
-    return build_options(method, {"objective": objective} if "objective" in declared else {})
+    wanted = {"objective": options.objective, "exact": options.exact}
+    return build_options(method, {k: v for k, v in wanted.items() if k in declared})
 
 
 @register("auto", "build the candidate plans (with and without compensation), keep the one with the lowest "
@@ -119,6 +126,8 @@ def plan(backend: Backend, calibration: Calibration, target: Target | None, opti
     for fit in fits:
         if fit in TRAINED_FITS:
             backend.require_memory(f"--fits {fit}")
+    if options.recover != "none":
+        backend.require_memory(f"--recover {options.recover}")
     layers = list(backend.layers)
     methods = options.methods()
     heldout = run.data.heldout()
@@ -132,7 +141,7 @@ def plan(backend: Backend, calibration: Calibration, target: Target | None, opti
             bar.set_postfix_str(f"planning {method}")
             start = time.perf_counter()
             candidate = make_plan(method, backend, calibration, Target(remove=n), options=_options_for(
-                method, options.objective), batch_size=run.batch_size, progress=False, data=run.data)
+                method, options), batch_size=run.batch_size, progress=False, data=run.data)
             planned.append((method, candidate, round(time.perf_counter() - start, 2)))
 
         entries: list[dict[str, Any]] = []
@@ -183,12 +192,15 @@ def plan(backend: Backend, calibration: Calibration, target: Target | None, opti
     best_index = min(range(len(entries)), key=lambda k: entries[k]["loss"])
     best, compensation = chosen_from[best_index]
     chosen = entries[best_index]
+    if options.recover == "layers" and interfaces(best)[0]:
+        compensation = Compensation(fit="layers", tokens=options.compensate_tokens).to_dict()
     return Plan(
         method="auto",
         num_layers=best.num_layers,
         remove=best.remove,
         merges=best.merges,
-        params={"chosen": f"{chosen['method']}" + (f"+{chosen['compensation']}" if compensation else ""),
+        params={"chosen": f"{chosen['method']}" + (f"+{chosen['compensation']}" if chosen_from[best_index][1]
+                                                   else ""), "recover": options.recover,
                 "objective": options.objective, "heldout_loss": chosen["loss"], "dense_heldout_loss": dense_loss,
                 "heldout_windows": heldout.num_windows, "teacher": teacher, "candidates": entries,
                 "chosen_params": best.params,
