@@ -192,7 +192,8 @@ def parse_limit(limit: float | None) -> int | float | None:
 
 def parse_tasks(names: list[str], piqa_dir: Path | None) -> list[str]:
     """lm-eval task names: ``paper`` expands to the papers' seven, ``piqa`` is the offline copy when it can be."""
-    from ..evaluate.zeroshot import PAPER_TASKS, PIQA_LOCAL_TASK, resolve_piqa_dir
+    from ..evaluate.piqa import PIQA_LOCAL_TASK, resolve_piqa_dir
+    from ..evaluate.zeroshot import PAPER_TASKS
 
     tasks: list[str] = []
     for name in names:
