@@ -23,7 +23,7 @@ from torch import nn
 from ..backend import Backend, InMemoryBackend
 from ..checks import require_finite_fields
 from ..data.calibration import Calibration
-from ..flags import OptionInfo, declared_options, option
+from ..flags import OptionInfo, declared_options, option  # noqa: F401  (option: for the methods)
 from ..plan import Plan, PlanError
 from .target import Target, require
 
