@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-import depthprune.bench  # noqa: F401  (bound before any test patches load_model)
+import depthprune.bench.runner  # noqa: F401  (bound before any test patches load_model)
 from conftest import EMMA, PIQA_DIR, ROOT
 from depthprune import Plan
 from tiny import LAYERS, save_tiny_checkpoint
@@ -253,7 +253,7 @@ def test_refused_with_one_line_and_nothing_touched(args, message, world, run_cli
     def no_loading(*a, **k):
         raise AssertionError("the model was loaded before the input was checked")
 
-    for where in ("depthprune.models.load.load_model", "depthprune.bench.load_model"):
+    for where in ("depthprune.models.load.load_model", "depthprune.bench.runner.load_model"):
         monkeypatch.setattr(where, no_loading)
     before = snapshot(world)
     res = run_cli(*_args(args, world), check=False)

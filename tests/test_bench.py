@@ -168,7 +168,7 @@ def test_bad_input_fails_before_loading(args, message, tmp_path, capsys, monkeyp
     def no_loading(*a, **k):
         raise AssertionError("the model was loaded before the input was checked")
 
-    monkeypatch.setattr("depthprune.bench.load_model", no_loading)
+    monkeypatch.setattr("depthprune.bench.runner.load_model", no_loading)
     monkeypatch.setattr("depthprune.models.load.resolve_source", no_loading)
     code = main(["bench", "--model", "/no/such/model", "--out", str(tmp_path / "out"), *args])
     assert code == 2

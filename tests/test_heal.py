@@ -231,6 +231,77 @@ def test_heal_command(tok, text, tmp_path, run_cli, monkeypatch):
         assert code == 2 and message in err, err
 
 
+API_ONLY = {"target_modules", "eval_batch_size", "eval_on_start", "save_total_limit", "warmup_steps", "weight_decay",
+            "logging_steps", "gradient_checkpointing", "teacher_cache_mb", "progress"}
+"""HealConfig fields that are settings of the API only, not flags (progress comes from --quiet)."""
+
+
+def _click_command(name: str):
+    import typer
+
+    from depthprune.cli import app
+
+    return typer.main.get_command(app).commands[name]
+
+
+def test_every_heal_setting_flag_has_help_and_is_listed(run_cli):
+    """HealConfig's flags are generated from its fields: each has help, ``heal --help`` lists it with the field's
+    default, and every other field is deliberately API-only."""
+    from dataclasses import fields
+
+    infos = HealConfig.infos()
+    assert {f.name for f in fields(HealConfig)} - {i.name for i in infos} == API_ONLY
+    listed = " ".join(run_cli("heal", "--help").stdout.split())
+    params = {p.name: p for p in _click_command("heal").params}
+    for info in infos:
+        assert info.help.strip(), f"{info.name} has no help"
+        assert info.flag in listed, f"heal --help does not list {info.flag}"
+        param = params[info.flag_name.replace("-", "_")]
+        assert param.opts == [info.flag] and param.default == info.flag_default
+        assert param.secondary_opts == ([f"--no-{info.flag_name}"] if info.type is bool else [])
+        assert "{" not in param.help and param.help.split()[0] in " ".join(info.help.split())
+    assert "--rank" in listed and "--live-teacher / --no-live-teacher" in listed and "--teacher-cache" in listed
+    assert "--preset [default|gromov]" in listed
+
+
+def test_heal_flags_set_the_fields_they_name(tmp_path):
+    """Renamed (--rank sets r) and inverted (--live-teacher clears teacher_cache) flags reach the right field;
+    prune's --heal-* flags are the same settings, spelled with the prefix in their help."""
+    from depthprune.cli.prune import HEAL_SETTINGS as PRUNE_HEAL
+    from depthprune.cli.recover import HEAL_SETTINGS
+
+    ctx = _click_command("heal").make_context("heal", ["--rank", "4", "--live-teacher", "--teacher-cache",
+                                                       str(tmp_path), "--lr", "0.5", "--no-distill"])
+    config = HealConfig(**HEAL_SETTINGS.values(dict(ctx.params)))
+    assert (config.r, config.teacher_cache, config.teacher_cache_dir, config.lr) == (4, False, str(tmp_path), 0.5)
+    assert HealConfig(**HEAL_SETTINGS.values(dict(_click_command("heal").make_context("heal", []).params))) \
+        == HealConfig()
+
+    prune = _click_command("prune")
+    ctx = prune.make_context("prune", ["--heal", "x.txt", "--heal-max-steps", "3", "--heal-distill"])
+    values = PRUNE_HEAL.values(dict(ctx.params))
+    assert values == {"max_steps": 3, "max_tokens": None, "epochs": 2.0, "train_layers": "lora", "distill": True}
+    helps = {p.name: p.help for p in prune.params}
+    assert helps["heal_max_steps"] == "Healing: optimizer steps (0 = train for --heal-epochs)."
+    assert "(instead of --heal-max-steps / --heal-epochs)" in helps["heal_max_tokens"]
+
+
+def test_heal_setting_errors_name_the_flag_typed(tok, text, tmp_path, run_cli):
+    src = tmp_path / "pruned"
+    dp.save(_tiny_llama(tok), tok, src, dp.Plan(method="manual", num_layers=3, remove=[1]))
+    for args, message in [
+        (["heal", "--data", str(text), "--rank", "0"], "(got --rank 0, --alpha 16)"),
+        (["heal", "--data", str(text), "--max-steps", "-1"], "--max-steps must be 0 (train for --epochs) or more"),
+        (["prune", "--ratio", "0.3", "--heal", str(text), "--heal-max-steps", "-1"],
+         "--heal-max-steps must be 0 (train for --heal-epochs) or more"),
+        (["prune", "--ratio", "0.3", "--heal", str(text), "--heal-train-layers", "top"],
+         "--heal-train-layers must be 'lora' or 'last:N'"),
+    ]:
+        code, _, err = run_cli(*args, "--model", str(src), "--out", str(tmp_path / "o"), check=False)
+        assert code == 2 and message in err, err
+        assert not (tmp_path / "o").exists()
+
+
 def test_healing_lowers_perplexity_of_pruned_smollm2(smollm2, shared_data, tmp_path):
     """Remove 7 of SmolLM2's 30 layers, heal briefly on Emma, measure WikiText-2 (never trained on)."""
     model, tok = smollm2

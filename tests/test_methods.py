@@ -6,7 +6,7 @@ from functools import partial
 
 import pytest
 
-import depthprune.bench  # noqa: F401  (bound before any test patches load_model)
+import depthprune.bench.runner  # noqa: F401  (bound before any test patches load_model)
 from depthprune.cli import main
 from depthprune.errors import DepthpruneError
 from depthprune.methods import METHODS, Target, build_options, describe_methods, make_plan, parse_flags
@@ -40,7 +40,7 @@ def test_an_option_the_method_does_not_take_is_refused(method):
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_cli_refuses_a_foreign_option_before_loading(method, run_cli, tmp_path, monkeypatch):
-    for where in ("depthprune.models.load.load_model", "depthprune.bench.load_model"):
+    for where in ("depthprune.models.load.load_model", "depthprune.bench.runner.load_model"):
         monkeypatch.setattr(where, _no_loading)
     foreign = _foreign_option(method)
     flag = "--" + foreign.replace("_", "-")

@@ -14,19 +14,9 @@ import yaml
 
 from conftest import PIQA_DIR
 from depthprune.evaluate import zeroshot
-from depthprune.evaluate.zeroshot import (
-    PAPER_TASKS,
-    PIQA_DIR_ENV,
-    HubTaskUnavailableError,
-    PiqaDataError,
-    ZeroShotResult,
-    evaluate_zeroshot,
-    pick_score,
-    prepare_piqa_local,
-    check_tasks,
-    resolve_piqa_dir,
-    task_cache_dir,
-)
+from depthprune.evaluate.offline import HubTaskUnavailableError
+from depthprune.evaluate.piqa import PIQA_DIR_ENV, PiqaDataError, prepare_piqa_local, resolve_piqa_dir, task_cache_dir
+from depthprune.evaluate.zeroshot import PAPER_TASKS, ZeroShotResult, check_tasks, evaluate_zeroshot, pick_score
 from depthprune.paths import CACHE_ENV
 from tiny import byte_tokenizer, tiny_model
 

@@ -5,7 +5,10 @@ Option groups (:data:`MODEL`, :data:`CALIBRATION`, :data:`ZEROSHOT`,
 :func:`uses` decorator, which hands the command their values as one
 :class:`Given` object with builders (``given.load()``,
 ``given.calibration_spec()``, ``given.evaluation_spec(...)``): a shared option
-is declared here once, not in every command's signature. The same word means
+is declared here once, not in every command's signature. A settings dataclass
+whose fields declare their flags (``HealConfig``) becomes options through
+:class:`SettingFlags`, so ``heal --lr`` and ``prune --heal-max-steps`` are
+written once, on the field. The same word means
 the same thing in every command: ``--batch-size`` is always sequences per
 forward pass, and ``--max-steps 0`` always means "train for ``--epochs``
 instead".
@@ -25,6 +28,7 @@ import typer
 from ..checks import flag_of, require_finite
 from ..compensate import DEFAULT_TOKENS
 from ..errors import InputError
+from ..flags import OptionInfo, declared_options
 from .app import ParameterSource, get_current_context
 from .streaming import MaxMemoryOpt, PushOpt, StreamOpt
 
@@ -96,18 +100,6 @@ def compensation(fit: str, tokens: int, ridge: float):
 
     return None if fit == "none" else Compensation(fit=fit, tokens=tokens, ridge=ridge).validate()
 
-
-# ------------------------------------------------------------------ healing
-
-TrainLayersOpt = Annotated[str, typer.Option(
-    help="What healing trains: lora (adapters on every projection, merged after) or last:N (the LM head and "
-    "the last N layers, in full).")]
-MaxTokensOpt = Annotated[Optional[int], typer.Option(
-    help="Training budget in tokens (non-padding, every micro-batch): the steps follow from it and training "
-    "stops once that many were seen (instead of --max-steps / --epochs).")]
-DistillOpt = Annotated[bool, typer.Option(
-    "--distill/--no-distill", help="Heal by distillation: KL from the dense model's next-token distribution "
-    "instead of the LM loss.")]
 
 # ------------------------------------------------------------------ output
 
@@ -192,7 +184,8 @@ def parse_limit(limit: float | None) -> int | float | None:
 
 def parse_tasks(names: list[str], piqa_dir: Path | None) -> list[str]:
     """lm-eval task names: ``paper`` expands to the papers' seven, ``piqa`` is the offline copy when it can be."""
-    from ..evaluate.zeroshot import PAPER_TASKS, PIQA_LOCAL_TASK, resolve_piqa_dir
+    from ..evaluate.piqa import PIQA_LOCAL_TASK, resolve_piqa_dir
+    from ..evaluate.zeroshot import PAPER_TASKS
 
     tasks: list[str] = []
     for name in names:
@@ -264,6 +257,56 @@ class OptionGroup:
     def parameters(self) -> list[inspect.Parameter]:
         return [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=d, annotation=t)
                 for n, t, d in self.options]
+
+
+@dataclass(frozen=True)
+class SettingFlags:
+    """The fields of a settings dataclass declared with :func:`depthprune.flags.option` (``HealConfig``), as
+    options of a command: each flag's name, default, type and help come from the field.
+
+    :func:`uses` puts them where the command's parameter ``into`` stands and hands that parameter the values
+    as ``{field name: value}``, ready for ``cls(**values)``. ``prefix`` spells the flags for another command
+    (``heal-``: ``prune --heal-max-steps``), ``names`` picks fields (in that order; default: every flag), and
+    ``help_prefix`` starts each help text (``Healing: ``). A help text's ``{field}`` names that field's flag.
+    """
+
+    cls: type
+    into: str
+    prefix: str = ""
+    names: tuple[str, ...] | None = None
+    help_prefix: str = ""
+
+    def infos(self) -> list[OptionInfo]:
+        declared = {info.name: info for info in declared_options(self.cls)}
+        return list(declared.values()) if self.names is None else [declared[name] for name in self.names]
+
+    def flag(self, info: OptionInfo) -> str:
+        return f"--{self.prefix}{info.flag_name}"
+
+    def parameter(self, info: OptionInfo) -> str:
+        return (self.prefix + info.flag_name).replace("-", "_")
+
+    def help(self, info: OptionInfo) -> str:
+        text = info.help.format_map({i.name: self.flag(i) for i in declared_options(self.cls)})
+        if self.help_prefix and text.split(" ", 1)[0][1:].islower():  # "Optimizer steps", not "LoRA rank"
+            text = text[0].lower() + text[1:]
+        return self.help_prefix + text
+
+    def parameters(self, kind: Any = inspect.Parameter.KEYWORD_ONLY) -> list[inspect.Parameter]:
+        out = []
+        for info in self.infos():
+            flag = self.flag(info)
+            declaration = f"{flag}/--no-{flag[2:]}" if info.type is bool else flag
+            metavar = f"[{'|'.join(map(str, info.choices))}]" if info.choices else None
+            value = Optional[info.type] if info.optional else info.type
+            annotation = Annotated[value, typer.Option(declaration, help=self.help(info), metavar=metavar)]
+            out.append(inspect.Parameter(self.parameter(info), kind, default=info.flag_default,
+                                         annotation=annotation))
+        return out
+
+    def values(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Take this group's values out of a command's keyword arguments, as field values."""
+        return {info.name: info.field_value(kwargs.pop(self.parameter(info))) for info in self.infos()}
 
 
 MODEL = OptionGroup((("model", ModelOpt, "smollm2-135m"), ("dtype", DtypeOpt, None), ("device", DeviceOpt, "cpu"),
@@ -366,25 +409,32 @@ def check_numbers(values: dict[str, Any]) -> None:
         require_finite(value, flag_for(name))
 
 
-def uses(*groups: OptionGroup) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Add the options of ``groups`` to a command; it receives their values as ``given`` (a :class:`Given`).
+def uses(*groups: OptionGroup | SettingFlags) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Add the options of ``groups`` to a command; it receives their values as ``given`` (a :class:`Given`),
+    and those of a :class:`SettingFlags` group in its own parameter (listed in ``--help`` where that parameter
+    stands).
 
     Every float option of the command (its own and the groups') is checked finite first. With ``--quiet``
     among them, the command also runs with transformers', the Hub's and datasets' progress bars off.
     """
     from ..models.load import quiet_transformers
 
+    placed = {group.into: group for group in groups if isinstance(group, SettingFlags)}
+    shared = [group for group in groups if isinstance(group, OptionGroup)]
+
     def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
         signature = inspect.signature(command, eval_str=True)
-        own = [p for p in signature.parameters.values() if p.name != "given"]
-        added = [p for group in groups for p in group.parameters()]
+        own = [q for p in signature.parameters.values() if p.name != "given"
+               for q in (placed[p.name].parameters(p.kind) if p.name in placed else [p])]
+        added = [p for group in shared for p in group.parameters()]
 
         @functools.wraps(command)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             check_numbers(kwargs)
             given = Given(**{p.name: kwargs.pop(p.name) for p in added})
+            settings = {name: group.values(kwargs) for name, group in placed.items()}
             with quiet_transformers(bool(getattr(given, "quiet", False))):
-                return command(*args, given=given, **kwargs)
+                return command(*args, given=given, **settings, **kwargs)
 
         wrapper.__signature__ = signature.replace(parameters=own + added)
         wrapper.__annotations__ = {p.name: p.annotation for p in own + added}

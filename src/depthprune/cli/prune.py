@@ -9,11 +9,12 @@ arguments, so a flag the chosen method does not take is refused by name.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from typer.core import TyperCommand
 
+from ..heal.config import HealConfig
 from .app import app
 from .options import (
     CALIBRATION,
@@ -26,6 +27,7 @@ from .options import (
     Given,
     OutOpt,
     OverwriteOpt,
+    SettingFlags,
     check_model,
     refuse_ignored,
     require_out,
@@ -33,6 +35,9 @@ from .options import (
 )
 
 METHOD_FLAGS = {"allow_extra_args": True, "ignore_unknown_options": True}
+HEAL_SETTINGS = SettingFlags(HealConfig, into="heal_settings", prefix="heal-", help_prefix="Healing: ",
+                             names=("max_steps", "max_tokens", "epochs", "train_layers", "distill"))
+"""The healing settings ``prune --heal`` offers, as ``--heal-max-steps`` and so on."""
 
 
 class MethodOptionsHelp(TyperCommand):
@@ -105,7 +110,7 @@ def score(
 
 
 @app.command(context_settings=METHOD_FLAGS, cls=MethodOptionsHelp)
-@uses(MODEL, CALIBRATION, COMPENSATION, EVALUATION, STREAMING, PUSH)
+@uses(MODEL, CALIBRATION, COMPENSATION, EVALUATION, STREAMING, PUSH, HEAL_SETTINGS)
 def prune(
     ctx: typer.Context,
     given: Given = None,
@@ -123,15 +128,7 @@ def prune(
     width_scorer: Annotated[str, typer.Option(help="Width stage scorer: taylor, wanda or magnitude.")] = "taylor",
     heal: Annotated[Optional[str], typer.Option(
         help="Heal after pruning on this data (alpaca .json/.jsonl, .txt, or alpaca-cleaned).")] = None,
-    heal_max_steps: Annotated[int, typer.Option(help="Healing: optimizer steps (0 = --heal-epochs).")] = 0,
-    heal_max_tokens: Annotated[Optional[int], typer.Option(
-        help="Healing: training budget in tokens (instead of --heal-max-steps / --heal-epochs).")] = None,
-    heal_epochs: Annotated[float, typer.Option(help="Healing: epochs when --heal-max-steps is 0.")] = 2.0,
-    heal_train_layers: Annotated[str, typer.Option(
-        help="Healing: lora, or last:N (the LM head and the last N layers in full).")] = "lora",
-    heal_distill: Annotated[bool, typer.Option(
-        "--heal-distill/--no-heal-distill", help="Healing: distil from the dense model (KL) instead of the LM "
-        "loss.")] = False,
+    heal_settings: dict[str, Any] = None,
     overwrite: OverwriteOpt = False,
     batch_size: BatchOpt = 8,
 ) -> None:
@@ -147,9 +144,8 @@ def prune(
     refuse_ignored(("ridge", compensated, "needs --compensate linear, cosine or kl"),
                    ("compensate_tokens", compensated, "needs --compensate linear, cosine or kl"),
                    ("width_scorer", width, "needs a width stage (--then-width or --then-width-heads)"),
-                   *[(name, heal is not None, "needs --heal DATA") for name in ("heal_max_steps", "heal_epochs",
-                                                                                "heal_max_tokens",
-                                                                                "heal_train_layers", "heal_distill")],
+                   *[(HEAL_SETTINGS.parameter(info), heal is not None, "needs --heal DATA")
+                     for info in HEAL_SETTINGS.infos()],
                    ("calib_samples", calib_sentences is None,
                     "is not used with --calib-sentences (its file gives one sample per line)"))
     stages: list = [DepthStage(method, Target(ratio, remove_layers, keep_layers), options,
@@ -158,12 +154,8 @@ def prune(
         stages.append(WidthStage(then_width or 0.0, then_width_heads, width_scorer,
                                  flags=("--then-width", "--then-width-heads")))
     if heal is not None:
-        from ..heal import HealConfig
-
-        stages.append(HealStage(heal, HealConfig(max_steps=heal_max_steps, epochs=heal_epochs,
-                                                 max_tokens=heal_max_tokens, train_layers=heal_train_layers,
-                                                 distill=heal_distill, progress=not given.quiet),
-                              option_prefix="--heal-"))
+        stages.append(HealStage(heal, HealConfig(**heal_settings, progress=not given.quiet),
+                                option_prefix="--heal-"))
     job = Job(stages, given.calibration_spec(calib_sentences), given.evaluation_spec(batch_size=batch_size),
               batch_size=batch_size, progress=not given.quiet).check()
     given.run_job(job, check_out(require_out(out), given.model, overwrite, job), overwrite)

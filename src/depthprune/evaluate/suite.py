@@ -195,7 +195,8 @@ class ZeroShotSpec:
     def check(self) -> None:
         """Validate before any model work; pin folders (and ``$DEPTHPRUNE_PIQA_DIR``) to absolute paths
         so the settings recorded, and compared on resume, say which data was used."""
-        from .zeroshot import PIQA_LOCAL_TASK, check_tasks, resolve_piqa_dir
+        from .piqa import PIQA_LOCAL_TASK, resolve_piqa_dir
+        from .zeroshot import check_tasks
 
         if self.batch_size < 1:
             raise InputError(f"--batch-size must be at least 1, got {self.batch_size}")

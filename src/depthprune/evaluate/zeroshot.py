@@ -4,39 +4,15 @@ Every number returned here comes from ``lm_eval.simple_evaluate``: this module
 only picks which metric to report, so results stay comparable with papers that
 ran the harness directly.
 
-Offline by default
-------------------
-Built-in lm-eval tasks download their data from the Hugging Face Hub.  Without
-network ``datasets`` retries for tens of seconds before giving up, so unless the
-user set ``HF_DATASETS_OFFLINE`` or ``HF_HUB_OFFLINE`` the call runs with both
-forced on (environment *and* the already-imported ``datasets`` /
-``huggingface_hub`` flags, which are read at import time), and a task that needs
-the Hub fails at once with :class:`HubTaskUnavailableError`.  Datasets already in
-the local HF cache still load.
-
-Local PIQA
-----------
-``piqa_local`` is lm-eval's ``piqa`` task reading PIQA's release files from disk
-(``valid.jsonl`` + ``valid-labels.lst``; the directory comes from ``piqa_dir`` or
-``$DEPTHPRUNE_PIQA_DIR``).  lm-eval 0.4.13 hands ``dataset_kwargs`` to
-``datasets.load_dataset`` unchanged, so a relative ``data_files`` resolves
-against the *current working directory*, not the YAML, and no environment
-variables are expanded; ``!function`` only resolves Python callables next to
-the YAML (a ``custom_dataset`` loader would work but means another module to
-ship and locate).  Hence :func:`prepare_piqa_local` writes, per content
-hash, a directory holding the merged JSONL plus a rendered copy of
-``depthprune/tasks/piqa_local.yaml`` whose ``data_files`` is that JSONL's
-absolute path; that directory is what we pass as ``include_path``.  The
-directory lives under ``tasks/`` in depthprune's cache
-(:func:`depthprune.paths.cache_dir`: ``$DEPTHPRUNE_CACHE``, default
-``~/.cache/depthprune``), never in the repo.
+Two concerns live beside this module: :mod:`.offline` makes lm-eval fail at
+once, with one clear line, when a task's data is only on the Hugging Face Hub
+(offline mode is forced unless the user chose one), and :mod:`.piqa` provides
+the ``piqa_local`` task (lm-eval's ``piqa`` on PIQA's release files on disk).
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import math
 import os
 import statistics
@@ -46,11 +22,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from ..errors import InputError, MissingInputError
+from .offline import HubTaskUnavailableError, hub_error, hub_offline, is_hub_failure
+from .piqa import PIQA_LOCAL_TASK, PiqaDataError, piqa_include_path
 
-from ..errors import DepthpruneError, InputError, MissingInputError
-from ..io import atomic_write
-from ..paths import cache_dir
+__all__ = ["PAPER_TASKS", "HubTaskUnavailableError", "PiqaDataError", "TaskScore", "ZeroShotResult", "check_tasks",
+           "evaluate_zeroshot", "pick_score"]
 
 PAPER_TASKS: dict[str, str] = {
     "boolq": "acc",
@@ -63,15 +40,9 @@ PAPER_TASKS: dict[str, str] = {
 }
 """The seven ShortGPT / SLM / LaCo zero-shot tasks and the metric each paper reports."""
 
-PIQA_LOCAL_TASK = "piqa_local"
 LOCAL_TASK_METRICS: dict[str, str] = {PIQA_LOCAL_TASK: PAPER_TASKS["piqa"]}
-PIQA_DIR_ENV = "DEPTHPRUNE_PIQA_DIR"
-PIQA_FIELDS = ("goal", "sol1", "sol2")
-"""What lm-eval's piqa task reads from every example."""
 FALLBACK_METRIC = "acc"
 
-_OFFLINE_ENV_VARS = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
-_PIQA_TEMPLATE = Path(__file__).resolve().parents[1] / "tasks" / "piqa_local.yaml"
 _RAW_RESULT_KEYS = (
     "results",
     "groups",
@@ -81,14 +52,6 @@ _RAW_RESULT_KEYS = (
     "n-samples",
     "higher_is_better",
 )
-
-
-class HubTaskUnavailableError(DepthpruneError, RuntimeError):
-    """A requested task needs data from the Hugging Face Hub, which is unreachable."""
-
-
-class PiqaDataError(MissingInputError):
-    """PIQA release files are missing or inconsistent."""
 
 
 @dataclass
@@ -122,165 +85,6 @@ class ZeroShotResult:
             "raw": self.raw,
             "settings": self.settings,
         }
-
-
-def task_cache_dir() -> Path:
-    """Where rendered task YAMLs and merged data go: ``tasks/`` in depthprune's one cache."""
-    return cache_dir() / "tasks"
-
-
-def resolve_piqa_dir(piqa_dir: str | os.PathLike[str] | None) -> Path | None:
-    """The explicit argument wins over ``$DEPTHPRUNE_PIQA_DIR``."""
-    if piqa_dir is not None:
-        return Path(piqa_dir)
-    env = os.environ.get(PIQA_DIR_ENV)
-    return Path(env) if env else None
-
-
-def _merge_split(piqa_dir: Path, split: str) -> bytes:
-    """PIQA ships questions and labels in two line-aligned files; lm-eval wants one."""
-    questions = piqa_dir / f"{split}.jsonl"
-    labels = piqa_dir / f"{split}-labels.lst"
-    for path in (questions, labels):
-        if not path.is_file():
-            raise PiqaDataError(
-                f"PIQA file {path} not found; piqa_dir must contain PIQA's release "
-                f"files {split}.jsonl and {split}-labels.lst"
-            )
-    from ..data.calibration import read_jsonl
-
-    try:
-        docs = read_jsonl(questions.read_text(encoding="utf-8"))
-        l_lines = [ln.strip() for ln in labels.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    except UnicodeDecodeError as err:
-        raise PiqaDataError(f"PIQA's files in {piqa_dir} are not UTF-8 text ({err}); restore the release "
-                            "files") from None
-    except json.JSONDecodeError as err:
-        raise PiqaDataError(f"{questions}: line {err.lineno} is not valid JSON ({err.msg}, column {err.colno}); "
-                            "restore PIQA's release file") from None
-    if len(docs) != len(l_lines):
-        raise PiqaDataError(
-            f"{questions} has {len(docs)} examples but {labels} has {len(l_lines)} labels"
-        )
-    out = []
-    for lineno, ((q_lineno, doc), label) in enumerate(zip(docs, l_lines), start=1):
-        if label not in ("0", "1"):
-            raise PiqaDataError(f"{labels}:{lineno}: expected label 0 or 1, got {label!r}")
-        if not isinstance(doc, dict) or not all(isinstance(doc.get(k), str) for k in PIQA_FIELDS):
-            raise PiqaDataError(f"{questions}: line {q_lineno} is not a PIQA example (an object with string "
-                                f"fields {', '.join(PIQA_FIELDS)}); restore PIQA's release file")
-        out.append(json.dumps({**doc, "label": int(label)}, ensure_ascii=False))
-    return ("\n".join(out) + "\n").encode("utf-8")
-
-
-def _write_if_changed(path: Path, data: bytes) -> None:
-    """Atomic and idempotent, so concurrent runs sharing a cache dir never see half a file."""
-    if path.is_file() and path.read_bytes() == data:
-        return
-    atomic_write(path, data)
-
-
-def _render_piqa_yaml(splits: dict[str, Path]) -> bytes:
-    config = yaml.safe_load(_PIQA_TEMPLATE.read_text(encoding="utf-8"))
-    config["dataset_kwargs"] = {"data_files": {name: str(p) for name, p in splits.items()}}
-    config["training_split"] = "train" if "train" in splits else None
-    return yaml.safe_dump(config, sort_keys=False, allow_unicode=True).encode("utf-8")
-
-
-def prepare_piqa_local(
-    piqa_dir: str | os.PathLike[str], work_dir: str | os.PathLike[str]
-) -> Path:
-    """Materialise the ``piqa_local`` task and return the directory to use as lm-eval ``include_path``.
-
-    The directory is ``work_dir/piqa_local-<hash of the merged data>`` and holds
-    ``piqa_local.yaml`` plus ``valid.jsonl`` (and ``train.jsonl`` when PIQA's
-    train files are present, so few-shot examples come from train as in the
-    built-in task).  Keying on content keeps reruns from rewriting files, which
-    would invalidate the ``datasets`` cache, and keeps different PIQA copies apart.
-    """
-    piqa_dir = Path(piqa_dir)
-    if not piqa_dir.is_dir():
-        raise PiqaDataError(
-            f"PIQA directory {piqa_dir} does not exist; pass piqa_dir or set "
-            f"${PIQA_DIR_ENV} to a folder with valid.jsonl and valid-labels.lst"
-        )
-    data = {"validation": _merge_split(piqa_dir, "valid")}
-    if (piqa_dir / "train.jsonl").is_file() and (piqa_dir / "train-labels.lst").is_file():
-        data["train"] = _merge_split(piqa_dir, "train")
-
-    digest = hashlib.sha256(b"".join(data[k] for k in sorted(data))).hexdigest()[:16]
-    task_dir = Path(work_dir).resolve() / f"{PIQA_LOCAL_TASK}-{digest}"
-    task_dir.mkdir(parents=True, exist_ok=True)
-
-    files = {"validation": task_dir / "valid.jsonl", "train": task_dir / "train.jsonl"}
-    splits = {name: files[name] for name in data}
-    for name, payload in data.items():
-        _write_if_changed(splits[name], payload)
-    _write_if_changed(task_dir / f"{PIQA_LOCAL_TASK}.yaml", _render_piqa_yaml(splits))
-    return task_dir
-
-
-@contextmanager
-def hub_offline() -> Iterator[bool]:
-    """Force HF offline mode for the block unless the user chose a mode; yields whether it forced.
-
-    ``datasets`` and ``huggingface_hub`` read the variables once at import, so
-    setting ``os.environ`` alone is too late once lm-eval is imported; the
-    module-level flags are patched as well, and everything is restored after.
-    """
-    if any(var in os.environ for var in _OFFLINE_ENV_VARS):
-        yield False
-        return
-    import datasets.config as ds_config
-    import huggingface_hub.constants as hub_constants
-
-    saved = (ds_config.HF_HUB_OFFLINE, ds_config.HF_DATASETS_OFFLINE, hub_constants.HF_HUB_OFFLINE)
-    for var in _OFFLINE_ENV_VARS:
-        os.environ[var] = "1"
-    ds_config.HF_HUB_OFFLINE = ds_config.HF_DATASETS_OFFLINE = hub_constants.HF_HUB_OFFLINE = True
-    try:
-        yield True
-    finally:
-        for var in _OFFLINE_ENV_VARS:
-            os.environ.pop(var, None)
-        ds_config.HF_HUB_OFFLINE, ds_config.HF_DATASETS_OFFLINE, hub_constants.HF_HUB_OFFLINE = saved
-
-
-def _is_hub_failure(exc: BaseException) -> bool:
-    """True if the error (or anything in its cause chain) is a Hub/network failure."""
-    from datasets.exceptions import DatasetNotFoundError
-    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
-
-    hub_errors = (
-        ConnectionError,
-        TimeoutError,
-        DatasetNotFoundError,
-        LocalEntryNotFoundError,
-        OfflineModeIsEnabled,
-    )
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        if isinstance(current, hub_errors):
-            return True
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
-    return False
-
-
-def _hub_error(tasks: Sequence[str], exc: BaseException) -> HubTaskUnavailableError:
-    hub_tasks = [t for t in tasks if t != PIQA_LOCAL_TASK]
-    return HubTaskUnavailableError(
-        f"Could not load the data of task(s) {hub_tasks}: built-in lm-eval tasks download "
-        f"their datasets from the Hugging Face Hub, which is not reachable (offline mode is "
-        f"forced unless HF_DATASETS_OFFLINE/HF_HUB_OFFLINE is set). Either run with network "
-        f"access (export HF_HUB_OFFLINE=0 HF_DATASETS_OFFLINE=0) or with the dataset already "
-        f"in the local HF cache; or point --task-dir (task_dir=) at a folder of lm-eval task "
-        f"YAMLs that read local files (dataset_path: json, dataset_kwargs.data_files with "
-        f"absolute paths); or use the bundled '{PIQA_LOCAL_TASK}' task with --piqa-dir "
-        f"(piqa_dir=) or ${PIQA_DIR_ENV} set to PIQA's valid.jsonl + valid-labels.lst. "
-        f"Underlying error: {type(exc).__name__}: {exc}"
-    )
 
 
 def _metric_value(entry: dict[str, Any], key: str) -> float | None:
@@ -346,13 +150,7 @@ def _include_paths(
             raise MissingInputError(f"task directory {task_dir} does not exist")
         paths.append(str(Path(task_dir).resolve()))
     if PIQA_LOCAL_TASK in tasks:
-        resolved = resolve_piqa_dir(piqa_dir)
-        if resolved is None:
-            raise PiqaDataError(
-                f"task '{PIQA_LOCAL_TASK}' needs PIQA's files: pass piqa_dir (--piqa-dir) "
-                f"or set ${PIQA_DIR_ENV} to a folder with valid.jsonl and valid-labels.lst"
-            )
-        paths.append(str(prepare_piqa_local(resolved, task_cache_dir())))
+        paths.append(str(piqa_include_path(piqa_dir)))
     return paths
 
 
@@ -510,8 +308,8 @@ def evaluate_zeroshot(
                 fewshot_random_seed=seed,
             )
         except Exception as exc:
-            if _is_hub_failure(exc):
-                raise _hub_error(task_list, exc) from exc
+            if is_hub_failure(exc):
+                raise hub_error(task_list, exc) from exc
             raise
 
     if output is None:

@@ -1,4 +1,9 @@
-"""Healing settings and errors."""
+"""Healing settings and errors.
+
+A :class:`HealConfig` field declared with :func:`~depthprune.flags.option` is a command-line flag: ``heal``
+offers every one (``--lr``), ``prune`` some with the ``--heal-`` prefix (``--heal-max-steps``), their help
+from the field's. In a help text ``{max_steps}`` names another setting's flag as the command spells it.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +12,10 @@ from typing import Any, Callable
 
 from ..checks import flag_of, require_finite_fields
 from ..errors import InputError
+from ..flags import OptionInfo, declared_options, option
 
 PRESETS = ("default", "gromov")
+TRAIN_ON = ("full", "response")
 CHECKPOINTS = "checkpoints"
 ADAPTER = "adapter"
 CONFIG_FILE = "heal_config.json"
@@ -70,40 +77,56 @@ class HealConfig:
     once, so a teacher cache covers just those.
     """
 
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.05
-    preset: str = "default"
+    r: int = option(8, "LoRA rank r.", flag="rank")
+    alpha: int = option(16, "LoRA alpha (scale = alpha / r).")
+    dropout: float = option(0.05, "LoRA dropout.")
+    preset: str = option("default", "default: LoRA on every projection (q,k,v,o,gate,up,down); gromov: MLP "
+                         "projections only.", choices=PRESETS)
     target_modules: list[str] | str | None = None
-    lr: float = 1e-4
-    epochs: float = 2.0
-    max_steps: int = 0
-    batch_size: int = 4
-    grad_accum: int = 16
+    lr: float = option(1e-4, "Peak learning rate (SLM / Shortened-LLaMA: 1e-4).")
+    epochs: float = option(2.0, "Passes over the training split when {max_steps} is 0 (SLM: 2).")
+    max_steps: int = option(0, "Optimizer steps (0 = train for {epochs}).")
+    batch_size: int = option(4, "Sequences per forward pass: training items per micro-batch.")
+    grad_accum: int = option(16, "Micro-batches per optimizer step (4 x 16 = 64, as SLM).")
     eval_batch_size: int | None = None
-    cutoff_len: int = 256
-    val_size: float = 0.05
-    eval_steps: int = 200
+    cutoff_len: int = option(256, "Tokens per training item (longer ones are truncated).")
+    val_size: float = option(0.05, "Validation split: a fraction (<1) or a number of items; 0 = none (keep the "
+                             "last state).")
+    eval_steps: int = option(200, "Evaluate and checkpoint every N steps (and at the end).")
     eval_on_start: bool = True
     save_total_limit: int = 2
     warmup_steps: int = 100
     weight_decay: float = 0.0
-    train_on: str = "full"
-    max_items: int | None = None
-    seed: int = 42
+    train_on: str = option("full", "alpaca data: loss on the 'full' sequence (alpaca-lora default) or the "
+                           "'response' only.", choices=TRAIN_ON)
+    max_items: int | None = option(None, "Use only the first N records / text blocks.")
+    seed: int = option(42, "Seed for the split, LoRA init and data order.")
     logging_steps: int = 10
-    qlora: bool = False
+    qlora: bool = option(False, "Train on a 4-bit (NF4) copy of the model (needs CUDA + bitsandbytes); the "
+                         "adapter is merged into the float weights.")
     gradient_checkpointing: bool = False
-    train_layers: str = "lora"
-    distill: bool = False
-    distill_alpha: float = 1.0
-    temperature: float = 1.0
-    distill_top_k: int | None = None
-    max_tokens: int | None = None
-    teacher_cache: bool = True
-    teacher_top_k: int = 64
+    train_layers: str = option("lora", "What to train: lora (adapters on every projection, merged after) or "
+                               "last:N (the LM head and the last N layers, in full).")
+    distill: bool = option(False, "Distil from the dense model: KL from its next-token distribution instead of "
+                           "the LM loss.")
+    distill_alpha: float = option(1.0, "Distillation: weight of the KL term; 1 - alpha goes to the LM loss.")
+    temperature: float = option(1.0, "Distillation temperature.")
+    distill_top_k: int | None = option(None, "Distillation: KL from the teacher's k most likely tokens only, "
+                                       "renormalised (large vocabularies).")
+    max_tokens: int | None = option(None, "Training budget in tokens (non-padding, every micro-batch): the steps "
+                                    "follow from it and training stops once that many were seen (instead of "
+                                    "{max_steps} / {epochs}).")
+    teacher_cache: bool = option(True, "Distillation: run the teacher on every step instead of caching its "
+                                 "distributions once.", flag="live-teacher", inverted=True)
+    teacher_top_k: int = option(64, "Distillation: the teacher's distributions are computed once before "
+                                "training; when the full ones exceed 1 GiB, its k most likely tokens + the "
+                                "remaining mass are kept (the loss is then KL over those k tokens + one remainder "
+                                "bucket).")
     teacher_cache_mb: float = 1024.0
-    teacher_cache_dir: str | None = None
+    teacher_cache_dir: str | None = option(None, "Distillation: keep the teacher's cached distributions in this "
+                                           "directory and reuse them in later runs with the same teacher, data "
+                                           "and settings (default: inside the work directory).",
+                                           flag="teacher-cache")
     progress: bool = True
 
     def validate(self, flag: Callable[[str], str] = flag_of) -> "HealConfig":
@@ -112,7 +135,7 @@ class HealConfig:
         require_finite_fields(self, flag)
         if self.preset not in PRESETS:
             raise HealError(f"unknown preset {flag('preset')} {self.preset!r}: use one of {', '.join(PRESETS)}")
-        if self.train_on not in ("full", "response"):
+        if self.train_on not in TRAIN_ON:
             raise HealError(f"{flag('train_on')} must be 'full' or 'response', got {self.train_on!r}")
         if self.r < 1 or self.alpha <= 0:
             raise HealError(f"LoRA rank and alpha must be positive (got {flag('rank')} {self.r}, {flag('alpha')} "
@@ -158,6 +181,11 @@ class HealConfig:
             raise HealError(f"{flag('qlora')} trains LoRA adapters on a 4-bit copy; it cannot be combined with "
                             f"{flag('train_layers')} last:N")
         return self
+
+    @classmethod
+    def infos(cls) -> list[OptionInfo]:
+        """The settings that are command-line flags (see :func:`depthprune.flags.declared_options`)."""
+        return declared_options(cls)
 
     @property
     def items_per_step(self) -> int:

@@ -3,7 +3,7 @@
 A method module (``shortgpt.py``, ``slm.py``, ...) defines
 
 * an options dataclass derived from :class:`MethodOptions` whose fields carry
-  a default and a help text (:func:`option`), checked in ``validate``;
+  a default and a help text (:func:`~depthprune.flags.option`), checked in ``validate``;
 * ``plan(model, calibration, target, options, run) -> Plan``, decorated with
   :func:`register`.
 
@@ -15,54 +15,17 @@ method's options from the same declarations.
 
 from __future__ import annotations
 
-import types
-import typing
-from dataclasses import MISSING, asdict, dataclass, field, fields
-from typing import Any, Callable, Literal, Mapping, Protocol, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 from torch import nn
 
 from ..backend import Backend, InMemoryBackend
 from ..checks import require_finite_fields
 from ..data.calibration import Calibration
+from ..flags import OptionInfo, declared_options, option  # noqa: F401  (option: for the methods)
 from ..plan import Plan, PlanError
 from .target import Target, require
-
-
-def option(default: Any, help: str, *, choices: Sequence[Any] | None = None) -> Any:
-    """A method option: its default, one line of help, and (optionally) the values it accepts."""
-    return field(default=default, metadata={"help": help, "choices": tuple(choices) if choices else None})
-
-
-@dataclass(frozen=True)
-class OptionInfo:
-    name: str
-    type: type
-    optional: bool
-    default: Any
-    help: str
-    choices: tuple[Any, ...] | None
-
-    @property
-    def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
-
-    def describe(self) -> str:
-        default = "" if self.default is None else f" [default: {self.default}]"
-        choices = f" (one of: {', '.join(map(str, self.choices))})" if self.choices else ""
-        kind = "" if self.type is bool else " " + {str: "TEXT"}.get(self.type, self.type.__name__.upper())
-        return f"{self.flag}{kind}: {self.help}{choices}{default}"
-
-
-def _unwrap(hint: Any) -> tuple[type, bool]:
-    """(base type, accepts None) of an annotation such as ``int | None``."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        return _unwrap(args[0])[0], True
-    if origin is Literal:
-        return type(typing.get_args(hint)[0]), False
-    return hint, False
 
 
 @dataclass
@@ -89,14 +52,7 @@ class MethodOptions:
 
     @classmethod
     def infos(cls) -> list[OptionInfo]:
-        hints = typing.get_type_hints(cls)
-        out = []
-        for f in fields(cls):
-            base, optional = _unwrap(hints[f.name])
-            default = None if f.default is MISSING else f.default
-            out.append(OptionInfo(f.name, base, optional, default, f.metadata.get("help", ""),
-                                  f.metadata.get("choices")))
-        return out
+        return declared_options(cls)
 
     def check_choices(self) -> None:
         for info in self.infos():
@@ -282,7 +238,7 @@ def parse_flags(args: Sequence[str], methods: Sequence[str], *, command: str) ->
     infos: dict[str, list[tuple[str, OptionInfo]]] = {}
     for spec in specs:
         for info in spec.options.infos():
-            infos.setdefault(info.name, []).append((spec.name, info))
+            infos.setdefault(_key(info), []).append((spec.name, info))
     out: dict[str, dict[str, Any]] = {m: {} for m in methods}
     i = 0
     while i < len(args):
@@ -309,13 +265,18 @@ def parse_flags(args: Sequence[str], methods: Sequence[str], *, command: str) ->
             i += 1
             raw = args[i]
         for method, info in infos[key]:
-            out[method][key] = coerce(info, raw)
+            out[method][info.name] = info.field_value(coerce(info, raw))
         i += 1
     return out
 
 
+def _key(info: OptionInfo) -> str:
+    """How a flag is looked up: its name with underscores (``--max-remove`` and ``--max_remove`` both work)."""
+    return info.flag_name.replace("-", "_")
+
+
 def _unknown_flag(name: str, key: str, specs: list[Method], command: str) -> str:
-    takers = [m.name for m in METHODS.values() if any(i.name == key for i in m.options.infos())]
+    takers = [m.name for m in METHODS.values() if any(_key(i) == key for i in m.options.infos())]
     listed = ", ".join(s.name for s in specs)
     own = "; ".join(f"{s.name}: {_flags(s)}" for s in specs)
     if takers:

@@ -1,22 +1,6 @@
-"""Compare methods at several depths on one model: every registered method x every ratio, plus dense.
-
-Each (method, ratio) row loads the model fresh (methods prune in place) and
-runs the same job as ``prune`` (:func:`depthprune.job.run_job` with one
-:class:`~depthprune.job.DepthStage`) with the bench's one
-:class:`~depthprune.evaluate.suite.Evaluation`: perplexity, lm-eval
-zero-shot tasks, and optionally speed. Finished rows are cached one JSON file
-each under ``OUT/rows/``, so an interrupted or extended run recomputes only
-what is missing; a method that fails becomes a row with its error instead of
-ending the run.
-
-Calibration and perplexity windows are tokenized once and shared by every
-row, so rows differ only in the model.
-
-Reloading beats copying: from the converted safetensors directory a reload
-of SmolLM2-135M takes about 0.3 s once the files are in the page cache (the
-same as ``copy.deepcopy``), and it never holds a pristine copy beside the
-pruned one, which would double memory for large models.
-"""
+"""Run the comparison (:func:`run_bench`): check the inputs before any model loads, then one job per row
+(the dense row first), each row cached in ``OUT/rows/`` under a fingerprint of the settings that change its
+numbers, so a rerun with the same settings reuses it."""
 
 from __future__ import annotations
 
@@ -27,225 +11,26 @@ import platform
 import re
 import time
 import traceback
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Sequence
 
 from tqdm.auto import tqdm
 
-from .compensate import FITS, Compensation
-from .data.calibration import CalibrationSpec
-from .errors import InputError
-from .evaluate.suite import Evaluation
-from .io import atomic_write, check_output_dir, prepare_dir, write_json
-from .job import DepthStage, Job, run_job
-from .methods import Target, build_options
-from .models.load import LoadedModel, check_context, load_model, local_config
-from .plan import Plan
-from .report import format_number, format_params, markdown_table, plot_depth_curves
-
-RESULTS_JSON = "results.json"
-RESULTS_MD = "results.md"
-RESULTS_PLOT = "results.png"
-ROWS_DIR = "rows"
-REFERENCE_FILE = "reference.safetensors"
-DENSE = "dense"
+from ..compensate import FITS, Compensation
+from ..data.calibration import CalibrationSpec
+from ..errors import InputError
+from ..evaluate.suite import Evaluation
+from ..io import check_output_dir, prepare_dir, write_json
+from ..job import DepthStage, Job, run_job
+from ..methods import Target, build_options
+from ..models.load import LoadedModel, check_context, load_model, local_config
+from ..plan import Plan
+from .results import DENSE, REFERENCE_FILE, ROWS_DIR, BenchResult, BenchRow
 
 
 class BenchError(InputError):
     """Bench input that cannot work; raised before any model is loaded."""
-
-
-@dataclass
-class BenchRow:
-    """One line of the comparison; ``method == "dense"`` is the unpruned baseline."""
-
-    method: str
-    ratio: float | None
-    compensation: str = "none"
-    layers: int | None = None
-    layers_removed: int | None = None
-    params: int | None = None
-    perplexity: float | None = None
-    kl: float | None = None
-    top1: float | None = None
-    tasks: dict[str, float] = field(default_factory=dict)
-    task_mean: float | None = None
-    decode_tokens_per_s: float | None = None
-    prefill_latency_s: float | None = None
-    plan: dict[str, Any] | None = None
-    details: dict[str, Any] = field(default_factory=dict)
-    timings_s: dict[str, float] = field(default_factory=dict)
-    error: str | None = None
-    settings_key: str = ""
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-    @property
-    def name(self) -> str:
-        if self.ratio is None:
-            return DENSE
-        return f"{self.method}{'' if self.compensation == 'none' else '+' + self.compensation}@{self.ratio:g}"
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "BenchRow":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
-
-
-@dataclass
-class BenchResult:
-    """Every row of a bench run and where it was written."""
-
-    out: Path
-    dense: BenchRow
-    rows: list[BenchRow]
-    settings: dict[str, Any]
-    versions: dict[str, str]
-    wall_time_s: float
-    cached: list[str] = field(default_factory=list)
-
-    @property
-    def all_rows(self) -> list[BenchRow]:
-        return [self.dense, *self.rows]
-
-    @property
-    def tasks(self) -> list[str]:
-        zs = self.settings["evaluation"].get("zeroshot")
-        return list(zs["tasks"]) if zs else []
-
-    def derived(self, row: BenchRow) -> dict[str, float | None]:
-        """Retention against dense: mean task score ratio, perplexity ratio, decode speedup, ideal speedup."""
-        d = self.dense
-        return {
-            "accuracy_retention": _ratio(row.task_mean, d.task_mean),
-            "perplexity_ratio": _ratio(row.perplexity, d.perplexity),
-            "speedup": _ratio(row.decode_tokens_per_s, d.decode_tokens_per_s),
-            "ideal_speedup": _ratio(d.layers, row.layers),
-        }
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "model": self.settings.get("model"),
-            "settings": self.settings,
-            "versions": self.versions,
-            "wall_time_s": self.wall_time_s,
-            "cached_rows": self.cached,
-            "rows": [{**r.to_dict(), **self.derived(r)} for r in self.all_rows],
-        }
-
-    def markdown(self) -> str:
-        """The results table: one row per model, dense first."""
-        speed = self.settings["evaluation"].get("speed") is not None
-        divergence = self.settings["evaluation"].get("divergence") is not None
-        compensated = any(row.compensation != "none" for row in self.rows)
-        headers = ["method", *(["compensation"] if compensated else []), "ratio", "layers", "removed / merged",
-                   "params", "PPL", *(["KL", "top-1"] if divergence else []), *self.tasks]
-        many = len(self.tasks) > 1
-        if self.tasks:
-            headers += (["mean"] if many else []) + ["acc retention"]
-        headers += ["PPL ratio"] + (["speedup (ideal)"] if speed else []) + ["note"]
-        lines = []
-        for row in self.all_rows:
-            r = self.derived(row)
-            fit = "-" if row.method == "auto" else row.compensation  # auto's own choice is in its label
-            cells: list[Any] = [_method_label(row), *([fit] if compensated else []),
-                                "-" if row.ratio is None else f"{row.ratio:g}",
-                                row.layers if row.layers is not None else "-", _dropped(row.plan),
-                                format_params(row.params),
-                                format_number(row.perplexity)]
-            if divergence:
-                cells += [format_number(row.kl), format_number(row.top1)]
-            cells += [format_number(row.tasks.get(t)) for t in self.tasks]
-            if self.tasks:
-                cells += ([format_number(row.task_mean)] if many else []) + [_percent(r["accuracy_retention"])]
-            cells.append("-" if r["perplexity_ratio"] is None else f"x{format_number(r['perplexity_ratio'])}")
-            if speed:
-                cells.append("-" if r["speedup"] is None else f"{r['speedup']:.2f}x ({r['ideal_speedup']:.2f}x)")
-            cells.append(f"error: {row.error}" if row.error else "")
-            lines.append(cells)
-        return markdown_table(headers, lines)
-
-    def write(self) -> None:
-        """results.json, results.md and the plot, each written atomically."""
-        write_json(self.out / RESULTS_JSON, self.to_dict())
-        settings = self.settings
-        head = (f"# depthprune bench: {settings['model']}\n\n"
-                f"{_describe_settings(settings)}\n\n")
-        atomic_write(self.out / RESULTS_MD, head + self.markdown() + f"\n![metrics vs layers removed]({RESULTS_PLOT})\n")
-        self.plot(self.out / RESULTS_PLOT)
-
-    def plot(self, path: Path) -> Path:
-        curves: dict[str, list[tuple[int, float | None, float | None]]] = {}
-        for row in self.rows:
-            if row.ok and row.layers_removed is not None:
-                label = row.method if row.compensation == "none" else f"{row.method}+{row.compensation}"
-                curves.setdefault(label, []).append((row.layers_removed, row.perplexity, row.task_mean))
-        label = "mean accuracy" if len(self.tasks) > 1 else (f"{self.tasks[0]} accuracy" if self.tasks else "")
-        return plot_depth_curves(curves, path, dense=(self.dense.perplexity, self.dense.task_mean),
-                                 accuracy_label=label, title=str(self.settings["model"]))
-
-
-def _method_label(row: BenchRow) -> str:
-    """The method, and for ``auto`` the candidate it chose (its compensation included)."""
-    chosen = (row.plan or {}).get("params", {}).get("chosen") if row.method == "auto" else None
-    return f"auto: {chosen}" if chosen else row.method
-
-
-def _ranges(indices: Sequence[int]) -> str:
-    spans: list[list[int]] = []
-    for i in indices:
-        if spans and i == spans[-1][1] + 1:
-            spans[-1][1] = i
-        else:
-            spans.append([i, i])
-    return ",".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in spans)
-
-
-def _dropped(plan: dict[str, Any] | None) -> str:
-    """Which original layers went: removed ones as ranges (``12-17,25``), merges as windows."""
-    if not plan:
-        return "-"
-    parts = [_ranges(plan["remove"])] if plan.get("remove") else []
-    parts += [f"merge {m['low']}..{m['high']}" for m in plan.get("merges", [])]
-    return "; ".join(parts) or "none"
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return a / b if a is not None and b else None
-
-
-def _percent(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.1f}%"
-
-
-def _describe_settings(s: dict[str, Any]) -> str:
-    parts = [f"calibration: {s['calibration']['source']}, {s['calibration']['num_windows']} x "
-             f"{s['calibration']['seq_len']} tokens, seed {s['calibration']['seed']}"]
-    evaluation = s["evaluation"]
-    if evaluation.get("perplexity"):
-        p = evaluation["perplexity"]
-        parts.append(f"PPL: {p['dataset']}, {p['max_windows'] or 'all'} windows x {p['seq_len']} tokens")
-    if evaluation.get("divergence"):
-        d = evaluation["divergence"]
-        parts.append(f"KL(dense || row) per token and top-1 agreement with the dense row on the PPL windows "
-                     f"(dense distributions exact when they fit {d['exact_budget_mb']:g} MiB, else its top-"
-                     f"{d['top_k']} tokens + remainder, then KL is a lower bound; see {REFERENCE_FILE})")
-    if evaluation.get("zeroshot"):
-        z = evaluation["zeroshot"]
-        parts.append(f"zero-shot: {', '.join(z['tasks'])} (lm-eval, {z['num_fewshot']}-shot, "
-                     f"limit {z['limit'] if z['limit'] is not None else 'none'})")
-    if evaluation.get("speed"):
-        v = evaluation["speed"]
-        parts.append(f"speed: greedy decode {v['gen_len']} tokens after a {v['prompt_len']}-token prompt, "
-                     f"batch {v['batch_size']}, median of {v['repeats']}; speedup = decode tokens/s vs dense, "
-                     "ideal = L/(L-k)")
-    return "; ".join(parts) + "."
 
 
 def versions() -> dict[str, str]:
@@ -254,14 +39,14 @@ def versions() -> dict[str, str]:
     import torch
     import transformers
 
-    from . import __version__
+    from .. import __version__
 
     return {"depthprune": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "lm_eval": getattr(lm_eval, "__version__", "unknown"), "python": platform.python_version()}
 
 
 def check_methods(methods: Sequence[str]) -> list[str]:
-    from .methods import METHODS
+    from ..methods import METHODS
 
     names = list(dict.fromkeys(m.strip() for m in methods if m.strip()))
     if not names:
@@ -320,7 +105,7 @@ class _Session:
     """The model source and fresh copies of it on demand."""
 
     def __init__(self, model: str | LoadedModel, dtype: Any, device: str | None, progress: bool):
-        from .models.load import resolve_device, resolve_dtype, resolve_source
+        from ..models.load import resolve_device, resolve_dtype, resolve_source
 
         self.given = model if isinstance(model, LoadedModel) else None
         self.progress = progress
@@ -405,7 +190,7 @@ def run_bench(
     were computed with the same settings are reused. Writes ``results.json``,
     ``results.md`` and ``results.png`` into ``out``.
     """
-    from .evaluate.suite import PerplexitySpec
+    from ..evaluate.suite import PerplexitySpec
 
     t0 = time.perf_counter()
     methods, ratios = check_methods(methods), check_ratios(ratios)
@@ -485,9 +270,3 @@ def _uncompensated(plan: dict[str, Any]) -> Plan:
     instead of planning again (methods are deterministic, so the plan would be the same)."""
     return replace(Plan.from_dict(plan), compensation=None)
 
-
-def summary_line(result: BenchResult) -> str:
-    failed = sum(not r.ok for r in result.rows)
-    return (f"{len(result.rows) - failed} pruned rows ok, {failed} failed, {len(result.cached)} reused from "
-            f"{result.out / ROWS_DIR}; wrote {RESULTS_JSON}, {RESULTS_MD} and {RESULTS_PLOT} in {result.out} "
-            f"({result.wall_time_s:.0f} s)")
