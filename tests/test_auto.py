@@ -32,7 +32,10 @@ def test_auto_keeps_the_candidate_with_the_lowest_heldout_loss(tmp_path, text):
     compensated = [c for c in table if c["compensation"] == "linear"]
     assert compensated, "candidates with a gap after a kept layer are also tried compensated"
     assert all(c["dropped"] != list(range(len(c["dropped"]))) for c in compensated), "a leading gap has no map"
-    best = min(table, key=lambda c: c["loss"])
+    ranked = [c for c in table if c["fidelity"] == "all"]
+    assert {c["fidelity"] for c in table} <= {"all", "screen"}
+    assert len({(c["method"], c["compensation"]) for c in ranked if "same_as" not in c}) <= 3
+    best = min(ranked, key=lambda c: c["loss"])
     assert plan["params"]["heldout_loss"] == best["loss"]
     assert plan["params"]["chosen"] == best["method"] + ("+linear" if best["compensation"] == "linear" else "")
     assert sorted(set(range(LAYERS)) - set(plan["kept"])) == best["dropped"]
@@ -45,6 +48,30 @@ def test_auto_keeps_the_candidate_with_the_lowest_heldout_loss(tmp_path, text):
     assert not planning & set(heldout.description["slots"]), "ranking windows are never planning windows"
     kl = _kl(load_model(str(src)).model, saved.model, heldout)
     assert kl == pytest.approx(best["loss"], rel=1e-4), "the saved model is the candidate that was scored"
+
+
+def test_multi_fidelity_ranking_scores_the_best_screened_candidates_as_exact_does(tmp_path, text):
+    """Screened candidates (4 of the 16 held-out windows) that make the rerank have the loss the exact ranking
+    gives them, and the choice is the best of those."""
+    src = save_tiny_checkpoint(tmp_path / "model", "llama", seed=5)
+    spec = CalibrationSpec(str(text), num_windows=4, seq_len=32)
+    tables = {}
+    for exact in (False, True):
+        options = build_options("auto", {"candidates": "shortgpt,angular,sleb", "compensate_tokens": 800,
+                                         "exact": exact, "rerank": 2})
+        result = run_job(load_model(str(src)), Job([DepthStage("auto", Target(remove=2), options)], spec,
+                                                   progress=False))
+        tables[exact] = result.plan.params
+    fast, exact = tables[False], tables[True]
+    assert exact["ranking"] == "exact" and {c["fidelity"] for c in exact["candidates"]} == {"all"}
+    assert fast["ranking"].startswith("screened on 4 windows")
+    distinct = [c for c in fast["candidates"] if "same_as" not in c]
+    assert sum(c["fidelity"] == "all" for c in distinct) == 2 < len(distinct)
+    by_key = {(c["method"], c["compensation"]): c["loss"] for c in exact["candidates"]}
+    reranked = [c for c in fast["candidates"] if c["fidelity"] == "all"]
+    for c in reranked:
+        assert c["loss"] == pytest.approx(by_key[(c["method"], c["compensation"])], rel=1e-6)
+    assert fast["heldout_loss"] == min(c["loss"] for c in reranked)
 
 
 def _kl(dense, pruned, windows) -> float:

@@ -171,9 +171,9 @@ class DepthStage:
         if plan.compensation:
             from .compensate import fit_compensation
 
-            config = Compensation(**plan.compensation).validate()
-            fitted = fit_compensation(ctx.backend, plan, ctx.fit_batches(config.tokens, config.seed), config,
-                                      first_target=ctx.fit_first_target(config.tokens, config.seed),
+            config = Compensation.recorded(plan.compensation)
+            fitted = fit_compensation(ctx.backend, plan, ctx.fit_batches(config.fit_tokens(), config.seed), config,
+                                      first_target=ctx.fit_first_target(config.fit_tokens(), config.seed),
                                       progress=ctx.run.progress)
             record["compensation"] = fitted.records
             overrides = fitted.overrides

@@ -198,7 +198,8 @@ def bench(
     speed: Annotated[bool, typer.Option(
         "--speed/--no-speed", help="Also time prefill and decode of every row.")] = False,
     compensate: Annotated[str, typer.Option(
-        help="Compensation axis, comma separated: every row is run with each (none, linear, cosine).")] = "none",
+        help="Compensation axis, comma separated: every row is run with each (none, linear, cosine, kl, "
+        "layers).")] = "none",
     compensate_tokens: CompensateTokensOpt = DEFAULT_TOKENS,
     ridge: RidgeOpt = 1e-3,
     resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Reuse finished rows in OUT/rows/ "

@@ -11,6 +11,12 @@ windows that none of them was planned or fitted on, and return the best::
             score = loss(plan [+ fit] on held-out windows)    # nll, or kl to the dense model
     return argmin score
 
+Ranking is multi-fidelity (EvoPress, arXiv 2410.14649), as SLEB's rounds:
+every distinct candidate is scored on the first ``screen_windows`` held-out
+windows, and the ``rerank`` best on all of them, which decide; ``exact`` scores
+every candidate on every window. Each candidate's entry says which fidelity
+its loss comes from.
+
 Candidates are evaluated on the loss engine without touching the model: a
 plan becomes a stack of the original layer modules (merged windows as
 ``MergedLayer``, compensated layers as ``PatchedLayer``), and all candidates
@@ -51,11 +57,14 @@ class AutoOptions(MethodOptions):
     objective: str = option("kl", "how candidates are ranked on held-out windows: nll, or kl to the dense model",
                             choices=OBJECTIVES)
     compensate_tokens: int = option(DEFAULT_TOKENS, "calibration tokens for each compensation fit")
-    exact: bool = option(False, "run every candidate's search at full fidelity (SLEB's --exact: every candidate "
-                         "of a round on every window)")
+    exact: bool = option(False, "full fidelity: every candidate's search exact (SLEB's --exact) and every "
+                         "candidate ranked on every held-out window")
+    screen_windows: int = option(4, "held-out windows every candidate is first ranked on")
+    rerank: int = option(3, "candidates ranked on all held-out windows after the screening")
     recover: str = option("none", "after choosing: none, or layers (the winner's kept layer at every gap is "
                           "retrained on the dense model's next-token distributions, --compensate layers)",
                           choices=("none", "layers"))
+    recover_steps: int = option(100, "training steps of --recover layers")
 
     def methods(self) -> list[str]:
         return [m.strip() for m in self.candidates.split(",") if m.strip()]
@@ -76,6 +85,8 @@ class AutoOptions(MethodOptions):
                 raise PlanError(f"--fits: unknown compensation {fit!r}; use none or {', '.join(FITS)}")
         if self.compensate_tokens < 1:
             raise PlanError(f"--compensate-tokens must be at least 1, got {self.compensate_tokens}")
+        if min(self.screen_windows, self.rerank, self.recover_steps) < 1:
+            raise PlanError("--screen-windows, --rerank and --recover-steps must be at least 1")
 
 
 def estimated_work(work: Work, options: AutoOptions, methods: list[str], fits: list[str], fit_windows: int,
@@ -92,8 +103,41 @@ def estimated_work(work: Work, options: AutoOptions, methods: list[str], fits: l
             if fit == "layers":
                 config = Compensation(fit="layers")
                 units += len(methods) * config.layers_steps * config.layers_batch * 3 * (work.layers / 2 + work.head)
-    units += (candidates + 1) * (work.layers + work.head) * heldout_windows
+    screen = ranking_screen(options, candidates, heldout_windows)
+    if screen is None:
+        units += (candidates + 1) * (work.layers + work.head) * heldout_windows
+    else:
+        units += (candidates + 1) * (work.layers + work.head) * screen
+        units += (options.rerank + 1) * (work.layers + work.head) * heldout_windows
     return units
+
+
+def ranking_screen(options: AutoOptions, candidates: int, heldout_windows: int) -> int | None:
+    """Held-out windows the candidates are screened on, or None when every candidate is ranked on all (exact,
+    or screening would save nothing)."""
+    if options.exact or options.screen_windows >= heldout_windows or candidates <= options.rerank:
+        return None
+    return options.screen_windows
+
+
+def rank(backend: Backend, heldout: Calibration, stacks: dict[int, Stack], options: AutoOptions,
+         batch_size: int | None) -> tuple[dict[int, float], dict[int, str], float, str | None]:
+    """Every candidate's held-out loss and its fidelity ("all" windows, or "screen": only the screening
+    windows, not among the best ``rerank`` there), the dense model's loss and the teacher's note."""
+    screen = ranking_screen(options, len(stacks), heldout.num_windows)
+    fidelity = {k: "all" for k in stacks}
+    losses: dict[int, float] = {}
+    if screen is not None:
+        with LossEngine(backend, heldout.first(screen), objective=options.objective, batch_size=batch_size,
+                        sets=len(stacks)) as engine:
+            losses = engine.losses(stacks)
+        best = sorted(losses, key=lambda k: (losses[k], k))[: options.rerank]
+        fidelity = {k: "all" if k in best else "screen" for k in stacks}
+        stacks = {k: stacks[k] for k in best}
+    with LossEngine(backend, heldout, objective=options.objective, batch_size=batch_size,
+                    sets=len(stacks)) as engine:
+        losses.update(engine.losses(stacks))
+        return losses, fidelity, engine.dense_loss, engine.teacher_note
 
 
 def _decision(plan: Plan) -> tuple:
@@ -181,19 +225,19 @@ def plan(backend: Backend, calibration: Calibration, target: Target | None, opti
             stacks.setdefault(k, Stack(plan_stack(chosen_from[k][0], layers, backend.spec)))
         bar.set_postfix_str(f"ranking {len(stacks)} candidates")
         start = time.perf_counter()
-        with LossEngine(backend, heldout, objective=options.objective, batch_size=run.batch_size,
-                        sets=len(stacks)) as engine:
-            losses = engine.losses(stacks)
-            dense_loss, teacher = engine.dense_loss, engine.teacher_note
+        losses, fidelity, dense_loss, teacher = rank(backend, heldout, stacks, options, run.batch_size)
         run.notes.update(candidate_seconds=timings, ranking_seconds=round(time.perf_counter() - start, 2),
                          estimated_layer_windows=round(total))
     for entry, (candidate, compensation) in zip(entries, chosen_from):
-        entry["loss"] = losses[first[(_decision(candidate), entry["compensation"])]]
-    best_index = min(range(len(entries)), key=lambda k: entries[k]["loss"])
+        k = first[(_decision(candidate), entry["compensation"])]
+        entry["loss"], entry["fidelity"] = losses[k], fidelity[k]
+    best_index = min((k for k in range(len(entries)) if entries[k]["fidelity"] == "all"),
+                     key=lambda k: entries[k]["loss"])
     best, compensation = chosen_from[best_index]
     chosen = entries[best_index]
     if options.recover == "layers" and interfaces(best)[0]:
-        compensation = Compensation(fit="layers", tokens=options.compensate_tokens).to_dict()
+        compensation = Compensation(fit="layers", tokens=options.compensate_tokens,
+                                    layers_steps=options.recover_steps).to_dict()
     return Plan(
         method="auto",
         num_layers=best.num_layers,
@@ -202,7 +246,9 @@ def plan(backend: Backend, calibration: Calibration, target: Target | None, opti
         params={"chosen": f"{chosen['method']}" + (f"+{chosen['compensation']}" if chosen_from[best_index][1]
                                                    else ""), "recover": options.recover,
                 "objective": options.objective, "heldout_loss": chosen["loss"], "dense_heldout_loss": dense_loss,
-                "heldout_windows": heldout.num_windows, "teacher": teacher, "candidates": entries,
+                "heldout_windows": heldout.num_windows, "teacher": teacher,
+                "ranking": "exact" if set(fidelity.values()) == {"all"} else
+                f"screened on {options.screen_windows} windows, best {options.rerank} on all", "candidates": entries,
                 "chosen_params": best.params,
                 "compensation_unsupported": unsupported},
         scores=best.scores,

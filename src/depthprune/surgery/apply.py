@@ -63,8 +63,8 @@ def apply_plan(model: nn.Module, plan: Plan, *, calibration: Any = None, tokeniz
                 f"this plan compensates its gaps ({plan.compensation.get('fit')} fit): re-fitting needs the "
                 "calibration text and the tokenizer; pass calibration=CalibrationSpec(...) (the settings in the "
                 "checkpoint's report.json) and tokenizer=, or use the saved checkpoint itself")
-        config = Compensation(**plan.compensation).validate()
-        count = max(1, -(-config.tokens // calibration.seq_len))
+        config = Compensation.recorded(plan.compensation)
+        count = max(1, -(-config.fit_tokens() // calibration.seq_len))
         windows = calibration.fit_windows(tokenizer, count, config.seed)
         overrides = fit_compensation(model, plan, list(windows.batches(batch_size)), config).overrides
     surgery(model, plan)
