@@ -88,6 +88,9 @@ def test_auto_options_and_errors(tmp_path):
         build_options("auto", {"candidates": "auto"})
     with pytest.raises(PlanError, match="unknown compensation"):
         build_options("auto", {"fits": "magic"})
+    for name in ("screen_windows", "rerank", "recover_steps"):
+        with pytest.raises(PlanError, match="must be at least 1"):
+            build_options("auto", {name: 0})
     with pytest.raises(PlanError, match="decides compensation itself"):
         from depthprune.compensate import Compensation
 

@@ -241,6 +241,7 @@ def test_layers_fit_lowers_heldout_kl_below_the_linear_fit(family):
                               Compensation(fit="layers", layers_steps=30, layers_lr=1e-3, layers_holdout=4))
     record = layers.records[-1]["layers"]
     assert record["trained_positions"] == [1, 2] and record["kl_after"] < record["kl_before"]
+    assert record["kl_measured_on"] == min(16, record["train_windows"])
     assert set(layers.overrides[1]) == set(dict(get_layers(original)[1].named_parameters()))
     with LossEngine(original, heldout, objective="kl") as engine:
         assert engine.loss(layers.stack) < engine.loss(linear.stack)
@@ -255,3 +256,16 @@ def test_layers_fit_lowers_heldout_kl_below_the_linear_fit(family):
         want = [run_decoder(real, ids, mask) for ids, mask in batches]
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_layers_fit_draws_at_least_its_own_token_budget_and_old_plans_refit_as_recorded():
+    """The layers fit draws max(tokens, layers_tokens) fit tokens; a plan recorded before layers_tokens existed
+    re-fits on its recorded tokens, as it was fitted."""
+    assert Compensation(fit="linear").fit_tokens() == 8192
+    assert Compensation(fit="layers").fit_tokens() == 16384
+    assert Compensation(fit="layers", tokens=32768).fit_tokens() == 32768
+    old = {k: v for k, v in Compensation(fit="layers").to_dict().items() if k != "layers_tokens"}
+    assert Compensation.recorded(old).fit_tokens() == 8192
+    assert Compensation.recorded(Compensation(fit="layers").to_dict()).fit_tokens() == 16384
+    with pytest.raises(InputError, match="positive"):
+        Compensation.recorded({**old, "layers_tokens": 0})

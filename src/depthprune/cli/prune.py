@@ -195,10 +195,10 @@ def print_result(result) -> None:
         for c, t in sorted(zip(candidates, timings), key=lambda ct: (ct[0].get("fidelity") == "screen",
                                                                       ct[0]["loss"])):
             seconds = t.get("plan_seconds", 0) + t.get("fit_seconds", 0)
-            same = f" (same plan as {c['same_as']})" if c.get("same_as") else ""
-            same += " (screening windows only)" if c.get("fidelity") == "screen" else ""
+            suffix = f" (same plan as {c['same_as']})" if c.get("same_as") else ""
+            suffix += " (screening windows only)" if c.get("fidelity") == "screen" else ""
             typer.echo(f"  {c['loss']:.4f}  {c['method']:<10} compensation {c['compensation']:<7} "
-                       f"{seconds:6.1f} s  {c['plan']}{same}")
+                       f"{seconds:6.1f} s  {c['plan']}{suffix}")
     for record in result.stages:
         typer.echo(record.get("summary", record["stage"]))
     depth = next((r for r in result.stages if r.get("stage") == "depth"), {})
@@ -220,7 +220,8 @@ def print_result(result) -> None:
 
 
 RUN_RECOVER_STEPS = 60
-"""Steps of the demo's recovery: on SmolLM2 most of the 100-step fit's gain, inside the 5-minute budget."""
+"""Steps of the demo's recovery: on SmolLM2 most of the 100-step fit's gain (held-out KL 0.342 against 0.332) for
+60% of its training time."""
 
 
 @app.command()

@@ -51,7 +51,8 @@ class Compensation:
             raise InputError(f"--ridge must be 0 or more, got {self.ridge}")
         if min(self.steps, self.kl_steps) < 0 or min(self.lr, self.kl_lr) <= 0:
             raise InputError("compensation steps must be 0 or more and learning rates positive")
-        if min(self.refine_tokens, self.layers_tokens, self.kl_windows, self.kl_batch, self.layers_batch, self.layers_chunk) < 1:
+        if min(self.refine_tokens, self.layers_tokens, self.kl_windows, self.kl_batch, self.layers_batch,
+               self.layers_chunk) < 1:
             raise InputError("compensation token, window and batch counts must be positive")
         if self.layers_steps < 0 or self.layers_lr <= 0 or self.layers_holdout < 0:
             raise InputError("--compensate layers: steps and held-out windows must be 0 or more, the learning "
