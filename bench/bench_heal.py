@@ -12,6 +12,10 @@ of the largest budget (budgets run largest first) and every other run reads a pr
 the teacher's top-k tokens + remainder (never the exact distributions, which would only fit small budgets),
 so every budget trains on the same loss. Prints one table, writes results.json and results.png.
 
+The ``layers`` recipe is ``--compensate layers`` on the same budget axis: the pruned checkpoint's plan is
+re-applied to the dense model with the linear maps and the kept layers at every gap trained on KL to the dense
+model (``Compensation.layers_steps`` = budget / tokens per step), its windows drawn from the same text.
+
     python bench/bench_heal.py --model runs/smollm2-135m-auto-0.25 --teacher smollm2-135m \\
         --data ../shared/data/austen/emma.txt --tokens 0,250000,1000000 \\
         --ppl-data ../shared/data/wikitext-2/test.txt --piqa-dir ../shared/data/piqa --limit 0 --out heal-curve/
@@ -30,6 +34,7 @@ sys.path.insert(0, str(HERE))
 from _measure import print_table  # noqa: E402
 
 RECIPES = {
+    "layers": None,
     "lora-distill": {"distill": True},
     "last4-distill": {"distill": True, "train_layers": "last:4"},
     "lora-lm": {},
@@ -57,6 +62,8 @@ def main() -> None:
     parser.add_argument("--piqa-dir", default=None)
     parser.add_argument("--limit", type=float, default=0, help="PIQA items (0 = all 1,838)")
     parser.add_argument("--out", required=True, help="folder for results.json, results.png and the caches")
+    parser.add_argument("--layers-unique-tokens", type=int, default=65536,
+                        help="layers recipe: at most this many distinct text tokens (cached states), cycled")
     parser.add_argument("--keep-checkpoints", action="store_true", help="also save every healed model in "
                         "OUT/checkpoints/RECIPE@TOKENS")
     args = parser.parse_args()
@@ -103,15 +110,21 @@ def main() -> None:
             name = f"{recipe}@{budget}"
             if budget == 0 or name in results:
                 continue
+            start = time.perf_counter()
+            out_dir = out / "checkpoints" / name if args.keep_checkpoints else None
+            if recipe == "layers":
+                results[name] = _gap_training(args, budget, evaluation, out_dir)
+                results[name]["seconds"] = time.perf_counter() - start
+                save()
+                continue
             config = HealConfig(max_tokens=budget, batch_size=args.batch_size, grad_accum=args.grad_accum,
                                 cutoff_len=args.cutoff_len, lr=args.lr, val_size=0, seed=42, progress=False,
                                 teacher_top_k=args.teacher_top_k, teacher_cache_mb=0,
                                 teacher_cache_dir=str(out / "teacher-cache"), **RECIPES[recipe])
             stage = HealStage(args.data, config, teacher=args.teacher if config.distill else None)
-            start = time.perf_counter()
             result = run_job(load_model(args.model, progress=False),
                              Job([stage], evaluation=evaluation, evaluate_before=False, progress=False),
-                             out=out / "checkpoints" / name if args.keep_checkpoints else None, overwrite=True)
+                             out=out_dir, overwrite=True)
             record = result.stages[0]
             results[name] = {**result.after.values(), "recipe": recipe, "budget": budget, "tokens": record["tokens"],
                              "steps": record["steps"], "tokens_per_s": record["tokens_per_s"],
@@ -138,6 +151,27 @@ def main() -> None:
     plot_budget_curves(curves, out / "results.png", panels=[p for p in PANELS if p[0] in metrics],
                        dense=results["dense"], title=f"healing {args.model}")
     print(f"wrote {results_file} and {out / 'results.png'}")
+
+
+def _gap_training(args, budget: int, evaluation, out_dir) -> dict:
+    """``--compensate layers`` trained on ``budget`` tokens: the pruned model's plan re-applied to the dense model."""
+    from depthprune import CalibrationSpec, DepthStage, Job, Plan, load_model, run_job
+    from depthprune.compensate import Compensation
+
+    plan = Plan.load(Path(args.model) / "depthprune_plan.json")
+    calibration = CalibrationSpec(source=args.data)
+    per_step = Compensation.layers_batch * calibration.seq_len
+    fit = Compensation(fit="layers", layers_steps=max(1, budget // per_step),
+                       layers_tokens=min(budget, args.layers_unique_tokens))
+    stage = DepthStage(plan.method, plan=plan, compensation=fit)
+    result = run_job(load_model(args.teacher, progress=False),
+                     Job([stage], calibration=calibration, evaluation=evaluation, evaluate_before=False,
+                         progress=False), out=out_dir, overwrite=True)
+    trained = next(r["layers"] for r in result.stages[0]["compensation"] if "layers" in r)
+    tokens, seconds = trained["tokens_trained"], trained["seconds"]
+    return {**result.after.values(), "recipe": "layers", "budget": budget, "tokens": tokens,
+            "steps": fit.layers_steps, "tokens_per_s": tokens / seconds if seconds else None,
+            "teacher": args.teacher, "fit": trained}
 
 
 def _cell(value) -> str:

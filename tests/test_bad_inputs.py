@@ -161,6 +161,10 @@ CASES = [
     (["eval-ppl", "--model", "{W}/model", "--batch-size", "0"], "--batch-size must be at least 1"),
     (["eval-speed", "--model", "{W}/model", "--gen-len", "0"], "--gen-len must be at least 1"),
     (["prune", "--model", "{W}/model", "--method", "nope", "--ratio", "0.2", "--out", "{W}/o"], "unknown method"),
+    (["prune", "--model", "{W}/model", "--ratio", "0.2", "--eval", "none,ppl", "--out", "{W}/o"],
+     "--eval none measures nothing"),
+    (["prune", "--model", "{W}/model", "--ratio", "0.2", "--compensate", "linear", "--compensate-steps", "9",
+      "--out", "{W}/o"], "--compensate-steps needs --compensate layers"),
     (["heal", "--model", "{W}/model", "--data", str(EMMA), "--out", "{W}/h", "--resume"], "--work-dir"),
 ]
 FAST = ["--calib-samples", "2", "--seq-len", "32"]

@@ -190,6 +190,23 @@ def test_compensated_checkpoint_reloads_exactly_and_generates(tmp_path, run_cli)
     assert AutoModelForCausalLM.from_pretrained(gemma).config.num_hidden_layers == LAYERS - 2
 
 
+def test_cli_compensate_steps_sets_the_layers_fit(tmp_path, run_cli):
+    import json
+
+    from tiny import save_tiny_checkpoint
+
+    src = save_tiny_checkpoint(tmp_path / "model", "llama", seed=5)
+    text = text_file(tmp_path / "text.txt", 40_000)
+    out = tmp_path / "out"
+    run_cli("prune", "--model", src, "--method", "angular", "--remove-layers", "2", "--compensate", "layers",
+            "--compensate-steps", "3", "--compensate-tokens", "600", "--calib", text, "--seq-len", "32",
+            "--calib-samples", "4", "--out", out, "-q")
+    assert json.loads((out / "depthprune_plan.json").read_text())["compensation"]["layers_steps"] == 3
+    stage = json.loads((out / "depthprune_run.json").read_text())["stages"][0]
+    trained = next(r["layers"] for r in stage["compensation"] if "layers" in r)
+    assert trained["steps"] == 3 and trained["tokens_trained"] > 0
+
+
 def _summary(plan_dict):
     return Plan.from_dict(plan_dict).summary()
 

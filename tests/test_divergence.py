@@ -259,3 +259,12 @@ def test_pruned_smollm2_drifts_from_its_dense_model(smollm2_path, tmp_path, run_
     divergence = report["evaluation"]["after"]["divergence"]
     assert divergence["tokens"] == 8 * 127 and not divergence["approximate"]
     assert f"kl: 0.0000 before -> {after['kl']:.4f} after" in res.out
+
+
+def test_cli_eval_none_measures_nothing(checkpoints, tmp_path, run_cli):
+    src, text = checkpoints
+    res = run_cli("prune", "--model", src, "--method", "shortgpt", "--remove-layers", "2", "--calib", text,
+                  "--calib-samples", "4", "--seq-len", "32", "--eval", "none", "--out", tmp_path / "p", "-q")
+    assert "perplexity" not in res.out and "kl:" not in res.out
+    report = json.loads((tmp_path / "p" / "report.json").read_text())
+    assert not report.get("after") and not report.get("before")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from depthprune import Merge, Plan, layers_to_remove, save
 from depthprune.io import OutputError, atomic_directory, check_output_dir
@@ -118,3 +119,28 @@ def test_saved_plan_file(tmp_path):
     data = json.loads((tmp_path / "o" / PLAN_FILE).read_text())
     assert data["remove"] == [2] and data["num_layers_after"] == 5 and data["version"]
     assert tiny_inputs().shape[0] == 2
+
+
+def test_a_depth_stage_reapplies_a_plan_without_a_target(tmp_path):
+    """``DepthStage(method, plan=...)`` re-applies a decision (as bench_heal's layers recipe does): no depth
+    target is asked for, the result equals the first run's, and a plan for another depth is refused."""
+    from safetensors.torch import load_file
+
+    from depthprune import CalibrationSpec, DepthStage, Job, Target, load_model, run_job
+    from tiny import LAYERS, save_tiny_checkpoint, shipped_text
+
+    src = save_tiny_checkpoint(tmp_path / "model", "llama", seed=2)
+    text = tmp_path / "text.txt"
+    text.write_text(shipped_text(40000))
+    calib = CalibrationSpec(str(text), 4, 32)
+    first = run_job(load_model(str(src), progress=False),
+                    Job([DepthStage("angular", Target(remove=2))], calib, progress=False), out=tmp_path / "a")
+    again = run_job(load_model(str(src), progress=False),
+                    Job([DepthStage("angular", plan=first.plan)], calib, progress=False), out=tmp_path / "b")
+    assert again.plan.remove == first.plan.remove and again.layers["after"] == LAYERS - 2
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    other = save_tiny_checkpoint(tmp_path / "deeper", "llama", layers=LAYERS + 2)
+    with pytest.raises(PlanError, match="the plan was made for"):
+        run_job(load_model(str(other), progress=False),
+                Job([DepthStage("angular", plan=first.plan)], calib, progress=False))

@@ -129,8 +129,11 @@ class DepthStage:
     def check(self, config: dict[str, Any] | None = None) -> None:
         if self.options is None:
             self.options = build_options(self.method)
-        check_request(self.method, self.target, self.options,
-                      config_num_layers(config) if config is not None else None)
+        if self.plan is None:
+            check_request(self.method, self.target, self.options,
+                          config_num_layers(config) if config is not None else None)
+        elif config is not None:  # re-applying a plan: its depth is the decision, no target needed
+            self.plan.check_model_depth(config_num_layers(config))
         if self.compensation is not None:
             if self.method == "auto":
                 raise PlanError("--method auto decides compensation itself (its --fits option); drop --compensate")

@@ -15,9 +15,11 @@ from .options import (
     MODEL,
     ZEROSHOT,
     BatchOpt,
+    CompensateStepsOpt,
     CompensateTokensOpt,
     Given,
     JsonOpt,
+    LAYERS_STEPS,
     ReferenceCacheOpt,
     RidgeOpt,
     SeedOpt,
@@ -202,6 +204,7 @@ def bench(
         "layers).")] = "none",
     compensate_tokens: CompensateTokensOpt = DEFAULT_TOKENS,
     ridge: RidgeOpt = 1e-3,
+    compensate_steps: CompensateStepsOpt = LAYERS_STEPS,
     resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Reuse finished rows in OUT/rows/ "
                                          "computed with the same settings.")] = True,
     batch_size: BatchOpt = 8,
@@ -217,7 +220,8 @@ def bench(
     options = {m: o for m, o in method_flags(ctx, names, "bench").items() if o}
     compensated = any(fit != "none" for fit in split_list(compensate))
     refuse_ignored(("ridge", compensated, "needs a fit in --compensate (linear, cosine or kl)"),
-                   ("compensate_tokens", compensated, "needs a fit in --compensate (linear, cosine or kl)"))
+                   ("compensate_tokens", compensated, "needs a fit in --compensate (linear, cosine or kl)"),
+                   ("compensate_steps", "layers" in split_list(compensate), "needs layers in --compensate"))
     if out is None:
         raise InputError("--out is required: the directory for results.json, results.md and the plot")
     result = run_bench(
@@ -225,7 +229,8 @@ def bench(
         calibration=given.calibration_spec(),
         evaluation=given.evaluation_spec(batch_size=batch_size, speed=speed),
         method_options=options, compensations=split_list(compensate),
-        compensation=Compensation(tokens=compensate_tokens, ridge=ridge), batch_size=batch_size,
+        compensation=Compensation(tokens=compensate_tokens, ridge=ridge, layers_steps=compensate_steps),
+        batch_size=batch_size,
         dtype=given.dtype, device=given.device, resume=resume, progress=not given.quiet,
     )
     typer.echo(result.markdown())

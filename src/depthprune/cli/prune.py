@@ -143,6 +143,7 @@ def prune(
     compensated = given.compensate != "none"
     refuse_ignored(("ridge", compensated, "needs --compensate linear, cosine or kl"),
                    ("compensate_tokens", compensated, "needs --compensate linear, cosine or kl"),
+                   ("compensate_steps", given.compensate == "layers", "needs --compensate layers"),
                    ("width_scorer", width, "needs a width stage (--then-width or --then-width-heads)"),
                    *[(HEAL_SETTINGS.parameter(info), heal is not None, "needs --heal DATA")
                      for info in HEAL_SETTINGS.infos()],
