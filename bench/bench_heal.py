@@ -68,10 +68,8 @@ def main() -> None:
                         "OUT/checkpoints/RECIPE@TOKENS")
     args = parser.parse_args()
 
-    from depthprune import load_model, run_job
+    from depthprune import load_model
     from depthprune.evaluate.suite import DivergenceSpec, Evaluation, PerplexitySpec, ZeroShotSpec
-    from depthprune.heal import HealConfig
-    from depthprune.job import HealStage, Job
     from depthprune.report import plot_budget_curves
 
     recipes = [r for r in args.recipes.split(",") if r]
@@ -112,23 +110,9 @@ def main() -> None:
                 continue
             start = time.perf_counter()
             out_dir = out / "checkpoints" / name if args.keep_checkpoints else None
-            if recipe == "layers":
-                results[name] = _gap_training(args, budget, evaluation, out_dir)
-                results[name]["seconds"] = time.perf_counter() - start
-                save()
-                continue
-            config = HealConfig(max_tokens=budget, batch_size=args.batch_size, grad_accum=args.grad_accum,
-                                cutoff_len=args.cutoff_len, lr=args.lr, val_size=0, seed=42, progress=False,
-                                teacher_top_k=args.teacher_top_k, teacher_cache_mb=0,
-                                teacher_cache_dir=str(out / "teacher-cache"), **RECIPES[recipe])
-            stage = HealStage(args.data, config, teacher=args.teacher if config.distill else None)
-            result = run_job(load_model(args.model, progress=False),
-                             Job([stage], evaluation=evaluation, evaluate_before=False, progress=False),
-                             out=out_dir, overwrite=True)
-            record = result.stages[0]
-            results[name] = {**result.after.values(), "recipe": recipe, "budget": budget, "tokens": record["tokens"],
-                             "steps": record["steps"], "tokens_per_s": record["tokens_per_s"],
-                             "teacher": record["teacher"], "seconds": time.perf_counter() - start}
+            train = _gap_training if recipe == "layers" else _healing
+            results[name] = {**train(args, recipe, budget, evaluation, out_dir),
+                             "seconds": time.perf_counter() - start}
             save()
 
     metrics = [key for key, _ in PANELS if key in results["pruned"]]
@@ -153,7 +137,24 @@ def main() -> None:
     print(f"wrote {results_file} and {out / 'results.png'}")
 
 
-def _gap_training(args, budget: int, evaluation, out_dir) -> dict:
+def _healing(args, recipe: str, budget: int, evaluation, out_dir) -> dict:
+    """``depthprune heal --max-tokens budget`` with the recipe's settings, the distillation teacher cached in OUT."""
+    from depthprune import HealConfig, HealStage, Job, load_model, run_job
+
+    config = HealConfig(max_tokens=budget, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                        cutoff_len=args.cutoff_len, lr=args.lr, val_size=0, seed=42, progress=False,
+                        teacher_top_k=args.teacher_top_k, teacher_cache_mb=0,
+                        teacher_cache_dir=str(Path(args.out) / "teacher-cache"), **RECIPES[recipe])
+    stage = HealStage(args.data, config, teacher=args.teacher if config.distill else None)
+    result = run_job(load_model(args.model, progress=False),
+                     Job([stage], evaluation=evaluation, evaluate_before=False, progress=False),
+                     out=out_dir, overwrite=True)
+    record = result.stages[0]
+    return {**result.after.values(), "recipe": recipe, "budget": budget, "tokens": record["tokens"],
+            "steps": record["steps"], "tokens_per_s": record["tokens_per_s"], "teacher": record["teacher"]}
+
+
+def _gap_training(args, recipe: str, budget: int, evaluation, out_dir) -> dict:
     """``--compensate layers`` trained on ``budget`` tokens: the pruned model's plan re-applied to the dense model."""
     from depthprune import CalibrationSpec, DepthStage, Job, Plan, load_model, run_job
     from depthprune.compensate import Compensation
@@ -169,7 +170,7 @@ def _gap_training(args, budget: int, evaluation, out_dir) -> dict:
                          progress=False), out=out_dir, overwrite=True)
     trained = next(r["layers"] for r in result.stages[0]["compensation"] if "layers" in r)
     tokens, seconds = trained["tokens_trained"], trained["seconds"]
-    return {**result.after.values(), "recipe": "layers", "budget": budget, "tokens": tokens,
+    return {**result.after.values(), "recipe": recipe, "budget": budget, "tokens": tokens,
             "steps": fit.layers_steps, "tokens_per_s": tokens / seconds if seconds else None,
             "teacher": args.teacher, "fit": trained}
 

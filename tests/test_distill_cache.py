@@ -158,3 +158,33 @@ def test_heal_command_records_tokens_speed_and_teacher(tmp_path, run_cli, emma):
     assert stage["teacher"]["tokens"] == (8 + 2) * 31
     assert "256 tokens" in (healed / "report.md").read_text()
     assert not (healed / ".depthprune-work").exists()
+
+
+def test_bench_heal_measures_layers_and_distillation_on_one_axis(tmp_path):
+    """``bench/bench_heal.py`` end to end on tiny checkpoints: every recipe gets a row per budget with its
+    trained tokens and speed, the ``layers`` recipe re-applies the pruned checkpoint's plan to the dense model."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    from depthprune import CalibrationSpec, DepthStage, Job, Target, load_model, run_job
+
+    dense = save_tiny_checkpoint(tmp_path / "dense", "llama", seed=4)
+    text = text_file(tmp_path / "text.txt", 60_000)
+    run_job(load_model(str(dense), progress=False),
+            Job([DepthStage("angular", Target(remove=2))], CalibrationSpec(str(text), 4, 32), progress=False),
+            out=tmp_path / "pruned")
+    out = tmp_path / "curve"
+    subprocess.run([sys.executable, str(ROOT / "bench" / "bench_heal.py"), "--model", str(tmp_path / "pruned"),
+                    "--teacher", str(dense), "--data", str(text), "--tokens", "0,1024",
+                    "--recipes", "layers,last4-distill", "--batch-size", "2", "--grad-accum", "1",
+                    "--cutoff-len", "32", "--ppl-data", str(text), "--ppl-windows", "2", "--out", str(out)],
+                   check=True, capture_output=True, text=True)
+    results = json.loads((out / "results.json").read_text())
+    assert results["dense"]["kl"] == 0 and results["pruned"]["kl"] > 0
+    for recipe in ("layers", "last4-distill"):
+        row = results[f"{recipe}@1024"]
+        assert row["recipe"] == recipe and 0 < row["tokens"] <= 1024 + 128 and row["tokens_per_s"] > 0
+        assert row["kl"] != results["pruned"]["kl"], f"{recipe} changed nothing"
+    assert results["layers@1024"]["steps"] == 1024 // (4 * 128)
+    assert (out / "results.png").is_file()

@@ -141,6 +141,9 @@ def test_a_depth_stage_reapplies_a_plan_without_a_target(tmp_path):
     a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     other = save_tiny_checkpoint(tmp_path / "deeper", "llama", layers=LAYERS + 2)
+    config = json.loads((other / "config.json").read_text())
+    with pytest.raises(PlanError, match="made for a model of"):  # up front, from the config, before loading
+        DepthStage("angular", plan=first.plan).check(config)
     with pytest.raises(PlanError, match="the plan was made for"):
         run_job(load_model(str(other), progress=False),
                 Job([DepthStage("angular", plan=first.plan)], calib, progress=False))

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..compensate import DEFAULT_TOKENS
+from ..compensate import DEFAULT_TOKENS, LAYERS_STEPS
 from .app import app
 from .options import (
     CALIBRATION,
@@ -19,7 +19,6 @@ from .options import (
     CompensateTokensOpt,
     Given,
     JsonOpt,
-    LAYERS_STEPS,
     ReferenceCacheOpt,
     RidgeOpt,
     SeedOpt,

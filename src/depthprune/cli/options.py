@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Callable, Optional
 import typer
 
 from ..checks import flag_of, require_finite
-from ..compensate import DEFAULT_TOKENS
+from ..compensate import DEFAULT_TOKENS, LAYERS_STEPS
 from ..errors import InputError
 from ..flags import OptionInfo, declared_options
 from .app import ParameterSource, get_current_context
@@ -95,7 +95,6 @@ RidgeOpt = Annotated[float, typer.Option(help="Compensation ridge towards the id
 CompensateStepsOpt = Annotated[int, typer.Option(
     help="--compensate layers: training steps (4 windows each); more steps recover more, the cost grows "
     "linearly (100 steps of SmolLM2-135M: about 2.5 minutes on 2 CPU cores).")]
-LAYERS_STEPS = 100
 
 
 def compensation(fit: str, tokens: int, ridge: float, steps: int = LAYERS_STEPS):

@@ -13,6 +13,8 @@ TRAINED_FITS = ("kl", "layers")
 """Fits that train through the layers above a gap: they need the model in memory."""
 DEFAULT_TOKENS = 8192
 """Fit tokens by default: with the ridge, 8k tokens fit SmolLM2's maps as well as 64k or 128k (see the docs)."""
+LAYERS_STEPS = 100
+"""Training steps of the ``layers`` fit by default (``--compensate-steps``)."""
 LAYERS_TOKENS = 16384
 """Fit tokens of the ``layers`` fit at least: trained layers overfit 8k tokens (held-out KL 0.675 vs 0.645 at 16k
 on SmolLM2, docs/compensation.md)."""
@@ -32,7 +34,7 @@ class Compensation:
     kl_lr: float = 1e-4
     kl_windows: int = 32
     kl_batch: int = 4
-    layers_steps: int = 100
+    layers_steps: int = LAYERS_STEPS
     layers_lr: float = 5e-4
     layers_batch: int = 4
     layers_after: bool = True
