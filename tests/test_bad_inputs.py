@@ -165,6 +165,12 @@ CASES = [
      "--eval none measures nothing"),
     (["prune", "--model", "{W}/model", "--ratio", "0.2", "--compensate", "linear", "--compensate-steps", "9",
       "--out", "{W}/o"], "--compensate-steps needs --compensate layers"),
+    (["prune", "--model", "{W}/model", "--ratio", "0.2", "--compensate", "linear", "--compensate-above", "2",
+      "--out", "{W}/o"], "--compensate-above needs --compensate layers"),
+    (["prune", "--model", "{W}/model", "--ratio", "0.2", "--compensate", "layers", "--compensate-above", "-1",
+      "--out", "{W}/o"], "layers after the gap must be 0 or more"),
+    (["bench", "--model", "{W}/model", "--methods", "shortgpt", "--compensate", "none,linear",
+      "--compensate-above", "3", "--out", "{W}/b"], "--compensate-above needs layers in --compensate"),
     (["heal", "--model", "{W}/model", "--data", str(EMMA), "--out", "{W}/h", "--resume"], "--work-dir"),
 ]
 FAST = ["--calib-samples", "2", "--seq-len", "32"]

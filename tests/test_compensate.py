@@ -195,16 +195,19 @@ def test_cli_compensate_steps_sets_the_layers_fit(tmp_path, run_cli):
 
     from tiny import save_tiny_checkpoint
 
-    src = save_tiny_checkpoint(tmp_path / "model", "llama", seed=5)
+    src = save_tiny_checkpoint(tmp_path / "model", "llama", layers=10, seed=5)
     text = text_file(tmp_path / "text.txt", 40_000)
     out = tmp_path / "out"
     run_cli("prune", "--model", src, "--method", "angular", "--remove-layers", "2", "--compensate", "layers",
-            "--compensate-steps", "3", "--compensate-tokens", "600", "--calib", text, "--seq-len", "32",
+            "--compensate-steps", "3", "--compensate-above", "2", "--compensate-tokens", "600", "--calib", text, "--seq-len", "32",
             "--calib-samples", "4", "--out", out, "-q")
-    assert json.loads((out / "depthprune_plan.json").read_text())["compensation"]["layers_steps"] == 3
+    plan = json.loads((out / "depthprune_plan.json").read_text())
+    assert plan["compensation"]["layers_steps"] == 3 and plan["compensation"]["layers_after"] == 2
     stage = json.loads((out / "depthprune_run.json").read_text())["stages"][0]
     trained = next(r["layers"] for r in stage["compensation"] if "layers" in r)
     assert trained["steps"] == 3 and trained["tokens_trained"] > 0
+    gap = min(plan["remove"]) - 1  # the kept layer before the only gap, as a pruned-model position
+    assert plan["num_layers_after"] >= gap + 3 and trained["trained_positions"] == [gap, gap + 1, gap + 2]
 
 
 def _summary(plan_dict):
@@ -273,6 +276,18 @@ def test_layers_fit_lowers_heldout_kl_below_the_linear_fit(family):
         want = [run_decoder(real, ids, mask) for ids, mask in batches]
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_layers_fit_trains_the_requested_layers_above_every_gap():
+    """``layers_after`` counts the kept layers above each gap that train beside the one before it; a plan
+    recorded when it was a flag (True) trains the one after, as it did."""
+    from depthprune.compensate.layers import trained_positions
+
+    gaps = [Interface(position=1, layer=1, target=3), Interface(position=4, layer=6, target=7)]
+    assert trained_positions(gaps, 8, 0) == [1, 4]
+    assert trained_positions(gaps, 8, True) == trained_positions(gaps, 8, 1) == [1, 2, 4, 5]
+    assert trained_positions(gaps, 8, 3) == [1, 2, 3, 4, 5, 6, 7]
+    assert trained_positions(gaps, 6, 99) == [1, 2, 3, 4, 5]
 
 
 def test_layers_fit_draws_at_least_its_own_token_budget_and_old_plans_refit_as_recorded():

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..compensate import DEFAULT_TOKENS, LAYERS_STEPS
+from ..compensate import DEFAULT_TOKENS, LAYERS_AFTER, LAYERS_STEPS
 from .app import app
 from .options import (
     CALIBRATION,
@@ -15,6 +15,7 @@ from .options import (
     MODEL,
     ZEROSHOT,
     BatchOpt,
+    CompensateAboveOpt,
     CompensateStepsOpt,
     CompensateTokensOpt,
     Given,
@@ -204,6 +205,7 @@ def bench(
     compensate_tokens: CompensateTokensOpt = DEFAULT_TOKENS,
     ridge: RidgeOpt = 1e-3,
     compensate_steps: CompensateStepsOpt = LAYERS_STEPS,
+    compensate_above: CompensateAboveOpt = LAYERS_AFTER,
     resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Reuse finished rows in OUT/rows/ "
                                          "computed with the same settings.")] = True,
     batch_size: BatchOpt = 8,
@@ -220,7 +222,8 @@ def bench(
     compensated = any(fit != "none" for fit in split_list(compensate))
     refuse_ignored(("ridge", compensated, "needs a fit in --compensate (linear, cosine or kl)"),
                    ("compensate_tokens", compensated, "needs a fit in --compensate (linear, cosine or kl)"),
-                   ("compensate_steps", "layers" in split_list(compensate), "needs layers in --compensate"))
+                   *[(name, "layers" in split_list(compensate), "needs layers in --compensate")
+                     for name in ("compensate_steps", "compensate_above")])
     if out is None:
         raise InputError("--out is required: the directory for results.json, results.md and the plot")
     result = run_bench(
@@ -228,7 +231,8 @@ def bench(
         calibration=given.calibration_spec(),
         evaluation=given.evaluation_spec(batch_size=batch_size, speed=speed),
         method_options=options, compensations=split_list(compensate),
-        compensation=Compensation(tokens=compensate_tokens, ridge=ridge, layers_steps=compensate_steps),
+        compensation=Compensation(tokens=compensate_tokens, ridge=ridge, layers_steps=compensate_steps,
+                                  layers_after=compensate_above),
         batch_size=batch_size,
         dtype=given.dtype, device=given.device, resume=resume, progress=not given.quiet,
     )

@@ -143,7 +143,8 @@ def prune(
     compensated = given.compensate != "none"
     refuse_ignored(("ridge", compensated, "needs --compensate linear, cosine or kl"),
                    ("compensate_tokens", compensated, "needs --compensate linear, cosine or kl"),
-                   ("compensate_steps", given.compensate == "layers", "needs --compensate layers"),
+                   *[(name, given.compensate == "layers", "needs --compensate layers")
+                     for name in ("compensate_steps", "compensate_above")],
                    ("width_scorer", width, "needs a width stage (--then-width or --then-width-heads)"),
                    *[(HEAL_SETTINGS.parameter(info), heal is not None, "needs --heal DATA")
                      for info in HEAL_SETTINGS.infos()],

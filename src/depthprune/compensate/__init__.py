@@ -62,7 +62,7 @@ from ..backend import Backend, InMemoryBackend, Stack, Walker
 from ..engine.merged import PatchedLayer, layer_params, plan_stack
 from ..models.forward import Batch
 from ..plan import Plan
-from .config import DEFAULT_TOKENS, FITS, LAYERS_STEPS, TRAINED_FITS, Compensation
+from .config import DEFAULT_TOKENS, FITS, LAYERS_AFTER, LAYERS_STEPS, TRAINED_FITS, Compensation
 from .endtoend import train_end_to_end
 from .fold import fold_in_place, folded, output_module
 from .interfaces import Interface, check_supported, fold_kind, interfaces
@@ -71,6 +71,7 @@ from .linear import fit_interface
 
 __all__ = [
     "DEFAULT_TOKENS",
+    "LAYERS_AFTER",
     "LAYERS_STEPS",
     "FITS",
     "TRAINED_FITS",

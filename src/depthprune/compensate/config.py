@@ -15,6 +15,9 @@ DEFAULT_TOKENS = 8192
 """Fit tokens by default: with the ridge, 8k tokens fit SmolLM2's maps as well as 64k or 128k (see the docs)."""
 LAYERS_STEPS = 100
 """Training steps of the ``layers`` fit by default (``--compensate-steps``)."""
+LAYERS_AFTER = 1
+"""Kept layers above each gap the ``layers`` fit trains beside the one before it, by default
+(``--compensate-above``)."""
 LAYERS_TOKENS = 16384
 """Fit tokens of the ``layers`` fit at least: trained layers overfit 8k tokens (held-out KL 0.675 vs 0.645 at 16k
 on SmolLM2, docs/compensation.md)."""
@@ -37,7 +40,7 @@ class Compensation:
     layers_steps: int = LAYERS_STEPS
     layers_lr: float = 5e-4
     layers_batch: int = 4
-    layers_after: bool = True
+    layers_after: int = LAYERS_AFTER
     layers_tokens: int = LAYERS_TOKENS
     layers_holdout: int = 8
     layers_chunk: int = 512
@@ -56,9 +59,9 @@ class Compensation:
         if min(self.refine_tokens, self.layers_tokens, self.kl_windows, self.kl_batch, self.layers_batch,
                self.layers_chunk) < 1:
             raise InputError("compensation token, window and batch counts must be positive")
-        if self.layers_steps < 0 or self.layers_lr <= 0 or self.layers_holdout < 0:
-            raise InputError("--compensate layers: steps and held-out windows must be 0 or more, the learning "
-                             "rate positive")
+        if min(self.layers_steps, self.layers_holdout, self.layers_after) < 0 or self.layers_lr <= 0:
+            raise InputError("--compensate layers: steps, held-out windows and layers after the gap must be 0 or "
+                             "more, the learning rate positive")
         return self
 
     def fit_tokens(self) -> int:

@@ -2,8 +2,8 @@
 
 Fitting the hidden state at a gap (the linear maps) leaves most of what pruning
 took: what matters is the model's output. So after the linear maps, the kept
-layer before every gap -- all its weights -- (and, with ``layers_after``, the
-first kept layer after it) is trained with Adam on KL(dense || pruned) between
+layer before every gap -- all its weights -- (and the ``layers_after`` kept
+layers above it, one by default) is trained with Adam on KL(dense || pruned) between
 the original model's and the pruned model's next-token distributions, every
 other weight frozen. LLM-Streamline (arXiv 2403.19135) trains a replacement
 layer for the pruned span the same way in spirit; Prune&Comp (arXiv
@@ -68,11 +68,12 @@ class Trainable(nn.Module):
         return {name: value.detach().clone() for name, value in self.weights.items()}
 
 
-def trained_positions(found: Sequence[Interface], depth: int, after: bool) -> list[int]:
-    """The pruned-model positions whose layers train: the kept layer at every gap, and the one after it."""
+def trained_positions(found: Sequence[Interface], depth: int, after: int) -> list[int]:
+    """The pruned-model positions whose layers train: the kept layer at every gap and the ``after`` kept
+    layers above it (the backward runs through them anyway, so training them costs only their weight
+    gradients)."""
     positions = {i.position for i in found}
-    if after:
-        positions |= {i.position + 1 for i in found if i.position + 1 < depth}
+    positions |= {i.position + k for i in found for k in range(1, int(after) + 1) if i.position + k < depth}
     return sorted(positions)
 
 
