@@ -199,8 +199,8 @@ def test_cli_compensate_steps_sets_the_layers_fit(tmp_path, run_cli):
     text = text_file(tmp_path / "text.txt", 40_000)
     out = tmp_path / "out"
     run_cli("prune", "--model", src, "--method", "angular", "--remove-layers", "2", "--compensate", "layers",
-            "--compensate-steps", "3", "--compensate-above", "2", "--compensate-tokens", "600", "--calib", text, "--seq-len", "32",
-            "--calib-samples", "4", "--out", out, "-q")
+            "--compensate-steps", "3", "--compensate-above", "2", "--compensate-tokens", "600", "--calib", text,
+            "--seq-len", "32", "--calib-samples", "4", "--out", out, "-q")
     plan = json.loads((out / "depthprune_plan.json").read_text())
     assert plan["compensation"]["layers_steps"] == 3 and plan["compensation"]["layers_after"] == 2
     stage = json.loads((out / "depthprune_run.json").read_text())["stages"][0]

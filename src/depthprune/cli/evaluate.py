@@ -12,6 +12,7 @@ from .app import app
 from .options import (
     CALIBRATION,
     EVALUATION,
+    LAYERS_FIT_OPTIONS,
     MODEL,
     ZEROSHOT,
     BatchOpt,
@@ -223,7 +224,7 @@ def bench(
     refuse_ignored(("ridge", compensated, "needs a fit in --compensate (linear, cosine or kl)"),
                    ("compensate_tokens", compensated, "needs a fit in --compensate (linear, cosine or kl)"),
                    *[(name, "layers" in split_list(compensate), "needs layers in --compensate")
-                     for name in ("compensate_steps", "compensate_above")])
+                     for name in LAYERS_FIT_OPTIONS])
     if out is None:
         raise InputError("--out is required: the directory for results.json, results.md and the plot")
     result = run_bench(

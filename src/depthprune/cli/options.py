@@ -101,6 +101,10 @@ CompensateAboveOpt = Annotated[int, typer.Option(
     "perplexity, the same KL).")]
 
 
+LAYERS_FIT_OPTIONS = ("compensate_steps", "compensate_above")
+"""The options only ``--compensate layers`` reads (refused without it)."""
+
+
 def compensation(fit: str, tokens: int, ridge: float, steps: int = LAYERS_STEPS, above: int = LAYERS_AFTER):
     """The ``--compensate`` options as a checked spec, or None for ``none``."""
     from ..compensate import Compensation

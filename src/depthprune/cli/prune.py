@@ -20,6 +20,7 @@ from .options import (
     CALIBRATION,
     COMPENSATION,
     EVALUATION,
+    LAYERS_FIT_OPTIONS,
     MODEL,
     PUSH,
     STREAMING,
@@ -144,7 +145,7 @@ def prune(
     refuse_ignored(("ridge", compensated, "needs --compensate linear, cosine or kl"),
                    ("compensate_tokens", compensated, "needs --compensate linear, cosine or kl"),
                    *[(name, given.compensate == "layers", "needs --compensate layers")
-                     for name in ("compensate_steps", "compensate_above")],
+                     for name in LAYERS_FIT_OPTIONS],
                    ("width_scorer", width, "needs a width stage (--then-width or --then-width-heads)"),
                    *[(HEAL_SETTINGS.parameter(info), heal is not None, "needs --heal DATA")
                      for info in HEAL_SETTINGS.infos()],

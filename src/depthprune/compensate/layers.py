@@ -3,8 +3,8 @@
 Fitting the hidden state at a gap (the linear maps) leaves most of what pruning
 took: what matters is the model's output. So after the linear maps, the kept
 layer before every gap -- all its weights -- (and the ``layers_after`` kept
-layers above it, one by default) is trained with Adam on KL(dense || pruned) between
-the original model's and the pruned model's next-token distributions, every
+layers above it, one by default) is trained with Adam on KL(dense || pruned)
+between the original model's and the pruned model's next-token distributions, every
 other weight frozen. LLM-Streamline (arXiv 2403.19135) trains a replacement
 layer for the pruned span the same way in spirit; Prune&Comp (arXiv
 2507.18212) calibrates what a removed block leaves behind.
@@ -73,7 +73,7 @@ def trained_positions(found: Sequence[Interface], depth: int, after: int) -> lis
     layers above it (the backward runs through them anyway, so training them costs only their weight
     gradients)."""
     positions = {i.position for i in found}
-    positions |= {i.position + k for i in found for k in range(1, int(after) + 1) if i.position + k < depth}
+    positions |= {i.position + k for i in found for k in range(1, after + 1) if i.position + k < depth}
     return sorted(positions)
 
 
