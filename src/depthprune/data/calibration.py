@@ -1,8 +1,10 @@
 """Calibration and evaluation text: where it comes from and how it becomes token windows.
 
 Sources, by name:
-  ``default``                   Pride and Prejudice, shipped with depthprune (no network), first 85%
-  ``default-heldout``           the last 15% of it, for offline perplexity
+  ``fiction|encyclopedic|code``  shipped calibration texts of three domains (no network; :mod:`.shipped`)
+  ``heldout-fiction|heldout-encyclopedic|heldout-code``  shipped held-out texts of the same domains, from other
+                                documents, for evaluation
+  ``default``                   Pride and Prejudice, first 85% (shipped; ``default-heldout`` = ``heldout-fiction``)
   ``bookcorpus|pg19|c4|wikitext2|wikitext2-test|ptb``  hub datasets via ``datasets``
   ``path/to/file.txt|.jsonl``   local text (jsonl: a ``text`` field per line)
 
@@ -24,6 +26,7 @@ import torch
 
 from ..checks import check_name_lengths
 from ..errors import InputError
+from .shipped import shipped, shipped_names
 
 
 class CalibrationError(InputError):
@@ -54,20 +57,7 @@ HUB_TEXTS: dict[str, HubText] = {
 
 
 def default_text_path() -> Path:
-    return Path(str(resources.files("depthprune.data").joinpath("texts/pride_and_prejudice.txt")))
-
-
-DEFAULT_HELDOUT_FRACTION = 0.15
-
-
-def _default_split(source: str) -> tuple[str, str]:
-    """The shipped novel, split at a paragraph: calibration reads the first 85%,
-    ``default-heldout`` (for offline perplexity) the rest, so they never overlap."""
-    text = _read_local(default_text_path())
-    cut = text.find("\n\n", int(len(text) * (1 - DEFAULT_HELDOUT_FRACTION)))
-    if source == "default":
-        return text[:cut], "default: Pride and Prejudice, first 85% (Project Gutenberg, shipped)"
-    return text[cut:], "default-heldout: Pride and Prejudice, last 15% (Project Gutenberg, shipped)"
+    return shipped("default").path
 
 
 def read_jsonl(text: str) -> list[tuple[int, Any]]:
@@ -132,8 +122,9 @@ def read_hub_text(source: HubText, max_chars: int = 4_000_000) -> str:
 
 def read_text(source: str | Path) -> tuple[str, str]:
     """Return (text, description) for a source name or file path."""
-    if isinstance(source, str) and source in ("default", "default-heldout"):
-        return _default_split(source)
+    text = shipped(source) if isinstance(source, str) else None
+    if text is not None:
+        return text.read(), text.describe()
     if isinstance(source, str) and source in HUB_TEXTS:
         hub = HUB_TEXTS[source]
         return read_hub_text(hub), f"hub:{hub.path}/{hub.name or ''}:{hub.split}"
@@ -141,7 +132,8 @@ def read_text(source: str | Path) -> tuple[str, str]:
     if path.suffix in (".txt", ".jsonl", ".md", ".text") or path.exists():
         return _read_local(path), f"file:{path}"
     raise CalibrationError(
-        f"unknown text source {source!r}: use 'default', one of {', '.join(HUB_TEXTS)}, "
+        f"unknown text source {source!r}: use a shipped text ({', '.join(shipped_names())}), one of "
+        f"{', '.join(HUB_TEXTS)}, "
         "or a path to a .txt/.jsonl file"
     )
 
@@ -243,7 +235,7 @@ def tokenizer_key(tokenizer: Any) -> tuple:
             tuple(special_prefix(tokenizer)))
 
 
-NAMED_TEXTS = ("default", "default-heldout")
+NAMED_TEXTS = tuple(shipped_names())
 
 
 def check_text_source(source: str | Path, option: str) -> str | None:
@@ -253,8 +245,9 @@ def check_text_source(source: str | Path, option: str) -> str | None:
     """
     if str(source) in HUB_TEXTS:
         return None
-    if str(source) in NAMED_TEXTS:
-        return _default_split(str(source))[0]
+    text = shipped(str(source))
+    if text is not None:
+        return text.read()
     path = Path(source).expanduser()
     check_name_lengths(path, option)
     if path.is_dir():
