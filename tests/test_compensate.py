@@ -258,7 +258,8 @@ def test_layers_fit_lowers_heldout_kl_below_the_linear_fit(family):
     original = tiny_model(family, seed=6)
     linear = fit_compensation(original, plan, batches, Compensation())
     layers = fit_compensation(original, plan, batches,
-                              Compensation(fit="layers", layers_steps=30, layers_lr=1e-3, layers_holdout=4))
+                              Compensation(fit="layers", layers_steps=30, layers_lr=1e-3, layers_holdout=4,
+                                           layers_patience=0))  # the training itself, no early stop
     record = layers.records[-1]["layers"]
     assert record["trained_positions"] == [1, 2] and record["kl_after"] < record["kl_before"]
     assert record["kl_measured_on"] == min(16, record["train_windows"])
@@ -278,6 +279,30 @@ def test_layers_fit_lowers_heldout_kl_below_the_linear_fit(family):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_layers_fit_keeps_its_best_weights_and_says_when_the_heldout_kl_rose():
+    """A fit that only gets worse (a learning rate far too high) keeps the linear start it began from: it stops
+    after ``layers_patience`` looks, its held-out KL is the start's, and the weights are the start's. With
+    the watch off (patience 0) the same fit keeps its last weights and its record carries the one-line warning."""
+    batches = _batches(24, seq=24)
+    plan = Plan("x", LAYERS, remove=[2, 3])
+    original = tiny_model("llama", seed=6)
+    bad = dict(fit="layers", layers_steps=40, layers_lr=0.5, layers_holdout=4, layers_check_every=2,
+               layers_patience=2)
+    watched = fit_compensation(original, plan, batches, Compensation(**bad))
+    record = watched.records[-1]["layers"]
+    assert record["kept_step"] == 0 and record["stopped_early"] and record["steps_run"] == 4
+    assert record["holdout_kl_after"] == pytest.approx(record["holdout_kl_before"], rel=1e-6)
+    assert "warning" not in record
+    start = fit_compensation(original, plan, batches, Compensation(**{**bad, "layers_steps": 0}))
+    for position, changes in watched.overrides.items():
+        for name, value in changes.items():
+            torch.testing.assert_close(value, start.overrides[position][name], rtol=0, atol=0)
+    unwatched = fit_compensation(original, plan, batches, Compensation(**{**bad, "layers_patience": 0}))
+    record = unwatched.records[-1]["layers"]
+    assert record["steps_run"] == 40 and record["holdout_kl_after"] > record["holdout_kl_before"]
+    assert "held-out KL rose" in record["warning"]
+
+
 def test_layers_fit_trains_the_requested_layers_above_every_gap():
     """``layers_after`` counts the kept layers above each gap that train beside the one before it; a plan
     recorded when it was a flag (True) trains the one after, as it did."""
@@ -290,14 +315,19 @@ def test_layers_fit_trains_the_requested_layers_above_every_gap():
     assert trained_positions(gaps, 6, 99) == [1, 2, 3, 4, 5]
 
 
-def test_layers_fit_draws_at_least_its_own_token_budget_and_old_plans_refit_as_recorded():
-    """The layers fit draws max(tokens, layers_tokens) fit tokens; a plan recorded before layers_tokens existed
-    re-fits on its recorded tokens, as it was fitted."""
-    assert Compensation(fit="linear").fit_tokens() == 8192
-    assert Compensation(fit="layers").fit_tokens() == 16384
-    assert Compensation(fit="layers", tokens=32768).fit_tokens() == 32768
-    old = {k: v for k, v in Compensation(fit="layers").to_dict().items() if k != "layers_tokens"}
-    assert Compensation.recorded(old).fit_tokens() == 8192
-    assert Compensation.recorded(Compensation(fit="layers").to_dict()).fit_tokens() == 16384
+def test_layers_fit_draws_one_pass_of_its_steps_and_old_plans_refit_as_recorded():
+    """The layers fit draws enough windows that no training window is seen twice (steps x batch, plus the
+    held-out windows), at least max(tokens, layers_tokens); a plan recorded before layers_tokens existed re-fits
+    on its recorded tokens, and one recorded before the fit kept its best weights re-fits with repeated windows
+    and no early stop, as it was fitted."""
+    assert Compensation(fit="linear").fit_tokens(128) == 8192
+    assert Compensation(fit="layers").fit_tokens(128) == (100 * 4 + 16) * 128
+    assert Compensation(fit="layers", layers_steps=10).fit_tokens(128) == 16384
+    assert Compensation(fit="layers", tokens=10**6).fit_tokens(128) == 10**6
+    old = {k: v for k, v in Compensation(fit="layers").to_dict().items()
+           if k not in ("layers_tokens", "layers_one_pass", "layers_patience", "layers_check_every")}
+    assert Compensation.recorded(old).fit_tokens(128) == 8192
+    assert Compensation.recorded(old).layers_patience == 0 and not Compensation.recorded(old).layers_one_pass
+    assert Compensation.recorded(Compensation(fit="layers").to_dict()) == Compensation(fit="layers")
     with pytest.raises(InputError, match="positive"):
         Compensation.recorded({**old, "layers_tokens": 0})

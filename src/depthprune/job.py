@@ -175,8 +175,9 @@ class DepthStage:
             from .compensate import fit_compensation
 
             config = Compensation.recorded(plan.compensation)
-            fitted = fit_compensation(ctx.backend, plan, ctx.fit_batches(config.fit_tokens(), config.seed), config,
-                                      first_target=ctx.fit_first_target(config.fit_tokens(), config.seed),
+            tokens = config.fit_tokens(ctx.calibration_spec.seq_len)
+            fitted = fit_compensation(ctx.backend, plan, ctx.fit_batches(tokens, config.seed), config,
+                                      first_target=ctx.fit_first_target(tokens, config.seed),
                                       progress=ctx.run.progress)
             record["compensation"] = fitted.records
             overrides = fitted.overrides
@@ -488,6 +489,9 @@ def run_job(model: "Backend | LoadedModel", job: Job, *, out: str | Path | None 
             backend.scratch = scratch  # a streamed model's states spill inside the job's scratch space
         ctx = StageContext(backend, job.calibration, RunContext(job.batch_size, job.progress), scratch,
                            evaluation=job.evaluation)
+        if job.calibration.needs_model and any(stage.uses_calibration for stage in job.stages):
+            backend.require_memory(f"--calib {job.calibration.source} (text sampled from the model)")
+            job.calibration.sample_from(backend.model, backend.tokenizer, job.progress)
 
         job.evaluation.prepare(source, source_path, first_is_input=job.evaluate_before or not job.stages,
                                open_reference=backend.open_like, progress=job.progress)

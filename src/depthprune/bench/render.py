@@ -18,8 +18,14 @@ def results_table(result: BenchResult) -> str:
     divergence = evaluation.get("divergence") is not None
     compensated = any(row.compensation != "none" for row in result.rows)
     tasks = result.tasks
+    domains = result.domains
+    per_text = "kl" if divergence else "perplexity"
+    generation = any("gen_f1" in row.metrics for row in result.all_rows)
+    mean = " (mean)" if domains else ""
     headers = ["method", *(["compensation"] if compensated else []), "ratio", "layers", "removed / merged",
-               "params", "PPL", *(["KL", "top-1"] if divergence else []), *tasks]
+               "params", f"PPL{mean}", *([f"KL{mean}", f"top-1{mean}"] if divergence else []),
+               *[f"{'KL' if divergence else 'PPL'} {d}" for d in domains],
+               *(["gen prefix", "gen F1"] if generation else []), *tasks]
     many = len(tasks) > 1
     if tasks:
         headers += (["mean"] if many else []) + ["acc retention"]
@@ -35,6 +41,9 @@ def results_table(result: BenchResult) -> str:
                             format_number(row.perplexity)]
         if divergence:
             cells += [format_number(row.kl), format_number(row.top1)]
+        cells += [format_number(row.metrics.get(f"{per_text}/{d}")) for d in domains]
+        if generation:
+            cells += [format_number(row.metrics.get("gen_prefix")), format_number(row.metrics.get("gen_f1"))]
         cells += [format_number(row.tasks.get(t)) for t in tasks]
         if tasks:
             cells += ([format_number(row.task_mean)] if many else []) + [_percent(r["accuracy_retention"])]
@@ -111,7 +120,8 @@ def describe_settings(s: dict[str, Any]) -> str:
     evaluation = s["evaluation"]
     if evaluation.get("perplexity"):
         p = evaluation["perplexity"]
-        parts.append(f"PPL: {p['dataset']}, {p['max_windows'] or 'all'} windows x {p['seq_len']} tokens")
+        parts.append(f"PPL: {p['dataset']}, {p['max_windows'] or 'all'} windows x {p['seq_len']} tokens"
+                     + (" each, the mean their geometric mean" if "=" in p["dataset"] else ""))
     if evaluation.get("divergence"):
         d = evaluation["divergence"]
         parts.append(f"KL(dense || row) per token and top-1 agreement with the dense row on the PPL windows "

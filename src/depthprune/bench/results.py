@@ -30,6 +30,8 @@ class BenchRow:
     top1: float | None = None
     tasks: dict[str, float] = field(default_factory=dict)
     task_mean: float | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    """Every value measured, by name: per held-out text (``kl/code``) beside the means, and ``gen_*``."""
     decode_tokens_per_s: float | None = None
     prefill_latency_s: float | None = None
     plan: dict[str, Any] | None = None
@@ -77,6 +79,12 @@ class BenchResult:
     def tasks(self) -> list[str]:
         zs = self.settings["evaluation"].get("zeroshot")
         return list(zs["tasks"]) if zs else []
+
+    @property
+    def domains(self) -> list[str]:
+        """The held-out texts measured one by one (empty for a single text)."""
+        names = [name.partition("/")[2] for row in self.all_rows for name in row.metrics if "/" in name]
+        return list(dict.fromkeys(names))
 
     def derived(self, row: BenchRow) -> dict[str, float | None]:
         """Retention against dense: mean task score ratio, perplexity ratio, decode speedup, ideal speedup."""

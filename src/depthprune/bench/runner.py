@@ -146,6 +146,7 @@ def _row(method: str, ratio: float | None, compensation: str, session: _Session,
             row.kl, row.top1 = after.divergence.kl, after.divergence.top1
         if after.zeroshot is not None:
             row.tasks, row.task_mean = after.zeroshot.metrics, after.zeroshot.mean
+        row.metrics = after.values()
         if after.speed is not None:
             row.decode_tokens_per_s, row.prefill_latency_s = after.speed.decode_tokens_per_s, \
                 after.speed.prefill_latency_s

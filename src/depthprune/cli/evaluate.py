@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..compensate import DEFAULT_TOKENS, LAYERS_AFTER, LAYERS_STEPS
+from ..data.calibration import DEFAULT_EVAL_TEXTS, PPL_WINDOWS
 from .app import app
 from .options import (
     CALIBRATION,
@@ -41,10 +42,14 @@ from .prune import METHOD_FLAGS, MethodOptionsHelp, method_flags
 def eval_ppl_cmd(
     given: Given = None,
     dataset: Annotated[str, typer.Option(
-        help="default-heldout (shipped, offline), wikitext2, ptb (need the Hub), or a text file.")] = "default-heldout",
+        "--eval-texts", "--dataset",
+        help="NAME=SOURCE,... (default: the shipped held-out fiction, encyclopedic and code texts, reported each "
+        "and as their mean) or one SOURCE: a shipped text, wikitext2, ptb (need the Hub), or a text file.")
+    ] = DEFAULT_EVAL_TEXTS,
     seq_len: SeqLenOpt = 128,
     batch_size: BatchOpt = 8,
-    max_windows: Annotated[int, typer.Option(help="Use at most this many windows (0 = all).")] = 0,
+    max_windows: Annotated[int, typer.Option(help="Use at most this many windows of each text (0 = all).")
+                           ] = PPL_WINDOWS,
     reference: Annotated[Optional[str], typer.Option(
         help="Also measure KL(reference || model) per token and top-1 agreement with this dense model on the "
         "same windows (loaded first, its distributions cached, then freed). With only --reference-cache: the "
@@ -72,10 +77,15 @@ def eval_ppl_cmd(
     loaded = given.load()
     result = spec.run(loaded.model, loaded.tokenizer, not given.quiet)
     res, div = result.perplexity, result.divergence
-    typer.echo(f"perplexity {res.perplexity:.3f}  ({res.windows} windows x {res.seq_len} tokens, "
+    mean = " (mean of the texts)" if res.domains else ""
+    typer.echo(f"perplexity {res.perplexity:.3f}{mean}  ({res.windows} windows x {res.seq_len} tokens, "
                f"{res.tokens} scored tokens, {res.source})")
     if div is not None:
-        typer.echo(f"kl {div.kl:.4f}  top1 {div.top1:.4f}  (against {div.reference}; reference cache {div.cache})")
+        typer.echo(f"kl {div.kl:.4f}  top1 {div.top1:.4f}{mean}  (against {div.reference}; reference cache "
+                   f"{div.cache})")
+    for name, d in res.domains.items():
+        typer.echo(f"  {name}: perplexity {d['perplexity']:.3f}" + (
+            f"  kl {div.domains[name]['kl']:.4f}  top1 {div.domains[name]['top1']:.4f}" if div is not None else ""))
     if json_out:
         write_result(json_out, {"model": given.model, **res.to_dict(),
                                 **({"divergence": div.to_dict()} if div is not None else {})})

@@ -27,6 +27,7 @@ import typer
 
 from ..checks import flag_of, require_finite
 from ..compensate import DEFAULT_TOKENS, LAYERS_AFTER, LAYERS_STEPS
+from ..data.calibration import DEFAULT_CALIBRATION, DEFAULT_EVAL_TEXTS, PPL_WINDOWS
 from ..errors import InputError
 from ..flags import OptionInfo, declared_options
 from .app import ParameterSource, get_current_context
@@ -43,7 +44,9 @@ if TYPE_CHECKING:
 ModelOpt = Annotated[str, typer.Option(
     "--model", "-m", help="Hub id, local directory, .gguf file, or alias (smollm2-135m, gemma3-270m).")]
 DtypeOpt = Annotated[Optional[str], typer.Option(help="float32 (CPU default), bfloat16 or float16 (GPU default).")]
-DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:N, or auto (accelerate device_map over all GPUs).")]
+DeviceOpt = Annotated[Optional[str], typer.Option(
+    help="cpu, cuda, cuda:N, or auto (accelerate device_map over all GPUs). Default: cuda when a GPU is available "
+    "(bfloat16), else cpu (float32); the choice is printed.")]
 BatchOpt = Annotated[int, typer.Option(
     "--batch-size", help="Sequences per forward pass (calibration, perplexity, lm-eval requests).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars (transformers' own included).")]
@@ -51,8 +54,9 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars 
 # ------------------------------------------------------------------ calibration
 
 CalibOpt = Annotated[str, typer.Option(
-    "--calib", help="Calibration text: 'default' (shipped novel), bookcorpus, pg19, c4, wikitext2, or a "
-    ".txt/.jsonl file.")]
+    "--calib", help="Calibration (and fitting) text: general (shipped: fiction, encyclopedic prose and code in "
+    "equal shares), fiction, encyclopedic, code, default (the shipped novel), a mixture A+B, bookcorpus, pg19, c4, "
+    "wikitext2, or a .txt/.jsonl file.")]
 SamplesOpt = Annotated[int, typer.Option("--calib-samples", help="Number of calibration windows.")]
 SeqLenOpt = Annotated[int, typer.Option(
     "--seq-len", help="Tokens per calibration / perplexity window (BOS included when the tokenizer adds one).")]
@@ -62,7 +66,9 @@ SeedOpt = Annotated[int, typer.Option(help="Seed for sampling calibration window
 
 EvalOpt = Annotated[Optional[str], typer.Option(
     "--eval", help="What to measure, comma separated: ppl; kl and top1 (mean KL(dense || model) per token and "
-    "how often both predict the same next token, on the perplexity windows, against --reference); and/or "
+    "how often both predict the same next token, on the perplexity windows, against --reference); gen (greedy "
+    "continuations of 8 held-out prompts per text, 32 new tokens, against the reference's: matching prefix "
+    "and token F1); and/or "
     "lm-eval tasks ('paper' = the seven paper tasks; piqa = the offline piqa_local task when --piqa-dir or "
     "$DEPTHPRUNE_PIQA_DIR is set); none = nothing.")]
 ReferenceOpt = Annotated[Optional[str], typer.Option(
@@ -72,8 +78,12 @@ ReferenceCacheOpt = Annotated[Optional[Path], typer.Option(
     "--reference-cache", help="kl/top1: a .safetensors file for the reference's next-token distributions: "
     "read when it matches (the reference is then not loaded), written after they are computed.")]
 PplDataOpt = Annotated[str, typer.Option(
-    help="Perplexity text: default-heldout (shipped, offline), wikitext2, ptb (need the Hub) or a file.")]
-PplWindowsOpt = Annotated[int, typer.Option(help="Maximum perplexity windows (0 = all).")]
+    "--eval-texts", "--ppl-data",
+    help="Held-out texts for ppl/kl/top1, measured in one pass and reported per text and as their mean: "
+    "NAME=SOURCE,... (default: the shipped fiction, encyclopedic and code texts), or one SOURCE. A source is a "
+    "shipped text (heldout-fiction, heldout-encyclopedic, heldout-code, default-heldout), wikitext2 or ptb (need "
+    "the Hub) or a .txt/.jsonl file.")]
+PplWindowsOpt = Annotated[int, typer.Option(help="Perplexity windows per held-out text, at most (0 = all).")]
 LimitOpt = Annotated[Optional[float], typer.Option(
     help="Zero-shot: only the first N items of each task (a value below 1 is a fraction).")]
 FewshotOpt = Annotated[int, typer.Option("--num-fewshot", help="Few-shot examples per item (the papers use 0).")]
@@ -124,6 +134,10 @@ def split_list(value: str | None) -> list[str]:
     return [x.strip() for x in (value or "").split(",") if x.strip()]
 
 
+WINDOWED = ("ppl", "kl", "top1", "gen")
+"""``--eval`` names measured on the held-out texts (``--eval-texts``); every other name is an lm-eval task."""
+
+
 def eval_names(value: str | None) -> list[str]:
     """The ``--eval`` list; ``none`` (alone) measures nothing."""
     names = split_list(value)
@@ -139,10 +153,18 @@ def require_out(out: str | None, what: str = "the checkpoint") -> str:
     return out
 
 
-def load(model: str, dtype: str | None, device: str, quiet: bool) -> "LoadedModel":
-    from ..models.load import load_model
+def default_device() -> str:
+    """The GPU when there is one, else the CPU."""
+    import torch
 
-    typer.echo(f"loading {model} ...", err=True)
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load(model: str, dtype: str | None, device: str, quiet: bool) -> "LoadedModel":
+    from ..models.load import load_model, resolve_dtype
+
+    typer.echo(f"loading {model} on {device} ({str(resolve_dtype(dtype, device)).replace('torch.', '')}) ...",
+               err=True)
     return load_model(model, dtype=dtype, device=device, progress=not quiet)
 
 
@@ -217,8 +239,8 @@ def parse_tasks(names: list[str], piqa_dir: Path | None) -> list[str]:
 def evaluation(
     what: str | None,
     *,
-    ppl_data: str = "default-heldout",
-    ppl_windows: int = 40,
+    ppl_data: str = DEFAULT_EVAL_TEXTS,
+    ppl_windows: int = PPL_WINDOWS,
     seq_len: int = 128,
     limit: float | None = None,
     num_fewshot: int = 0,
@@ -236,16 +258,18 @@ def evaluation(
     ``windows_option`` is the option that gave ``ppl_windows`` (``eval-ppl`` calls it ``--max-windows``);
     ``reference`` is the dense model kl/top1 compare with (None: the model measured first)."""
     from ..evaluate.divergence import METRICS as DIVERGENCE_METRICS
+    from ..evaluate.generation import GenerationSpec
     from ..evaluate.suite import DivergenceSpec, Evaluation, PerplexitySpec, SpeedSpec, ZeroShotSpec
 
     names = eval_names(what)
     if ppl_windows < 0:
         raise InputError(f"{windows_option} must be 0 (all) or more, got {ppl_windows}")
-    tasks = parse_tasks([n for n in names if n not in ("ppl", *DIVERGENCE_METRICS)], piqa_dir)
+    tasks = parse_tasks([n for n in names if n not in WINDOWED], piqa_dir)
     windows = PerplexitySpec(ppl_data, seq_len, ppl_windows or None, batch_size)
     divergence = [n for n in DIVERGENCE_METRICS if n in names]
     result = Evaluation(
         perplexity=windows if "ppl" in names else None,
+        generation=GenerationSpec(windows.texts()) if "gen" in names else None,
         divergence=DivergenceSpec(divergence, windows, reference, str(reference_cache) if reference_cache else None)
         if divergence else None,
         zeroshot=ZeroShotSpec(tasks, parse_limit(limit), batch_size, num_fewshot,
@@ -329,14 +353,14 @@ class SettingFlags:
         return {info.name: info.field_value(kwargs.pop(self.parameter(info))) for info in self.infos()}
 
 
-MODEL = OptionGroup((("model", ModelOpt, "smollm2-135m"), ("dtype", DtypeOpt, None), ("device", DeviceOpt, "cpu"),
+MODEL = OptionGroup((("model", ModelOpt, "smollm2-135m"), ("dtype", DtypeOpt, None), ("device", DeviceOpt, None),
                      ("quiet", QuietOpt, False)))
-CALIBRATION = OptionGroup((("calib", CalibOpt, "default"), ("calib_samples", SamplesOpt, 10),
+CALIBRATION = OptionGroup((("calib", CalibOpt, DEFAULT_CALIBRATION), ("calib_samples", SamplesOpt, 10),
                            ("seq_len", SeqLenOpt, 128), ("seed", SeedOpt, 1234)))
 ZEROSHOT = OptionGroup((("limit", LimitOpt, None), ("num_fewshot", FewshotOpt, 0), ("task_dir", TaskDirOpt, None),
                         ("piqa_dir", PiqaDirOpt, None)))
-EVALUATION = OptionGroup((("eval_", EvalOpt, None), ("ppl_data", PplDataOpt, "default-heldout"),
-                          ("ppl_windows", PplWindowsOpt, 40), ("reference", ReferenceOpt, None),
+EVALUATION = OptionGroup((("eval_", EvalOpt, None), ("ppl_data", PplDataOpt, DEFAULT_EVAL_TEXTS),
+                          ("ppl_windows", PplWindowsOpt, PPL_WINDOWS), ("reference", ReferenceOpt, None),
                           ("reference_cache", ReferenceCacheOpt, None))) + ZEROSHOT
 STREAMING = OptionGroup((("stream", StreamOpt, None), ("max_memory", MaxMemoryOpt, None)))
 PUSH = OptionGroup((("push_to_hub", PushOpt, None),))
@@ -360,13 +384,16 @@ class Given(SimpleNamespace):
 
     def evaluation_spec(self, *, batch_size: int, seq_len: int | None = None, seed: int | None = None,
                         speed: bool = False, input_is_reference: bool = True) -> "Evaluation":
-        """The command's evaluation, checked; for kl/top1 with its reference resolved (see :func:`reference_for`)."""
+        """The command's evaluation, checked; for kl/top1/gen with its reference resolved (see
+        :func:`reference_for`)."""
         from ..evaluate.divergence import METRICS as DIVERGENCE_METRICS
 
         names = eval_names(self.eval_)
-        windowed = "ppl" in names or any(n in names for n in DIVERGENCE_METRICS)
-        tasks = [n for n in names if n not in ("ppl", *DIVERGENCE_METRICS)]
-        refuse_ignored(*[(name, windowed, "needs ppl, kl or top1 in --eval") for name in ("ppl_data", "ppl_windows")],
+        windowed = any(n in names for n in WINDOWED)
+        tasks = [n for n in names if n not in WINDOWED]
+        refuse_ignored(("ppl_data", windowed, "needs ppl, kl, top1 or gen in --eval"),
+                       ("ppl_windows", any(n in names for n in ("ppl", *DIVERGENCE_METRICS)),
+                        "needs ppl, kl or top1 in --eval"),
                        *[(name, bool(tasks), "needs lm-eval tasks in --eval")
                          for name in ("limit", "num_fewshot", "task_dir", "piqa_dir")])
         spec = evaluation(self.eval_, ppl_data=self.ppl_data, ppl_windows=self.ppl_windows,
@@ -374,8 +401,11 @@ class Given(SimpleNamespace):
                           num_fewshot=self.num_fewshot, task_dir=self.task_dir, piqa_dir=self.piqa_dir,
                           batch_size=batch_size, seed=seed or getattr(self, "seed", 1234), speed=speed,
                           reference_cache=self.reference_cache)
-        if spec.divergence is not None:
-            spec.divergence.reference = reference_for(self.model, self.reference, input_is_reference)
+        if spec.divergence is not None or spec.generation is not None:
+            reference = reference_for(self.model, self.reference, input_is_reference)
+            for part in (spec.divergence, spec.generation):
+                if part is not None:
+                    part.reference = reference
         return spec
 
     def compensation_spec(self):
@@ -455,6 +485,8 @@ def uses(*groups: OptionGroup | SettingFlags) -> Callable[[Callable[..., Any]], 
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             check_numbers(kwargs)
             given = Given(**{p.name: kwargs.pop(p.name) for p in added})
+            if "device" in vars(given) and given.device is None:
+                given.device = default_device()
             settings = {name: group.values(kwargs) for name, group in placed.items()}
             with quiet_transformers(bool(getattr(given, "quiet", False))):
                 return command(*args, given=given, **settings, **kwargs)

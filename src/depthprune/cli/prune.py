@@ -206,14 +206,21 @@ def print_result(result) -> None:
         typer.echo(record.get("summary", record["stage"]))
     depth = next((r for r in result.stages if r.get("stage") == "depth"), {})
     pruned = depth.get("uncompensated") or {}
-    for name, entry in result.metrics().items():
-        if entry["before"] is not None and entry["after"] is not None and name in pruned:
-            typer.echo(f"{name}: {entry['before']:.4f} dense -> {pruned[name]:.4f} pruned -> {entry['after']:.4f} "
-                       f"recovered")
-        elif entry["before"] is not None and entry["after"] is not None:
-            typer.echo(f"{name}: {entry['before']:.4f} before -> {entry['after']:.4f} after")
-        elif entry["after"] is not None:
-            typer.echo(f"{name}: {entry['after']:.4f}")
+    metrics = result.metrics()
+    bases = list(dict.fromkeys(name.partition("/")[0] for name in metrics))
+    width = max((len(name.partition("/")[2]) for name in metrics), default=0)
+    for base in bases:
+        domains = [name for name in metrics if name.startswith(base + "/")]
+        if not domains:
+            line = _metric_line(metrics[base], pruned.get(base))
+            if line:
+                typer.echo(f"{base}: {line}")
+            continue
+        typer.echo(f"{base}:")
+        for name in [*domains, base]:
+            if name in metrics:
+                label = name.partition("/")[2] or "mean"
+                typer.echo(f"  {label:<{width}}  {_metric_line(metrics[name], pruned.get(name))}")
     divergence = result.after.divergence if result.after is not None else None
     if divergence is not None:
         typer.echo(f"(kl/top1 against {divergence.reference} on {divergence.tokens} tokens, reference cache "
@@ -222,6 +229,19 @@ def print_result(result) -> None:
         typer.echo(f"saved to {result.out} (report.md, report.json, depthprune_plan.json)")
 
 
+def _metric_line(entry: dict, pruned: float | None) -> str:
+    """``before -> after`` (dense -> pruned -> recovered when the plan was measured before its recovery)."""
+    before, after = entry["before"], entry["after"]
+    if before is not None and after is not None and pruned is not None:
+        return f"{before:.4f} dense -> {pruned:.4f} pruned -> {after:.4f} recovered"
+    if before is not None and after is not None:
+        return f"{before:.4f} before -> {after:.4f} after"
+    return f"{after:.4f}" if after is not None else ""
+
+
+RUN_CANDIDATES = "shortgpt,angular,sleb"
+"""The demo's candidates: auto's without SLM, whose merges break SmolLM2 at 25% (KL 5.9, README) and whose search
+was 60% of the demo's time."""
 RUN_RECOVER_STEPS = 60
 """Steps of the demo's recovery: on SmolLM2 most of the 100-step fit's gain (held-out KL 0.342 against 0.332) for
 60% of its training time."""
@@ -251,8 +271,8 @@ def run(
     if method != "auto" and recover != "none":
         raise InputError(f"--recover belongs to --method auto; with --method {method} pass --recover none (or use "
                          "`depthprune prune --compensate layers`)")
-    options = build_options(method, {"recover": recover, "recover_steps": RUN_RECOVER_STEPS}
-                            if method == "auto" else {})
+    options = build_options(method, {"recover": recover, "recover_steps": RUN_RECOVER_STEPS,
+                                     "candidates": RUN_CANDIDATES} if method == "auto" else {})
     job = Job([DepthStage(method, Target(ratio=ratio), options, measure_uncompensated=True)],
               evaluation=given.evaluation_spec(batch_size=8), progress=not given.quiet).check()
     given.run_job(job, check_out(out, given.model, overwrite, job), overwrite)

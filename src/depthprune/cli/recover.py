@@ -6,6 +6,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from ..data.calibration import DEFAULT_CALIBRATION
 from ..heal.config import HealConfig
 from .app import app
 from .options import (
@@ -44,14 +45,20 @@ HEAL_SETTINGS = SettingFlags(HealConfig, into="training")
 """Every :class:`HealConfig` flag, as ``heal`` offers it (``--lr``, ``--rank``, ...)."""
 
 
+DISTILL_DATA = DEFAULT_CALIBRATION
+"""What ``heal --distill`` trains on by default: the dense model's distributions need no labels, so a general
+mix of the shipped texts, offline."""
+
+
 @app.command("heal")
 @uses(MODEL, EVALUATION, PUSH, HEAL_SETTINGS)
 def heal_cmd(
     given: Given = None,
-    data: Annotated[str, typer.Option(
-        help="alpaca-cleaned (yahma/alpaca-cleaned via datasets; needs the Hub), another alpaca-layout hub "
-        "id, a local alpaca .json/.jsonl file (instruction/input/output), or a .txt file (plain LM loss "
-        "on cutoff-length blocks).")] = "alpaca-cleaned",
+    data: Annotated[Optional[str], typer.Option(
+        help="A shipped text (general: fiction, encyclopedic prose and code in equal shares; fiction, "
+        "encyclopedic, code), alpaca-cleaned (yahma/alpaca-cleaned via datasets; needs the Hub), another "
+        "alpaca-layout hub id, a local alpaca .json/.jsonl file (instruction/input/output), or a .txt file "
+        "(plain LM loss on cutoff-length blocks). Default: general with --distill, else alpaca-cleaned.")] = None,
     out: OutOpt = None,
     training: dict[str, Any] = None,
     save_adapter: Annotated[bool, typer.Option(help="Also write the adapter alone to OUT/adapter.")] = False,
@@ -78,6 +85,8 @@ def heal_cmd(
                     "in scratch space that is always removed)"))
     if config.distill and teacher is None:
         teacher = recorded_source(given.model)
+    if data is None:
+        data = DISTILL_DATA if config.distill else "alpaca-cleaned"
     stage = HealStage(data, config, work_dir=work_dir, resume=resume, save_adapter=save_adapter,
                       keep_checkpoints=keep_checkpoints, teacher=teacher)
     job = Job([stage], evaluation=given.evaluation_spec(batch_size=8, seq_len=seq_len, input_is_reference=False),

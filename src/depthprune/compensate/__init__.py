@@ -182,12 +182,12 @@ def fit_compensation(model: "nn.Module | Backend", plan: Plan, batches: Sequence
     if session is None:
         with FitSession(backend, batches, [plan], teacher=config.fit in TRAINED_FITS, first_target=first_target,
                         progress=progress) as own:
-            return _fit(backend, plan, stack, fitted, found, config, own)
-    return _fit(backend, plan, stack, fitted, found, config, session)
+            return _fit(backend, plan, stack, fitted, found, config, own, progress)
+    return _fit(backend, plan, stack, fitted, found, config, session, progress)
 
 
 def _fit(backend: Backend, plan: Plan, stack: list[nn.Module], fitted: Fitted, found: list[Interface],
-         config: Compensation, session: FitSession) -> Fitted:
+         config: Compensation, session: FitSession, progress: bool = False) -> Fitted:
     spec, walker = backend.spec, session.walker
     done = start = min(unchanged_prefix(plan), found[0].position)
     walker.copy(("enter", "original", done), "current")
@@ -212,7 +212,7 @@ def _fit(backend: Backend, plan: Plan, stack: list[nn.Module], fitted: Fitted, f
     if config.fit == "layers":
         teacher = session.teacher if session.teacher is not None else walker.finals("original")
         trained, summary = train_layers(backend, stack, found, walker, ("enter", "original", start), start,
-                                        teacher, config, first_target=session.first_target)
+                                        teacher, config, first_target=session.first_target, progress=progress)
         for position, changes in trained.items():
             _patch(stack, fitted, position, changes)
         fitted.records.append({"layers": summary})

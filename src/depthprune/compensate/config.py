@@ -23,6 +23,14 @@ LAYERS_TOKENS = 16384
 on SmolLM2, docs/compensation.md)."""
 
 
+LAYERS_HOLDOUT = 16
+"""Fit windows the ``layers`` fit never trains on: it watches their KL to keep its best weights and stop."""
+LAYERS_CHECK_EVERY = 10
+"""Training steps between two looks at the held-out KL."""
+LAYERS_PATIENCE = 3
+"""Looks in a row without a better held-out KL before the fit stops (0: never stop early, keep the last weights)."""
+
+
 @dataclass
 class Compensation:
     """How to fit the interface maps (recorded in the plan, so re-applying the plan re-fits the same way)."""
@@ -42,8 +50,11 @@ class Compensation:
     layers_batch: int = 4
     layers_after: int = LAYERS_AFTER
     layers_tokens: int = LAYERS_TOKENS
-    layers_holdout: int = 8
+    layers_holdout: int = LAYERS_HOLDOUT
     layers_chunk: int = 512
+    layers_check_every: int = LAYERS_CHECK_EVERY
+    layers_patience: int = LAYERS_PATIENCE
+    layers_one_pass: bool = True
     seed: int = 4321
 
     def validate(self) -> "Compensation":
@@ -59,22 +70,31 @@ class Compensation:
         if min(self.refine_tokens, self.layers_tokens, self.kl_windows, self.kl_batch, self.layers_batch,
                self.layers_chunk) < 1:
             raise InputError("compensation token, window and batch counts must be positive")
-        if min(self.layers_steps, self.layers_holdout, self.layers_after) < 0 or self.layers_lr <= 0:
+        if min(self.layers_steps, self.layers_holdout, self.layers_after, self.layers_patience) < 0 or \
+                self.layers_lr <= 0 or self.layers_check_every < 1:
             raise InputError("--compensate layers: steps, held-out windows and layers after the gap must be 0 or "
                              "more, the learning rate positive")
         return self
 
-    def fit_tokens(self) -> int:
-        """Calibration tokens the fit draws: ``tokens``, raised to ``layers_tokens`` for the trained ``layers``
-        fit (its linear maps fit on the same windows)."""
-        return max(self.tokens, self.layers_tokens) if self.fit == "layers" else self.tokens
+    def fit_tokens(self, seq_len: int) -> int:
+        """Calibration tokens the fit draws: ``tokens``; for the trained ``layers`` fit (its linear maps fit on the
+        same windows) at least ``layers_tokens``, and with ``layers_one_pass`` enough that no training window is
+        seen twice (every step's batch new) beside the held-out windows."""
+        if self.fit != "layers":
+            return self.tokens
+        one_pass = (self.layers_steps * self.layers_batch + self.layers_holdout) * seq_len if self.layers_one_pass \
+            else 0
+        return max(self.tokens, self.layers_tokens, one_pass)
 
     @classmethod
     def recorded(cls, fields: dict[str, Any]) -> "Compensation":
         """The settings a plan recorded, checked; a plan written before ``layers_tokens`` existed fitted on
-        ``tokens``, and re-fits so."""
+        ``tokens``, and one written before the fit watched its held-out windows trained every step on random
+        windows and kept its last weights: each re-fits as it did."""
         fields = dict(fields)
         fields.setdefault("layers_tokens", fields.get("tokens", DEFAULT_TOKENS))
+        if fields.get("fit") == "layers" and "layers_one_pass" not in fields:  # before the fit kept its best
+            fields.update(layers_one_pass=False, layers_patience=0, layers_holdout=fields.get("layers_holdout", 8))
         return cls(**fields).validate()
 
     def to_dict(self) -> dict[str, Any]:

@@ -21,9 +21,15 @@ It is cheap by construction:
   logits of a whole batch never exist.
 
 The result is plain weights of the same layers (same depth, same
-architecture), written into the checkpoint like any other compensation. Some
-fit windows are held out of training (``layers_holdout``) and the KL on them is
-recorded before and after, so overfitting shows in the plan.
+architecture), written into the checkpoint like any other compensation.
+
+It cannot make the model worse on its own text: some fit windows are held out
+of training (``layers_holdout``); every ``layers_check_every`` steps the KL on
+them is measured, the best weights seen are kept (the linear start counts as
+step 0) and training stops after ``layers_patience`` looks without a better
+one. Each training window is seen once (``layers_one_pass``: the fit draws
+steps x batch windows). The record says which step was kept, and a held-out
+KL that rose is said in one line.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
+from tqdm.auto import tqdm
 
 from ..backend import Backend, Stack, Walker, count_work
 from ..backend.calls import final_states, record_calls
@@ -66,6 +73,31 @@ class Trainable(nn.Module):
 
     def changes(self) -> dict[str, torch.Tensor]:
         return {name: value.detach().clone() for name, value in self.weights.items()}
+
+    def load(self, values: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for name, value in values.items():
+                self.weights[name].copy_(value)
+
+
+class BestWeights:
+    """The trained layers' weights at the lowest held-out KL seen, and when that was."""
+
+    def __init__(self, trainable: dict[int, Trainable], kl: float | None) -> None:
+        self.trainable, self.kl, self.step, self.since = trainable, kl, 0, 0
+        self.saved = {p: t.changes() for p, t in trainable.items()}
+
+    def look(self, step: int, kl: float) -> None:
+        """Keep the weights if ``kl`` beats the best so far; else count one more look without progress."""
+        if self.kl is None or kl < self.kl:
+            self.kl, self.step, self.since = kl, step, 0
+            self.saved = {p: t.changes() for p, t in self.trainable.items()}
+        else:
+            self.since += 1
+
+    def restore(self) -> None:
+        for p, t in self.trainable.items():
+            t.load(self.saved[p])
 
 
 def trained_positions(found: Sequence[Interface], depth: int, after: int) -> list[int]:
@@ -101,7 +133,8 @@ def _kl_and_grad(model: nn.Module, student: torch.Tensor, teacher: torch.Tensor,
 
 def train_layers(backend: Backend, stack: list[nn.Module], found: Sequence[Interface], walker: Walker,
                  start: Any, lowest_done: int, teacher: list[torch.Tensor], config: Compensation,
-                 first_target: int = 1) -> tuple[dict[int, dict[str, torch.Tensor]], dict[str, Any]]:
+                 first_target: int = 1, progress: bool = False
+                 ) -> tuple[dict[int, dict[str, torch.Tensor]], dict[str, Any]]:
     """Train the layers at ``found``'s gaps in ``stack`` (linear maps already in place) on the walker's windows.
 
     ``start`` is the walker state key holding the stack's states entering position ``lowest_done``;
@@ -156,26 +189,53 @@ def train_layers(backend: Backend, stack: list[nn.Module], found: Sequence[Inter
                   for i in range(0, len(rows), config.layers_batch)]
         return sum(t for t, _ in totals) / max(sum(c for _, c in totals), 1)
 
-    tokens = 0
+    tokens, steps_run, curve = 0, 0, []
+    watch = bool(held) and config.layers_patience > 0
+    order: list[int] = []
     try:
         for p in model.parameters():
             p.requires_grad_(False)
         probe = train[:TRAIN_PROBE_WINDOWS]
         before, held_before = mean_kl(probe), mean_kl(held)
-        for _ in range(steps):
-            pick = torch.randperm(len(train), generator=generator)[: config.layers_batch].tolist()
-            optim.zero_grad()
-            _, count = batch_kl([train[i] for i in pick], True)
-            tokens += count
-            optim.step()
-            schedule.step()
+        best = BestWeights(trainable, held_before) if watch else None
+        with tqdm(total=steps, desc="layers fit", unit="step", disable=not progress) as bar:
+            for step in range(1, steps + 1):
+                if config.layers_one_pass:
+                    if not order:
+                        order = torch.randperm(len(train), generator=generator).tolist()
+                    pick, order = order[: config.layers_batch], order[config.layers_batch:]
+                else:
+                    pick = torch.randperm(len(train), generator=generator)[: config.layers_batch].tolist()
+                optim.zero_grad()
+                _, count = batch_kl([train[i] for i in pick], True)
+                tokens += count
+                optim.step()
+                schedule.step()
+                steps_run = step
+                bar.update(1)
+                if best is not None and (step % config.layers_check_every == 0 or step == steps):
+                    kl = mean_kl(held)
+                    curve.append([step, kl])
+                    best.look(step, kl)
+                    bar.set_postfix_str(f"held-out kl {kl:.4f} (best {best.kl:.4f} at step {best.step})")
+                    if best.since >= config.layers_patience:
+                        break
+        if best is not None:
+            best.restore()
         after, held_after = mean_kl(probe), mean_kl(held)
     finally:
         for p, flag in frozen.items():
             p.requires_grad_(flag)
     record = {"trained_positions": positions, "train_windows": len(train), "holdout_windows": len(held),
               "kl_measured_on": len(probe),
-              "steps": steps, "tokens_trained": tokens, "kl_before": before, "kl_after": after,
+              "steps": steps, "steps_run": steps_run, "kept_step": best.step if best is not None else steps_run,
+              "stopped_early": steps_run < steps, "holdout_curve": curve,
+              "tokens_trained": tokens, "kl_before": before, "kl_after": after,
               "holdout_kl_before": held_before, "holdout_kl_after": held_after,
               "seconds": round(time.perf_counter() - began, 2)}
+    if held_before is not None and held_after is not None and held_after > held_before:
+        record["warning"] = (f"--compensate layers: the held-out KL rose ({held_before:.4f} -> {held_after:.4f}); "
+                             "the trained layers overfit their windows: use more --compensate-tokens or fewer "
+                             "--compensate-steps")
+        tqdm.write(record["warning"])
     return {p: t.changes() for p, t in trainable.items()}, record

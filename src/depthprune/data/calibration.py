@@ -1,6 +1,8 @@
 """Calibration and evaluation text: where it comes from and how it becomes token windows.
 
 Sources, by name:
+  ``general``                   the default: fiction, encyclopedic and code windows in equal shares
+  ``a+b+...``                   any mixture of sources, windows drawn from each in equal shares
   ``fiction|encyclopedic|code``  shipped calibration texts of three domains (no network; :mod:`.shipped`)
   ``heldout-fiction|heldout-encyclopedic|heldout-code``  shipped held-out texts of the same domains, from other
                                 documents, for evaluation
@@ -26,7 +28,8 @@ import torch
 
 from ..checks import check_name_lengths
 from ..errors import InputError
-from .shipped import shipped, shipped_names
+from .selftext import SelfSampling, self_text
+from .shipped import DEFAULT_CALIBRATION, EVAL_DOMAINS, MIXTURES, shipped, shipped_names
 
 
 class CalibrationError(InputError):
@@ -54,6 +57,28 @@ HUB_TEXTS: dict[str, HubText] = {
     "wikitext2-test": HubText("Salesforce/wikitext", "wikitext-2-raw-v1", "test", streaming=False),
     "ptb": HubText("ptb-text-only/ptb_text_only", None, "test", field="sentence", streaming=False),
 }
+
+
+def mixture_parts(source: str | Path) -> list[str] | None:
+    """The texts of a mixture (``general``, or any ``a+b+c`` of sources), else None: its windows are drawn from
+    every part equally (stratified), whatever each part's length."""
+    name = MIXTURES.get(str(source), str(source)) if isinstance(source, str) else None
+    if name is None or "+" not in name:
+        return None
+    parts = [p.strip() for p in name.split("+")]
+    if not all(parts):
+        raise CalibrationError(f"--calib {source!r}: a mixture is SOURCE+SOURCE (e.g. fiction+code), with no "
+                               "empty part")
+    return parts
+
+
+def named_texts(source: str | Path) -> list[str] | None:
+    """The shipped texts a name stands for (one, or a mixture's parts), else None (a file or a hub dataset)."""
+    parts = mixture_parts(source) or [str(source)]
+    texts = [shipped(part) for part in parts]
+    if any(t is None for t in texts):
+        return None
+    return [t.read() for t in texts]
 
 
 def default_text_path() -> Path:
@@ -121,7 +146,11 @@ def read_hub_text(source: HubText, max_chars: int = 4_000_000) -> str:
 
 
 def read_text(source: str | Path) -> tuple[str, str]:
-    """Return (text, description) for a source name or file path."""
+    """Return (text, description) for a source name or file path (a mixture: its parts joined)."""
+    parts = mixture_parts(source)
+    if parts is not None:
+        read = [read_text(part) for part in parts]
+        return "\n\n".join(t for t, _ in read), f"{source}: " + " + ".join(d for _, d in read)
     text = shipped(source) if isinstance(source, str) else None
     if text is not None:
         return text.read(), text.describe()
@@ -164,6 +193,13 @@ class Calibration:
         for start in range(0, self.num_windows, batch_size):
             yield self.input_ids[start : start + batch_size], self.attention_mask[start : start + batch_size]
 
+    def domains(self) -> list[tuple[str, int, int]]:
+        """(domain, first window, end) of each text the windows came from; one unnamed span for a single text."""
+        spans = self.description.get("domains")
+        if not spans:
+            return [("", 0, self.num_windows)]
+        return [(name, lo, hi) for name, (lo, hi) in spans.items()]
+
     def first(self, count: int) -> "Calibration":
         """The first ``count`` windows (a cheap, lower-fidelity sample of the same text)."""
         return Calibration(self.input_ids[:count], self.attention_mask[:count],
@@ -177,7 +213,7 @@ class Calibration:
 class CalibrationSpec:
     """Where calibration comes from: sampled token windows, or a file of sentences (LaCo)."""
 
-    source: str = "default"
+    source: str = DEFAULT_CALIBRATION
     num_windows: int = 10
     seq_len: int = 128
     seed: int = 1234
@@ -191,6 +227,9 @@ class CalibrationSpec:
         if self.seq_len < 2:
             raise CalibrationError(f"--seq-len must be at least 2 tokens, got {self.seq_len}")
         text = check_text_source(self.source, "--calib")
+        for part, settings in self.self_parts().items():
+            share = -(-(self.num_windows + self.HELDOUT_WINDOWS) // len(mixture_parts(self.source) or [1]))
+            settings.check(self.seq_len, share)
         if self.sentences_file is not None:
             check_text_source(self.sentences_file, "--calib-sentences")
         elif text is not None:
@@ -200,18 +239,41 @@ class CalibrationSpec:
     #: Windows held out of every fit, for ranking candidate plans (``--method auto``).
     HELDOUT_WINDOWS = 16
 
+    def self_parts(self) -> dict[str, SelfSampling]:
+        """The parts of the source sampled from the model (``self``, ``general+self``), with their settings."""
+        parts = mixture_parts(self.source) or [self.source]
+        return {p: s for p in parts if (s := SelfSampling.parse(p)) is not None}
+
+    @property
+    def needs_model(self) -> bool:
+        return self.sentences_file is None and bool(self.self_parts())
+
+    def sample_from(self, model: Any, tokenizer: Any, progress: bool = True) -> None:
+        """Sample (or read from the cache) the text of every ``self`` part from ``model``, the dense model, before
+        any window is drawn; what was sampled, and how fast, goes into every window set's description."""
+        sampled, records = {}, {}
+        for part, settings in self.self_parts().items():
+            sampled[part], records[part] = self_text(model, tokenizer, settings, progress)
+        self.__dict__.update(_sampled=sampled, _sampled_records=records)
+
+    def _sample(self, tokenizer: Any, **kwargs: Any) -> "Calibration":
+        cal = sample_windows(tokenizer, self.source, seq_len=self.seq_len, sampled=self.__dict__.get("_sampled"),
+                             **kwargs)
+        if self.__dict__.get("_sampled_records"):
+            cal.description["sampled"] = self.__dict__["_sampled_records"]
+        return cal
+
     def heldout(self, tokenizer: Any) -> "Calibration":
         """Windows of the same text disjoint from the planning windows, never used to fit anything."""
         planning = self.windows(tokenizer).description.get("slots", [])
-        return self._cached(tokenizer, ("heldout",), lambda: sample_windows(
-            tokenizer, self.source, num_windows=self.HELDOUT_WINDOWS, seq_len=self.seq_len, seed=self.seed + 1,
-            exclude=planning))
+        return self._cached(tokenizer, ("heldout",), lambda: self._sample(
+            tokenizer, num_windows=self.HELDOUT_WINDOWS, seed=self.seed + 1, exclude=planning))
 
     def fit_windows(self, tokenizer: Any, num_windows: int, seed: int) -> "Calibration":
         """Windows for fitting (compensation maps): any of the text except the held-out windows."""
         heldout = self.heldout(tokenizer).description["slots"]
-        return self._cached(tokenizer, ("fit", num_windows, seed), lambda: sample_windows(
-            tokenizer, self.source, num_windows=num_windows, seq_len=self.seq_len, seed=seed, exclude=heldout))
+        return self._cached(tokenizer, ("fit", num_windows, seed), lambda: self._sample(
+            tokenizer, num_windows=num_windows, seed=seed, exclude=heldout))
 
     def _cached(self, tokenizer: Any, what: tuple, make: Any) -> "Calibration":
         cache = self.__dict__.setdefault("_cache", {})
@@ -225,8 +287,8 @@ class CalibrationSpec:
         if self.sentences_file is not None:
             return self._cached(tokenizer, ("sentences",), lambda: sentences_from_file(
                 tokenizer, self.sentences_file, max_len=self.seq_len))
-        return self._cached(tokenizer, ("windows",), lambda: sample_windows(
-            tokenizer, self.source, num_windows=self.num_windows, seq_len=self.seq_len, seed=self.seed))
+        return self._cached(tokenizer, ("windows",), lambda: self._sample(
+            tokenizer, num_windows=self.num_windows, seed=self.seed))
 
 
 def tokenizer_key(tokenizer: Any) -> tuple:
@@ -241,9 +303,14 @@ NAMED_TEXTS = tuple(shipped_names())
 def check_text_source(source: str | Path, option: str) -> str | None:
     """A named text or a readable file holding text; anything else is caught before loading the model.
 
-    Returns the text, or None for a hub dataset (read only when it is used: it may need the network).
+    Returns the text (a mixture's parts joined), or None for a hub dataset (read only when it is used: it may
+    need the network).
     """
-    if str(source) in HUB_TEXTS:
+    parts = mixture_parts(source)
+    if parts is not None:
+        texts = [check_text_source(part, f"{option} {source}: part") for part in parts]
+        return None if any(t is None for t in texts) else "\n\n".join(texts)
+    if str(source) in HUB_TEXTS or SelfSampling.parse(str(source)) is not None:
         return None
     text = shipped(str(source))
     if text is not None:
@@ -295,12 +362,19 @@ class _Slots:
     source: str
 
     @classmethod
-    def cut(cls, tokenizer: Any, source: str | Path, text: str | None, seq_len: int) -> "_Slots":
-        text, desc = read_text(source) if text is None else (text, "inline text")
+    def cut(cls, tokenizer: Any, source: str | Path, text: str | None, seq_len: int,
+            sampled: dict[str, list[int]] | None = None) -> "_Slots":
         prefix = special_prefix(tokenizer)
         if seq_len - len(prefix) < 1:
             raise CalibrationError(f"--seq-len {seq_len} leaves no room after the special prefix")
-        slots = cls(_tokenize_body(tokenizer, text), prefix, seq_len, desc)
+        if text is None and SelfSampling.parse(str(source)) is not None:
+            if not sampled or str(source) not in sampled:
+                raise CalibrationError(f"--calib {source}: text sampled from the model needs the model; run it "
+                                       "through a job (prune, run, bench) or CalibrationSpec.sample_from(model)")
+            slots = cls(list(sampled[str(source)]), prefix, seq_len, f"{source}: sampled from the model")
+        else:
+            text, desc = read_text(source) if text is None else (text, "inline text")
+            slots = cls(_tokenize_body(tokenizer, text), prefix, seq_len, desc)
         if len(slots) == 0:
             raise CalibrationError(
                 f"text has {len(slots.ids)} tokens, shorter than one {seq_len}-token window; "
@@ -318,9 +392,69 @@ class _Slots:
     def window(self, i: int) -> list[int]:
         return self.prefix + self.ids[i * self.body_len : (i + 1) * self.body_len]
 
+    def strata(self) -> list[range]:
+        """Slots windows are drawn from in equal shares: one text is one stratum."""
+        return [range(len(self))]
+
     def description(self) -> dict[str, Any]:
         return {"source": self.source, "seq_len": self.seq_len, "special_prefix": self.prefix,
                 "text_tokens": len(self.ids)}
+
+
+@dataclass
+class _MixedSlots:
+    """The slots of several texts, numbered one text after another; each text is a stratum."""
+
+    parts: list[_Slots]
+    source: str
+
+    def __len__(self) -> int:
+        return sum(len(p) for p in self.parts)
+
+    def strata(self) -> list[range]:
+        out, at = [], 0
+        for part in self.parts:
+            out.append(range(at, at + len(part)))
+            at += len(part)
+        return out
+
+    def window(self, i: int) -> list[int]:
+        for part, stratum in zip(self.parts, self.strata()):
+            if i in stratum:
+                return part.window(i - stratum.start)
+        raise IndexError(i)
+
+    def description(self) -> dict[str, Any]:
+        first = self.parts[0].description()
+        return {**first, "source": self.source, "text_tokens": sum(len(p.ids) for p in self.parts),
+                "parts": [p.source for p in self.parts]}
+
+
+def cut_slots(tokenizer: Any, source: str | Path, text: str | None, seq_len: int,
+              sampled: dict[str, list[int]] | None = None) -> "_Slots | _MixedSlots":
+    """``source``'s windows; ``sampled`` holds the token ids of its ``self`` parts (sampled from the model)."""
+    parts = mixture_parts(source) if text is None else None
+    if parts is None:
+        return _Slots.cut(tokenizer, source, text, seq_len, sampled)
+    return _MixedSlots([_Slots.cut(tokenizer, part, None, seq_len, sampled) for part in parts],
+                       f"{source} ({'+'.join(parts)}, equal shares)")
+
+
+def stratified_sample(strata: list[range], free: set[int] | None, count: int, seed: int) -> list[int]:
+    """``count`` slots drawn without replacement, as equal a share from each stratum as its free slots allow
+    (the remainder to the first strata); one stratum is a plain seeded draw."""
+    rng = random.Random(seed)
+    pools = [[i for i in s if free is None or i in free] for s in strata]
+    if count > sum(map(len, pools)):
+        raise CalibrationError(f"only {sum(map(len, pools))} windows are free, {count} were asked for")
+    if len(pools) == 1:
+        return sorted(rng.sample(pools[0], count))
+    shares, left = [0] * len(pools), count
+    while left:
+        for k, pool in enumerate(pools):
+            if left and shares[k] < len(pool):
+                shares[k], left = shares[k] + 1, left - 1
+    return sorted(i for pool, n in zip(pools, shares) for i in rng.sample(pool, n))
 
 
 def _stack(windows: list[list[int]]) -> Calibration:
@@ -330,13 +464,14 @@ def _stack(windows: list[list[int]]) -> Calibration:
 
 def sample_windows(
     tokenizer: Any,
-    source: str | Path = "default",
+    source: str | Path = DEFAULT_CALIBRATION,
     *,
     num_windows: int = 10,
     seq_len: int = 128,
     seed: int = 1234,
     text: str | None = None,
     exclude: Collection[int] = (),
+    sampled: dict[str, list[int]] | None = None,
 ) -> Calibration:
     """``num_windows`` random non-overlapping windows of ``seq_len`` tokens (seeded).
 
@@ -348,14 +483,15 @@ def sample_windows(
     """
     if num_windows < 1 or seq_len < 2:
         raise CalibrationError("need at least 1 window of at least 2 tokens")
-    slots = _Slots.cut(tokenizer, source, text, seq_len)
-    free = [i for i in range(len(slots)) if i not in set(exclude)]
+    slots = cut_slots(tokenizer, source, text, seq_len, sampled)
+    excluded = set(exclude)
+    free = {i for i in range(len(slots)) if i not in excluded}
     if len(free) < num_windows:
         raise CalibrationError(
             f"calibration text holds only {len(free)} windows of {seq_len} tokens available but {num_windows} "
             "were requested; use a longer text, fewer windows or tokens, or a smaller --seq-len"
         )
-    picked = sorted(random.Random(seed).sample(free, num_windows))
+    picked = stratified_sample(slots.strata(), free, num_windows, seed)
     cal = _stack([slots.window(i) for i in picked])
     cal.description = {**slots.description(), "num_windows": num_windows, "seed": seed, "slots": picked}
     return cal
@@ -374,6 +510,60 @@ def consecutive_windows(
     n = len(slots) if max_windows is None else min(len(slots), max_windows)
     cal = _stack([slots.window(i) for i in range(n)])
     cal.description = {**slots.description(), "num_windows": n}
+    return cal
+
+
+DEFAULT_EVAL_TEXTS = ",".join(f"{domain}={name}" for domain, name in EVAL_DOMAINS.items())
+"""The shipped held-out set, one text per domain: ``fiction=heldout-fiction,encyclopedic=...,code=...``."""
+PPL_WINDOWS = 16
+"""Windows per held-out text by default: three texts x 16 x 128 tokens is about what one text's 40 windows were."""
+
+
+def parse_eval_texts(value: str, option: str = "--eval-texts") -> dict[str, str]:
+    """``NAME=SOURCE,...`` as {domain: source}; a lone ``SOURCE`` is one text with no domain name ("").
+
+    Checked before any model loads: each source readable (a shipped name, a hub dataset or a file), no domain
+    named twice, no empty name."""
+    entries = [e.strip() for e in str(value).split(",") if e.strip()]
+    if not entries:
+        raise CalibrationError(f"{option} is empty: give SOURCE or NAME=SOURCE,NAME=SOURCE")
+    if len(entries) == 1 and "=" not in entries[0]:
+        return {"": entries[0]}
+    texts: dict[str, str] = {}
+    for entry in entries:
+        name, sep, source = entry.partition("=")
+        name, source = name.strip(), source.strip()
+        if not sep or not name or not source:
+            raise CalibrationError(f"{option}: {entry!r} is not NAME=SOURCE (e.g. fiction=heldout-fiction); "
+                                   "with several texts each needs a name")
+        if "/" in name:
+            raise CalibrationError(f"{option}: the domain name {name!r} may not hold '/' (metrics are named "
+                                   "kl/NAME)")
+        if name in texts:
+            raise CalibrationError(f"{option}: the domain {name!r} is named twice; give each text its own name")
+        texts[name] = source
+    return texts
+
+
+def domain_windows(tokenizer: Any, texts: dict[str, str | Path], *, seq_len: int = 128,
+                   max_windows: int | None = None) -> Calibration:
+    """Consecutive windows from the start of each text (at most ``max_windows`` each), one after another; the
+    description's ``domains`` says which windows came from which text, so one pass measures them all and each
+    text's numbers are split out of it."""
+    parts = {name: consecutive_windows(tokenizer, source, seq_len=seq_len, max_windows=max_windows)
+             for name, source in texts.items()}
+    if len(parts) == 1 and "" in parts:
+        return parts[""]
+    first = next(iter(parts.values()))
+    cal = Calibration(torch.cat([p.input_ids for p in parts.values()]),
+                      torch.cat([p.attention_mask for p in parts.values()]))
+    spans, at = {}, 0
+    for name, part in parts.items():
+        spans[name] = [at, at + part.num_windows]
+        at += part.num_windows
+    cal.description = {"source": ",".join(f"{n}={source}" for n, source in texts.items()),
+                       "seq_len": seq_len, "special_prefix": first.description["special_prefix"],
+                       "num_windows": at, "domains": spans}
     return cal
 
 
@@ -406,10 +596,16 @@ __all__ = [
     "CalibrationSpec",
     "check_room",
     "check_text_source",
+    "named_texts",
     "read_jsonl",
     "HUB_TEXTS",
     "HubText",
+    "DEFAULT_CALIBRATION",
+    "DEFAULT_EVAL_TEXTS",
+    "PPL_WINDOWS",
     "consecutive_windows",
+    "domain_windows",
+    "parse_eval_texts",
     "read_text",
     "sample_windows",
     "sentences",

@@ -76,6 +76,10 @@ _TEXTS = (
     ShippedText("heldout-code", "heldout_stdlib.txt", "code", True,
                 "Python 3.11 standard library: pprint, csv, json.encoder, json.decoder, shlex (PSF License, shipped)"),
 )
+MIXTURES = {"general": "fiction+encyclopedic+code"}
+"""Named mixtures: ``general`` draws its windows equally from the three calibration texts (a third each)."""
+DEFAULT_CALIBRATION = "general"
+"""What every command calibrates, fits and recovers on unless told otherwise (``--calib``)."""
 ALIASES = {"default-heldout": "heldout-fiction"}
 """Names kept for plans and commands written before the held-out texts had domain names."""
 
@@ -94,7 +98,7 @@ def shipped(name: str) -> ShippedText | None:
 
 
 def shipped_names() -> list[str]:
-    return [*SHIPPED, *ALIASES]
+    return [*SHIPPED, *ALIASES, *MIXTURES]
 
 
 def calibration_texts() -> list[ShippedText]:

@@ -43,7 +43,7 @@ from torch import nn
 from ..data.calibration import Calibration
 from ..errors import InputError
 from ..models.forward import batches_of
-from .perplexity import PerplexityResult, chunked_logits, first_target_of, prediction_pairs
+from .perplexity import PerplexityResult, batch_spans, chunked_logits, first_target_of, per_domain, prediction_pairs
 
 if TYPE_CHECKING:
     from ..backend import Backend
@@ -369,10 +369,14 @@ class DivergenceResult:
     approximate: bool
     top_k: int | None
     metrics: tuple[str, ...] = METRICS
+    domains: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Each named text's kl, top1 and tokens; the headline kl and top1 are their means (one weight per text)."""
 
     def values(self) -> dict[str, float]:
-        """The metrics asked for (both are measured in one pass, only these are reported)."""
-        return {name: getattr(self, name) for name in self.metrics}
+        """The metrics asked for (both are measured in one pass, only these are reported): the means, then
+        ``kl/NAME`` per text."""
+        return {**{name: getattr(self, name) for name in self.metrics},
+                **{f"{name}/{domain}": d[name] for name in self.metrics for domain, d in self.domains.items()}}
 
     @property
     def note(self) -> str:
@@ -406,26 +410,37 @@ def measure_divergence(model: "nn.Module | Backend", windows: Calibration, refer
     backend = InMemoryBackend.of(model)
     check_comparable(reference, backend.model, windows)
     first = first_target_of(windows)
-    total, start = DivergenceSums(), 0
+    batches = batches_of(windows, batch_size)
+    spans = batch_spans(windows, batches)
+    sums = {name: DivergenceSums() for name, _, _ in windows.domains()}
+    start = 0
 
     def on_output(b: int, ids: torch.Tensor, mask: torch.Tensor, last: torch.Tensor) -> None:
-        nonlocal total, start
+        nonlocal start
         hidden = backend.final_states(ids, mask, last)
-        sums = divergence_sum(backend.model, hidden, ids, mask, first, reference, start, chunk_tokens)
-        total, start = total.add(sums), start + sums.tokens
+        for name, rows in spans[b]:
+            part = divergence_sum(backend.model, hidden[rows], ids[rows], mask[rows], first, reference, start,
+                                  chunk_tokens)
+            sums[name], start = sums[name].add(part), start + part.tokens
 
-    walk_layers(backend, batches_of(windows, batch_size), on_output=on_output, head=True, progress=progress,
-                desc="kl / top1")
-    if total.tokens == 0:
-        raise InputError("KL over zero predicted tokens means nothing: the text gave no window with a target "
-                         "token; use a longer text or a smaller --seq-len")
-    common = dict(tokens=total.tokens, windows=windows.num_windows, seq_len=int(windows.input_ids.shape[1]),
+    walk_layers(backend, batches, on_output=on_output, head=True, progress=progress, desc="kl / top1")
+    empty = [name or "the text" for name, total in sums.items() if total.tokens == 0]
+    if empty:
+        raise InputError(f"KL over zero predicted tokens means nothing: {', '.join(empty)} gave no window with a "
+                         "target token; use a longer text or a smaller --seq-len")
+    means = {name: {"kl": t.kl / t.tokens, "top1": t.same_top1 / t.tokens, "nll": t.nll / t.tokens,
+                    "tokens": t.tokens} for name, t in sums.items()}
+    named, mean = per_domain(means, lambda parts: {
+        key: sum(p[key] for p in parts) / (1 if key == "tokens" else len(parts)) for key in parts[0]})
+    common = dict(tokens=int(mean["tokens"]), windows=windows.num_windows, seq_len=int(windows.input_ids.shape[1]),
                   source=str(windows.description.get("source")))
-    nll = total.nll / total.tokens
-    return (DivergenceResult(kl=total.kl / total.tokens, top1=total.same_top1 / total.tokens, **common,
+    domains = {n: {"kl": d["kl"], "top1": d["top1"], "tokens": d["tokens"]} for n, d in named.items()}
+    return (DivergenceResult(kl=mean["kl"], top1=mean["top1"], **common,
                              reference=reference.meta.get("reference"), cache=reference.describe(),
-                             approximate=reference.approximate, top_k=reference.top_k),
-            PerplexityResult(perplexity=math.exp(nll), nll=nll, **common))
+                             approximate=reference.approximate, top_k=reference.top_k, domains=domains),
+            PerplexityResult(perplexity=math.exp(mean["nll"]), nll=mean["nll"], **common,
+                             domains={n: {"perplexity": math.exp(d["nll"]), "nll": d["nll"], "tokens": d["tokens"]}
+                                      for n, d in named.items()}))
 
 
 def build_reference(model: "nn.Module | Backend", windows: Calibration, *, source: str | None = None,

@@ -26,6 +26,9 @@ PPL_DATASETS = {"wikitext2": "wikitext2-test", "ptb": "ptb"}
 
 @dataclass
 class PerplexityResult:
+    """Perplexity over the windows; with several texts (``domains``: each one's perplexity, nll and tokens) the
+    headline is their geometric mean, exp(mean of the texts' nll), so no text counts more for being longer."""
+
     perplexity: float
     nll: float
     tokens: int
@@ -33,9 +36,35 @@ class PerplexityResult:
     seq_len: int
     source: str
     details: dict[str, Any] = field(default_factory=dict)
+    domains: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def values(self) -> dict[str, float]:
+        return {"perplexity": self.perplexity,
+                **{f"perplexity/{name}": d["perplexity"] for name, d in self.domains.items()}}
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def batch_spans(windows: Calibration, batches: list[tuple[torch.Tensor, torch.Tensor]]
+                ) -> list[list[tuple[str, slice]]]:
+    """For each batch, the rows of each text's windows in it: (domain, rows) in order, so per-text sums come
+    out of one pass over all the windows."""
+    out, start = [], 0
+    for ids, _ in batches:
+        end = start + ids.shape[0]
+        out.append([(name, slice(max(lo, start) - start, min(hi, end) - start))
+                    for name, lo, hi in windows.domains() if max(lo, start) < min(hi, end)])
+        start = end
+    return out
+
+
+def per_domain(sums: dict[str, Any], combine: Any) -> tuple[dict[str, dict[str, float]], Any]:
+    """Each named text's result, and the result over all of them: ``combine(named sums)`` (one unnamed text:
+    its own sums, and no per-text entries)."""
+    if list(sums) == [""]:
+        return {}, sums[""]
+    return {name: value for name, value in sums.items()}, combine(list(sums.values()))
 
 
 def logits_from_hidden(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
@@ -106,20 +135,26 @@ def perplexity_on(
 
     backend = InMemoryBackend.of(model)
     first_target = first_target_of(windows)
-    total, count = 0.0, 0
+    batches = batches_of(windows, batch_size)
+    spans = batch_spans(windows, batches)
+    sums = {name: [0.0, 0] for name, _, _ in windows.domains()}
 
     def on_output(b: int, ids: torch.Tensor, mask: torch.Tensor, last: torch.Tensor) -> None:
-        nonlocal total, count
         hidden = backend.final_states(ids, mask, last)
-        t, c = nll_sum(backend.model, hidden, ids, mask, first_target, chunk_tokens)
-        total, count = total + t, count + c
+        for name, rows in spans[b]:
+            t, c = nll_sum(backend.model, hidden[rows], ids[rows], mask[rows], first_target, chunk_tokens)
+            sums[name][0] += t
+            sums[name][1] += c
 
-    walk_layers(backend, batches_of(windows, batch_size), on_output=on_output, head=True, progress=progress,
-                desc="perplexity")
-    if count == 0:
-        raise InputError("perplexity over zero scored tokens means nothing: the text gave no window with a "
-                         "target token; use a longer text or a smaller --seq-len")
-    nll = total / count
+    walk_layers(backend, batches, on_output=on_output, head=True, progress=progress, desc="perplexity")
+    empty = [name or "the text" for name, (_, count) in sums.items() if count == 0]
+    if empty:
+        raise InputError(f"perplexity over zero scored tokens means nothing: {', '.join(empty)} gave no window "
+                         "with a target token; use a longer text or a smaller --seq-len")
+    domains = {name: {"perplexity": math.exp(t / c), "nll": t / c, "tokens": c} for name, (t, c) in sums.items()}
+    named, (nll, count) = per_domain(
+        {n: (d["nll"], d["tokens"]) for n, d in domains.items()},
+        lambda parts: (sum(p[0] for p in parts) / len(parts), sum(p[1] for p in parts)))
     return PerplexityResult(
         perplexity=math.exp(nll),
         nll=nll,
@@ -127,6 +162,7 @@ def perplexity_on(
         windows=windows.num_windows,
         seq_len=int(windows.input_ids.shape[1]),
         source=str(windows.description.get("source")),
+        domains={n: domains[n] for n in named},
     )
 
 

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING
 from torch import nn
 
 from ..checks import require_finite
-from ..data.calibration import Calibration, check_text_source, consecutive_windows, tokenizer_key
+from ..data.calibration import (DEFAULT_EVAL_TEXTS, PPL_WINDOWS, Calibration, check_text_source, domain_windows,
+                                parse_eval_texts, tokenizer_key)
 from ..errors import InputError
 from .divergence import (
     DEFAULT_TOP_K,
@@ -34,6 +35,7 @@ from .divergence import (
     release_memory,
     same_model,
 )
+from .generation import GenerationResult, GenerationSpec
 from .perplexity import PPL_DATASETS, PerplexityResult, perplexity_on
 from .speed import SpeedResult
 from .zeroshot import ZeroShotResult
@@ -44,12 +46,18 @@ if TYPE_CHECKING:
 
 @dataclass
 class PerplexitySpec:
-    """Perplexity on consecutive non-overlapping windows from the start of ``dataset``."""
+    """Perplexity on consecutive non-overlapping windows from the start of each text of ``dataset``: one source,
+    or ``NAME=SOURCE,...`` (default: the shipped held-out fiction, encyclopedic and code texts), measured in one
+    pass and reported per text and as their mean."""
 
-    dataset: str = "default-heldout"
+    dataset: str = DEFAULT_EVAL_TEXTS
     seq_len: int = 128
-    max_windows: int | None = 40
+    max_windows: int | None = PPL_WINDOWS
     batch_size: int = 8
+
+    def texts(self) -> dict[str, str]:
+        """{domain: source} ("" for a single unnamed text)."""
+        return {name: PPL_DATASETS.get(source, source) for name, source in parse_eval_texts(self.dataset).items()}
 
     def check(self) -> None:
         if self.seq_len < 2:
@@ -58,15 +66,15 @@ class PerplexitySpec:
             raise InputError(f"the number of perplexity windows must be positive (0 = all), got {self.max_windows}")
         if self.batch_size < 1:
             raise InputError(f"--batch-size must be at least 1, got {self.batch_size}")
-        check_text_source(self.dataset, "--ppl-data")
+        for name, source in parse_eval_texts(self.dataset).items():
+            check_text_source(PPL_DATASETS.get(source, source), f"--eval-texts {name}=" if name else "--eval-texts")
 
     def windows(self, tokenizer: Any) -> Calibration:
         """Tokenized once per tokenizer: every model evaluated with this spec sees the same windows."""
         key = tokenizer_key(tokenizer)
         cache = self.__dict__.setdefault("_cache", {})
         if key not in cache:
-            cache[key] = consecutive_windows(tokenizer, PPL_DATASETS.get(self.dataset, self.dataset),
-                                             seq_len=self.seq_len, max_windows=self.max_windows)
+            cache[key] = domain_windows(tokenizer, self.texts(), seq_len=self.seq_len, max_windows=self.max_windows)
         return cache[key]
 
     def run(self, model: nn.Module, tokenizer: Any, progress: bool = True) -> PerplexityResult:
@@ -251,14 +259,17 @@ class EvalResult:
     speed: SpeedResult | None = None
     timings: dict[str, float] = field(default_factory=dict)
     divergence: DivergenceResult | None = None
+    generation: GenerationResult | None = None
 
     def values(self) -> dict[str, float]:
         """Every headline number by name: ``perplexity``, ``kl``, ``top1`` and one entry per task."""
         out: dict[str, float] = {}
         if self.perplexity is not None:
-            out["perplexity"] = self.perplexity.perplexity
+            out.update(self.perplexity.values())
         if self.divergence is not None:
             out.update(self.divergence.values())
+        if self.generation is not None:
+            out.update(self.generation.values())
         if self.zeroshot is not None:
             out.update(self.zeroshot.metrics)
         return out
@@ -267,9 +278,11 @@ class EvalResult:
         """Direction of each value: perplexity and KL go down, top-1 agreement up, tasks as lm-eval declares."""
         out: dict[str, bool] = {}
         if self.perplexity is not None:
-            out["perplexity"] = False
+            out.update({name: False for name in self.perplexity.values()})
         if self.divergence is not None:
-            out.update({name: name == "top1" for name in self.divergence.metrics})
+            out.update({name: name.split("/")[0] == "top1" for name in self.divergence.values()})
+        if self.generation is not None:
+            out.update({name: True for name in self.generation.values()})
         if self.zeroshot is not None:
             out.update({name: s.higher_is_better for name, s in self.zeroshot.scores.items()})
         return out
@@ -286,11 +299,12 @@ class EvalResult:
                           "mean": self.zeroshot.mean, "n_samples": self.zeroshot.raw.get("n-samples")}
                          if self.zeroshot else None),
             "speed": self.speed.to_dict() if self.speed else None,
+            **({"generation": self.generation.to_dict()} if self.generation else {}),
             "timings_s": self.timings,
         }
 
 
-PARTS = ("perplexity", "divergence", "zeroshot", "speed")
+PARTS = ("perplexity", "divergence", "generation", "zeroshot", "speed")
 
 
 @dataclass
@@ -301,6 +315,7 @@ class Evaluation:
     zeroshot: ZeroShotSpec | None = None
     speed: SpeedSpec | None = None
     divergence: DivergenceSpec | None = None
+    generation: GenerationSpec | None = None
 
     @property
     def empty(self) -> bool:
@@ -318,6 +333,10 @@ class Evaluation:
         see :meth:`DivergenceSpec.prepare`."""
         if self.divergence is not None:
             self.divergence.prepare(input_source, input_path, first_is_input=first_is_input, **how)
+        if self.generation is not None:
+            opener = how.get("open_reference") or (lambda source: load_reference(source))
+            self.generation.prepare(input_source, input_path, first_is_input=first_is_input,
+                                    open_reference=opener)
 
     def run(self, model: "nn.Module | Backend", tokenizer: Any, progress: bool = True) -> EvalResult:
         """Measure ``model`` (a model or a :class:`~depthprune.backend.Backend`: perplexity and kl/top1 run on
@@ -337,6 +356,9 @@ class Evaluation:
                     result.perplexity = ppl
             elif name == "perplexity":
                 result.perplexity = spec.run(backend, tokenizer, progress)
+            elif name == "generation":
+                backend.require_memory("--eval gen")
+                result.generation = spec.run(backend.model, tokenizer)
             else:
                 backend.require_memory("lm-eval tasks and speed in --eval")
                 setattr(result, name, spec.run(backend.model, tokenizer, progress))
@@ -351,4 +373,4 @@ class Evaluation:
     def to_dict(self) -> dict[str, Any]:
         """Every part's settings (``divergence`` only when measured, so earlier records keep their fingerprint)."""
         return {name: asdict(getattr(self, name)) if getattr(self, name) else None for name in PARTS
-                if name != "divergence" or self.divergence is not None}
+                if name not in ("divergence", "generation") or getattr(self, name) is not None}

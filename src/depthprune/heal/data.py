@@ -2,6 +2,9 @@
 
 Data, chosen by what ``data`` names:
 
+* a shipped text by name (``general``: fiction, encyclopedic prose and code a
+  block of each in turn; ``fiction``, ``encyclopedic``, ``code``, ``default``):
+  plain language-modelling (or distillation) loss on its blocks;
 * ``alpaca-cleaned`` (= ``yahma/alpaca-cleaned``) or another hub id: read with
   ``datasets.load_dataset`` (network; cached in the usual datasets cache);
 * a local ``.json`` (a list of records) or ``.jsonl`` file in alpaca layout
@@ -28,7 +31,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from ..checks import check_name_lengths
-from ..data.calibration import read_jsonl, special_prefix
+from ..data.calibration import named_texts, read_jsonl, special_prefix
 from .config import HealConfig, HealDataError
 
 ALPACA_HUB = {"alpaca-cleaned": "yahma/alpaca-cleaned", "yahma/alpaca-cleaned": "yahma/alpaca-cleaned"}
@@ -155,6 +158,14 @@ def text_blocks(texts: Sequence[str], tokenizer: Any, cutoff_len: int) -> list[d
     return [{"input_ids": b, "labels": list(b)} for b in blocks]
 
 
+def interleave(parts: list[list[dict[str, list[int]]]]) -> list[dict[str, list[int]]]:
+    """One block of each text in turn: any first N blocks (``--max-items``) hold the texts in equal shares."""
+    out = []
+    for k in range(max((len(p) for p in parts), default=0)):
+        out.extend(p[k] for p in parts if k < len(p))
+    return out
+
+
 def _split(items: list[dict[str, list[int]]], val_size: float, seed: int, where: str):
     n = len(items)
     n_val = 0 if val_size == 0 else (max(1, round(val_size * n)) if val_size < 1 else int(val_size))
@@ -207,6 +218,8 @@ def check_heal_data(data: str | Path | Sequence[str | Path]) -> None:
     """Read and check what ``data`` names before any model is loaded: local files exist, alpaca files hold
     valid records, text files are UTF-8 with some text in them; a hub dataset has the shape of a name (whether
     it exists is only known when it downloads)."""
+    if isinstance(data, str) and named_texts(data) is not None:
+        return
     paths = data_paths(data)
     if paths is None:
         _check_hub_name(data)
@@ -221,8 +234,13 @@ def check_heal_data(data: str | Path | Sequence[str | Path]) -> None:
 
 def load_heal_data(data: str | Path | Sequence[str | Path], tokenizer: Any, config: HealConfig) -> HealData:
     """Read, format, tokenize and split ``data`` (see the module docstring for what it may name)."""
-    paths = data_paths(data)
-    if paths is None:
+    named = named_texts(data) if isinstance(data, str) else None
+    paths = data_paths(data) if named is None else []
+    if named is not None:
+        items = interleave([text_blocks([text], tokenizer, config.cutoff_len) for text in named])
+        items = items[: config.max_items]
+        kind, desc = "text", {"source": str(data), "blocks": len(items)}
+    elif paths is None:
         _check_hub_name(data)
         records = read_alpaca_hub(str(data), config.max_items)
         items = tokenize_alpaca(records, tokenizer, config.cutoff_len, config.train_on)

@@ -64,7 +64,7 @@ def apply_plan(model: nn.Module, plan: Plan, *, calibration: Any = None, tokeniz
                 "calibration text and the tokenizer; pass calibration=CalibrationSpec(...) (the settings in the "
                 "checkpoint's report.json) and tokenizer=, or use the saved checkpoint itself")
         config = Compensation.recorded(plan.compensation)
-        count = max(1, -(-config.fit_tokens() // calibration.seq_len))
+        count = max(1, -(-config.fit_tokens(calibration.seq_len) // calibration.seq_len))
         windows = calibration.fit_windows(tokenizer, count, config.seed)
         overrides = fit_compensation(model, plan, list(windows.batches(batch_size)), config).overrides
     surgery(model, plan)
