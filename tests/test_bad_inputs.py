@@ -78,6 +78,7 @@ def world(tmp_path, monkeypatch):
         config = json.loads((root / name / "config.json").read_text())
         (root / name / "config.json").write_text(json.dumps({**config, **change}))
     (root / "short.gguf").write_bytes(b"GGUF\x03\x00\x00\x00")
+    _linked_model(root)
     (root / "random.gguf").write_bytes(os.urandom(4096))
     (root / "piqa").mkdir()
     (root / "piqa" / "valid.jsonl").write_text('{"goal": "g", "sol1": "a", "sol2": "b"}\n{broken\n')
@@ -96,6 +97,18 @@ def world(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(root / "home"))
     monkeypatch.setenv("DEPTHPRUNE_CACHE", str(tmp_path / "cache"))
     return root
+
+
+def _linked_model(root: Path) -> None:
+    """``linked/`` reads its weights through a link into ``p/``, a checkpoint depthprune wrote (issue 26)."""
+    save_tiny_checkpoint(root / "p")
+    (root / "p" / ".depthprune").write_text('{"written_by": "depthprune 0", "kind": "checkpoint"}')
+    shutil.copytree(root / "p", root / "linked", ignore=shutil.ignore_patterns("model.safetensors", ".depthprune"))
+    (root / "linked" / "model.safetensors").symlink_to(root / "p" / "model.safetensors")
+    (root / "gen.json").write_text(json.dumps({"written_by": "depthprune 0", **json.loads(
+        (root / "linked" / "generation_config.json").read_text())}))
+    (root / "linked" / "generation_config.json").unlink()
+    (root / "linked" / "generation_config.json").symlink_to(root / "gen.json")
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -248,6 +261,15 @@ CASES += [
     (["eval-ppl", "--nope"], "No such option: --nope"),
     ([*PRUNE, "--out"], "'--out' requires an argument"),
     (["export", "hub", "{W}/model", "--repo", "bad repo!!"], "error: --repo 'bad repo!!' is not a valid Hub"),
+]
+# issue 26: inputs resolved through links before the overlap checks, for every command
+LINKED = "would replace {W}/p/model.safetensors, which the input {W}/linked reads"
+CASES += [
+    (["prune", "--model", "{W}/linked", "--ratio", "0.34", *FAST, "--out", "{W}/p", "--overwrite"], LINKED),
+    (["score", "--model", "{W}/linked", *FAST, "--out", "{W}/p"], LINKED),
+    (["heal", "--model", "{W}/linked", "--data", str(EMMA), "--out", "{W}/p", "--overwrite"], LINKED),
+    (["eval-ppl", "--model", "{W}/linked", "--json", "{W}/gen.json"],
+     "would replace {W}/gen.json, which the input {W}/linked reads"),
 ]
 # every path option of every command, pointed into a model directory that is not the input
 CASES += [([command, "--model", "{W}/model", *extra, "--out", "{W}/other/sub"], "inside the model directory")

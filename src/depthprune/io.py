@@ -23,7 +23,7 @@ import socket
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from torch import nn
 
@@ -163,6 +163,37 @@ def _writable_parent(path: Path, option: str) -> None:
         raise OutputError(f"{option} {path}: cannot write in {parent} (permission denied); choose another path")
 
 
+def real_locations(src: str | Path) -> tuple[Path | None, list[Path]]:
+    """An input's real directory (None for a file) and the real location of every file it reads.
+
+    A model directory may hold symlinks (``model.safetensors -> ../elsewhere/model.safetensors``, or a hub
+    cache's snapshot links to its blobs): comparing directories alone would let an output replace the file
+    the input reads through such a link. A path that does not exist (a hub id) reads no local file.
+    """
+    path = Path(src).expanduser()
+    if not str(src).strip() or not path.exists():
+        return None, []
+    real = path.resolve()
+    if not real.is_dir():
+        return None, [real]
+    return real, [real, *(entry.resolve() for entry in path.rglob("*") if entry.is_file())]
+
+
+def refuse_overlap(resolved: Path, inputs: Iterable[str | Path], option: str) -> None:
+    """An output may not be, contain or lie inside an input directory, nor be or contain the real location
+    of any file an input reads (links followed)."""
+    for src in inputs:
+        directory, files = real_locations(src)
+        if directory is not None and (resolved == directory or directory.is_relative_to(resolved)
+                                      or resolved.is_relative_to(directory)):
+            raise OutputError(f"{option} {resolved} overlaps the input model {directory}; choose a new directory "
+                              "(depthprune never writes into or over its input)")
+        for real in files:
+            if real == resolved or real.is_relative_to(resolved):
+                raise OutputError(f"{option} {resolved} would replace {real}, which the input {src} reads "
+                                  "(through a link); choose a new path (depthprune never writes over its input)")
+
+
 def check_output_dir(
     out: str | Path,
     *,
@@ -180,16 +211,7 @@ def check_output_dir(
     resolved = _resolve(out, option)
     if resolved in (Path("/"), Path.home().resolve(), Path.cwd().resolve()):
         raise OutputError(f"{option} {out!s} is {resolved}, which would be replaced; give a new directory")
-    for src in inputs:
-        src_path = Path(src).expanduser()
-        if not str(src).strip() or not src_path.exists():
-            continue
-        src_path = src_path.resolve()
-        if resolved == src_path or src_path.is_relative_to(resolved) or resolved.is_relative_to(src_path):
-            raise OutputError(
-                f"{option} {resolved} overlaps the input model {src_path}; choose a new directory "
-                "(depthprune never writes into or over its input)"
-            )
+    refuse_overlap(resolved, inputs, option)
     _refuse_inside_model(resolved.parent, option)
     if resolved.exists() and not resolved.is_dir():
         raise OutputError(f"{option} {resolved} exists and is a file; choose a directory path")
@@ -205,11 +227,14 @@ def check_output_dir(
     return resolved
 
 
-def check_output_file(path: str | Path, *, option: str = "--json", suffix: str = ".json") -> Path:
+def check_output_file(path: str | Path, *, option: str = "--json", suffix: str = ".json",
+                      inputs: Iterable[str | Path] = ()) -> Path:
     """Check a single result file a command will write: a path ending in ``suffix`` (``.json``, ``.yaml``)
-    outside any model directory that is new or a result depthprune wrote earlier."""
+    outside any model directory that is new or a result depthprune wrote earlier, and no file ``inputs``
+    read."""
     resolved = _resolve(path, option)
     _refuse_inside_model(resolved.parent, option)
+    refuse_overlap(resolved, inputs, option)
     if resolved.is_dir():
         raise OutputError(f"{option} {resolved} is a directory; give a file path such as {resolved / 'result.json'}")
     if resolved.suffix != suffix:
