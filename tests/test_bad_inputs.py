@@ -323,6 +323,24 @@ def test_only_marked_temporaries_of_dead_processes_are_removed(world, run_cli):
     assert not (world / "victim" / ".depthprune-temporary").exists()
 
 
+def test_a_renamed_or_added_to_leftover_is_kept(world, run_cli):
+    """Issue 26: a leftover the user renamed (``.victim-rescued``), or one they put a file of theirs in, is no
+    longer a temporary to clean up, even though its marker says it was one."""
+    renamed = world / ".victim-rescued"
+    _dead_process_temporary(world, "victim").rename(renamed)
+    (renamed / "notes.txt").write_text("mine")
+    added_to = _dead_process_temporary(world, "victim")
+    (added_to / "notes.txt").write_text("mine")
+    plain = _dead_process_temporary(world, "victim")
+    (plain / "config.json").write_text("{}")
+    kept = {name: digest for name, digest in snapshot(world).items() if name.startswith(
+        (renamed.name, added_to.name))}
+    run_cli(*_args(PRUNE, world), "--out", world / "victim", "-q")
+    assert not plain.exists()
+    assert {name: digest for name, digest in snapshot(world).items() if name.startswith(
+        (renamed.name, added_to.name))} == kept
+
+
 def test_temporaries_of_a_name_near_the_limit_fit(world, run_cli):
     out = world / ("y" * 250)
     run_cli(*_args(PRUNE, world), "--out", out, "-q")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import uuid
@@ -273,6 +274,21 @@ def _fit(name: str, size: int) -> str:
     return name.encode("utf-8")[: max(size, 1)].decode("utf-8", "ignore") or "x"
 
 
+def _temporary_name(parent: Path, name: str, role: str, pid: int, token: str) -> str:
+    """The name of a temporary for the output ``name``: ``.NAME.ROLE-PID-TOKEN``, ``NAME`` shortened to fit."""
+    suffix = f".{role}-{pid}-{token}"
+    return f".{_fit(name, name_limit(parent) - 1 - len(suffix))}{suffix}"
+
+
+TEMPORARY_NAME = re.compile(r"\..+\.(?P<role>tmp|old)-(?P<pid>[0-9]+)-(?P<token>[0-9a-f]{8})")
+"""What :func:`make_temporary` names a temporary (the output's name is checked against its marker)."""
+
+LEFTOVER_FILES = re.compile(r".+\.(safetensors|json|jinja|md|model|bin|pt|pth|yaml|gguf|png|npy)"
+                            r"|merges\.txt|vocab\.txt|\.depthprune(-temporary)?")
+"""The names of the files depthprune writes into a temporary (a checkpoint, its tokenizer, reports and figures,
+Trainer state in scratch space): a leftover holding any other file has been added to by someone else."""
+
+
 def make_temporary(parent: Path, name: str, role: str = "tmp") -> Path:
     """A new marked temporary directory ``.NAME.ROLE-PID-RANDOM`` in ``parent`` for the output ``name``.
 
@@ -280,8 +296,7 @@ def make_temporary(parent: Path, name: str, role: str = "tmp") -> Path:
     name, says what the temporary is for).
     """
     for _ in range(100):
-        suffix = f".{role}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        path = parent / f".{_fit(name, name_limit(parent) - 1 - len(suffix))}{suffix}"
+        path = parent / _temporary_name(parent, name, role, os.getpid(), uuid.uuid4().hex[:8])
         try:
             path.mkdir()
         except FileExistsError:
@@ -305,6 +320,27 @@ def _owner(entry: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+def _named_as_made(entry: Path, owner: dict[str, Any]) -> bool:
+    """``entry`` still carries the name :func:`make_temporary` gave it for the output its marker names, by the
+    process its marker names (a leftover the user renamed, ``.out-rescued``, is theirs now)."""
+    found = TEMPORARY_NAME.fullmatch(entry.name)
+    if found is None or not isinstance(owner.get("temporary_for"), str) or str(owner.get("pid")) != found["pid"]:
+        return False
+    return entry.name == _temporary_name(entry.parent, owner["temporary_for"], found["role"], int(found["pid"]),
+                                         found["token"])
+
+
+def _foreign_file(entry: Path, output_name: str) -> Path | None:
+    """A file in the leftover that depthprune does not write (the output it was replacing, under the output's
+    own name, aside), or None: a file someone else put there (``notes.txt``) keeps the folder."""
+    for path in entry.rglob("*"):
+        if path.relative_to(entry).parts[0] == output_name or (path.is_dir() and not path.is_symlink()):
+            continue
+        if path.is_symlink() or not LEFTOVER_FILES.fullmatch(path.name):
+            return path
+    return None
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -317,7 +353,8 @@ def _pid_alive(pid: int) -> bool:
 
 def remove_stale_temporaries(target: Path) -> list[Path]:
     """Remove the temporaries a killed run left beside ``target``: hidden directories whose marker says they
-    were for ``target``, made on this host by a process that is gone. Returns what was removed."""
+    were for ``target``, made on this host by a process that is gone, still named as they were made and
+    holding only files depthprune writes. Returns what was removed."""
     removed: list[Path] = []
     if not target.parent.is_dir():
         return removed
@@ -330,6 +367,13 @@ def remove_stale_temporaries(target: Path) -> list[Path]:
             continue
         pid = owner.get("pid")
         if not isinstance(pid, int) or pid == os.getpid() or _pid_alive(pid):
+            continue
+        if not _named_as_made(entry, owner):
+            log.warning("left %s alone: it was renamed, so it is no longer depthprune's temporary", entry)
+            continue
+        foreign = _foreign_file(entry, target.name)
+        if foreign is not None:
+            log.warning("left %s alone: it holds %s, which depthprune did not write", entry, foreign)
             continue
         shutil.rmtree(entry, ignore_errors=True)
         removed.append(entry)
