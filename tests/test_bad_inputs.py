@@ -73,10 +73,17 @@ def world(tmp_path, monkeypatch):
     (root / "plan_operator.json").write_text(json.dumps(
         {"method": "slm", "num_layers": LAYERS, "merges": [{"low": 1, "high": 2, "operator": "bogus"}]}))
     for name, change in [("deep", {"num_hidden_layers": LAYERS + 2}), ("shallow", {"num_hidden_layers": LAYERS - 2}),
-                         ("banana", {"dtype": "banana"}), ("heads", {"hidden_size": 66})]:
+                         ("banana", {"dtype": "banana"}), ("heads", {"hidden_size": 66}),
+                         ("wide", {"hidden_size": 96}), ("vocab", {"vocab_size": 300}),
+                         ("mlp", {"intermediate_size": 96}), ("eps", {"rms_norm_eps": float("nan")}),
+                         ("rope", {"rope_parameters": {"rope_type": "bogus", "rope_theta": 10000.0}}),
+                         ("oldrope", {"rope_scaling": {"type": "warp", "factor": 2.0}}),
+                         ("act", {"hidden_act": "sparkle"}), ("tokens", {"vocab_size": 200})]:
         shutil.copytree(root / "model", root / name)
         config = json.loads((root / name / "config.json").read_text())
         (root / name / "config.json").write_text(json.dumps({**config, **change}))
+    _shrink_embedding(root / "tokens", 200)  # weights and config agree, the tokenizer has 259 tokens
+    shutil.copytree(root / "model", root / "notok", ignore=shutil.ignore_patterns("tokenizer*"))
     (root / "short.gguf").write_bytes(b"GGUF\x03\x00\x00\x00")
     _linked_model(root)
     (root / "random.gguf").write_bytes(os.urandom(4096))
@@ -97,6 +104,18 @@ def world(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(root / "home"))
     monkeypatch.setenv("DEPTHPRUNE_CACHE", str(tmp_path / "cache"))
     return root
+
+
+def _shrink_embedding(directory: Path, rows: int) -> None:
+    """Cut the stored embedding and head of ``directory`` to ``rows`` rows (its config already says so)."""
+    from safetensors.torch import load_file, save_file
+
+    weights = directory / "model.safetensors"
+    tensors = load_file(str(weights))
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        if name in tensors:
+            tensors[name] = tensors[name][:rows].clone()
+    save_file(tensors, str(weights), metadata={"format": "pt"})
 
 
 def _linked_model(root: Path) -> None:
@@ -270,6 +289,24 @@ CASES += [
     (["heal", "--model", "{W}/linked", "--data", str(EMMA), "--out", "{W}/p", "--overwrite"], LINKED),
     (["eval-ppl", "--model", "{W}/linked", "--json", "{W}/gen.json"],
      "would replace {W}/gen.json, which the input {W}/linked reads"),
+]
+# issue 26: config.json judged against the safetensors headers and the tokenizer, before loading
+CASES += [
+    (["eval-ppl", "--model", "{W}/wide"], "config.json's hidden_size 96 implies model.embed_tokens.weight of "
+     "shape [259, 96], but the weights hold [259, 64]"),
+    ([*PRUNE[:1], "--model", "{W}/vocab", *PRUNE[3:], "--out", "{W}/o"],
+     "config.json's vocab_size 300 implies model.embed_tokens.weight of shape [300, 64], but the weights hold"),
+    (["score", "--model", "{W}/mlp"], "config.json's intermediate_size 96 implies model.layers.0.mlp.gate_proj"),
+    ([*PRUNE[:1], "--model", "{W}/eps", *PRUNE[3:], "--out", "{W}/o"],
+     "gives rms_norm_eps nan, which is not a finite number"),
+    (["eval-ppl", "--model", "{W}/rope"], "gives rope_parameters rope type 'bogus', which transformers does not"),
+    (["eval-ppl", "--model", "{W}/oldrope"], "gives rope_scaling rope type 'warp', which transformers does not"),
+    (["heal", "--model", "{W}/act", "--data", str(EMMA), "--out", "{W}/h"],
+     "gives hidden_act 'sparkle', which is not an activation transformers knows"),
+    (["eval-ppl", "--model", "{W}/tokens"], "the tokenizer has 259 tokens but the embedding "
+     "(model.embed_tokens.weight) has only 200 rows"),
+    (["eval-ppl", "--model", "{W}/notok"], "{W}/notok has no tokenizer"),
+    (["eval-speed", "--model", "{W}/model", "--baseline", "{W}/notok"], "{W}/notok has no tokenizer"),
 ]
 # every path option of every command, pointed into a model directory that is not the input
 CASES += [([command, "--model", "{W}/model", *extra, "--out", "{W}/other/sub"], "inside the model directory")
