@@ -414,6 +414,49 @@ def test_a_broken_model_is_never_saved(world):
     assert [p.name for p in world.iterdir() if p.name.startswith((".nan", ".deeper"))] == []
 
 
+@pytest.mark.parametrize("command", [[*PRUNE, "--out", "{W}/o"], [*PRUNE, "--stream", "--out", "{W}/o"],
+                                     ["eval-ppl", "--model", "{W}/model", "--max-windows", "2", "--json", "{W}/r.json"]],
+                         ids=["prune", "prune-stream", "eval-ppl"])
+def test_non_finite_input_weights_are_named(command, world, run_cli):
+    """Issue 26: a NaN in one input weight is refused naming the input's tensor, on the in-memory and the
+    streamed path, before any score or perplexity (which would be NaN) is printed or written."""
+    from safetensors.torch import load_file, save_file
+
+    weights = world / "model" / "model.safetensors"
+    tensors = load_file(str(weights))
+    tensors["model.layers.2.mlp.down_proj.weight"][0, 0] = float("nan")
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    before = snapshot(world)
+    res = run_cli(*_args(command, world), "-q", check=False)
+    lines = [line for line in res.err.splitlines() if line.strip() and not line.startswith(("loading ", "streaming "))]
+    assert res.code == 2 and len(lines) == 1, res.err
+    assert "1 weight tensors hold NaN or infinite values (model.layers.2.mlp.down_proj.weight)" in lines[0]
+    assert "nan" not in res.out.lower() and snapshot(world) == before
+
+
+def test_no_nan_result_is_reported():
+    """Scores, perplexities and JSON results that are NaN are errors (exit 2), never answers."""
+    import torch
+
+    from depthprune import Target, make_plan
+    from depthprune.errors import InputError
+    from depthprune.evaluate.perplexity import perplexity_on
+    from depthprune.io import write_result
+    from tiny import tiny_calibration, tiny_model
+
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.norm.weight.fill_(float("nan"))
+        model.model.layers[0].input_layernorm.weight.fill_(float("nan"))
+    with pytest.raises(InputError, match="layer scores is not a finite number"):
+        make_plan("shortgpt", model, tiny_calibration(), Target(remove=2), progress=False)
+    with pytest.raises(InputError, match="the perplexity is not a finite number"):
+        perplexity_on(model, tiny_calibration(), progress=False)
+    with pytest.raises(InputError, match=r"not a finite number \(kl NaN"):
+        write_result(Path("never.json"), {"ppl": 3.0, "kl": float("nan")})
+    assert not Path("never.json").exists()
+
+
 def test_a_tensor_transformers_would_initialise_is_refused(world):
     """A missing tensor outside the layers (the final norm) gets past the header checks; loading names it."""
     from safetensors.torch import load_file, save_file

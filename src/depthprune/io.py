@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 from torch import nn
 
 from ._version import __version__
-from .checks import check_name_lengths, name_limit
+from .checks import check_name_lengths, name_limit, named_list, non_finite_tensors, require_finite_result
 from .errors import DepthpruneError, InputError
 from .plan import PLAN_FILE, Plan
 
@@ -249,6 +249,7 @@ def check_output_file(path: str | Path, *, option: str = "--json", suffix: str =
 
 def write_result(path: str | Path, data: dict[str, Any]) -> Path:
     """A result file for the user (``--json``): marked as depthprune's, its folder created if missing."""
+    require_finite_result(data, f"the result for {path}")
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     return write_json(target, {"written_by": f"depthprune {__version__}", **data})
@@ -421,7 +422,6 @@ def verify_checkpoint(directory: Path) -> None:
     """Refuse a checkpoint that is not what it claims: the checks :func:`~depthprune.models.load.check_checkpoint`
     makes before loading (a config transformers accepts, exactly the layers it declares), and every weight
     finite (a NaN fit or a diverged heal must not be saved as a model)."""
-    import torch
     from safetensors import safe_open
 
     from .models.load import check_checkpoint
@@ -430,14 +430,10 @@ def verify_checkpoint(directory: Path) -> None:
     bad: list[str] = []
     for shard in sorted(directory.glob("*.safetensors")):
         with safe_open(str(shard), framework="pt") as handle:
-            for name in handle.keys():
-                tensor = handle.get_tensor(name)
-                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                    bad.append(name)
+            bad += non_finite_tensors((name, handle.get_tensor(name)) for name in handle.keys())
     if bad:
-        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
         raise CheckpointError(f"not saving the checkpoint: {len(bad)} weight tensors hold NaN or infinite "
-                              f"values ({shown}); the run diverged or an option made the fit meaningless")
+                              f"values ({named_list(bad)}); the run diverged or an option made the fit meaningless")
 
 
 def _apply_umask(root: Path) -> None:

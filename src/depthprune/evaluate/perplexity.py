@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+from ..checks import require_finite_result
 from ..data.calibration import Calibration, consecutive_windows
 from ..errors import InputError
 from ..models.forward import batches_of
@@ -120,6 +121,7 @@ def perplexity_on(
         raise InputError("perplexity over zero scored tokens means nothing: the text gave no window with a "
                          "target token; use a longer text or a smaller --seq-len")
     nll = total / count
+    require_finite_result(nll, "the perplexity")
     return PerplexityResult(
         perplexity=math.exp(nll),
         nll=nll,

@@ -13,10 +13,11 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 
+from ..checks import named_list, non_finite_tensors
 from ..errors import ModelLoadError, MissingInputError
 
 ACTIVATION_FIELDS = ("hidden_act", "hidden_activation", "activation_function")
@@ -118,6 +119,15 @@ def check_shapes(config: dict[str, Any], built: Any, stored: dict[str, tuple[int
             raise ModelLoadError(f"{path}: {cause} {name} of shape {list(wanted[name])}, but the weights hold "
                                  f"{list(shape)}; fix config.json to match the weights")
     return embedding
+
+
+def refuse_non_finite_weights(tensors: Iterable[tuple[str, torch.Tensor]], source: Any) -> None:
+    """An input whose weights hold NaN or an infinity is refused, naming its tensors as stored: every score,
+    plan and metric computed from it would be NaN."""
+    bad = non_finite_tensors(tensors)
+    if bad:
+        raise ModelLoadError(f"{source}: {len(bad)} weight tensors hold NaN or infinite values ({named_list(bad)}); "
+                             "every score would be NaN: re-download or re-save the model")
 
 
 def tokenizer_size(directory: Path) -> int | None:

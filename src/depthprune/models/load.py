@@ -27,7 +27,8 @@ from ..checks import check_name_lengths
 from ..io import atomic_directory
 from ..paths import cache_dir
 from .arch import layer_tensor, spec_for
-from .consistency import check_finite, check_known_names, check_shapes, check_tokenizer
+from .consistency import (check_finite, check_known_names, check_shapes, check_tokenizer,
+                          refuse_non_finite_weights)
 
 log = logging.getLogger(__name__)
 
@@ -444,6 +445,7 @@ def load_model(
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         raise ModelLoadError(f"{source} lacks {len(missing)} weight tensors its config needs ({shown}); "
                              "transformers would initialise them at random, so depthprune does not use it")
+    refuse_non_finite_weights(model.named_parameters(), source)
     if "device_map" not in kwargs:
         model.to(device)
     model.eval()
