@@ -3,6 +3,7 @@ leaves every file it found byte for byte as it was (and adds none)."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -86,6 +87,8 @@ def world(tmp_path, monkeypatch):
     shutil.copytree(root / "model", root / "notok", ignore=shutil.ignore_patterns("tokenizer*"))
     (root / "short.gguf").write_bytes(b"GGUF\x03\x00\x00\x00")
     _linked_model(root)
+    (root / "loopA").symlink_to(root / "loopB")
+    (root / "loopB").symlink_to(root / "loopA")
     (root / "random.gguf").write_bytes(os.urandom(4096))
     (root / "piqa").mkdir()
     (root / "piqa" / "valid.jsonl").write_text('{"goal": "g", "sol1": "a", "sol2": "b"}\n{broken\n')
@@ -308,6 +311,9 @@ CASES += [
     (["eval-ppl", "--model", "{W}/notok"], "{W}/notok has no tokenizer"),
     (["eval-speed", "--model", "{W}/model", "--baseline", "{W}/notok"], "{W}/notok has no tokenizer"),
 ]
+# issue 26: paths that cannot be resolved
+CASES += [([*PRUNE, "--out", "{W}/loopA/x"], "--out {W}/loopA/x cannot be resolved"),
+          (["eval-ppl", "--model", "{W}/model", "--json", "{W}/loopB/r.json"], "--json {W}/loopB/r.json cannot be")]
 # every path option of every command, pointed into a model directory that is not the input
 CASES += [([command, "--model", "{W}/model", *extra, "--out", "{W}/other/sub"], "inside the model directory")
           for command, extra in COMMANDS_WRITING_DIRS.items()]
@@ -455,6 +461,42 @@ def test_no_nan_result_is_reported():
     with pytest.raises(InputError, match=r"not a finite number \(kl NaN"):
         write_result(Path("never.json"), {"ppl": 3.0, "kl": float("nan")})
     assert not Path("never.json").exists()
+
+
+def test_a_full_disk_is_one_line_and_the_old_output_stays(world, run_cli, monkeypatch):
+    """Issue 26: ENOSPC while writing the checkpoint: one line naming the output, the temporary removed, the
+    checkpoint that was there before byte for byte intact."""
+    run_cli(*_args(PRUNE, world), "--out", world / "full", "-q")
+    before = snapshot(world)
+
+    def full(directory, *a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory / "depthprune_plan.json"))
+
+    monkeypatch.setattr("depthprune.job.write_beside", full)
+    res = run_cli(*_args(PRUNE, world), "--out", world / "full", "--overwrite", "-q", check=False)
+    lines = [line for line in res.err.splitlines() if line.strip() and not line.startswith("loading ")]
+    assert res.code == 2 and len(lines) == 1, res.err
+    assert lines[0].startswith(f"error: cannot write {world / 'full'}: no space left on device"), lines[0]
+    assert snapshot(world) == before
+
+
+def test_ctrl_c_is_one_line(world, run_cli, monkeypatch):
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("depthprune.job.write_beside", interrupted)
+    res = run_cli(*_args(PRUNE, world), "--out", world / "o2", "-q", check=False)
+    lines = [line for line in res.err.splitlines() if line.strip() and not line.startswith("loading ")]
+    assert res.code == 130 and lines == ["interrupted: nothing half-written was left at the output"], res.err
+    assert not (world / "o2").exists() and _leftovers(world, "o2") == []
+
+
+def test_reference_cache_parents_are_created(world, run_cli):
+    """The docs promise missing parent folders of an output are created: --reference-cache too (issue 26)."""
+    cache = world / "new" / "deeper" / "ref.safetensors"
+    run_cli("eval-ppl", "--model", world / "model", "--reference", world / "other", "--reference-cache", cache,
+            "--seq-len", "32", "--max-windows", "2", "-q")
+    assert cache.is_file()
 
 
 def test_a_tensor_transformers_would_initialise_is_refused(world):

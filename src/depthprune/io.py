@@ -15,6 +15,7 @@ merely has a similar name.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -53,6 +54,23 @@ def _umask() -> int:
     return mask
 
 
+FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
+
+
+@contextmanager
+def disk_full_is_an_error(target: Path) -> Iterator[None]:
+    """A full disk (or quota) while writing ``target`` is one line naming it, not a traceback from deep inside
+    a writer; the caller's ``finally`` removes the temporary, and the old output was never touched."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in FULL_DISK:
+            raise
+        raise OutputError(f"cannot write {target}: {os.strerror(err.errno).lower()} (writing "
+                          f"{err.filename or 'a file'}); the temporary was removed and the old output, if any, is "
+                          "intact: free some space and run again") from None
+
+
 def atomic_write(path: str | Path, data: bytes | str | Callable[[Any], None]) -> Path:
     """Write ``data`` (bytes, text, or a function writing to a binary stream) to ``path`` atomically.
 
@@ -60,15 +78,17 @@ def atomic_write(path: str | Path, data: bytes | str | Callable[[Any], None]) ->
     with mode ``xb`` (not ``mkstemp``) so the result gets the usual umask-derived permissions, not 0600.
     """
     target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)  # the docs promise missing parents are created
     remove_stale_temporaries(target)
     holder = make_temporary(target.parent, target.name)
     try:
-        with open(holder / target.name, "xb") as stream:
-            if callable(data):
-                data(stream)
-            else:
-                stream.write(data.encode("utf-8") if isinstance(data, str) else data)
-        os.replace(holder / target.name, target)
+        with disk_full_is_an_error(target):
+            with open(holder / target.name, "xb") as stream:
+                if callable(data):
+                    data(stream)
+                else:
+                    stream.write(data.encode("utf-8") if isinstance(data, str) else data)
+            os.replace(holder / target.name, target)
     finally:
         shutil.rmtree(holder, ignore_errors=True)
     return target
@@ -143,7 +163,16 @@ def _resolve(path: str | Path, option: str) -> Path:
     if not str(path).strip():
         raise OutputError(f"{option} is empty (an unset shell variable?); give the path to write to")
     check_name_lengths(path, option)
-    return Path(path).expanduser().resolve()
+    return resolved_path(path, option)
+
+
+def resolved_path(path: str | Path, option: str) -> Path:
+    """``path`` with every link followed; a link loop (``loopA -> loopB -> loopA``) is the user's error."""
+    try:
+        return Path(path).expanduser().resolve()
+    except (RuntimeError, OSError) as err:  # Python 3.11 raises RuntimeError("Symlink loop ..."), 3.13 OSError
+        raise OutputError(f"{option} {path} cannot be resolved: {err} (a symbolic link loop?); fix the links or "
+                          "choose another path") from None
 
 
 def _refuse_inside_model(path: Path, option: str) -> None:
@@ -174,7 +203,7 @@ def real_locations(src: str | Path) -> tuple[Path | None, list[Path]]:
     path = Path(src).expanduser()
     if not str(src).strip() or not path.exists():
         return None, []
-    real = path.resolve()
+    real = resolved_path(path, "the input")
     if not real.is_dir():
         return None, [real]
     return real, [real, *(entry.resolve() for entry in path.rglob("*") if entry.is_file())]
@@ -398,21 +427,22 @@ def atomic_directory(out: str | Path, *, overwrite: bool = False, kind: str = "c
     remove_stale_temporaries(out)
     tmp = make_temporary(out.parent, out.name)
     try:
-        yield tmp
-        if kind in CHECKPOINT_KINDS:
-            verify_checkpoint(tmp)
-        mark(tmp, kind)
-        _apply_umask(tmp)
-        if out.exists():
-            if any(out.iterdir()) and not (overwrite and kind_of(out) == kind):
-                raise OutputError(f"{out} appeared while writing; not replacing it")
-            trash = make_temporary(out.parent, out.name, "old")
-            os.replace(out, trash / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-        (out / TEMPORARY_MARKER).unlink(missing_ok=True)
+        with disk_full_is_an_error(out):
+            yield tmp
+            if kind in CHECKPOINT_KINDS:
+                verify_checkpoint(tmp)
+            mark(tmp, kind)
+            _apply_umask(tmp)
+            if out.exists():
+                if any(out.iterdir()) and not (overwrite and kind_of(out) == kind):
+                    raise OutputError(f"{out} appeared while writing; not replacing it")
+                trash = make_temporary(out.parent, out.name, "old")
+                os.replace(out, trash / out.name)
+                os.replace(tmp, out)
+                shutil.rmtree(trash, ignore_errors=True)
+            else:
+                os.replace(tmp, out)
+            (out / TEMPORARY_MARKER).unlink(missing_ok=True)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
