@@ -499,6 +499,21 @@ def test_reference_cache_parents_are_created(world, run_cli):
     assert cache.is_file()
 
 
+def test_resume_skips_a_checkpoint_cut_off_while_written(tmp_path):
+    """Issue 26: SIGTERM during checkpointing leaves ``checkpoint-2/`` with only a README; ``--resume`` takes
+    ``checkpoint-1``, the last one written to the end."""
+    from depthprune.heal.train import last_complete_checkpoint
+
+    for step, files in [(1, ["trainer_state.json", "adapter_model.safetensors"]), (2, ["README.md"]),
+                        (10, [])]:
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        for name in files:
+            (tmp_path / f"checkpoint-{step}" / name).write_text("{}")
+    (tmp_path / "checkpoint-x").mkdir()
+    assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-1")
+    assert last_complete_checkpoint(tmp_path / "absent") is None
+
+
 def test_a_tensor_transformers_would_initialise_is_refused(world):
     """A missing tensor outside the layers (the final norm) gets past the header checks; loading names it."""
     from safetensors.torch import load_file, save_file
