@@ -514,6 +514,29 @@ def test_resume_skips_a_checkpoint_cut_off_while_written(tmp_path):
     assert last_complete_checkpoint(tmp_path / "absent") is None
 
 
+def test_streamed_and_in_memory_agree_on_a_tied_head_over_a_stored_one(tmp_path):
+    """Issue 26: ``tie_word_embeddings: true`` over a stored, different ``lm_head``: both paths use the stored
+    head (transformers' rule) and say so in the config, so they give the same perplexity."""
+    from depthprune import load_model
+    from depthprune.backend.streamed import load_streamed
+    from depthprune.evaluate.perplexity import perplexity_on
+    from tiny import byte_tokenizer, tiny_calibration, tiny_config
+    import transformers as tf
+
+    config = tiny_config("llama", vocab_size=len(byte_tokenizer()))
+    config.tie_word_embeddings = False
+    tf.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "m")
+    byte_tokenizer().save_pretrained(tmp_path / "m")
+    stored = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**stored, "tie_word_embeddings": True}))
+    memory = load_model(str(tmp_path / "m"), progress=False)
+    streamed = load_streamed(str(tmp_path / "m"), progress=False)
+    windows = tiny_calibration(seq=16)
+    assert perplexity_on(memory.model, windows, progress=False).perplexity == pytest.approx(
+        perplexity_on(streamed, windows, progress=False).perplexity, rel=1e-5)
+    assert memory.model.config.tie_word_embeddings is False and streamed.model.config.tie_word_embeddings is False
+
+
 def test_a_tensor_transformers_would_initialise_is_refused(world):
     """A missing tensor outside the layers (the final norm) gets past the header checks; loading names it."""
     from safetensors.torch import load_file, save_file

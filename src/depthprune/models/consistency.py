@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
@@ -128,6 +128,35 @@ def refuse_non_finite_weights(tensors: Iterable[tuple[str, torch.Tensor]], sourc
     if bad:
         raise ModelLoadError(f"{source}: {len(bad)} weight tensors hold NaN or infinite values ({named_list(bad)}); "
                              "every score would be NaN: re-download or re-save the model")
+
+
+def _weight_name(model: torch.nn.Module, module: torch.nn.Module | None) -> str | None:
+    return next((f"{name}.weight" for name, found in model.named_modules() if found is module), None)
+
+
+def untie_stored_head(model: torch.nn.Module, stored: Callable[[list[str]], dict[str, torch.Tensor]]) -> None:
+    """One rule for tied LM heads on every path, transformers' own: a config that ties the head
+    (``tie_word_embeddings``) over a checkpoint that stores a *different* head uses the stored head, and the
+    config is corrected so that a saved result reloads the same. ``stored(names)`` reads tensors by name
+    (those the checkpoint lacks are absent from its answer)."""
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is None or embedding is None or head.weight is not embedding.weight:
+        sync_tie_flag(model)
+        return
+    names = [_weight_name(model, head), _weight_name(model, embedding)]
+    tensors = stored([n for n in names if n])
+    if len(tensors) == 2 and not torch.equal(*tensors.values()):
+        head.weight = torch.nn.Parameter(torch.empty_like(head.weight))
+        sync_tie_flag(model)
+
+
+def sync_tie_flag(model: torch.nn.Module) -> None:
+    """``tie_word_embeddings`` says what the model does: False once the head is its own tensor."""
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is not None and embedding is not None and head.weight is not embedding.weight:
+        for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+            if getattr(config, "tie_word_embeddings", False):
+                config.tie_word_embeddings = False
 
 
 def tokenizer_size(directory: Path) -> int | None:

@@ -28,7 +28,7 @@ from ..io import atomic_directory
 from ..paths import cache_dir
 from .arch import layer_tensor, spec_for
 from .consistency import (check_finite, check_known_names, check_shapes, check_tokenizer,
-                          refuse_non_finite_weights)
+                          refuse_non_finite_weights, sync_tie_flag)
 
 log = logging.getLogger(__name__)
 
@@ -446,6 +446,7 @@ def load_model(
         raise ModelLoadError(f"{source} lacks {len(missing)} weight tensors its config needs ({shown}); "
                              "transformers would initialise them at random, so depthprune does not use it")
     refuse_non_finite_weights(model.named_parameters(), source)
+    sync_tie_flag(model)  # transformers keeps a stored head that differs from the embedding: say so
     if "device_map" not in kwargs:
         model.to(device)
     model.eval()
