@@ -537,6 +537,22 @@ def test_streamed_and_in_memory_agree_on_a_tied_head_over_a_stored_one(tmp_path)
     assert memory.model.config.tie_word_embeddings is False and streamed.model.config.tie_word_embeddings is False
 
 
+@pytest.mark.parametrize("family, warned", [("gemma3", True), ("llama", False)])
+def test_mergekit_export_warns_about_per_layer_config_lists(family, warned, tmp_path, run_cli):
+    """Issue 26: mergekit copies Gemma-3's layer_types unshortened; the export says so in one line."""
+    base = save_tiny_checkpoint(tmp_path / family, family=family)
+    (tmp_path / "plan.json").write_text(Plan("shortgpt", LAYERS, remove=[1]).to_json())
+    res = run_cli("export", "mergekit", tmp_path / "plan.json", "--base-model", base)
+    lines = [line for line in res.err.splitlines() if line.strip()]
+    if warned:
+        assert len(lines) == 1 and lines[0].startswith("warning: mergekit does not shorten the per-layer config "
+                                                       f"field layer_types: its output keeps {LAYERS} entries for "
+                                                       f"{LAYERS - 1} layers"), res.err
+    else:
+        assert lines == [], res.err
+    assert "merge_method: passthrough" in res.out
+
+
 def test_a_tensor_transformers_would_initialise_is_refused(world):
     """A missing tensor outside the layers (the final norm) gets past the header checks; loading names it."""
     from safetensors.torch import load_file, save_file
