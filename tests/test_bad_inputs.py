@@ -3,6 +3,7 @@ leaves every file it found byte for byte as it was (and adds none)."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -73,11 +74,21 @@ def world(tmp_path, monkeypatch):
     (root / "plan_operator.json").write_text(json.dumps(
         {"method": "slm", "num_layers": LAYERS, "merges": [{"low": 1, "high": 2, "operator": "bogus"}]}))
     for name, change in [("deep", {"num_hidden_layers": LAYERS + 2}), ("shallow", {"num_hidden_layers": LAYERS - 2}),
-                         ("banana", {"dtype": "banana"}), ("heads", {"hidden_size": 66})]:
+                         ("banana", {"dtype": "banana"}), ("heads", {"hidden_size": 66}),
+                         ("wide", {"hidden_size": 96}), ("vocab", {"vocab_size": 300}),
+                         ("mlp", {"intermediate_size": 96}), ("eps", {"rms_norm_eps": float("nan")}),
+                         ("rope", {"rope_parameters": {"rope_type": "bogus", "rope_theta": 10000.0}}),
+                         ("oldrope", {"rope_scaling": {"type": "warp", "factor": 2.0}}),
+                         ("act", {"hidden_act": "sparkle"}), ("tokens", {"vocab_size": 200})]:
         shutil.copytree(root / "model", root / name)
         config = json.loads((root / name / "config.json").read_text())
         (root / name / "config.json").write_text(json.dumps({**config, **change}))
+    _shrink_embedding(root / "tokens", 200)  # weights and config agree, the tokenizer has 259 tokens
+    shutil.copytree(root / "model", root / "notok", ignore=shutil.ignore_patterns("tokenizer*"))
     (root / "short.gguf").write_bytes(b"GGUF\x03\x00\x00\x00")
+    _linked_model(root)
+    (root / "loopA").symlink_to(root / "loopB")
+    (root / "loopB").symlink_to(root / "loopA")
     (root / "random.gguf").write_bytes(os.urandom(4096))
     (root / "piqa").mkdir()
     (root / "piqa" / "valid.jsonl").write_text('{"goal": "g", "sol1": "a", "sol2": "b"}\n{broken\n')
@@ -96,6 +107,30 @@ def world(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(root / "home"))
     monkeypatch.setenv("DEPTHPRUNE_CACHE", str(tmp_path / "cache"))
     return root
+
+
+def _shrink_embedding(directory: Path, rows: int) -> None:
+    """Cut the stored embedding and head of ``directory`` to ``rows`` rows (its config already says so)."""
+    from safetensors.torch import load_file, save_file
+
+    weights = directory / "model.safetensors"
+    tensors = load_file(str(weights))
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        if name in tensors:
+            tensors[name] = tensors[name][:rows].clone()
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+
+
+def _linked_model(root: Path) -> None:
+    """``linked/`` reads its weights through a link into ``p/``, a checkpoint depthprune wrote (issue 26)."""
+    save_tiny_checkpoint(root / "p")
+    (root / "p" / ".depthprune").write_text('{"written_by": "depthprune 0", "kind": "checkpoint"}')
+    shutil.copytree(root / "p", root / "linked", ignore=shutil.ignore_patterns("model.safetensors", ".depthprune"))
+    (root / "linked" / "model.safetensors").symlink_to(root / "p" / "model.safetensors")
+    (root / "gen.json").write_text(json.dumps({"written_by": "depthprune 0", **json.loads(
+        (root / "linked" / "generation_config.json").read_text())}))
+    (root / "linked" / "generation_config.json").unlink()
+    (root / "linked" / "generation_config.json").symlink_to(root / "gen.json")
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -249,6 +284,36 @@ CASES += [
     ([*PRUNE, "--out"], "'--out' requires an argument"),
     (["export", "hub", "{W}/model", "--repo", "bad repo!!"], "error: --repo 'bad repo!!' is not a valid Hub"),
 ]
+# issue 26: inputs resolved through links before the overlap checks, for every command
+LINKED = "would replace {W}/p/model.safetensors, which the input {W}/linked reads"
+CASES += [
+    (["prune", "--model", "{W}/linked", "--ratio", "0.34", *FAST, "--out", "{W}/p", "--overwrite"], LINKED),
+    (["score", "--model", "{W}/linked", *FAST, "--out", "{W}/p"], LINKED),
+    (["heal", "--model", "{W}/linked", "--data", str(EMMA), "--out", "{W}/p", "--overwrite"], LINKED),
+    (["eval-ppl", "--model", "{W}/linked", "--json", "{W}/gen.json"],
+     "would replace {W}/gen.json, which the input {W}/linked reads"),
+]
+# issue 26: config.json judged against the safetensors headers and the tokenizer, before loading
+CASES += [
+    (["eval-ppl", "--model", "{W}/wide"], "config.json's hidden_size 96 implies model.embed_tokens.weight of "
+     "shape [259, 96], but the weights hold [259, 64]"),
+    ([*PRUNE[:1], "--model", "{W}/vocab", *PRUNE[3:], "--out", "{W}/o"],
+     "config.json's vocab_size 300 implies model.embed_tokens.weight of shape [300, 64], but the weights hold"),
+    (["score", "--model", "{W}/mlp"], "config.json's intermediate_size 96 implies model.layers.0.mlp.gate_proj"),
+    ([*PRUNE[:1], "--model", "{W}/eps", *PRUNE[3:], "--out", "{W}/o"],
+     "gives rms_norm_eps nan, which is not a finite number"),
+    (["eval-ppl", "--model", "{W}/rope"], "gives rope_parameters rope type 'bogus', which transformers does not"),
+    (["eval-ppl", "--model", "{W}/oldrope"], "gives rope_scaling rope type 'warp', which transformers does not"),
+    (["heal", "--model", "{W}/act", "--data", str(EMMA), "--out", "{W}/h"],
+     "gives hidden_act 'sparkle', which is not an activation transformers knows"),
+    (["eval-ppl", "--model", "{W}/tokens"], "the tokenizer has 259 tokens but the embedding "
+     "(model.embed_tokens.weight) has only 200 rows"),
+    (["eval-ppl", "--model", "{W}/notok"], "{W}/notok has no tokenizer"),
+    (["eval-speed", "--model", "{W}/model", "--baseline", "{W}/notok"], "{W}/notok has no tokenizer"),
+]
+# issue 26: paths that cannot be resolved
+CASES += [([*PRUNE, "--out", "{W}/loopA/x"], "--out {W}/loopA/x cannot be resolved"),
+          (["eval-ppl", "--model", "{W}/model", "--json", "{W}/loopB/r.json"], "--json {W}/loopB/r.json cannot be")]
 # every path option of every command, pointed into a model directory that is not the input
 CASES += [([command, "--model", "{W}/model", *extra, "--out", "{W}/other/sub"], "inside the model directory")
           for command, extra in COMMANDS_WRITING_DIRS.items()]
@@ -301,6 +366,24 @@ def test_only_marked_temporaries_of_dead_processes_are_removed(world, run_cli):
     assert not (world / "victim" / ".depthprune-temporary").exists()
 
 
+def test_a_renamed_or_added_to_leftover_is_kept(world, run_cli):
+    """Issue 26: a leftover the user renamed (``.victim-rescued``), or one they put a file of theirs in, is no
+    longer a temporary to clean up, even though its marker says it was one."""
+    renamed = world / ".victim-rescued"
+    _dead_process_temporary(world, "victim").rename(renamed)
+    (renamed / "notes.txt").write_text("mine")
+    added_to = _dead_process_temporary(world, "victim")
+    (added_to / "notes.txt").write_text("mine")
+    plain = _dead_process_temporary(world, "victim")
+    (plain / "config.json").write_text("{}")
+    kept = {name: digest for name, digest in snapshot(world).items() if name.startswith(
+        (renamed.name, added_to.name))}
+    run_cli(*_args(PRUNE, world), "--out", world / "victim", "-q")
+    assert not plain.exists()
+    assert {name: digest for name, digest in snapshot(world).items() if name.startswith(
+        (renamed.name, added_to.name))} == kept
+
+
 def test_temporaries_of_a_name_near_the_limit_fit(world, run_cli):
     out = world / ("y" * 250)
     run_cli(*_args(PRUNE, world), "--out", out, "-q")
@@ -335,6 +418,139 @@ def test_a_broken_model_is_never_saved(world):
         save(model, byte_tokenizer(), world / "deeper")
     assert not (world / "nan").exists() and not (world / "deeper").exists()
     assert [p.name for p in world.iterdir() if p.name.startswith((".nan", ".deeper"))] == []
+
+
+@pytest.mark.parametrize("command", [[*PRUNE, "--out", "{W}/o"], [*PRUNE, "--stream", "--out", "{W}/o"],
+                                     ["eval-ppl", "--model", "{W}/model", "--max-windows", "2", "--json", "{W}/r.json"]],
+                         ids=["prune", "prune-stream", "eval-ppl"])
+def test_non_finite_input_weights_are_named(command, world, run_cli):
+    """Issue 26: a NaN in one input weight is refused naming the input's tensor, on the in-memory and the
+    streamed path, before any score or perplexity (which would be NaN) is printed or written."""
+    from safetensors.torch import load_file, save_file
+
+    weights = world / "model" / "model.safetensors"
+    tensors = load_file(str(weights))
+    tensors["model.layers.2.mlp.down_proj.weight"][0, 0] = float("nan")
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    before = snapshot(world)
+    res = run_cli(*_args(command, world), "-q", check=False)
+    lines = [line for line in res.err.splitlines() if line.strip() and not line.startswith(("loading ", "streaming "))]
+    assert res.code == 2 and len(lines) == 1, res.err
+    assert "1 weight tensors hold NaN or infinite values (model.layers.2.mlp.down_proj.weight)" in lines[0]
+    assert "nan" not in res.out.lower() and snapshot(world) == before
+
+
+def test_no_nan_result_is_reported():
+    """Scores, perplexities and JSON results that are NaN are errors (exit 2), never answers."""
+    import torch
+
+    from depthprune import Target, make_plan
+    from depthprune.errors import InputError
+    from depthprune.evaluate.perplexity import perplexity_on
+    from depthprune.io import write_result
+    from tiny import tiny_calibration, tiny_model
+
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.norm.weight.fill_(float("nan"))
+        model.model.layers[0].input_layernorm.weight.fill_(float("nan"))
+    with pytest.raises(InputError, match="layer scores is not a finite number"):
+        make_plan("shortgpt", model, tiny_calibration(), Target(remove=2), progress=False)
+    with pytest.raises(InputError, match="the perplexity is not a finite number"):
+        perplexity_on(model, tiny_calibration(), progress=False)
+    with pytest.raises(InputError, match=r"not a finite number \(kl NaN"):
+        write_result(Path("never.json"), {"ppl": 3.0, "kl": float("nan")})
+    assert not Path("never.json").exists()
+
+
+def test_a_full_disk_is_one_line_and_the_old_output_stays(world, run_cli, monkeypatch):
+    """Issue 26: ENOSPC while writing the checkpoint: one line naming the output, the temporary removed, the
+    checkpoint that was there before byte for byte intact."""
+    run_cli(*_args(PRUNE, world), "--out", world / "full", "-q")
+    before = snapshot(world)
+
+    def full(directory, *a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory / "depthprune_plan.json"))
+
+    monkeypatch.setattr("depthprune.job.write_beside", full)
+    res = run_cli(*_args(PRUNE, world), "--out", world / "full", "--overwrite", "-q", check=False)
+    lines = [line for line in res.err.splitlines() if line.strip() and not line.startswith("loading ")]
+    assert res.code == 2 and len(lines) == 1, res.err
+    assert lines[0].startswith(f"error: cannot write {world / 'full'}: no space left on device"), lines[0]
+    assert snapshot(world) == before
+
+
+def test_ctrl_c_is_one_line(world, run_cli, monkeypatch):
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("depthprune.job.write_beside", interrupted)
+    res = run_cli(*_args(PRUNE, world), "--out", world / "o2", "-q", check=False)
+    lines = [line for line in res.err.splitlines() if line.strip() and not line.startswith("loading ")]
+    assert res.code == 130 and lines == ["interrupted: nothing half-written was left at the output"], res.err
+    assert not (world / "o2").exists() and _leftovers(world, "o2") == []
+
+
+def test_reference_cache_parents_are_created(world, run_cli):
+    """The docs promise missing parent folders of an output are created: --reference-cache too (issue 26)."""
+    cache = world / "new" / "deeper" / "ref.safetensors"
+    run_cli("eval-ppl", "--model", world / "model", "--reference", world / "other", "--reference-cache", cache,
+            "--seq-len", "32", "--max-windows", "2", "-q")
+    assert cache.is_file()
+
+
+def test_resume_skips_a_checkpoint_cut_off_while_written(tmp_path):
+    """Issue 26: SIGTERM during checkpointing leaves ``checkpoint-2/`` with only a README; ``--resume`` takes
+    ``checkpoint-1``, the last one written to the end."""
+    from depthprune.heal.train import last_complete_checkpoint
+
+    for step, files in [(1, ["trainer_state.json", "adapter_model.safetensors"]), (2, ["README.md"]),
+                        (10, [])]:
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        for name in files:
+            (tmp_path / f"checkpoint-{step}" / name).write_text("{}")
+    (tmp_path / "checkpoint-x").mkdir()
+    assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-1")
+    assert last_complete_checkpoint(tmp_path / "absent") is None
+
+
+def test_streamed_and_in_memory_agree_on_a_tied_head_over_a_stored_one(tmp_path):
+    """Issue 26: ``tie_word_embeddings: true`` over a stored, different ``lm_head``: both paths use the stored
+    head (transformers' rule) and say so in the config, so they give the same perplexity."""
+    from depthprune import load_model
+    from depthprune.backend.streamed import load_streamed
+    from depthprune.evaluate.perplexity import perplexity_on
+    from tiny import byte_tokenizer, tiny_calibration, tiny_config
+    import transformers as tf
+
+    config = tiny_config("llama", vocab_size=len(byte_tokenizer()))
+    config.tie_word_embeddings = False
+    tf.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "m")
+    byte_tokenizer().save_pretrained(tmp_path / "m")
+    stored = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**stored, "tie_word_embeddings": True}))
+    memory = load_model(str(tmp_path / "m"), progress=False)
+    streamed = load_streamed(str(tmp_path / "m"), progress=False)
+    windows = tiny_calibration(seq=16)
+    assert perplexity_on(memory.model, windows, progress=False).perplexity == pytest.approx(
+        perplexity_on(streamed, windows, progress=False).perplexity, rel=1e-5)
+    assert memory.model.config.tie_word_embeddings is False and streamed.model.config.tie_word_embeddings is False
+
+
+@pytest.mark.parametrize("family, warned", [("gemma3", True), ("llama", False)])
+def test_mergekit_export_warns_about_per_layer_config_lists(family, warned, tmp_path, run_cli):
+    """Issue 26: mergekit copies Gemma-3's layer_types unshortened; the export says so in one line."""
+    base = save_tiny_checkpoint(tmp_path / family, family=family)
+    (tmp_path / "plan.json").write_text(Plan("shortgpt", LAYERS, remove=[1]).to_json())
+    res = run_cli("export", "mergekit", tmp_path / "plan.json", "--base-model", base)
+    lines = [line for line in res.err.splitlines() if line.strip()]
+    if warned:
+        assert len(lines) == 1 and lines[0].startswith("warning: mergekit does not shorten the per-layer config "
+                                                       f"field layer_types: its output keeps {LAYERS} entries for "
+                                                       f"{LAYERS - 1} layers"), res.err
+    else:
+        assert lines == [], res.err
+    assert "merge_method: passthrough" in res.out
 
 
 def test_a_tensor_transformers_would_initialise_is_refused(world):

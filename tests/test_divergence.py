@@ -213,6 +213,7 @@ def test_cli_reference_errors_come_before_any_model_loads(checkpoints, tmp_path,
     config.vocab_size = 300
     other = tmp_path / "other"
     tf.AutoModelForCausalLM.from_config(config).save_pretrained(other)
+    tf.AutoTokenizer.from_pretrained(src).save_pretrained(other)  # a model needs its tokenizer (issue 26)
     (tmp_path / "user.safetensors").write_bytes(b"mine")
     for args, message in [
         (["heal", "--model", src, "--data", text, "--out", tmp_path / "h", "--eval", "kl"], "pass --reference DENSE"),

@@ -2,7 +2,8 @@
 
 ``nan`` and ``inf`` parse as floats and slip through every range check written as ``x <= 0`` (each comparison
 with ``nan`` is false), so a ridge of ``nan`` would fit NaN weights and save them. One rule, applied where
-values enter: a float option is finite. A path with a name longer than the file system allows fails in
+values enter: a float option is finite. The same holds for weights (a NaN in one input tensor makes every score
+NaN) and for what a command reports (:func:`non_finite_fields`). A path with a name longer than the file system allows fails in
 whatever opens it first, deep inside; one rule refuses it where the path enters.
 """
 
@@ -12,7 +13,9 @@ import math
 import os
 from dataclasses import fields, is_dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
+
+import torch
 
 from .errors import InputError
 
@@ -57,3 +60,32 @@ def check_name_lengths(path: str | Path, option: str) -> None:
         if size > limit:
             raise InputError(f"{option} {part[:16]}...{part[-8:]}: that name is {size} bytes, and the file system "
                              f"allows at most {limit} bytes per name; choose a shorter one")
+
+
+def non_finite_tensors(tensors: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
+    """The names of the floating tensors holding NaN or an infinity."""
+    return [name for name, tensor in tensors
+            if tensor.is_floating_point() and tensor.device.type != "meta" and not bool(torch.isfinite(tensor).all())]
+
+
+def named_list(names: list[str], shown: int = 3) -> str:
+    """``a, b, c and 4 more``: a few names of a long list, for a one-line message."""
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+def require_finite_result(value: Any, what: str) -> None:
+    """Refuse to report (print, save as a plan, write as JSON) a result holding NaN or an infinity: a number
+    that means nothing is an error, not an answer (exit code 2, never 0)."""
+    bad = non_finite_fields(value)
+    if bad:
+        raise InputError(f"{what} is not a finite number ({named_list(bad)} NaN or infinite): the model computes "
+                         "non-finite values on this input; check its weights and config.json")
+
+
+def non_finite_fields(value: Any, where: str = "") -> list[str]:
+    """The dotted names of every NaN or infinite number in a result (a dict, list or number)."""
+    if isinstance(value, dict):
+        return [bad for key, item in value.items() for bad in non_finite_fields(item, f"{where}.{key}".lstrip("."))]
+    if isinstance(value, (list, tuple)):
+        return [bad for i, item in enumerate(value) for bad in non_finite_fields(item, f"{where}[{i}]")]
+    return [where or "the value"] if isinstance(value, float) and not math.isfinite(value) else []

@@ -23,3 +23,7 @@ class MissingInputError(DepthpruneError, FileNotFoundError):
 
 class MissingPackageError(DepthpruneError, ModuleNotFoundError):
     """An optional package is needed for what was asked (the message says how to install it)."""
+
+
+class ModelLoadError(DepthpruneError, OSError):
+    """The model source exists (or names a hub id) but cannot be loaded."""

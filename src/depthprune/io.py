@@ -15,20 +15,22 @@ merely has a similar name.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from torch import nn
 
 from ._version import __version__
-from .checks import check_name_lengths, name_limit
+from .checks import check_name_lengths, name_limit, named_list, non_finite_tensors, require_finite_result
 from .errors import DepthpruneError, InputError
 from .plan import PLAN_FILE, Plan
 
@@ -52,6 +54,23 @@ def _umask() -> int:
     return mask
 
 
+FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
+
+
+@contextmanager
+def disk_full_is_an_error(target: Path) -> Iterator[None]:
+    """A full disk (or quota) while writing ``target`` is one line naming it, not a traceback from deep inside
+    a writer; the caller's ``finally`` removes the temporary, and the old output was never touched."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in FULL_DISK:
+            raise
+        raise OutputError(f"cannot write {target}: {os.strerror(err.errno).lower()} (writing "
+                          f"{err.filename or 'a file'}); the temporary was removed and the old output, if any, is "
+                          "intact: free some space and run again") from None
+
+
 def atomic_write(path: str | Path, data: bytes | str | Callable[[Any], None]) -> Path:
     """Write ``data`` (bytes, text, or a function writing to a binary stream) to ``path`` atomically.
 
@@ -59,15 +78,17 @@ def atomic_write(path: str | Path, data: bytes | str | Callable[[Any], None]) ->
     with mode ``xb`` (not ``mkstemp``) so the result gets the usual umask-derived permissions, not 0600.
     """
     target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)  # the docs promise missing parents are created
     remove_stale_temporaries(target)
     holder = make_temporary(target.parent, target.name)
     try:
-        with open(holder / target.name, "xb") as stream:
-            if callable(data):
-                data(stream)
-            else:
-                stream.write(data.encode("utf-8") if isinstance(data, str) else data)
-        os.replace(holder / target.name, target)
+        with disk_full_is_an_error(target):
+            with open(holder / target.name, "xb") as stream:
+                if callable(data):
+                    data(stream)
+                else:
+                    stream.write(data.encode("utf-8") if isinstance(data, str) else data)
+            os.replace(holder / target.name, target)
     finally:
         shutil.rmtree(holder, ignore_errors=True)
     return target
@@ -142,7 +163,16 @@ def _resolve(path: str | Path, option: str) -> Path:
     if not str(path).strip():
         raise OutputError(f"{option} is empty (an unset shell variable?); give the path to write to")
     check_name_lengths(path, option)
-    return Path(path).expanduser().resolve()
+    return resolved_path(path, option)
+
+
+def resolved_path(path: str | Path, option: str) -> Path:
+    """``path`` with every link followed; a link loop (``loopA -> loopB -> loopA``) is the user's error."""
+    try:
+        return Path(path).expanduser().resolve()
+    except (RuntimeError, OSError) as err:  # Python 3.11 raises RuntimeError("Symlink loop ..."), 3.13 OSError
+        raise OutputError(f"{option} {path} cannot be resolved: {err} (a symbolic link loop?); fix the links or "
+                          "choose another path") from None
 
 
 def _refuse_inside_model(path: Path, option: str) -> None:
@@ -163,6 +193,37 @@ def _writable_parent(path: Path, option: str) -> None:
         raise OutputError(f"{option} {path}: cannot write in {parent} (permission denied); choose another path")
 
 
+def real_locations(src: str | Path) -> tuple[Path | None, list[Path]]:
+    """An input's real directory (None for a file) and the real location of every file it reads.
+
+    A model directory may hold symlinks (``model.safetensors -> ../elsewhere/model.safetensors``, or a hub
+    cache's snapshot links to its blobs): comparing directories alone would let an output replace the file
+    the input reads through such a link. A path that does not exist (a hub id) reads no local file.
+    """
+    path = Path(src).expanduser()
+    if not str(src).strip() or not path.exists():
+        return None, []
+    real = resolved_path(path, "the input")
+    if not real.is_dir():
+        return None, [real]
+    return real, [real, *(entry.resolve() for entry in path.rglob("*") if entry.is_file())]
+
+
+def refuse_overlap(resolved: Path, inputs: Iterable[str | Path], option: str) -> None:
+    """An output may not be, contain or lie inside an input directory, nor be or contain the real location
+    of any file an input reads (links followed)."""
+    for src in inputs:
+        directory, files = real_locations(src)
+        if directory is not None and (resolved == directory or directory.is_relative_to(resolved)
+                                      or resolved.is_relative_to(directory)):
+            raise OutputError(f"{option} {resolved} overlaps the input model {directory}; choose a new directory "
+                              "(depthprune never writes into or over its input)")
+        for real in files:
+            if real == resolved or real.is_relative_to(resolved):
+                raise OutputError(f"{option} {resolved} would replace {real}, which the input {src} reads "
+                                  "(through a link); choose a new path (depthprune never writes over its input)")
+
+
 def check_output_dir(
     out: str | Path,
     *,
@@ -180,16 +241,7 @@ def check_output_dir(
     resolved = _resolve(out, option)
     if resolved in (Path("/"), Path.home().resolve(), Path.cwd().resolve()):
         raise OutputError(f"{option} {out!s} is {resolved}, which would be replaced; give a new directory")
-    for src in inputs:
-        src_path = Path(src).expanduser()
-        if not str(src).strip() or not src_path.exists():
-            continue
-        src_path = src_path.resolve()
-        if resolved == src_path or src_path.is_relative_to(resolved) or resolved.is_relative_to(src_path):
-            raise OutputError(
-                f"{option} {resolved} overlaps the input model {src_path}; choose a new directory "
-                "(depthprune never writes into or over its input)"
-            )
+    refuse_overlap(resolved, inputs, option)
     _refuse_inside_model(resolved.parent, option)
     if resolved.exists() and not resolved.is_dir():
         raise OutputError(f"{option} {resolved} exists and is a file; choose a directory path")
@@ -205,11 +257,14 @@ def check_output_dir(
     return resolved
 
 
-def check_output_file(path: str | Path, *, option: str = "--json", suffix: str = ".json") -> Path:
+def check_output_file(path: str | Path, *, option: str = "--json", suffix: str = ".json",
+                      inputs: Iterable[str | Path] = ()) -> Path:
     """Check a single result file a command will write: a path ending in ``suffix`` (``.json``, ``.yaml``)
-    outside any model directory that is new or a result depthprune wrote earlier."""
+    outside any model directory that is new or a result depthprune wrote earlier, and no file ``inputs``
+    read."""
     resolved = _resolve(path, option)
     _refuse_inside_model(resolved.parent, option)
+    refuse_overlap(resolved, inputs, option)
     if resolved.is_dir():
         raise OutputError(f"{option} {resolved} is a directory; give a file path such as {resolved / 'result.json'}")
     if resolved.suffix != suffix:
@@ -223,6 +278,7 @@ def check_output_file(path: str | Path, *, option: str = "--json", suffix: str =
 
 def write_result(path: str | Path, data: dict[str, Any]) -> Path:
     """A result file for the user (``--json``): marked as depthprune's, its folder created if missing."""
+    require_finite_result(data, f"the result for {path}")
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     return write_json(target, {"written_by": f"depthprune {__version__}", **data})
@@ -248,6 +304,21 @@ def _fit(name: str, size: int) -> str:
     return name.encode("utf-8")[: max(size, 1)].decode("utf-8", "ignore") or "x"
 
 
+def _temporary_name(parent: Path, name: str, role: str, pid: int, token: str) -> str:
+    """The name of a temporary for the output ``name``: ``.NAME.ROLE-PID-TOKEN``, ``NAME`` shortened to fit."""
+    suffix = f".{role}-{pid}-{token}"
+    return f".{_fit(name, name_limit(parent) - 1 - len(suffix))}{suffix}"
+
+
+TEMPORARY_NAME = re.compile(r"\..+\.(?P<role>tmp|old)-(?P<pid>[0-9]+)-(?P<token>[0-9a-f]{8})")
+"""What :func:`make_temporary` names a temporary (the output's name is checked against its marker)."""
+
+LEFTOVER_FILES = re.compile(r".+\.(safetensors|json|jinja|md|model|bin|pt|pth|yaml|gguf|png|npy)"
+                            r"|merges\.txt|vocab\.txt|\.depthprune(-temporary)?")
+"""The names of the files depthprune writes into a temporary (a checkpoint, its tokenizer, reports and figures,
+Trainer state in scratch space): a leftover holding any other file has been added to by someone else."""
+
+
 def make_temporary(parent: Path, name: str, role: str = "tmp") -> Path:
     """A new marked temporary directory ``.NAME.ROLE-PID-RANDOM`` in ``parent`` for the output ``name``.
 
@@ -255,8 +326,7 @@ def make_temporary(parent: Path, name: str, role: str = "tmp") -> Path:
     name, says what the temporary is for).
     """
     for _ in range(100):
-        suffix = f".{role}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        path = parent / f".{_fit(name, name_limit(parent) - 1 - len(suffix))}{suffix}"
+        path = parent / _temporary_name(parent, name, role, os.getpid(), uuid.uuid4().hex[:8])
         try:
             path.mkdir()
         except FileExistsError:
@@ -280,6 +350,27 @@ def _owner(entry: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+def _named_as_made(entry: Path, owner: dict[str, Any]) -> bool:
+    """``entry`` still carries the name :func:`make_temporary` gave it for the output its marker names, by the
+    process its marker names (a leftover the user renamed, ``.out-rescued``, is theirs now)."""
+    found = TEMPORARY_NAME.fullmatch(entry.name)
+    if found is None or not isinstance(owner.get("temporary_for"), str) or str(owner.get("pid")) != found["pid"]:
+        return False
+    return entry.name == _temporary_name(entry.parent, owner["temporary_for"], found["role"], int(found["pid"]),
+                                         found["token"])
+
+
+def _foreign_file(entry: Path, output_name: str) -> Path | None:
+    """A file in the leftover that depthprune does not write (the output it was replacing, under the output's
+    own name, aside), or None: a file someone else put there (``notes.txt``) keeps the folder."""
+    for path in entry.rglob("*"):
+        if path.relative_to(entry).parts[0] == output_name or (path.is_dir() and not path.is_symlink()):
+            continue
+        if path.is_symlink() or not LEFTOVER_FILES.fullmatch(path.name):
+            return path
+    return None
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -292,7 +383,8 @@ def _pid_alive(pid: int) -> bool:
 
 def remove_stale_temporaries(target: Path) -> list[Path]:
     """Remove the temporaries a killed run left beside ``target``: hidden directories whose marker says they
-    were for ``target``, made on this host by a process that is gone. Returns what was removed."""
+    were for ``target``, made on this host by a process that is gone, still named as they were made and
+    holding only files depthprune writes. Returns what was removed."""
     removed: list[Path] = []
     if not target.parent.is_dir():
         return removed
@@ -305,6 +397,13 @@ def remove_stale_temporaries(target: Path) -> list[Path]:
             continue
         pid = owner.get("pid")
         if not isinstance(pid, int) or pid == os.getpid() or _pid_alive(pid):
+            continue
+        if not _named_as_made(entry, owner):
+            log.warning("left %s alone: it was renamed, so it is no longer depthprune's temporary", entry)
+            continue
+        foreign = _foreign_file(entry, target.name)
+        if foreign is not None:
+            log.warning("left %s alone: it holds %s, which depthprune did not write", entry, foreign)
             continue
         shutil.rmtree(entry, ignore_errors=True)
         removed.append(entry)
@@ -328,21 +427,22 @@ def atomic_directory(out: str | Path, *, overwrite: bool = False, kind: str = "c
     remove_stale_temporaries(out)
     tmp = make_temporary(out.parent, out.name)
     try:
-        yield tmp
-        if kind in CHECKPOINT_KINDS:
-            verify_checkpoint(tmp)
-        mark(tmp, kind)
-        _apply_umask(tmp)
-        if out.exists():
-            if any(out.iterdir()) and not (overwrite and kind_of(out) == kind):
-                raise OutputError(f"{out} appeared while writing; not replacing it")
-            trash = make_temporary(out.parent, out.name, "old")
-            os.replace(out, trash / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-        (out / TEMPORARY_MARKER).unlink(missing_ok=True)
+        with disk_full_is_an_error(out):
+            yield tmp
+            if kind in CHECKPOINT_KINDS:
+                verify_checkpoint(tmp)
+            mark(tmp, kind)
+            _apply_umask(tmp)
+            if out.exists():
+                if any(out.iterdir()) and not (overwrite and kind_of(out) == kind):
+                    raise OutputError(f"{out} appeared while writing; not replacing it")
+                trash = make_temporary(out.parent, out.name, "old")
+                os.replace(out, trash / out.name)
+                os.replace(tmp, out)
+                shutil.rmtree(trash, ignore_errors=True)
+            else:
+                os.replace(tmp, out)
+            (out / TEMPORARY_MARKER).unlink(missing_ok=True)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -352,7 +452,6 @@ def verify_checkpoint(directory: Path) -> None:
     """Refuse a checkpoint that is not what it claims: the checks :func:`~depthprune.models.load.check_checkpoint`
     makes before loading (a config transformers accepts, exactly the layers it declares), and every weight
     finite (a NaN fit or a diverged heal must not be saved as a model)."""
-    import torch
     from safetensors import safe_open
 
     from .models.load import check_checkpoint
@@ -361,14 +460,10 @@ def verify_checkpoint(directory: Path) -> None:
     bad: list[str] = []
     for shard in sorted(directory.glob("*.safetensors")):
         with safe_open(str(shard), framework="pt") as handle:
-            for name in handle.keys():
-                tensor = handle.get_tensor(name)
-                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                    bad.append(name)
+            bad += non_finite_tensors((name, handle.get_tensor(name)) for name in handle.keys())
     if bad:
-        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
         raise CheckpointError(f"not saving the checkpoint: {len(bad)} weight tensors hold NaN or infinite "
-                              f"values ({shown}); the run diverged or an option made the fit meaningless")
+                              f"values ({named_list(bad)}); the run diverged or an option made the fit meaningless")
 
 
 def _apply_umask(root: Path) -> None:

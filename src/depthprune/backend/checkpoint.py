@@ -18,6 +18,7 @@ from typing import Any, Iterable
 import torch
 
 from ..errors import DepthpruneError, MissingInputError
+from ..models.consistency import refuse_non_finite_weights
 from ..models.load import ModelLoadError, check_checkpoint
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -125,6 +126,7 @@ class Checkpoint:
                     if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
                         tensor = tensor.to(dtype)
                     out[name] = tensor.to(device)
+        refuse_non_finite_weights(out.items(), self.directory)
         return out
 
 

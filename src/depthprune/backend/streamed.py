@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..models.arch import get_path
+from ..models.consistency import untie_stored_head
 from ..models.load import ModelLoadError, quiet_transformers, resolve_device, resolve_dtype, resolve_source
 from .base import Backend, originals
 from .checkpoint import Checkpoint, StreamingError
@@ -314,6 +315,7 @@ def load_streamed(source: str, *, dtype: str | torch.dtype | None = None, device
         with init_empty_weights():
             model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
         model.tie_weights()  # under init_empty_weights the tie is not made; from_pretrained makes it
+        untie_stored_head(model, lambda names: checkpoint.read([n for n in names if n in checkpoint]))
         tokenizer = AutoTokenizer.from_pretrained(directory)
     model.eval()
     for module in model.modules():

@@ -31,6 +31,15 @@ def _terminate(signum, frame) -> None:
     raise Terminated()
 
 
+CTRL_C = 130
+"""The exit code of a run stopped by Ctrl-C (128 + SIGINT)."""
+
+
+def _say_interrupted() -> None:
+    """The one line an interrupted run prints (every ``finally`` has removed its temporaries by now)."""
+    typer.secho("interrupted: nothing half-written was left at the output", fg=typer.colors.RED, err=True)
+
+
 def one_line(message: str) -> str:
     """An error as the one line the command prints (a message with line breaks is joined with spaces)."""
     return " ".join(message.split())
@@ -47,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         previous = None
     try:
         code = app(args=argv, prog_name="depthprune", standalone_mode=False)
+        if code == CTRL_C:  # Typer turns KeyboardInterrupt into a silent exit with code 130
+            _say_interrupted()
         return code if isinstance(code, int) else 0
     except SystemExit as done:
         return done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
@@ -64,8 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         typer.secho(f"error: {one_line(err.format_message())}", fg=typer.colors.RED, err=True)
         return 2
     except (KeyboardInterrupt, Terminated, typer.Abort) as stop:
-        typer.secho("interrupted: nothing half-written was left at the output", fg=typer.colors.RED, err=True)
-        return 143 if isinstance(stop, Terminated) else 130
+        _say_interrupted()
+        return 143 if isinstance(stop, Terminated) else CTRL_C
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

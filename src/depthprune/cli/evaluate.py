@@ -61,7 +61,7 @@ def eval_ppl_cmd(
     agreement against the dense model beside it."""
     from ..io import write_result
 
-    json_out = check_json(json_out)
+    json_out = check_json(json_out, given.model, reference)
     spec = evaluation("ppl,kl,top1" if reference or reference_cache else "ppl", ppl_data=dataset,
                       ppl_windows=max_windows, seq_len=seq_len, batch_size=batch_size,
                       windows_option="--max-windows", reference_cache=reference_cache)
@@ -112,7 +112,7 @@ def eval_zeroshot_cmd(
 
     if not split_list(tasks):
         raise InputError("no tasks given: name at least one lm-eval task, e.g. piqa_local")
-    json_out = check_json(json_out)
+    json_out = check_json(json_out, given.model)
     spec = evaluation(tasks, limit=given.limit, num_fewshot=given.num_fewshot, task_dir=given.task_dir,
                       piqa_dir=given.piqa_dir, batch_size=batch_size, seed=seed).zeroshot
     given.check_model()
@@ -159,7 +159,7 @@ def eval_speed_cmd(
     workload.check()
     if threads is not None and threads < 1:
         raise InputError(f"--threads must be at least 1, got {threads}")
-    json_out = check_json(json_out)
+    json_out = check_json(json_out, given.model, baseline)
     for source in filter(None, (baseline, given.model)):
         check_model(source, ("--prompt-len + --gen-len", prompt_len + gen_len + 1))
     if threads:

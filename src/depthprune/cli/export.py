@@ -26,9 +26,9 @@ def mergekit_cmd(
         help="dtype for mergekit; default: the checkpoint's own (config.json), else bfloat16.")] = None,
 ) -> None:
     """Write a mergekit passthrough YAML reproducing a removal-only plan (layer_range over the original model)."""
-    from ..export.mergekit import base_model_name, check_passthrough, mergekit_yaml
+    from ..export.mergekit import base_model_name, check_passthrough, mergekit_yaml, per_layer_warning
     from ..io import atomic_write, check_output_file
-    from ..models.load import check_plan_depth
+    from ..models.load import check_plan_depth, local_config
     from ..plan import Plan
     from ..run_record import RunRecord
 
@@ -39,6 +39,11 @@ def mergekit_cmd(
     base_model = base_model_name(run, base_model)
     if Path(base_model).expanduser().is_dir():  # a hub id, or a path on the machine mergekit runs on, is not here
         check_plan_depth(plan, base_model, "--base-model")
+    config = local_config(str(plan_dir)) if (Path(plan_dir) / "config.json").is_file() else (
+        local_config(base_model) if Path(base_model).expanduser().is_dir() else None)
+    warning = per_layer_warning(config, plan)
+    if warning:
+        typer.echo(warning, err=True)
     text = mergekit_yaml(plan, base_model=base_model, dtype=dtype or _checkpoint_dtype(plan_dir) or "bfloat16",
                          run=run)
     if target is None:

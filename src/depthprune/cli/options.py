@@ -197,10 +197,11 @@ def reference_for(model: str, reference: str | None, input_is_reference: bool) -
     return chosen
 
 
-def check_json(path: str | None) -> Path | None:
+def check_json(path: str | None, *inputs: str | None) -> Path | None:
+    """The ``--json`` file, checked before any work: never a file one of the models given reads."""
     from ..io import check_output_file
 
-    return check_output_file(path, option="--json") if path is not None else None
+    return check_output_file(path, option="--json", inputs=[i for i in inputs if i]) if path is not None else None
 
 
 def calibration(calib: str, samples: int, seq_len: int, seed: int,

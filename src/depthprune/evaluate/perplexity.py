@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+from ..checks import require_finite_result
 from ..data.calibration import Calibration, consecutive_windows
 from ..errors import InputError
 from ..models.forward import batches_of
@@ -155,6 +156,7 @@ def perplexity_on(
     named, (nll, count) = per_domain(
         {n: (d["nll"], d["tokens"]) for n, d in domains.items()},
         lambda parts: (sum(p[0] for p in parts) / len(parts), sum(p[1] for p in parts)))
+    require_finite_result(nll, "the perplexity")
     return PerplexityResult(
         perplexity=math.exp(nll),
         nll=nll,

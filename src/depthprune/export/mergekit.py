@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from .._version import __version__
 from ..errors import InputError
+from ..models.arch import per_layer_config_values, spec_for
 from ..models.load import ALIASES
 from ..paths import cache_dir
 from ..plan import Plan
@@ -71,6 +73,30 @@ def base_model_name(run: RunRecord | None, base_model: str | None) -> str:
         return str(converted)
     local = Path(source).expanduser()
     return str(local.resolve()) if local.exists() else source
+
+
+def per_layer_fields(config: dict[str, Any]) -> list[str]:
+    """The config fields holding one entry per layer (Gemma-3's ``layer_types``) that ``config`` has.
+
+    mergekit 0.1.5's passthrough copies them unshortened, so transformers refuses its output
+    (``num_hidden_layers (14) must be equal to the number of layer_types (18)``); the export warns.
+    """
+    try:
+        spec = spec_for(SimpleNamespace(**config))
+    except InputError:
+        return []
+    return list(per_layer_config_values(SimpleNamespace(**config), spec))
+
+
+def per_layer_warning(config: dict[str, Any] | None, plan: Plan) -> str | None:
+    """The one-line warning for a recipe over an architecture with per-layer config lists, or None."""
+    fields = per_layer_fields(config or {})
+    if not fields:
+        return None
+    return (f"warning: mergekit does not shorten the per-layer config field{'s' * (len(fields) > 1)} "
+            f"{', '.join(fields)}: its output keeps {plan.num_layers} entries for {plan.num_layers_after} layers, "
+            f"which transformers refuses; set {fields[0]} in its config.json to the kept layers' entries "
+            "(as in depthprune's own checkpoint)")
 
 
 def mergekit_config(plan: Plan, *, base_model: str | None = None, dtype: str | None = None,

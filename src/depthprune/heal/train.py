@@ -139,10 +139,28 @@ def token_budget(train: list[dict[str, list[int]]], config: HealConfig) -> tuple
     return train[: steps * config.items_per_step], steps
 
 
-def _checkpoint_to_resume(ckpt_dir: Path, resume: bool) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
+CHECKPOINT_NAME = re.compile(r"checkpoint-([0-9]+)")
+COMPLETE_CHECKPOINT = "trainer_state.json"
+"""The Trainer writes it after the weights, optimizer and scheduler of a checkpoint: a checkpoint without it
+was cut off while being written (a SIGTERM leaves ``checkpoint-2/`` holding only a README)."""
 
-    last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+
+def last_complete_checkpoint(ckpt_dir: Path) -> str | None:
+    """The newest Trainer checkpoint in ``ckpt_dir`` that was written to the end; incomplete newer ones are
+    skipped (transformers' ``get_last_checkpoint`` takes the highest number and then fails to read it)."""
+    if not ckpt_dir.is_dir():
+        return None
+    found = sorted(((int(m[1]), entry) for entry in ckpt_dir.iterdir()
+                    if entry.is_dir() and (m := CHECKPOINT_NAME.fullmatch(entry.name))), reverse=True)
+    for _, entry in found:
+        if (entry / COMPLETE_CHECKPOINT).is_file():
+            return str(entry)
+        log.warning("skipping %s: it was not written to the end (no %s)", entry, COMPLETE_CHECKPOINT)
+    return None
+
+
+def _checkpoint_to_resume(ckpt_dir: Path, resume: bool) -> str | None:
+    last = last_complete_checkpoint(ckpt_dir)
     if resume:
         if last is None:
             log.warning("resume requested but %s holds no checkpoint; starting from the beginning", ckpt_dir)

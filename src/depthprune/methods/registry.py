@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 from torch import nn
 
 from ..backend import Backend, InMemoryBackend
-from ..checks import require_finite_fields
+from ..checks import require_finite_fields, require_finite_result
 from ..data.calibration import Calibration
 from ..flags import OptionInfo, declared_options, option  # noqa: F401  (option: for the methods)
 from ..plan import Plan, PlanError
@@ -203,6 +203,7 @@ def make_plan(
         raise PlanError(f"--batch-size must be at least 1, got {batch_size}")
     run = RunContext(batch_size, progress, data, notes if notes is not None else {})
     plan = spec.plan(InMemoryBackend.of(model), calibration, target, options, run)
+    require_finite_result(plan.scores, f"--method {method}'s layer scores")
     return plan
 
 

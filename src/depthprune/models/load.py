@@ -22,11 +22,13 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from ..errors import DepthpruneError, InputError, MissingInputError, MissingPackageError
+from ..errors import InputError, MissingInputError, MissingPackageError, ModelLoadError
 from ..checks import check_name_lengths
 from ..io import atomic_directory
 from ..paths import cache_dir
 from .arch import layer_tensor, spec_for
+from .consistency import (check_finite, check_known_names, check_shapes, check_tokenizer,
+                          refuse_non_finite_weights, sync_tie_flag)
 
 log = logging.getLogger(__name__)
 
@@ -145,10 +147,6 @@ def convert_gguf(gguf_path: Path, target: Path) -> Path:
     return target
 
 
-class ModelLoadError(DepthpruneError, OSError):
-    """The model source exists (or names a hub id) but cannot be loaded."""
-
-
 def read_config(directory: Path) -> dict[str, Any]:
     """A checkpoint's ``config.json`` as a dict, or an error naming the file."""
     path = directory / "config.json"
@@ -228,14 +226,16 @@ def _ranges(indices: list[int]) -> str:
         else ", ".join(map(str, indices))
 
 
-def check_checkpoint(directory: Path) -> dict[str, Any]:
+def check_checkpoint(directory: Path, *, tokenizer: bool = False) -> dict[str, Any]:
     """Name what is wrong with a local checkpoint before transformers tries to load it.
 
     Checks ``config.json`` (valid JSON, a ``model_type`` depthprune supports, values transformers accepts),
     that weights are present, that every safetensors file has a readable header covering the whole file
     (truncated or garbage files are caught here, reading only the header), and that the stored layers are
-    exactly the ones the config declares. Returns the config (its depth filled in from transformers' default
-    when config.json does not give it).
+    exactly the ones the config declares, every stored shape the one the config implies, the config's numbers
+    finite and its rope types and activations known (:mod:`.consistency`). With ``tokenizer`` (an input, not a
+    checkpoint being saved) a tokenizer must be there and fit the embedding. Returns the config (its depth
+    filled in from transformers' default when config.json does not give it).
     """
     from safetensors import SafetensorError, safe_open
 
@@ -243,6 +243,8 @@ def check_checkpoint(directory: Path) -> dict[str, Any]:
     if "model_type" not in config:
         raise ModelLoadError(f"{directory / 'config.json'} has no model_type; the model directory is damaged")
     spec = spec_for(SimpleNamespace(**config))
+    check_finite(config, directory / "config.json")
+    check_known_names(config, directory / "config.json")
     built = _transformers_config(directory, config)
     config.setdefault(spec.num_layers_field, getattr(built, spec.num_layers_field))
     shards = sorted(directory.glob("*.safetensors"))
@@ -258,15 +260,19 @@ def check_checkpoint(directory: Path) -> dict[str, Any]:
     if not shards and not any(directory.glob("*.bin")):
         raise MissingInputError(f"{directory} has a config.json but no weights (model.safetensors, shards or "
                                 "pytorch_model.bin)")
-    names: list[str] = []
+    shapes: dict[str, tuple[int, ...]] = {}
     for shard in shards:
         try:
             with safe_open(str(shard), framework="pt") as handle:
-                names.extend(handle.keys())
+                shapes.update((name, tuple(handle.get_slice(name).get_shape())) for name in handle.keys())
         except (SafetensorError, OSError) as err:
             raise ModelLoadError(f"{shard} is truncated or corrupt ({err}); re-download or re-save the model")
+    embedding = None
     if shards:
-        check_layer_tensors(config, names, directory)
+        check_layer_tensors(config, list(shapes), directory)
+        embedding = check_shapes(config, built, shapes, directory)
+    if tokenizer:
+        check_tokenizer(directory, shapes, embedding)
     return config
 
 
@@ -339,9 +345,9 @@ def local_config(source: str) -> dict[str, Any] | None:
     loading or converting anything; None for hub ids, .gguf files and aliases not yet converted."""
     if source in ALIASES:
         directory = cache_dir() / "models" / source
-        return check_checkpoint(directory) if (directory / "config.json").is_file() else None
+        return check_checkpoint(directory, tokenizer=True) if (directory / "config.json").is_file() else None
     path = _local_path(source)
-    return check_checkpoint(path) if path is not None and path.is_dir() else None
+    return check_checkpoint(path, tokenizer=True) if path is not None and path.is_dir() else None
 
 
 def resolve_source(source: str) -> Path | str:
@@ -363,7 +369,7 @@ def resolve_source(source: str) -> Path | str:
         return source
     if path.suffix == ".gguf":
         return convert_gguf(path, cache_dir() / "models" / f"{path.stem}-{_gguf_cache_key(path)}")
-    check_checkpoint(path)
+    check_checkpoint(path, tokenizer=True)
     return path
 
 
@@ -427,8 +433,8 @@ def load_model(
         kwargs["device_map"] = "auto"
     try:
         with quiet_transformers(not progress):
+            tokenizer = AutoTokenizer.from_pretrained(where)  # first: a missing tokenizer fails in seconds
             model, info = AutoModelForCausalLM.from_pretrained(where, output_loading_info=True, **kwargs)
-            tokenizer = AutoTokenizer.from_pretrained(where)
     except OSError as err:
         raise ModelLoadError(
             f"could not load {source!r}: {err}\nOffline? Use a local directory, a .gguf file or an alias "
@@ -439,6 +445,8 @@ def load_model(
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         raise ModelLoadError(f"{source} lacks {len(missing)} weight tensors its config needs ({shown}); "
                              "transformers would initialise them at random, so depthprune does not use it")
+    refuse_non_finite_weights(model.named_parameters(), source)
+    sync_tie_flag(model)  # transformers keeps a stored head that differs from the embedding: say so
     if "device_map" not in kwargs:
         model.to(device)
     model.eval()
