@@ -198,3 +198,26 @@ def test_eval_gen_in_a_job_compares_with_the_dense_continuations(run_cli, tmp_pa
     assert metrics["gen_prefix"]["before"] == 32 and metrics["gen_f1/code"]["before"] == 1
     assert metrics["gen_f1"]["after"] < 1 and set(metrics) == {
         "gen_prefix", "gen_f1", "gen_prefix/fiction", "gen_prefix/code", "gen_f1/fiction", "gen_f1/code"}
+
+
+def test_hub_corpora_read_through_the_same_loader_and_fail_at_once_offline(tmp_path, monkeypatch):
+    """FineWeb-Edu and SlimPajama are hub texts like the others: the loader streams their documents (here a
+    local jsonl through the same datasets path); with no route to the Hub the error comes at once, not after
+    half a minute of retries."""
+    import time
+
+    from depthprune.data import calibration as cal
+
+    assert cal.HUB_TEXTS["fineweb-edu"].path == "HuggingFaceFW/fineweb-edu" and "slimpajama" in cal.HUB_TEXTS
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("\n".join(json.dumps({"text": f"document {i} " * 20}) for i in range(30)))
+    local = cal.HubText("json", None, "train", data_files=str(docs), max_docs=5)
+    text = cal.read_hub_text(local)
+    assert text.count("document") == 5 * 20 and text.startswith("document 0")
+    monkeypatch.setattr(cal, "hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    start = time.perf_counter()
+    with pytest.raises(CalibrationError, match="could not load dataset 'HuggingFaceFW/fineweb-edu'"):
+        cal.read_text("fineweb-edu")
+    assert time.perf_counter() - start < 5

@@ -7,6 +7,8 @@ Sources, by name:
   ``heldout-fiction|heldout-encyclopedic|heldout-code``  shipped held-out texts of the same domains, from other
                                 documents, for evaluation
   ``default``                   Pride and Prejudice, first 85% (shipped; ``default-heldout`` = ``heldout-fiction``)
+  ``fineweb-edu|slimpajama``    general web/mixed corpora the field recovers on (FineWeb-Edu sample-10BT,
+                                SlimPajama validation), streamed via ``datasets``
   ``bookcorpus|pg19|c4|wikitext2|wikitext2-test|ptb``  hub datasets via ``datasets``
   ``path/to/file.txt|.jsonl``   local text (jsonl: a ``text`` field per line)
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import json
 import random
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -28,6 +31,7 @@ import torch
 
 from ..checks import check_name_lengths
 from ..errors import InputError
+from ..hub_access import hub_offline, hub_reachable
 from .selftext import SelfSampling, self_text
 from .shipped import DEFAULT_CALIBRATION, EVAL_DOMAINS, MIXTURES, shipped, shipped_names
 
@@ -50,6 +54,8 @@ class HubText:
 
 
 HUB_TEXTS: dict[str, HubText] = {
+    "fineweb-edu": HubText("HuggingFaceFW/fineweb-edu", "sample-10BT", "train"),
+    "slimpajama": HubText("cerebras/SlimPajama-627B", None, "validation"),
     "bookcorpus": HubText("bookcorpus/bookcorpus", None, "train"),
     "pg19": HubText("deepmind/pg19", None, "validation"),
     "c4": HubText("allenai/c4", "en", "validation"),
@@ -128,7 +134,8 @@ def read_hub_text(source: HubText, max_chars: int = 4_000_000) -> str:
     if source.data_files:
         kwargs["data_files"] = source.data_files
     try:
-        ds = datasets.load_dataset(source.path, source.name, **kwargs)
+        with hub_offline() if "/" in source.path and not hub_reachable() else nullcontext():
+            ds = datasets.load_dataset(source.path, source.name, **kwargs)
     except Exception as err:  # datasets raises many types for offline / missing data
         raise CalibrationError(
             f"could not load dataset {source.path!r} ({type(err).__name__}: {err}). Offline? "

@@ -501,6 +501,18 @@ def same_model(a: str | None, b: str | None) -> bool:
         return False
 
 
+def reference_is_input(reference: str | None, input_source: str, input_path: str | None,
+                       first_is_input: bool, message: str) -> bool:
+    """Whether the reference is the model measured first (none named, or the input itself), so that model's
+    first measurement gives the reference; a one-line error (``message``) when it is but is not measured
+    first."""
+    if reference is None or same_model(reference, input_source) or same_model(reference, input_path):
+        if not first_is_input:
+            raise DivergenceError(message)
+        return True
+    return False
+
+
 def recorded_reference(model: str) -> str | None:
     """The dense model a checkpoint was pruned from, as its run record says (else None; an unreadable record
     is a one-line error)."""

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..data.calibration import Calibration, domain_windows, tokenizer_key
 from ..errors import InputError
-from .divergence import DivergenceError, release_memory, same_model
+from .divergence import DivergenceError, reference_is_input, release_memory
 
 METRICS = ("gen_prefix", "gen_f1")
 NO_REFERENCE = ("--eval gen compares continuations with the dense (reference) model's, and none is known here: "
@@ -122,10 +122,7 @@ class GenerationSpec:
         ``open_reference(source)``, then freed), else let the first model measured (the input) give them."""
         if "_reference" in self.__dict__:
             return
-        if self.reference is None or same_model(self.reference, input_source) or \
-                same_model(self.reference, input_path):
-            if not first_is_input:
-                raise DivergenceError(NO_REFERENCE)
+        if reference_is_input(self.reference, input_source, input_path, first_is_input, NO_REFERENCE):
             self.__dict__["_adopt_next"] = True
             return
         opened = open_reference(self.reference)

@@ -3,7 +3,7 @@
 Built-in lm-eval tasks download their data from the Hugging Face Hub.  Without
 network ``datasets`` retries for tens of seconds before giving up, so unless the
 user set ``HF_DATASETS_OFFLINE`` or ``HF_HUB_OFFLINE`` the call runs with both
-forced on (:func:`hub_offline`: environment *and* the already-imported
+forced on (:func:`depthprune.hub_access.hub_offline`: environment *and* the already-imported
 ``datasets`` / ``huggingface_hub`` flags, which are read at import time), and a
 task that needs the Hub fails at once with :class:`HubTaskUnavailableError`
 (:func:`is_hub_failure`, :func:`hub_error`).  Datasets already in the local HF
@@ -12,44 +12,15 @@ cache still load.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 
 from ..errors import DepthpruneError
+from ..hub_access import hub_offline
 from .piqa import PIQA_DIR_ENV, PIQA_LOCAL_TASK
-
-OFFLINE_ENV_VARS = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
 
 
 class HubTaskUnavailableError(DepthpruneError, RuntimeError):
     """A requested task needs data from the Hugging Face Hub, which is unreachable."""
-
-
-@contextmanager
-def hub_offline() -> Iterator[bool]:
-    """Force HF offline mode for the block unless the user chose a mode; yields whether it forced.
-
-    ``datasets`` and ``huggingface_hub`` read the variables once at import, so
-    setting ``os.environ`` alone is too late once lm-eval is imported; the
-    module-level flags are patched as well, and everything is restored after.
-    """
-    if any(var in os.environ for var in OFFLINE_ENV_VARS):
-        yield False
-        return
-    import datasets.config as ds_config
-    import huggingface_hub.constants as hub_constants
-
-    saved = (ds_config.HF_HUB_OFFLINE, ds_config.HF_DATASETS_OFFLINE, hub_constants.HF_HUB_OFFLINE)
-    for var in OFFLINE_ENV_VARS:
-        os.environ[var] = "1"
-    ds_config.HF_HUB_OFFLINE = ds_config.HF_DATASETS_OFFLINE = hub_constants.HF_HUB_OFFLINE = True
-    try:
-        yield True
-    finally:
-        for var in OFFLINE_ENV_VARS:
-            os.environ.pop(var, None)
-        ds_config.HF_HUB_OFFLINE, ds_config.HF_DATASETS_OFFLINE, hub_constants.HF_HUB_OFFLINE = saved
 
 
 def is_hub_failure(exc: BaseException) -> bool:

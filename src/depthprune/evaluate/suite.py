@@ -32,6 +32,7 @@ from .divergence import (
     build_reference,
     load_reference,
     measure_divergence,
+    reference_is_input,
     release_memory,
     same_model,
 )
@@ -145,10 +146,7 @@ class DivergenceSpec:
                         all(recorded.get(k) == v for k, v in self._recorded().items()):
                     self.__dict__["_reference"] = DistributionCache.load(self.cache_file)
                     return
-        if self.reference is None or same_model(self.reference, input_source) or \
-                same_model(self.reference, input_path):
-            if not first_is_input:
-                raise DivergenceError(NO_REFERENCE)
+        if reference_is_input(self.reference, input_source, input_path, first_is_input, NO_REFERENCE):
             self.__dict__["_adopt_next"] = input_source
             return
         if open_reference is None:

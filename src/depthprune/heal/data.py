@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import random
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -32,6 +33,7 @@ import torch
 
 from ..checks import check_name_lengths
 from ..data.calibration import named_texts, read_jsonl, special_prefix
+from ..hub_access import hub_offline, hub_reachable
 from .config import HealConfig, HealDataError
 
 ALPACA_HUB = {"alpaca-cleaned": "yahma/alpaca-cleaned", "yahma/alpaca-cleaned": "yahma/alpaca-cleaned"}
@@ -105,7 +107,8 @@ def read_alpaca_hub(name: str, max_items: int | None = None) -> list[dict[str, s
 
     repo = ALPACA_HUB.get(name, name)
     try:
-        ds = datasets.load_dataset(repo, split="train")
+        with hub_offline() if not hub_reachable() else nullcontext():
+            ds = datasets.load_dataset(repo, split="train")
     except Exception as err:  # datasets raises many types when offline or the name is wrong
         raise HealDataError(
             f"could not load dataset {repo!r} ({type(err).__name__}: {err}). Offline? Pass a local "
