@@ -221,3 +221,15 @@ def test_hub_corpora_read_through_the_same_loader_and_fail_at_once_offline(tmp_p
     with pytest.raises(CalibrationError, match="could not load dataset 'HuggingFaceFW/fineweb-edu'"):
         cal.read_text("fineweb-edu")
     assert time.perf_counter() - start < 5
+
+
+def test_the_report_has_a_text_by_metric_table():
+    from depthprune.report import per_domain_table
+
+    metrics = {name: {"before": b, "after": a} for name, b, a in [
+        ("kl", 0.0, 0.5), ("kl/fiction", 0.0, 0.4), ("kl/code", 0.0, 0.6), ("top1", 1.0, 0.5),
+        ("top1/fiction", 1.0, 0.6), ("top1/code", 1.0, 0.4)]}
+    lines = per_domain_table(metrics).splitlines()
+    assert lines[0].replace(" ", "") == "|text|kl|top1|"
+    assert [line.split("|")[1].strip() for line in lines[2:]] == ["fiction", "code", "mean"]
+    assert "0.6" in lines[3] and per_domain_table({"perplexity": {"before": 1, "after": 2}}) == ""

@@ -126,6 +126,21 @@ def _divergence_note(report: Mapping[str, Any]) -> str:
             f"reference distributions {divergence['cache']}.\n")
 
 
+def per_domain_table(metrics: Mapping[str, Mapping[str, Any]]) -> str:
+    """Held-out text x metric, ``before -> after`` in each cell, the mean last (empty for a single text)."""
+    domains = list(dict.fromkeys(name.partition("/")[2] for name in metrics if "/" in name))
+    if not domains:
+        return ""
+    bases = list(dict.fromkeys(name.partition("/")[0] for name in metrics if "/" in name))
+
+    def cell(name: str) -> str:
+        e = metrics.get(name)
+        return "-" if e is None else f"{format_number(e['before'])} -> {format_number(e['after'])}"
+
+    rows = [(d, *[cell(f"{b}/{d}") for b in bases]) for d in domains] + [("mean", *[cell(b) for b in bases])]
+    return markdown_table(("text", *bases), rows)
+
+
 def write_run_report(directory: str | Path, report: Mapping[str, Any], plan: Any = None) -> tuple[Path, Path]:
     """Write ``report.md`` and ``report.json`` of one job into ``directory`` (the checkpoint being written).
 
@@ -161,6 +176,9 @@ def write_run_report(directory: str | Path, report: Mapping[str, Any], plan: Any
     parts.append("## Stages\n\n" + (stages or "none\n"))
     parts.append("## Metrics\n\n" + (markdown_table(("metric", "before", "after", "change"), rows) if rows
                                      else "No metrics measured.\n") + _divergence_note(report))
+    domain_table = per_domain_table(report.get("metrics", {}))
+    if domain_table:
+        parts.append("## Per held-out text\n\n" + domain_table)
     if plan is not None:
         merged = ", ".join(f"{m.low}..{m.high} ({m.operator})" for m in plan.merges) or "none"
         parts.append(

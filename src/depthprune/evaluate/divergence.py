@@ -9,7 +9,7 @@ padding never a target), on the same windows.
 The reference's log-probabilities are computed once, from its final hidden states with the LM head applied a
 chunk of tokens at a time, and kept in a :class:`DistributionCache`:
 
-* ``exact``: every position's full-vocabulary log-probabilities, when they fit ``exact_budget_mb`` (1 GiB);
+* ``exact``: every position's full-vocabulary log-probabilities, when they fit ``exact_budget_mb`` (1.5 GiB);
 * ``top-k``: the reference's k most likely tokens (log-probabilities and ids) and the log of the probability
   mass outside them.
 
@@ -50,7 +50,7 @@ if TYPE_CHECKING:
 
 METRICS = ("kl", "top1")
 DEFAULT_TOP_K = 64
-EXACT_BUDGET_MB = 1024.0
+EXACT_BUDGET_MB = 1536.0
 CACHE_FORMAT = "depthprune-distribution-cache/1"
 META_FILE = "meta.json"
 
