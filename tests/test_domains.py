@@ -85,6 +85,10 @@ def test_bad_eval_texts_on_the_command_line_are_one_line_before_loading(run_cli,
     for value, message in [("a=/no/such.txt", "neither a file nor a known text"), ("f=fiction,f=code", "twice")]:
         result = run_cli("eval-ppl", "--model", tmp_path / "nothing-here", "--eval-texts", value, check=False)
         assert result.code == 2 and message in result.err and result.err.count("error:") == 1
+    model = save_tiny_checkpoint(tmp_path / "m", family="llama")
+    result = run_cli("prune", "--model", model, "--method", "shortgpt", "--remove-layers", "1", "--calib", "self:8",
+                     "--seq-len", "32", "--out", tmp_path / "out", check=False)
+    assert result.code == 2 and "less than one 32-token window" in result.err and "loading" not in result.err
 
 
 def test_a_mixture_draws_its_windows_from_every_part_equally(tok):
