@@ -22,7 +22,8 @@ LIMIT = 20
 PNG = b"\x89PNG\r\n\x1a\n"
 
 # The CLI equivalent of the API call in `first_run`; both must give the same settings fingerprint.
-CLI_ARGS = ["--methods", "shortgpt,angular,boom", "--ratios", str(RATIO), "--ppl-windows", "4",
+CLI_ARGS = ["--methods", "shortgpt,angular,boom", "--ratios", str(RATIO), "--eval-texts", "default-heldout",
+            "--ppl-windows", "4",
             "--eval", "ppl,piqa_local", "--piqa-dir", str(PIQA_DIR), "--limit", str(LIMIT), "--calib-samples", "4",
             "--batch-size", "4", "-q"]
 

@@ -69,7 +69,8 @@ def test_score_prune_and_errors_on_real_model(smollm2_path, tmp_path, run_cli):
                    "4", "--out", str(out), "--eval", "ppl,piqa", "--piqa-dir", str(PIQA_DIR), "--limit", "10",
                    "--ppl-windows", "2", "-q")
     report = json.loads((out / "report.json").read_text())
-    assert set(report["metrics"]) == {"perplexity", "piqa_local"}
+    assert set(report["metrics"]) == {"perplexity", "piqa_local", "perplexity/fiction", "perplexity/encyclopedic",
+                                      "perplexity/code"}
     assert report["after"]["perplexity"] > report["before"]["perplexity"]
     assert "| piqa_local" in (out / "report.md").read_text()
     assert "piqa_local:" in proc.stdout
