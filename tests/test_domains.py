@@ -237,3 +237,13 @@ def test_the_report_has_a_text_by_metric_table():
     assert lines[0].replace(" ", "") == "|text|kl|top1|"
     assert [line.split("|")[1].strip() for line in lines[2:]] == ["fiction", "code", "mean"]
     assert "0.6" in lines[3] and per_domain_table({"perplexity": {"before": 1, "after": 2}}) == ""
+
+
+def test_a_file_with_a_plus_in_its_name_is_a_file_not_a_mixture(tok, tmp_path):
+    from depthprune.data.calibration import mixture_parts
+
+    text = tmp_path / "notes+more.txt"
+    text.write_text("plain words of a local text file. " * 400)
+    assert mixture_parts(str(text)) is None and mixture_parts("fiction+code") == ["fiction", "code"]
+    windows = sample_windows(tok, str(text), num_windows=2, seq_len=32)
+    assert windows.description["source"] == f"file:{text}"

@@ -69,7 +69,7 @@ def mixture_parts(source: str | Path) -> list[str] | None:
     """The texts of a mixture (``general``, or any ``a+b+c`` of sources), else None: its windows are drawn from
     every part equally (stratified), whatever each part's length."""
     name = MIXTURES.get(str(source), str(source)) if isinstance(source, str) else None
-    if name is None or "+" not in name:
+    if name is None or "+" not in name or Path(name).expanduser().exists():  # a file may have + in its name
         return None
     parts = [p.strip() for p in name.split("+")]
     if not all(parts):
