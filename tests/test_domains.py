@@ -247,3 +247,15 @@ def test_a_file_with_a_plus_in_its_name_is_a_file_not_a_mixture(tok, tmp_path):
     assert mixture_parts(str(text)) is None and mixture_parts("fiction+code") == ["fiction", "code"]
     windows = sample_windows(tok, str(text), num_windows=2, seq_len=32)
     assert windows.description["source"] == f"file:{text}"
+
+
+def test_the_sampler_draws_only_inside_the_nucleus():
+    """top-p keeps the smallest set of most likely tokens holding p; temperature 0 is greedy."""
+    from depthprune.data.selftext import _draw
+
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]] * 200))
+    g = torch.Generator().manual_seed(0)
+    assert set(_draw(logits, 1.0, 0.7, g).tolist()) == {0, 1}
+    assert set(_draw(logits, 1.0, 0.4, g).tolist()) == {0}
+    assert set(_draw(logits, 1.0, 1.0, g).tolist()) == {0, 1, 2, 3}
+    assert set(_draw(logits, 0.0, 1.0, g).tolist()) == {0}
