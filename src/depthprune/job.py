@@ -37,6 +37,7 @@ from torch import nn
 from .backend import Backend, InMemoryBackend, NeedsMemoryError
 from .compensate import TRAINED_FITS, Compensation
 from .data.calibration import Calibration, CalibrationSpec
+from .distributed import check_launch, from_main, processes, working
 from .errors import InputError
 from .evaluate.suite import EvalResult, Evaluation
 from .io import atomic_directory, check_output_dir, kind_of, prepare_dir, write_beside
@@ -265,6 +266,7 @@ class HealStage:
     option_prefix: str = "--"
     name: str = field(default="heal", init=False)
     uses_calibration: bool = field(default=False, init=False)
+    data_parallel: bool = field(default=True, init=False)
 
     def check(self, config: dict[str, Any] | None = None) -> None:
         from .heal import QLORA_NEEDS_CUDA, HealConfig, HealError, check_heal_data, data_paths
@@ -274,6 +276,7 @@ class HealStage:
         self.config = (self.config or HealConfig()).validate(flag)
         if self.config.qlora and not torch.cuda.is_available():
             raise HealError(QLORA_NEEDS_CUDA)
+        check_launch(batch_size=self.config.batch_size, eval_batch_size=self.config.eval_batch_size, stream=None)
         check_heal_data(self.data)
         if self.resume and self.work_dir is None:
             raise HealError("--resume continues the Trainer checkpoints in --work-dir: pass the --work-dir "
@@ -316,6 +319,9 @@ class HealStage:
         trained = "LoRA" if self.config.last_layers() is None else self.config.train_layers
         loss = f"distillation from {self.teacher or 'the input model'}" if self.config.distill else "LM loss"
         speed = f", {result.tokens_per_s:,.0f} tokens/s" if result.tokens_per_s else ""
+        if result.processes > 1 and result.tokens_per_s:
+            speed += (f" on {result.processes} processes ({result.engine}; "
+                      f"{result.tokens_per_s_per_process:,.0f} each)")
         return {"stage": self.name, "summary": f"heal: {result.global_step} steps ({result.tokens_seen:,} tokens"
                 f"{speed}) of {trained} on {result.data.get('kind')} data with {loss}, best validation loss "
                 f"{result.best_eval_loss}", "data": result.data, "steps": result.global_step,
@@ -340,6 +346,12 @@ class Job:
         ``config.json`` (a model on disk) also depth targets, layer ranges and widths against it."""
         if self.batch_size < 1:
             raise InputError(f"--batch-size must be at least 1, got {self.batch_size}")
+        launch = processes()
+        alone = [stage.name for stage in self.stages if not getattr(stage, "data_parallel", False)]
+        if launch.several and alone:
+            raise InputError(f"this launch has {launch.world} processes, but {' and '.join(alone)} runs in one: "
+                             "only healing trains data-parallel. Run this command as one process (no accelerate "
+                             "launch / torchrun), then launch `depthprune heal` on its output")
         if any(stage.uses_calibration for stage in self.stages):
             self.calibration.check()
         for stage in self.stages:
@@ -473,18 +485,24 @@ def run_job(model: "Backend | LoadedModel", job: Job, *, out: str | Path | None 
         check_context(backend.config, length, option)
     if out is not None:
         out = check_output_dir(out, inputs=[p for p in (backend.path,) if p], overwrite=overwrite)
+    launch = processes()
     timings: dict[str, float] = {}
     layers = {"before": backend.num_layers}
     parameters = {"before": count_parameters(backend.model)}
     source, source_path = backend.source, backend.path
     with ExitStack() as stack:
-        if out is not None:
+        stack.enter_context(working())
+        tmp, scratch = None, None
+        if not launch.main:
+            pass  # the main process alone writes; the others work in its scratch space
+        elif out is not None:
             tmp = stack.enter_context(atomic_directory(out, overwrite=overwrite))
             scratch = tmp / ".depthprune-work"
             scratch.mkdir()
         else:
-            tmp = None
             scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="depthprune-work-")))
+        if launch.several:
+            scratch = Path(from_main(str(scratch)))
         if getattr(backend, "scratch", False) is None:
             backend.scratch = scratch  # a streamed model's states spill inside the job's scratch space
         ctx = StageContext(backend, job.calibration, RunContext(job.batch_size, job.progress), scratch,
@@ -493,10 +511,12 @@ def run_job(model: "Backend | LoadedModel", job: Job, *, out: str | Path | None 
             backend.require_memory(f"--calib {job.calibration.source} (text sampled from the model)")
             job.calibration.sample_from(backend.model, backend.tokenizer, job.progress)
 
-        job.evaluation.prepare(source, source_path, first_is_input=job.evaluate_before or not job.stages,
-                               open_reference=backend.open_like, progress=job.progress)
+        evaluates = launch.main and not job.evaluation.empty
+        if evaluates:
+            job.evaluation.prepare(source, source_path, first_is_input=job.evaluate_before or not job.stages,
+                                   open_reference=backend.open_like, progress=job.progress)
         before = None
-        if job.evaluate_before and not job.evaluation.empty:
+        if job.evaluate_before and evaluates:
             start = time.perf_counter()
             before = job.evaluation.run(backend, backend.tokenizer, job.progress)
             timings["evaluate_before"] = time.perf_counter() - start
@@ -507,7 +527,7 @@ def run_job(model: "Backend | LoadedModel", job: Job, *, out: str | Path | None 
             record["seconds"] = timings[stage.name] = time.perf_counter() - start
             records.append(record)
         after = None
-        if not job.evaluation.empty:
+        if evaluates:
             start = time.perf_counter()
             after = job.evaluation.run(ctx.backend, ctx.tokenizer, job.progress)
             timings["evaluate_after"] = time.perf_counter() - start

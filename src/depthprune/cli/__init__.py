@@ -12,9 +12,11 @@ from __future__ import annotations
 import logging
 import signal
 import sys
+import time
 
 import typer
 
+from ..distributed import error_prefix, processes
 from . import evaluate, export, prune, recover  # noqa: F401  (each registers its commands on app)
 from .app import NoArgsIsHelpError, app, click_errors
 from .streaming import remember_argv
@@ -45,6 +47,21 @@ def one_line(message: str) -> str:
     return " ".join(message.split())
 
 
+CHECKS_GRACE_S = 5.0
+"""How long a non-main process of a launch that failed a check waits before exiting, so the main process
+(failing the same check) prints its error line before the launcher stops it."""
+
+
+def _say_error(message: str, err: BaseException) -> None:
+    """The one ``error:`` line of a failed command; in a launch of several processes, see
+    :func:`~depthprune.distributed.error_prefix`."""
+    prefix = error_prefix(err)
+    if prefix is None:
+        time.sleep(CHECKS_GRACE_S)
+        return
+    typer.secho(f"error: {prefix}{one_line(message)}", fg=typer.colors.RED, err=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     from ..errors import DepthpruneError
 
@@ -66,16 +83,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except click_errors.UsageError as err:
         where = f" (see `{err.ctx.command_path} --help`)" if err.ctx is not None else ""
-        typer.secho(f"error: {one_line(err.format_message())}{where}", fg=typer.colors.RED, err=True)
+        _say_error(f"{err.format_message()}{where}", err)
         return 2
     except DepthpruneError as err:
-        typer.secho(f"error: {one_line(str(err))}", fg=typer.colors.RED, err=True)
+        _say_error(str(err), err)
         return 2
     except click_errors.ClickException as err:
-        typer.secho(f"error: {one_line(err.format_message())}", fg=typer.colors.RED, err=True)
+        _say_error(err.format_message(), err)
         return 2
     except (KeyboardInterrupt, Terminated, typer.Abort) as stop:
-        _say_interrupted()
+        if processes().main:  # only the main process writes, so only it can have left something
+            _say_interrupted()
         return 143 if isinstance(stop, Terminated) else CTRL_C
     finally:
         if previous is not None:

@@ -28,6 +28,7 @@ import typer
 from ..checks import flag_of, require_finite
 from ..compensate import DEFAULT_TOKENS, LAYERS_AFTER, LAYERS_STEPS
 from ..data.calibration import DEFAULT_CALIBRATION, DEFAULT_EVAL_TEXTS, PPL_WINDOWS
+from ..distributed import processes
 from ..errors import InputError
 from ..flags import OptionInfo, declared_options
 from .app import ParameterSource, get_current_context
@@ -154,17 +155,21 @@ def require_out(out: str | None, what: str = "the checkpoint") -> str:
 
 
 def default_device() -> str:
-    """The GPU when there is one, else the CPU."""
+    """The GPU when there is one (in a launch of several processes, this process's own), else the CPU."""
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if not torch.cuda.is_available():
+        return "cpu"
+    launch = processes()
+    return f"cuda:{launch.local_rank}" if launch.several else "cuda"
 
 
 def load(model: str, dtype: str | None, device: str, quiet: bool) -> "LoadedModel":
     from ..models.load import load_model, resolve_dtype
 
-    typer.echo(f"loading {model} on {device} ({str(resolve_dtype(dtype, device)).replace('torch.', '')}) ...",
-               err=True)
+    if processes().main:
+        typer.echo(f"loading {model} on {device} ({str(resolve_dtype(dtype, device)).replace('torch.', '')}) ...",
+                   err=True)
     return load_model(model, dtype=dtype, device=device, progress=not quiet)
 
 
@@ -488,6 +493,8 @@ def uses(*groups: OptionGroup | SettingFlags) -> Callable[[Callable[..., Any]], 
             given = Given(**{p.name: kwargs.pop(p.name) for p in added})
             if "device" in vars(given) and given.device is None:
                 given.device = default_device()
+            if "quiet" in vars(given) and not processes().main:
+                given.quiet = True  # one progress bar per launch: the main process's
             settings = {name: group.values(kwargs) for name, group in placed.items()}
             with quiet_transformers(bool(getattr(given, "quiet", False))):
                 return command(*args, given=given, **settings, **kwargs)

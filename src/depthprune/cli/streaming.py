@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Annotated, Any, Callable, Optional
 
 import typer
 
+from ..distributed import check_launch, processes
+
 if TYPE_CHECKING:
     from ..backend import Backend
     from ..job import Job, JobResult
@@ -75,6 +77,7 @@ def open_backend(model: str, *, load: Callable[..., "LoadedModel"], stream: bool
     streamed, budget = False, None
     if stream is not False or max_memory is not None:
         streamed, budget, _ = streaming_choice(model, stream, max_memory, dtype, device)
+    check_launch(batch_size=None, eval_batch_size=None, stream=streamed)
 
     def open_(source: str) -> "Backend":
         if not streamed:
@@ -86,8 +89,9 @@ def open_backend(model: str, *, load: Callable[..., "LoadedModel"], stream: bool
 
     if job is not None:
         job.check_backend("streamed" if streamed else "in-memory")
-        job.evaluation.prepare(model, first_is_input=job.evaluate_before or not job.stages, open_reference=open_,
-                               progress=not quiet)
+        if processes().main:
+            job.evaluation.prepare(model, first_is_input=job.evaluate_before or not job.stages,
+                                   open_reference=open_, progress=not quiet)
     return open_(model)
 
 
@@ -108,6 +112,8 @@ def run_checkpoint_job(job: "Job", *, load: Callable[..., "LoadedModel"], model:
     backend = open_backend(model, load=load, stream=stream, max_memory=max_memory, dtype=dtype, device=device,
                            quiet=quiet, job=job)
     result = run_job(backend, job, out=out, overwrite=overwrite, writers=writers)
+    if not processes().main:
+        return result  # the main process reports and pushes
     print_result(result)
     if repo:
         pushed = push_checkpoint(result.out, repo)

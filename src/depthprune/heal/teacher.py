@@ -98,9 +98,14 @@ def rows_of(offsets: torch.Tensor, items: Sequence[int]) -> torch.Tensor:
 
 
 def teacher_cache(teacher: Teacher | nn.Module, items: Sequence[dict[str, list[int]]], directory: Path,
-                  config: HealConfig, *, vocab_size: int, pad: int, progress: bool = True) -> TeacherCache:
+                  config: HealConfig, *, vocab_size: int, pad: int, progress: bool = True,
+                  built_by_main: bool = False) -> TeacherCache:
     """The teacher's distributions for ``items``: reused from ``directory`` when it holds a matching cache,
-    else computed (the teacher loaded, run once, freed) and written there."""
+    else computed (the teacher loaded, run once, freed) and written there.
+
+    ``built_by_main``: this is not the main process of a launch, which has just built the cache for these
+    same items; it is read, never rebuilt (even when the teacher is a model object, whose source is unknown).
+    """
     counts = [target_count(it) for it in items]
     offsets = torch.tensor([0, *counts]).cumsum(0)
     tokens = int(offsets[-1])
@@ -113,11 +118,14 @@ def teacher_cache(teacher: Teacher | nn.Module, items: Sequence[dict[str, list[i
     if found is not None:
         differs = found.mismatch(expected) or (None if found.meta.get("items", [])[: len(digests)] == digests
                                                else "other items")
-        if source is not None and differs is None:
+        if (source is not None or built_by_main) and differs is None:
             return TeacherCache(found, offsets, {**_describe(found, directory), "tokens": tokens, "reused": True,
                                                  "seconds": 0.0})
         log.warning("rebuilding the teacher cache in %s: it was made for other settings (%s)", directory,
                     differs or "teacher unknown")
+    if built_by_main:
+        raise HealError(f"the main process left no usable teacher cache in {directory} "
+                        f"({'none there' if found is None else differs}); this process cannot build its own")
     expected["items"] = digests
 
     prepare_dir(directory, TEACHER_CACHE)

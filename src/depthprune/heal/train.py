@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from ..distributed import GROUP_TIMEOUT, check_launch, processes, requested_engine, wait_for_all
 from ..io import write_json
 from ..models.arch import spec_for
 from .config import ADAPTER, CHECKPOINTS, CONFIG_FILE, PRESETS, QLORA_NEEDS_CUDA, HealConfig, HealError
@@ -70,10 +71,17 @@ class HealResult:
     tokens_seen: int = 0
     train_seconds: float = 0.0
     tokens_per_s: float | None = None
+    processes: int = 1
+    engine: str = "single process"
     teacher: dict[str, Any] | None = None
 
+    @property
+    def tokens_per_s_per_process(self) -> float | None:
+        return self.tokens_per_s / self.processes if self.tokens_per_s else None
+
     def to_dict(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in self.__dataclass_fields__ if name != "model"}
+        return {**{name: getattr(self, name) for name in self.__dataclass_fields__ if name != "model"},
+                "tokens_per_s_per_process": self.tokens_per_s_per_process}
 
 
 def _make_callbacks(max_tokens: int | None = None):
@@ -118,6 +126,41 @@ def _make_callbacks(max_tokens: int | None = None):
                 self.tokens += state.num_input_tokens_seen - self._since[1]
 
     return EvaluateAtEnd, LossBar, StepClock
+
+
+def engine_of(trainer: Any) -> str:
+    """How the Trainer ran: one process, data-parallel (DDP), FSDP or DeepSpeed, as accelerate set it up."""
+    kind = trainer.accelerator.distributed_type.value
+    return {"NO": "single process", "MULTI_CPU": "DDP (gloo)", "MULTI_GPU": "DDP (NCCL)"}.get(kind, kind)
+
+
+SHARDED_ENGINES = ("FSDP", "DEEPSPEED")
+"""Engines that leave each process only a shard of the trained weights (FSDP; DeepSpeed, whose ZeRO-3 does)."""
+
+
+def unsharded_copy(model: nn.Module, state: dict[str, torch.Tensor], lora: Any | None) -> nn.Module:
+    """A new model of ``model``'s architecture holding ``state`` (the trained model's full state dict as
+    accelerate gathers it): with ``lora``, the PEFT model those weights come from, ready to merge.
+
+    Needs one whole copy of the model in the main process's CPU memory, in the model's dtype."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    dtype = next(p.dtype for p in state.values() if p.is_floating_point())
+    fresh = AutoModelForCausalLM.from_config(model.config, dtype=dtype)
+    if lora is not None:
+        fresh = get_peft_model(fresh, lora)
+    missing, unexpected = fresh.load_state_dict(state, strict=False)
+    allowed = TIED_HEADS if getattr(model.config, "tie_word_embeddings", False) else set()
+    if unexpected or set(missing) - allowed:
+        raise RuntimeError(f"gathered weights do not fit the model: missing {sorted(missing)[:3]}, "
+                           f"unexpected {sorted(unexpected)[:3]}")
+    fresh.tie_weights()
+    return fresh.train(model.training)
+
+
+TIED_HEADS = {"lm_head.weight", "base_model.model.lm_head.weight"}
+"""A tied LM head is the embedding matrix: a gathered state dict may leave it out."""
 
 
 def _steps_per_run(n_train: int, config: HealConfig) -> int:
@@ -195,7 +238,8 @@ def _quantized_copy(model: nn.Module, workdir: Path, config: HealConfig) -> nn.M
     from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    tmp = workdir / "qlora-base"
+    launch = processes()
+    tmp = workdir / f"qlora-base-{launch.rank}"
     model.save_pretrained(tmp)
     try:
         quantized = AutoModelForCausalLM.from_pretrained(
@@ -204,7 +248,7 @@ def _quantized_copy(model: nn.Module, workdir: Path, config: HealConfig) -> nn.M
                 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                 bnb_4bit_compute_dtype=torch.bfloat16,
             ),
-            device_map={"": torch.cuda.current_device()},
+            device_map={"": launch.local_rank if launch.several else torch.cuda.current_device()},
         )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -251,6 +295,8 @@ def heal(
     if save_adapter and last is not None:
         raise HealError("--save-adapter needs LoRA; --train-layers last:N trains the weights themselves")
     spec_for(model)
+    launch = processes()
+    check_launch(batch_size=config.batch_size, eval_batch_size=config.eval_batch_size, stream=None)
     started = time.perf_counter()
     output_dir = Path(output_dir).expanduser().resolve()
     ckpt_dir = output_dir / CHECKPOINTS
@@ -260,14 +306,19 @@ def heal(
     train_items, total = token_budget(heal_data.train, config)
     heal_data.description["train_items_used"] = len(train_items)
     output_dir.mkdir(parents=True, exist_ok=True)
-    _write_run_config(output_dir, config, heal_data.description, resuming=resume_from is not None)
+    if launch.main:
+        _write_run_config(output_dir, config, heal_data.description, resuming=resume_from is not None)
 
     cache, teacher_record = None, None
     if config.distill and config.teacher_cache:
         where = Path(config.teacher_cache_dir).expanduser() if config.teacher_cache_dir else output_dir / TEACHER_CACHE
+        if not launch.main:
+            wait_for_all()  # the main process builds the cache; the others then read it
         cache = teacher_cache(teacher, [*heal_data.val, *train_items], where, config,
                               vocab_size=model.get_output_embeddings().weight.shape[0], pad=pad_id(tokenizer),
-                              progress=config.progress)
+                              progress=config.progress and launch.main, built_by_main=not launch.main)
+        if launch.main:
+            wait_for_all()
         teacher, teacher_record = None, {"mode": "cache", **cache.record}
     elif config.distill:
         teacher = teacher.load() if isinstance(teacher, Teacher) else teacher
@@ -331,6 +382,9 @@ def heal(
         disable_tqdm=not config.progress,
         activation_checkpointing=config.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
+        accelerator_config={"split_batches": launch.several},
+        ddp_find_unused_parameters=False,
+        ddp_timeout=int(GROUP_TIMEOUT.total_seconds()),
     )
     evaluate_at_end, loss_bar, step_clock = _make_callbacks(config.max_tokens)
     clock = step_clock()
@@ -357,13 +411,24 @@ def heal(
     finally:
         if saved_use_cache is not None:
             model.config.use_cache = saved_use_cache
+    wait_for_all()  # every process has read the best checkpoint before the main one may remove it
     state = trainer.state
 
+    engine = engine_of(trainer)
+    sharded = engine in SHARDED_ENGINES
+    if requested_engine() not in (None, engine) and launch.main:
+        log.warning("the launch's accelerate config asks for %s, but accelerate ran %s (it shards only on GPUs): "
+                    "every process held the whole model", requested_engine(), engine)
+    if sharded:  # every process sends its shard; the main process gets whole weights to merge and save
+        full = trainer.accelerator.get_state_dict(trainer.model)
+        trained = unsharded_copy(model, full, lora if last is None else None) if launch.main else trained
     adapter_dir = None
     if save_adapter and trainer.is_world_process_zero():
         adapter_dir = output_dir / ADAPTER
         trained.save_pretrained(adapter_dir)
-    if last is None:
+    if sharded and not launch.main:
+        merged = model  # only the main process's copy is merged and written
+    elif last is None:
         if config.qlora:
             weights = get_peft_model_state_dict(trained)
             trained = get_peft_model(model, lora)
@@ -400,5 +465,7 @@ def heal(
         tokens_seen=int(state.num_input_tokens_seen),
         train_seconds=clock.seconds,
         tokens_per_s=clock.tokens / clock.seconds if clock.seconds else None,
+        processes=launch.world,
+        engine=engine,
         teacher=teacher_record,
     )
