@@ -38,14 +38,17 @@ from .backend import Backend, InMemoryBackend, NeedsMemoryError
 from .compensate import TRAINED_FITS, Compensation
 from .data.calibration import Calibration, CalibrationSpec
 from .errors import InputError
+from .evaluate.perplexity import first_target_of
 from .evaluate.suite import EvalResult, Evaluation
-from .io import atomic_directory, check_output_dir, kind_of, prepare_dir, write_beside
+from .io import check_output_dir, kind_of, prepare_dir, write_beside
 from .methods import MethodOptions, RunContext, Target, build_options, check_request, make_plan
 from .models.arch import count_parameters
 from .models.load import LoadedModel, check_context, config_num_layers, load_model, quiet_transformers
 from .plan import PLAN_FILE, Plan, PlanError
 from .report import compare_metrics, write_run_report
 from .run_record import RUN_FILE, RunRecord, RunRecordError
+from .saving import atomic_checkpoint
+from .surgery.apply import apply, fit_window_count
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +88,7 @@ class StageContext:
 
     def fit_windows(self, tokens: int, seed: int) -> Calibration:
         """About ``tokens`` tokens of calibration text (never the held-out windows), for fitting compensation."""
-        count = max(1, -(-tokens // self.calibration_spec.seq_len))
+        count = fit_window_count(tokens, self.calibration_spec.seq_len)
         return self.calibration_spec.fit_windows(self.tokenizer, count, seed)
 
     def fit_batches(self, tokens: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -94,8 +97,6 @@ class StageContext:
 
     def fit_first_target(self, tokens: int, seed: int) -> int:
         """Where the fit windows' predicted tokens start (after BOS when the tokenizer adds one)."""
-        from .evaluate.perplexity import first_target_of
-
         return first_target_of(self.fit_windows(tokens, seed))
 
 
@@ -167,21 +168,14 @@ class DepthStage:
             "target": self.target.to_dict() if self.target else None,
             "calibration": ctx.calibration.to_dict() if self.plan is None else None,
             "calibration_spec": asdict(ctx.calibration_spec), "batch_size": ctx.run.batch_size, **notes}
-        overrides = None
         if plan.compensation and self.measure_uncompensated and ctx.evaluation is not None \
                 and not ctx.evaluation.empty:
             record["uncompensated"] = _measure_stack(ctx, plan)
+        applied = apply(ctx.backend, plan, ctx.calibration_spec, batch_size=ctx.run.batch_size, scratch=ctx.scratch,
+                        progress=ctx.run.progress)
         if plan.compensation:
-            from .compensate import fit_compensation
-
-            config = Compensation.recorded(plan.compensation)
-            tokens = config.fit_tokens(ctx.calibration_spec.seq_len)
-            fitted = fit_compensation(ctx.backend, plan, ctx.fit_batches(tokens, config.seed), config,
-                                      first_target=ctx.fit_first_target(tokens, config.seed),
-                                      progress=ctx.run.progress)
-            record["compensation"] = fitted.records
-            overrides = fitted.overrides
-        ctx.backend = ctx.backend.apply(plan, overrides, scratch=ctx.scratch, progress=ctx.run.progress)
+            record["compensation"] = applied.compensation
+        ctx.backend = applied.backend
         ctx.plan = plan
         if ctx.backend.kind == "streamed":
             record["streamed"] = True
@@ -479,7 +473,7 @@ def run_job(model: "Backend | LoadedModel", job: Job, *, out: str | Path | None 
     source, source_path = backend.source, backend.path
     with ExitStack() as stack:
         if out is not None:
-            tmp = stack.enter_context(atomic_directory(out, overwrite=overwrite))
+            tmp = stack.enter_context(atomic_checkpoint(out, overwrite=overwrite))
             scratch = tmp / ".depthprune-work"
             scratch.mkdir()
         else:

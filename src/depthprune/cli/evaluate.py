@@ -224,7 +224,7 @@ def bench(
     """Compare methods at several depths: every method x ratio plus dense, as a table, JSON and a plot.
 
     Method flags (e.g. --operator average) go to every listed method that takes them."""
-    from ..bench import check_methods, run_bench, summary_line
+    from ..bench import check_methods, results_table, run_bench, summary_line
     from ..compensate import Compensation
     from ..errors import InputError
 
@@ -247,7 +247,7 @@ def bench(
         batch_size=batch_size,
         dtype=given.dtype, device=given.device, resume=resume, progress=not given.quiet,
     )
-    typer.echo(result.markdown())
+    typer.echo(results_table(result))
     typer.echo(summary_line(result))
     if not any(row.ok for row in result.rows):
         typer.secho("error: every pruned row failed (see the note column and results.json)", err=True,

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..engine.merged import base_module, layer_params
+from ..evaluate.perplexity import logits_from_hidden
 from ..models.arch import ArchSpec, get_path
 from ..models.mutate import temporary_layer_stack
 from ..models.forward import Batch, run_decoder
@@ -98,8 +99,6 @@ def train_end_to_end(model: nn.Module, stack: list[nn.Module], per_layer: dict[s
                       layers: list[nn.Module], batches: Sequence[Batch], teacher: list[torch.Tensor],
                       config: Compensation, spec: ArchSpec) -> tuple[Maps, dict[str, Any]]:
     """Train a map per interface together on KL(original || pruned) next-token distributions (model frozen)."""
-    from ..evaluate.perplexity import logits_from_hidden
-
     maps = Maps(layers, spec)
     windows = [(ids[r : r + 1], mask[r : r + 1], teacher[b][r : r + 1])
                for b, (ids, mask) in enumerate(batches) for r in range(ids.shape[0])][: config.kl_windows]

@@ -33,20 +33,18 @@ import json
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..backend import Backend, InMemoryBackend, walk_layers
 from ..data.calibration import Calibration
 from ..errors import InputError
 from ..models.forward import batches_of
 from .perplexity import PerplexityResult, batch_spans, chunked_logits, first_target_of, per_domain, prediction_pairs
-
-if TYPE_CHECKING:
-    from ..backend import Backend
 
 METRICS = ("kl", "top1")
 DEFAULT_TOP_K = 64
@@ -405,8 +403,6 @@ def measure_divergence(model: "nn.Module | Backend", windows: Calibration, refer
                        ) -> tuple[DivergenceResult, PerplexityResult]:
     """KL and top-1 agreement against ``reference`` on ``windows``, and perplexity from the same pass;
     ``model`` is a model or a :class:`~depthprune.backend.Backend` (streamed: one layer at a time)."""
-    from ..backend import InMemoryBackend, walk_layers
-
     backend = InMemoryBackend.of(model)
     check_comparable(reference, backend.model, windows)
     first = first_target_of(windows)
@@ -448,8 +444,6 @@ def build_reference(model: "nn.Module | Backend", windows: Calibration, *, sourc
                     chunk_tokens: int = 512, progress: bool = True) -> DistributionCache:
     """The reference ``model``'s distributions at every predicted position of ``windows`` (one decoder pass;
     a model or a backend)."""
-    from ..backend import InMemoryBackend, walk_layers
-
     backend = InMemoryBackend.of(model)
     first = first_target_of(windows)
     tokens = int(windows.attention_mask[:, first:].sum())

@@ -28,7 +28,7 @@ from ..data.calibration import Calibration
 from ..engine.search import SimilarityEngine
 from ..engine.stack import CurrentStack
 from ..plan import Merge, Plan, PlanError
-from ..surgery.merge import OPERATORS
+from ..operators import OPERATORS
 from .merging import Search, ThresholdOptions, run_threshold_search
 from .registry import RunContext, option, register
 from .target import Target

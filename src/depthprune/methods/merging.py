@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 from ..data.calibration import Calibration
 from ..engine.search import SimilarityEngine
 from ..plan import Plan, PlanError
-from ..surgery.merge import OPERATORS
+from ..operators import OPERATORS
 from .registry import MethodOptions, option
 from .target import Target, given, threshold_for_target
 

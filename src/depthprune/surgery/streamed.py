@@ -1,7 +1,7 @@
 """Apply a depth plan from disk to disk: the pruned checkpoint is written tensor by tensor.
 
 Nothing holds the whole model. The pruned model's *skeleton* (a meta-device
-copy pruned with the in-memory :func:`~depthprune.surgery.apply_plan`, so the
+copy pruned with the in-memory :func:`~depthprune.surgery.inplace.surgery`, so the
 config, its per-layer lists and the tensor names are exactly those of
 in-memory surgery) says what to write; each tensor is then read from the
 input checkpoint, under its original layer index, and written under its new
@@ -26,7 +26,7 @@ from ..backend.hf import saved_names
 from ..backend.streamed import StreamedBackend
 from ..models.arch import count_parameters
 from ..plan import Plan
-from .apply import surgery
+from .inplace import surgery
 from .merge import check_operator, is_projection, merge_params
 from .safetensors_out import Entry, plan_shards, write_safetensors
 
