@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from .backend import Backend, InMemoryBackend, NeedsMemoryError
-from .compensate import TRAINED_FITS, Compensation
+from .compensate import Compensation, trained_fits
 from .data.calibration import Calibration, CalibrationSpec
 from .errors import InputError
 from .evaluate.perplexity import first_target_of
@@ -142,9 +142,9 @@ class DepthStage:
 
     def memory_needs(self) -> list[str]:
         needs = []
-        if self.compensation is not None and self.compensation.fit in TRAINED_FITS:
+        if self.compensation is not None and self.compensation.fit in trained_fits():
             needs.append(f"--compensate {self.compensation.fit}")
-        needs += [f"--fits {fit}" for fit in getattr(self.options, "fit_list", lambda: [])() if fit in TRAINED_FITS]
+        needs += [f"--fits {fit}" for fit in getattr(self.options, "fit_list", lambda: [])() if fit in trained_fits()]
         if getattr(self.options, "recover", "none") != "none":
             needs.append(f"--recover {self.options.recover}")
         return needs

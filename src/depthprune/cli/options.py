@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Callable, Optional
 import typer
 
 from ..checks import flag_of, require_finite
-from ..compensate import DEFAULT_TOKENS, LAYERS_AFTER, LAYERS_STEPS
+from ..compensate import DEFAULT_TOKENS, FITS, LAYERS_AFTER, LAYERS_STEPS, SHARED_SETTINGS, Compensation
 from ..data.calibration import DEFAULT_CALIBRATION, DEFAULT_EVAL_TEXTS, PPL_WINDOWS
 from ..errors import InputError
 from ..flags import OptionInfo, declared_options
@@ -96,10 +96,8 @@ PiqaDirOpt = Annotated[Optional[Path], typer.Option(
 # ------------------------------------------------------------------ compensation
 
 CompensateOpt = Annotated[str, typer.Option(
-    help="Fit a linear map at every gap the plan leaves and fold it into the layer before it: none, linear "
-    "(ridge least squares), cosine (then refined on per-token cosine), kl (then all maps trained on the "
-    "original model's next-token distributions) or layers (then the kept layer at every gap retrained on "
-    "them, everything else frozen).")]
+    help="Fit a linear map at every gap the plan leaves and fold it into the layer before it: none, "
+    + ", ".join(f"{fit.name} ({fit.summary})" for fit in FITS.values()) + " (see `depthprune fits`).")]
 CompensateTokensOpt = Annotated[int, typer.Option(help="Calibration tokens for the compensation fit.")]
 RidgeOpt = Annotated[float, typer.Option(help="Compensation ridge towards the identity (x trace/d).")]
 CompensateStepsOpt = Annotated[int, typer.Option(
@@ -111,16 +109,30 @@ CompensateAboveOpt = Annotated[int, typer.Option(
     "perplexity, the same KL).")]
 
 
-LAYERS_FIT_OPTIONS = ("compensate_steps", "compensate_above")
-"""The options only ``--compensate layers`` reads (refused without it)."""
+FIT_SETTING_OPTIONS = {"compensate_tokens": "tokens", "ridge": "ridge", "compensate_steps": "layers_steps",
+                       "compensate_above": "layers_after"}
+"""The compensation options and the :class:`~depthprune.compensate.Compensation` setting each gives: an option is
+refused unless a chosen fit reads its setting (:func:`fit_option_rules`)."""
 
 
-def compensation(fit: str, tokens: int, ridge: float, steps: int = LAYERS_STEPS, above: int = LAYERS_AFTER):
-    """The ``--compensate`` options as a checked spec, or None for ``none``."""
-    from ..compensate import Compensation
+def fits_reading(setting: str) -> list[str]:
+    """The registered fits that read ``setting``."""
+    return [name for name, fit in FITS.items() if setting in (*SHARED_SETTINGS, *fit.settings)]
 
-    return None if fit == "none" else Compensation(fit=fit, tokens=tokens, ridge=ridge, layers_steps=steps,
-                                                   layers_after=above).validate()
+
+def fit_option_rules(chosen: list[str], *, axis: bool = False) -> list[tuple[str, bool, str]]:
+    """:func:`refuse_ignored` rules for the compensation options given the ``chosen`` fits (``none`` ignored);
+    ``axis``: ``--compensate`` lists several fits (``bench``), so the message says which one to add."""
+    rules = []
+    for option, setting in FIT_SETTING_OPTIONS.items():
+        readers = fits_reading(setting)
+        if axis:
+            why = f"needs {readers[0]} in --compensate" if len(readers) == 1 else "needs a fit in --compensate"
+        else:
+            why = "needs --compensate " + (", ".join(readers[:-1]) + " or " + readers[-1] if len(readers) > 1
+                                           else readers[0])
+        rules.append((option, any(fit in readers for fit in chosen), why))
+    return rules
 
 
 # ------------------------------------------------------------------ output
@@ -365,10 +377,11 @@ EVALUATION = OptionGroup((("eval_", EvalOpt, None), ("ppl_data", PplDataOpt, DEF
                           ("reference_cache", ReferenceCacheOpt, None))) + ZEROSHOT
 STREAMING = OptionGroup((("stream", StreamOpt, None), ("max_memory", MaxMemoryOpt, None)))
 PUSH = OptionGroup((("push_to_hub", PushOpt, None),))
-COMPENSATION = OptionGroup((("compensate", CompensateOpt, "none"),
-                            ("compensate_tokens", CompensateTokensOpt, DEFAULT_TOKENS), ("ridge", RidgeOpt, 1e-3),
+FIT_SETTINGS = OptionGroup((("compensate_tokens", CompensateTokensOpt, DEFAULT_TOKENS), ("ridge", RidgeOpt, 1e-3),
                             ("compensate_steps", CompensateStepsOpt, LAYERS_STEPS),
                             ("compensate_above", CompensateAboveOpt, LAYERS_AFTER)))
+"""How fits are fitted (:data:`FIT_SETTING_OPTIONS`), for commands that choose fits their own way (``bench``)."""
+COMPENSATION = OptionGroup((("compensate", CompensateOpt, "none"),)) + FIT_SETTINGS
 
 
 class Given(SimpleNamespace):
@@ -409,9 +422,14 @@ class Given(SimpleNamespace):
                     part.reference = reference
         return spec
 
-    def compensation_spec(self):
-        return compensation(self.compensate, self.compensate_tokens, self.ridge, self.compensate_steps,
-                            self.compensate_above)
+    def fit_settings(self, fit: str = "linear") -> "Compensation":
+        """The :data:`FIT_SETTINGS` options as ``fit``'s settings (unchecked)."""
+        values = {setting: getattr(self, option) for option, setting in FIT_SETTING_OPTIONS.items()}
+        return Compensation(fit=fit, **values)
+
+    def compensation_spec(self) -> "Compensation | None":
+        """``--compensate`` and its settings, checked, or None for ``none``."""
+        return None if self.compensate == "none" else self.fit_settings(self.compensate).validate()
 
     def backend(self) -> "Backend":
         """The model as a backend: streamed when ``--stream`` asks or the weights would not fit (said), else

@@ -20,7 +20,7 @@ from .options import (
     CALIBRATION,
     COMPENSATION,
     EVALUATION,
-    LAYERS_FIT_OPTIONS,
+    FIT_SETTING_OPTIONS,
     MODEL,
     PUSH,
     STREAMING,
@@ -30,6 +30,7 @@ from .options import (
     OverwriteOpt,
     SettingFlags,
     check_model,
+    fit_option_rules,
     refuse_ignored,
     require_out,
     uses,
@@ -73,6 +74,15 @@ def methods_cmd() -> None:
     from ..methods import describe_methods
 
     typer.echo(describe_methods())
+
+
+@app.command("fits")
+def fits_cmd() -> None:
+    """List the compensation fits (--compensate, bench --compensate, auto --fits) with the settings each reads."""
+    from ..compensate.config import describe_fits
+
+    typer.echo(describe_fits({setting: "--" + option.replace("_", "-")
+                              for option, setting in FIT_SETTING_OPTIONS.items()}))
 
 
 @app.command()
@@ -141,11 +151,7 @@ def prune(
     get_method(method)
     options = build_options(method, method_flags(ctx, [method], "prune")[method])
     width = then_width is not None or bool(then_width_heads)
-    compensated = given.compensate != "none"
-    refuse_ignored(("ridge", compensated, "needs --compensate linear, cosine or kl"),
-                   ("compensate_tokens", compensated, "needs --compensate linear, cosine or kl"),
-                   *[(name, given.compensate == "layers", "needs --compensate layers")
-                     for name in LAYERS_FIT_OPTIONS],
+    refuse_ignored(*fit_option_rules([given.compensate]),
                    ("width_scorer", width, "needs a width stage (--then-width or --then-width-heads)"),
                    *[(HEAL_SETTINGS.parameter(info), heal is not None, "needs --heal DATA")
                      for info in HEAL_SETTINGS.infos()],
@@ -211,9 +217,10 @@ def run(
     from ..errors import InputError
     from ..job import DepthStage, Job
     from ..methods import Target, build_options
+    from ..methods.auto import RECOVERIES
 
-    if recover not in ("layers", "none"):
-        raise InputError(f"--recover must be layers or none, got {recover!r}")
+    if recover not in RECOVERIES:
+        raise InputError(f"--recover must be {' or '.join(reversed(RECOVERIES))}, got {recover!r}")
     if method != "auto" and recover != "none":
         raise InputError(f"--recover belongs to --method auto; with --method {method} pass --recover none (or use "
                          "`depthprune prune --compensate layers`)")

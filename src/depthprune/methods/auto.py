@@ -35,8 +35,8 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from ..backend import Backend, Meter, Stack, metered
-from ..compensate import (DEFAULT_TOKENS, FITS, TRAINED_FITS, Compensation, FitSession, check_supported,
-                          fit_compensation, interfaces)
+from ..compensate import (DEFAULT_TOKENS, FITS, Compensation, FitSession, check_supported, fit_compensation,
+                          get_fit, interfaces)
 from ..data.calibration import Calibration
 from ..engine.loss import OBJECTIVES, LossEngine
 from ..engine.merged import plan_stack
@@ -47,6 +47,8 @@ from .registry import (METHODS, MethodOptions, RunContext, Work, build_options, 
 from .target import Target, require
 
 DEFAULT_CANDIDATES = "shortgpt,angular,sleb,slm"
+RECOVERIES = ("none", "layers")
+"""``--recover``: none, or the fit that retrains the winner's layers at its gaps (its steps: ``--recover-steps``)."""
 
 
 @dataclass
@@ -63,7 +65,7 @@ class AutoOptions(MethodOptions):
     rerank: int = option(3, "candidates ranked on all held-out windows after the screening")
     recover: str = option("none", "after choosing: none, or layers (the winner's kept layer at every gap is "
                           "retrained on the dense model's next-token distributions, --compensate layers)",
-                          choices=("none", "layers"))
+                          choices=RECOVERIES)
     recover_steps: int = option(100, "training steps of --recover layers")
 
     def methods(self) -> list[str]:
@@ -100,9 +102,9 @@ def estimated_work(work: Work, options: AutoOptions, methods: list[str], fits: l
         units += work.layers * fit_windows
         for fit in fits:
             units += len(methods) * work.layers / 2 * fit_windows
-            if fit == "layers":
-                config = Compensation(fit="layers")
-                units += len(methods) * config.layers_steps * config.layers_batch * 3 * (work.layers / 2 + work.head)
+            train_cost = get_fit(fit).train_cost
+            if train_cost is not None:
+                units += len(methods) * train_cost(Compensation(fit=fit)) * 3 * (work.layers / 2 + work.head)
     screen = ranking_screen(options, candidates, heldout_windows)
     if screen is None:
         units += (candidates + 1) * (work.layers + work.head) * heldout_windows
@@ -168,7 +170,7 @@ def plan(backend: Backend, calibration: Calibration, target: Target | None, opti
     else:
         unsupported = None
     for fit in fits:
-        if fit in TRAINED_FITS:
+        if get_fit(fit).trains:
             backend.require_memory(f"--fits {fit}")
     if options.recover != "none":
         backend.require_memory(f"--recover {options.recover}")
@@ -212,7 +214,7 @@ def plan(backend: Backend, calibration: Calibration, target: Target | None, opti
             bar.set_postfix_str("fitting compensation")
             fit_batches = run.data.fit_batches(options.compensate_tokens, Compensation.seed)
             with FitSession(backend, fit_batches, [chosen_from[k][0] for k in to_fit],
-                            teacher=any(entries[k]["compensation"] in TRAINED_FITS for k in to_fit),
+                            teacher=any(get_fit(entries[k]["compensation"]).trains for k in to_fit),
                             first_target=run.data.fit_first_target(options.compensate_tokens, Compensation.seed)
                             ) as session:
                 for k in to_fit:
@@ -235,8 +237,8 @@ def plan(backend: Backend, calibration: Calibration, target: Target | None, opti
                      key=lambda k: entries[k]["loss"])
     best, compensation = chosen_from[best_index]
     chosen = entries[best_index]
-    if options.recover == "layers" and interfaces(best)[0]:
-        compensation = Compensation(fit="layers", tokens=options.compensate_tokens,
+    if options.recover != "none" and interfaces(best)[0]:
+        compensation = Compensation(fit=options.recover, tokens=options.compensate_tokens,
                                     layers_steps=options.recover_steps).to_dict()
     return Plan(
         method="auto",
