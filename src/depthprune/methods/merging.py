@@ -25,6 +25,12 @@ class ThresholdOptions(MethodOptions):
     #: T used when neither a threshold nor a depth target is given.
     DEFAULT_THRESHOLD = 0.5
 
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        """A method's ``--threshold`` help names its own default T."""
+        super().__init_subclass__(**kwargs)
+        cls.HELP = {**cls.HELP, "threshold": f"similarity threshold T in (0, 1) ({cls.DEFAULT_THRESHOLD} when no "
+                    "depth target is given); with a depth target T is found by bisection instead"}
+
     def validate(self) -> None:
         if self.threshold is not None and not 0.0 < self.threshold < 1.0:
             raise PlanError(f"--threshold must be between 0 and 1 (exclusive), got {self.threshold}")

@@ -47,10 +47,6 @@ class SLMOptions(ThresholdOptions):
     final_window: str = option("commit", "a window still passing when the loop reaches layer 0: commit it, "
                                "or skip it as the released code does", choices=FINAL_WINDOW)
 
-    threshold: float | None = option(
-        None, f"similarity threshold T in (0, 1) ({DEFAULT_THRESHOLD} when no depth target is given); with a "
-        "depth target T is found by bisection instead")
-
     DEFAULT_THRESHOLD = DEFAULT_THRESHOLD
 
 
