@@ -196,7 +196,7 @@ def reference_for(model: str, reference: str | None, input_is_reference: bool) -
     """The dense model kl/top1 compare ``model`` with, checked before anything loads: ``--reference``, else
     the source recorded in the input's plan, else (None) the input itself where it is measured before any
     change; a command whose input is not the dense model and records none gets a one-line error."""
-    from ..evaluate.divergence import check_reference_vocab, recorded_reference
+    from ..evaluate.reference import check_reference_vocab, recorded_reference
     from ..evaluate.suite import NO_REFERENCE, DivergenceError
 
     chosen = reference or recorded_reference(model)
