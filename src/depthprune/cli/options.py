@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Callable, Optional
 import typer
 
 from ..checks import flag_of, require_finite
-from ..compensate import DEFAULT_TOKENS, FITS, LAYERS_AFTER, LAYERS_STEPS, SHARED_SETTINGS, Compensation
+from ..compensate import FITS, SHARED_SETTINGS, Compensation
 from ..data.calibration import DEFAULT_CALIBRATION, DEFAULT_EVAL_TEXTS, PPL_WINDOWS
 from ..errors import InputError
 from ..flags import OptionInfo, declared_options
@@ -98,26 +98,22 @@ PiqaDirOpt = Annotated[Optional[Path], typer.Option(
 CompensateOpt = Annotated[str, typer.Option(
     help="Fit a linear map at every gap the plan leaves and fold it into the layer before it: none, "
     + ", ".join(f"{fit.name} ({fit.summary})" for fit in FITS.values()) + " (see `depthprune fits`).")]
-CompensateTokensOpt = Annotated[int, typer.Option(help="Calibration tokens for the compensation fit.")]
-RidgeOpt = Annotated[float, typer.Option(help="Compensation ridge towards the identity (x trace/d).")]
-CompensateStepsOpt = Annotated[int, typer.Option(
-    help="--compensate layers: training steps (4 windows each); more steps recover more, the cost grows "
-    "linearly (100 steps of SmolLM2-135M: about 2.5 minutes on 2 CPU cores).")]
-CompensateAboveOpt = Annotated[int, typer.Option(
-    help="--compensate layers: how many kept layers above each gap train beside the one before it (a larger "
-    "number trains every layer above the gap; on SmolLM2 all of them cost 20% more time for a few points of "
-    "perplexity, the same KL).")]
 
-
-FIT_SETTING_OPTIONS = {"compensate_tokens": "tokens", "ridge": "ridge", "compensate_steps": "layers_steps",
-                       "compensate_above": "layers_after"}
-"""The compensation options and the :class:`~depthprune.compensate.Compensation` setting each gives: an option is
-refused unless a chosen fit reads its setting (:func:`fit_option_rules`)."""
+FIT_SETTING_INFOS = declared_options(Compensation)
+FIT_SETTING_OPTIONS = {info.flag_name.replace("-", "_"): info.name for info in FIT_SETTING_INFOS}
+"""The compensation options (the :class:`~depthprune.compensate.Compensation` settings declared with a flag)
+and the setting each gives: an option is refused unless a chosen fit reads its setting (:func:`fit_option_rules`)."""
 
 
 def fits_reading(setting: str) -> list[str]:
     """The registered fits that read ``setting``."""
     return [name for name, fit in FITS.items() if setting in (*SHARED_SETTINGS, *fit.settings)]
+
+
+def fit_setting_help(info: OptionInfo) -> str:
+    """A setting's help, prefixed with the fit that reads it when only one does (``--compensate layers: ...``)."""
+    readers = fits_reading(info.name)
+    return f"--compensate {readers[0]}: {info.help}" if len(readers) == 1 else info.help
 
 
 def fit_option_rules(chosen: list[str], *, axis: bool = False) -> list[tuple[str, bool, str]]:
@@ -377,9 +373,9 @@ EVALUATION = OptionGroup((("eval_", EvalOpt, None), ("ppl_data", PplDataOpt, DEF
                           ("reference_cache", ReferenceCacheOpt, None))) + ZEROSHOT
 STREAMING = OptionGroup((("stream", StreamOpt, None), ("max_memory", MaxMemoryOpt, None)))
 PUSH = OptionGroup((("push_to_hub", PushOpt, None),))
-FIT_SETTINGS = OptionGroup((("compensate_tokens", CompensateTokensOpt, DEFAULT_TOKENS), ("ridge", RidgeOpt, 1e-3),
-                            ("compensate_steps", CompensateStepsOpt, LAYERS_STEPS),
-                            ("compensate_above", CompensateAboveOpt, LAYERS_AFTER)))
+FIT_SETTINGS = OptionGroup(tuple(
+    (info.flag_name.replace("-", "_"), Annotated[info.type, typer.Option(info.flag, help=fit_setting_help(info))],
+     info.default) for info in FIT_SETTING_INFOS))
 """How fits are fitted (:data:`FIT_SETTING_OPTIONS`), for commands that choose fits their own way (``bench``)."""
 COMPENSATION = OptionGroup((("compensate", CompensateOpt, "none"),)) + FIT_SETTINGS
 

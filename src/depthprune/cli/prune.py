@@ -20,7 +20,6 @@ from .options import (
     CALIBRATION,
     COMPENSATION,
     EVALUATION,
-    FIT_SETTING_OPTIONS,
     MODEL,
     PUSH,
     STREAMING,
@@ -81,8 +80,7 @@ def fits_cmd() -> None:
     """List the compensation fits (--compensate, bench --compensate, auto --fits) with the settings each reads."""
     from ..compensate.config import describe_fits
 
-    typer.echo(describe_fits({setting: "--" + option.replace("_", "-")
-                              for option, setting in FIT_SETTING_OPTIONS.items()}))
+    typer.echo(describe_fits())
 
 
 @app.command()

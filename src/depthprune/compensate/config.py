@@ -7,6 +7,7 @@ from typing import Any
 
 from ..checks import require_finite_fields
 from ..errors import InputError
+from ..flags import declared_options, option
 from .registry import FITS, SHARED_SETTINGS, get_fit
 
 DEFAULT_TOKENS = 8192
@@ -31,11 +32,15 @@ LAYERS_PATIENCE = 3
 
 @dataclass
 class Compensation:
-    """How to fit the interface maps (recorded in the plan, so re-applying the plan re-fits the same way)."""
+    """How to fit the interface maps (recorded in the plan, so re-applying the plan re-fits the same way).
+
+    The settings a command offers are declared with :func:`~depthprune.flags.option` (their flag, default and
+    help, here once); a fit reads the ones its registration names (:mod:`.registry`).
+    """
 
     fit: str = "linear"
-    tokens: int = DEFAULT_TOKENS
-    ridge: float = 1e-3
+    tokens: int = option(DEFAULT_TOKENS, "Calibration tokens for the compensation fit.", flag="compensate-tokens")
+    ridge: float = option(1e-3, "Compensation ridge towards the identity (x trace/d).")
     steps: int = 300
     lr: float = 1e-3
     refine_tokens: int = 16384
@@ -43,10 +48,14 @@ class Compensation:
     kl_lr: float = 1e-4
     kl_windows: int = 32
     kl_batch: int = 4
-    layers_steps: int = LAYERS_STEPS
+    layers_steps: int = option(LAYERS_STEPS, "training steps (4 windows each); more steps recover more, the cost "
+                               "grows linearly (100 steps of SmolLM2-135M: about 2.5 minutes on 2 CPU cores).",
+                               flag="compensate-steps")
     layers_lr: float = 5e-4
     layers_batch: int = 4
-    layers_after: int = LAYERS_AFTER
+    layers_after: int = option(LAYERS_AFTER, "how many kept layers above each gap train beside the one before it "
+                               "(a larger number trains every layer above the gap; on SmolLM2 all of them cost 20% "
+                               "more time for a few points of perplexity, the same KL).", flag="compensate-above")
     layers_tokens: int = LAYERS_TOKENS
     layers_holdout: int = LAYERS_HOLDOUT
     layers_chunk: int = 512
@@ -89,14 +98,15 @@ class Compensation:
         return asdict(self)
 
 
-def describe_fits(flags: dict[str, str] | None = None) -> str:
-    """Every registered fit, what it does and the settings it reads with their defaults (``flags``: a setting's
-    command-line flag, where it has one)."""
+def describe_fits() -> str:
+    """Every registered fit, what it does and the settings it reads with their defaults (and the command-line
+    flag of those a command offers)."""
     defaults = Compensation().to_dict()
-    flags = flags or {}
+    flags = {info.name: info.flag for info in declared_options(Compensation)}
     lines = []
     for fit in FITS.values():
-        lines.append(f"{fit.name}: {fit.summary}" + (f" ({fit.reference})" if fit.reference else ""))
+        needs = "; trains through the layers above each gap: the model in memory" if fit.trains else ""
+        lines.append(f"{fit.name}: {fit.summary}" + (f" ({fit.reference})" if fit.reference else "") + needs)
         for setting in (*SHARED_SETTINGS, *fit.settings):
             flag = f" ({flags[setting]})" if setting in flags else ""
             lines.append(f"    {setting}{flag}: {defaults[setting]}")

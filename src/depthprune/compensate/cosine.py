@@ -30,6 +30,6 @@ def refine_cosine(t: torch.Tensor, sample: list[tuple[torch.Tensor, torch.Tensor
     return param.detach().double()
 
 
-COSINE = register_fit(Fit("cosine", "linear, then each map refined on per-token cosine similarity",
+COSINE = register_fit(Fit("cosine", "linear, then each map refined on per-token cosine",
                           settings=("steps", "lr", "refine_tokens"), refine=refine_cosine,
                           reference="ReplaceMe's cosine variant, arXiv 2505.02819"))

@@ -150,5 +150,5 @@ def train(training: Training) -> tuple[Changes, str, dict]:
 
 
 KL = register_fit(Fit("kl", "linear, then all maps trained together on the original model's next-token "
-                      "distributions (model in memory)", settings=("kl_steps", "kl_lr", "kl_windows", "kl_batch"),
+                      "distributions", settings=("kl_steps", "kl_lr", "kl_windows", "kl_batch"),
                       train=train))

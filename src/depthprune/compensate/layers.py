@@ -268,8 +268,8 @@ def upgrade(fields: dict[str, Any]) -> dict[str, Any]:
 
 
 LAYERS = register_fit(Fit(
-    "layers", "linear, then the kept layer at every gap retrained on the original model's next-token "
-    "distributions, everything else frozen (model in memory)",
+    "layers", "linear, then the kept layer at every gap retrained on those distributions, everything else "
+    "frozen",
     settings=("layers_steps", "layers_lr", "layers_batch", "layers_after", "layers_tokens", "layers_holdout",
               "layers_chunk", "layers_check_every", "layers_patience", "layers_one_pass"),
     train=train, fit_tokens=fit_tokens, upgrade=upgrade,

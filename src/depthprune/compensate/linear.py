@@ -82,5 +82,5 @@ def fit_interface(walker: Walker, key: Hashable, module: nn.Module, interface: I
     return t, record
 
 
-LINEAR = register_fit(Fit("linear", "ridge least squares at every gap, folded into the layer before it",
+LINEAR = register_fit(Fit("linear", "ridge least squares",
                           reference="ReplaceMe, arXiv 2505.02819; LinearPatch, arXiv 2505.24680"))
