@@ -34,9 +34,12 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 from torch import nn
 
+from ._version import __version__
+from .analysis.importance import SCORERS, WidthError
 from .backend import Backend, InMemoryBackend, NeedsMemoryError
 from .compensate import Compensation, trained_fits
 from .data.calibration import Calibration, CalibrationSpec
+from .engine.merged import plan_stack
 from .errors import InputError
 from .evaluate.perplexity import first_target_of
 from .evaluate.suite import EvalResult, Evaluation
@@ -44,11 +47,13 @@ from .io import check_output_dir, kind_of, prepare_dir, write_beside
 from .methods import MethodOptions, RunContext, Target, build_options, check_request, make_plan
 from .models.arch import count_parameters
 from .models.load import LoadedModel, check_context, config_num_layers, load_model, quiet_transformers
+from .models.mutate import temporary_layer_stack
 from .plan import PLAN_FILE, Plan, PlanError
 from .report import compare_metrics, write_run_report
 from .run_record import RUN_FILE, RunRecord, RunRecordError
 from .saving import atomic_checkpoint
 from .surgery.apply import apply, fit_window_count
+from .surgery.width import WIDTH_PLAN_FILE, apply_width_plan, check_width_request, config_sizes, width_plan
 
 log = logging.getLogger(__name__)
 
@@ -185,9 +190,6 @@ class DepthStage:
 def _measure_stack(ctx: StageContext, plan: Plan) -> dict[str, float]:
     """The job's evaluation of ``plan`` without its compensation (the model as pruned, before any fit), run on
     the plan's stack of the original layers: nothing is copied or written."""
-    from .engine.merged import plan_stack
-    from .models.mutate import temporary_layer_stack
-
     ctx.backend.require_memory("measuring the plan before compensation")
     stack = plan_stack(plan, list(ctx.backend.layers), ctx.backend.spec)
     lists = {k: [v[i] for i in plan.kept] for k, v in ctx.backend.per_layer_config().items()}
@@ -211,9 +213,6 @@ class WidthStage:
         return self.scorer != "magnitude"
 
     def check(self, config: dict[str, Any] | None = None) -> None:
-        from .analysis.importance import SCORERS, WidthError
-        from .surgery.width import check_width_request, config_sizes
-
         if self.scorer not in SCORERS:
             raise WidthError(f"unknown width scorer {self.scorer!r}: use one of {', '.join(SCORERS)}")
         for what, value in (("MLP", self.ratio_mlp), ("heads", self.ratio_heads)):
@@ -228,8 +227,6 @@ class WidthStage:
         return ["--then-width (width pruning)"]
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
-        from .surgery.width import WIDTH_PLAN_FILE, apply_width_plan, width_plan
-
         wplan = width_plan(ctx.model, ctx.calibration if self.uses_calibration else None, self.ratio_mlp,
                            self.ratio_heads, self.scorer, batch_size=ctx.run.batch_size,
                            progress=ctx.run.progress)
@@ -396,8 +393,6 @@ class JobResult:
         return compare_metrics(before, after, directions)
 
     def to_dict(self) -> dict[str, Any]:
-        from ._version import __version__
-
         return {
             "written_by": f"depthprune {__version__}",
             "model": self.source,
@@ -458,8 +453,6 @@ def run_job(model: "Backend | LoadedModel", job: Job, *, out: str | Path | None 
 
     ``writers`` add files to the checkpoint after the report, before it is renamed into place (a model card).
     """
-    from .surgery.width import WIDTH_PLAN_FILE
-
     backend = InMemoryBackend.of(model)
     job.check()
     job.check_backend(backend.kind)
