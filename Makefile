@@ -25,4 +25,4 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: $(STAMP)
-	$(BIN)/python bench/bench_scoring.py
+	$(BIN)/python benchmarks/bench_scoring.py

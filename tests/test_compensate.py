@@ -12,6 +12,7 @@ from depthprune.compensate import Compensation, Interface, fit_compensation, fol
 from depthprune.errors import InputError
 from depthprune.models.arch import get_layers, get_path, spec_for
 from depthprune.models.forward import run_decoder
+from depthprune.surgery import prune
 from tiny import LAYERS, greedy, text_file, tiny_calibration, tiny_inputs, tiny_model
 
 FOLDABLE = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gpt2", "gpt_neox", "opt"]
@@ -48,7 +49,7 @@ def test_fit_lowers_the_residual_and_the_loss_to_the_original(family):
     batches = _batches(8)
     plan = Plan("x", LAYERS, remove=[2, 3])
     fitted = fit_compensation(model, plan, batches, Compensation(ridge=0.0))
-    InMemoryBackend(model).apply(plan, fitted.overrides)
+    prune(InMemoryBackend(model), plan, fitted.overrides)
     records = fitted.records
     assert len(records) == 1 and records[0]["layer"] == 1 and records[0]["target"] == 3
     assert records[0]["residual_after"] < records[0]["residual_before"]
@@ -84,7 +85,7 @@ def test_virtual_stack_equals_in_place_folding():
     with torch.no_grad(), temporary_layer_stack(original, fitted.stack, {}):
         got = [run_decoder(original, ids, mask) for ids, mask in batches]
     real = tiny_model("qwen2", seed=4)
-    InMemoryBackend(real).apply(plan, fitted.overrides)
+    prune(InMemoryBackend(real), plan, fitted.overrides)
     with torch.no_grad():
         want = [run_decoder(real, ids, mask) for ids, mask in batches]
     for g, w in zip(got, want):
@@ -143,7 +144,7 @@ def test_end_to_end_kl_lowers_the_kl_and_the_virtual_stack_agrees(family):
     e2e = fitted.records[-1]["end_to_end"]
     assert e2e["kl_after"] < e2e["kl_before"], e2e
     real = tiny_model(family, seed=6)
-    InMemoryBackend(real).apply(plan, fitted.overrides)
+    prune(InMemoryBackend(real), plan, fitted.overrides)
     virtual = fitted.stack
     from depthprune.models.arch import per_layer_config_values
     from depthprune.models.mutate import temporary_layer_stack
@@ -267,7 +268,7 @@ def test_layers_fit_lowers_heldout_kl_below_the_linear_fit(family):
     with LossEngine(original, heldout, objective="kl") as engine:
         assert engine.loss(layers.stack) < engine.loss(linear.stack)
     real = tiny_model(family, seed=6)
-    InMemoryBackend(real).apply(plan, layers.overrides)
+    prune(InMemoryBackend(real), plan, layers.overrides)
     from depthprune.models.mutate import temporary_layer_stack
 
     lists = {k: [v[i] for i in plan.kept] for k, v in InMemoryBackend(original).per_layer_config().items()}

@@ -161,7 +161,7 @@ def test_heal_command_records_tokens_speed_and_teacher(tmp_path, run_cli, emma):
 
 
 def test_bench_heal_measures_layers_and_distillation_on_one_axis(tmp_path):
-    """``bench/bench_heal.py`` end to end on tiny checkpoints: every recipe gets a row per budget with its
+    """``benchmarks/bench_heal.py`` end to end on tiny checkpoints: every recipe gets a row per budget with its
     trained tokens and speed, the ``layers`` recipe re-applies the pruned checkpoint's plan to the dense model."""
     import subprocess
     import sys
@@ -175,7 +175,7 @@ def test_bench_heal_measures_layers_and_distillation_on_one_axis(tmp_path):
             Job([DepthStage("angular", Target(remove=2))], CalibrationSpec(str(text), 4, 32), progress=False),
             out=tmp_path / "pruned")
     out = tmp_path / "curve"
-    subprocess.run([sys.executable, str(ROOT / "bench" / "bench_heal.py"), "--model", str(tmp_path / "pruned"),
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_heal.py"), "--model", str(tmp_path / "pruned"),
                     "--teacher", str(dense), "--data", str(text), "--tokens", "0,1024",
                     "--recipes", "layers,last4-distill", "--batch-size", "2", "--grad-accum", "1",
                     "--cutoff-len", "32", "--ppl-data", str(text), "--ppl-windows", "2", "--out", str(out)],

@@ -283,10 +283,10 @@ def test_documented_command_parses(command):
 
 
 def test_documented_bench_scripts_exist_with_their_options():
-    """``python bench/x.py --opt`` in the docs: the script exists and declares every option shown."""
+    """``python benchmarks/x.py --opt`` in the docs: the script exists and declares every option shown."""
     for command in documented("python"):
         script = command.argv[1]
-        if not script.startswith("bench/"):
+        if not script.startswith("benchmarks/"):
             continue
         source = (ROOT / script).read_text()
         for word in command.argv[2:]:

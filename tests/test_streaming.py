@@ -230,11 +230,12 @@ def test_checkpoint_missing_a_tensor_is_named(checkpoints, tmp_path):
 def test_safetensors_writer_output_reads_back(tmp_path):
     from safetensors.torch import load_file
 
-    from depthprune.surgery.safetensors_out import Entry, write_safetensors
+    from depthprune.backend.checkpoint import TensorInfo
+    from depthprune.surgery.safetensors_out import write_safetensors
 
     values = {"a": torch.randn(3, 4), "b.bias": torch.arange(5, dtype=torch.int64), "c": torch.randn(2).half(),
               "d": torch.tensor(1.5, dtype=torch.bfloat16)}
-    entries = [Entry(n, v.dtype, tuple(v.shape)) for n, v in values.items()]
+    entries = [TensorInfo(n, v.dtype, tuple(v.shape)) for n, v in values.items()]
     write_safetensors(tmp_path / "x.safetensors", entries, lambda e: values[e.name], {"format": "pt"})
     back = load_file(str(tmp_path / "x.safetensors"))
     assert back.keys() == values.keys() and all(torch.equal(back[n], values[n]) for n in values)

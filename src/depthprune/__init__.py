@@ -19,7 +19,7 @@ from .errors import DepthpruneError
 from .evaluate.perplexity import perplexity
 from .evaluate.suite import Evaluation, PerplexitySpec, SpeedSpec, ZeroShotSpec
 from .heal import HealConfig, heal
-from .io import save
+from .saving import save
 from .job import DepthStage, HealStage, Job, JobResult, WidthStage, run_job
 from .methods import METHODS, Target, build_options, describe_methods, layers_to_remove, make_plan
 from .methods.angular import plan_angular

@@ -25,5 +25,13 @@ class MissingPackageError(DepthpruneError, ModuleNotFoundError):
     """An optional package is needed for what was asked (the message says how to install it)."""
 
 
+class CheckpointError(DepthpruneError, ValueError):
+    """A checkpoint about to be committed is not what it claims (non-finite weights, a wrong depth)."""
+
+
 class ModelLoadError(DepthpruneError, OSError):
     """The model source exists (or names a hub id) but cannot be loaded."""
+
+
+class PlanError(InputError):
+    """A plan that cannot be made or applied as asked (a depth, an option, a malformed plan file)."""

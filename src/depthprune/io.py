@@ -1,11 +1,10 @@
-"""Write files and checkpoints atomically and never over the user's input.
+"""Write files and directories atomically and never over the user's input.
 
 Every file goes to a uniquely named temporary sibling first and is renamed into
-place (``os.replace``), so a reader never sees half a file. A checkpoint is
-built in a temporary sibling directory, checked (:func:`verify_checkpoint`:
-finite weights, the config's depth equal to the weights') and renamed at the
-end, so an interrupted or failed run leaves either the old directory or the
-complete new one.
+place (``os.replace``), so a reader never sees half a file. A directory (a
+checkpoint: :mod:`depthprune.saving`) is built in a temporary sibling, checked
+by the ``verify`` its writer gives and renamed at the end, so an interrupted or
+failed run leaves either the old directory or the complete new one.
 
 Every temporary is a directory whose first content is a marker naming what it
 is for and which process made it (:data:`TEMPORARY_MARKER`); the next run
@@ -25,27 +24,19 @@ import socket
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
-
-from torch import nn
+from typing import Any, Callable, Iterable, Iterator
 
 from ._version import __version__
-from .checks import check_name_lengths, name_limit, named_list, non_finite_tensors, require_finite_result
-from .errors import DepthpruneError, InputError
+from .checks import check_name_lengths, name_limit, require_finite_result
+from .errors import CheckpointError, InputError  # noqa: F401  CheckpointError: where callers catch it
 from .plan import PLAN_FILE, Plan
 
-if TYPE_CHECKING:
-    from .backend import Backend
 
 log = logging.getLogger(__name__)
 
 
 class OutputError(InputError):
     pass
-
-
-class CheckpointError(DepthpruneError, ValueError):
-    """The model about to be saved is broken (non-finite weights, a config that does not match its weights)."""
 
 
 def _umask() -> int:
@@ -411,16 +402,15 @@ def remove_stale_temporaries(target: Path) -> list[Path]:
     return removed
 
 
-#: Kinds of output that are model checkpoints, verified before they are committed.
-CHECKPOINT_KINDS = ("checkpoint", "converted")
-
-
 @contextmanager
-def atomic_directory(out: str | Path, *, overwrite: bool = False, kind: str = "checkpoint") -> Iterator[Path]:
+def atomic_directory(out: str | Path, *, overwrite: bool = False, kind: str = "checkpoint",
+                     verify: Callable[[Path], None] | None = None) -> Iterator[Path]:
     """Yield a temporary directory that replaces ``out`` when the block succeeds (and is marked as ``kind``).
 
-    A checkpoint is verified first (:func:`verify_checkpoint`); one that fails is never committed. Temporaries
-    are marked (:func:`make_temporary`), so the next run writing ``out`` removes what a killed run left.
+    ``verify(directory)`` runs first and what it refuses is never committed (checkpoints pass
+    :func:`~depthprune.models.validate.verify_checkpoint`: :func:`depthprune.saving.atomic_checkpoint`).
+    Temporaries are marked (:func:`make_temporary`), so the next run writing ``out`` removes what a killed run
+    left.
     """
     out = Path(out).expanduser().resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -429,8 +419,8 @@ def atomic_directory(out: str | Path, *, overwrite: bool = False, kind: str = "c
     try:
         with disk_full_is_an_error(out):
             yield tmp
-            if kind in CHECKPOINT_KINDS:
-                verify_checkpoint(tmp)
+            if verify is not None:
+                verify(tmp)
             mark(tmp, kind)
             _apply_umask(tmp)
             if out.exists():
@@ -448,49 +438,12 @@ def atomic_directory(out: str | Path, *, overwrite: bool = False, kind: str = "c
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def verify_checkpoint(directory: Path) -> None:
-    """Refuse a checkpoint that is not what it claims: the checks :func:`~depthprune.models.load.check_checkpoint`
-    makes before loading (a config transformers accepts, exactly the layers it declares), and every weight
-    finite (a NaN fit or a diverged heal must not be saved as a model)."""
-    from safetensors import safe_open
-
-    from .models.load import check_checkpoint
-
-    check_checkpoint(directory)
-    bad: list[str] = []
-    for shard in sorted(directory.glob("*.safetensors")):
-        with safe_open(str(shard), framework="pt") as handle:
-            bad += non_finite_tensors((name, handle.get_tensor(name)) for name in handle.keys())
-    if bad:
-        raise CheckpointError(f"not saving the checkpoint: {len(bad)} weight tensors hold NaN or infinite "
-                              f"values ({named_list(bad)}); the run diverged or an option made the fit meaningless")
-
-
 def _apply_umask(root: Path) -> None:
     """mkdtemp and some writers create owner-only files; give them the user's usual modes."""
     umask = _umask()
     os.chmod(root, 0o777 & ~umask)
     for path in root.rglob("*"):
         os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
-
-
-def write_checkpoint(
-    directory: Path,
-    model: "nn.Module | Backend",
-    tokenizer: Any = None,
-    plan: Plan | None = None,
-    *,
-    extra_json: dict[str, Any] | None = None,
-    writers: list[Callable[[Path], Any]] = (),
-) -> dict[str, Any]:
-    """Write the model (safetensors; a model or a :class:`~depthprune.backend.Backend`), its tokenizer, plan and
-    extra files into an existing ``directory``; returns what the backend reports it wrote."""
-    from .backend import Backend, InMemoryBackend
-
-    backend = model if isinstance(model, Backend) else InMemoryBackend(model, tokenizer)
-    saved = backend.save(directory)
-    write_beside(directory, plan, extra_json=extra_json, writers=writers)
-    return saved
 
 
 def write_beside(directory: Path, plan: Plan | None = None, *, extra_json: dict[str, Any] | None = None,
@@ -502,26 +455,3 @@ def write_beside(directory: Path, plan: Plan | None = None, *, extra_json: dict[
         write_json(directory / name, data)
     for writer in writers:
         writer(directory)
-
-
-def save(
-    model: nn.Module,
-    tokenizer: Any,
-    out: str | Path,
-    plan: Plan | None = None,
-    *,
-    inputs: list[str | Path] = (),
-    overwrite: bool = False,
-    extra_json: dict[str, Any] | None = None,
-    writers: list[Callable[[Path], Any]] = (),
-) -> Path:
-    """Save a pruned model as a plain transformers checkpoint (safetensors), atomically.
-
-    ``inputs`` lists paths that must not be written over (the source model).
-    ``extra_json`` maps file names to JSON-serialisable objects written beside it;
-    each of ``writers`` is called with the temporary directory to add more files.
-    """
-    out = check_output_dir(out, inputs=inputs, overwrite=overwrite)
-    with atomic_directory(out, overwrite=overwrite) as tmp:
-        write_checkpoint(tmp, model, tokenizer, plan, extra_json=extra_json, writers=writers)
-    return out

@@ -34,19 +34,27 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 from torch import nn
 
+from ._version import __version__
+from .analysis.importance import SCORERS, WidthError
 from .backend import Backend, InMemoryBackend, NeedsMemoryError
-from .compensate import TRAINED_FITS, Compensation
+from .compensate import Compensation, trained_fits
 from .data.calibration import Calibration, CalibrationSpec
 from .distributed import check_launch, from_main, processes, working
+from .engine.merged import plan_stack
 from .errors import InputError
+from .evaluate.perplexity import first_target_of
 from .evaluate.suite import EvalResult, Evaluation
-from .io import atomic_directory, check_output_dir, kind_of, prepare_dir, write_beside
+from .io import check_output_dir, kind_of, prepare_dir, write_beside
 from .methods import MethodOptions, RunContext, Target, build_options, check_request, make_plan
 from .models.arch import count_parameters
 from .models.load import LoadedModel, check_context, config_num_layers, load_model, quiet_transformers
+from .models.mutate import temporary_layer_stack
 from .plan import PLAN_FILE, Plan, PlanError
 from .report import compare_metrics, write_run_report
 from .run_record import RUN_FILE, RunRecord, RunRecordError
+from .saving import atomic_checkpoint
+from .surgery.apply import apply, fit_window_count
+from .surgery.width import WIDTH_PLAN_FILE, apply_width_plan, check_width_request, config_sizes, width_plan
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +94,7 @@ class StageContext:
 
     def fit_windows(self, tokens: int, seed: int) -> Calibration:
         """About ``tokens`` tokens of calibration text (never the held-out windows), for fitting compensation."""
-        count = max(1, -(-tokens // self.calibration_spec.seq_len))
+        count = fit_window_count(tokens, self.calibration_spec.seq_len)
         return self.calibration_spec.fit_windows(self.tokenizer, count, seed)
 
     def fit_batches(self, tokens: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -95,8 +103,6 @@ class StageContext:
 
     def fit_first_target(self, tokens: int, seed: int) -> int:
         """Where the fit windows' predicted tokens start (after BOS when the tokenizer adds one)."""
-        from .evaluate.perplexity import first_target_of
-
         return first_target_of(self.fit_windows(tokens, seed))
 
 
@@ -142,9 +148,9 @@ class DepthStage:
 
     def memory_needs(self) -> list[str]:
         needs = []
-        if self.compensation is not None and self.compensation.fit in TRAINED_FITS:
+        if self.compensation is not None and self.compensation.fit in trained_fits():
             needs.append(f"--compensate {self.compensation.fit}")
-        needs += [f"--fits {fit}" for fit in getattr(self.options, "fit_list", lambda: [])() if fit in TRAINED_FITS]
+        needs += [f"--fits {fit}" for fit in getattr(self.options, "fit_list", lambda: [])() if fit in trained_fits()]
         if getattr(self.options, "recover", "none") != "none":
             needs.append(f"--recover {self.options.recover}")
         return needs
@@ -168,21 +174,14 @@ class DepthStage:
             "target": self.target.to_dict() if self.target else None,
             "calibration": ctx.calibration.to_dict() if self.plan is None else None,
             "calibration_spec": asdict(ctx.calibration_spec), "batch_size": ctx.run.batch_size, **notes}
-        overrides = None
         if plan.compensation and self.measure_uncompensated and ctx.evaluation is not None \
                 and not ctx.evaluation.empty:
             record["uncompensated"] = _measure_stack(ctx, plan)
+        applied = apply(ctx.backend, plan, ctx.calibration_spec, batch_size=ctx.run.batch_size, scratch=ctx.scratch,
+                        progress=ctx.run.progress)
         if plan.compensation:
-            from .compensate import fit_compensation
-
-            config = Compensation.recorded(plan.compensation)
-            tokens = config.fit_tokens(ctx.calibration_spec.seq_len)
-            fitted = fit_compensation(ctx.backend, plan, ctx.fit_batches(tokens, config.seed), config,
-                                      first_target=ctx.fit_first_target(tokens, config.seed),
-                                      progress=ctx.run.progress)
-            record["compensation"] = fitted.records
-            overrides = fitted.overrides
-        ctx.backend = ctx.backend.apply(plan, overrides, scratch=ctx.scratch, progress=ctx.run.progress)
+            record["compensation"] = applied.compensation
+        ctx.backend = applied.backend
         ctx.plan = plan
         if ctx.backend.kind == "streamed":
             record["streamed"] = True
@@ -192,9 +191,6 @@ class DepthStage:
 def _measure_stack(ctx: StageContext, plan: Plan) -> dict[str, float]:
     """The job's evaluation of ``plan`` without its compensation (the model as pruned, before any fit), run on
     the plan's stack of the original layers: nothing is copied or written."""
-    from .engine.merged import plan_stack
-    from .models.mutate import temporary_layer_stack
-
     ctx.backend.require_memory("measuring the plan before compensation")
     stack = plan_stack(plan, list(ctx.backend.layers), ctx.backend.spec)
     lists = {k: [v[i] for i in plan.kept] for k, v in ctx.backend.per_layer_config().items()}
@@ -218,9 +214,6 @@ class WidthStage:
         return self.scorer != "magnitude"
 
     def check(self, config: dict[str, Any] | None = None) -> None:
-        from .analysis.importance import SCORERS, WidthError
-        from .surgery.width import check_width_request, config_sizes
-
         if self.scorer not in SCORERS:
             raise WidthError(f"unknown width scorer {self.scorer!r}: use one of {', '.join(SCORERS)}")
         for what, value in (("MLP", self.ratio_mlp), ("heads", self.ratio_heads)):
@@ -235,8 +228,6 @@ class WidthStage:
         return ["--then-width (width pruning)"]
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
-        from .surgery.width import WIDTH_PLAN_FILE, apply_width_plan, width_plan
-
         wplan = width_plan(ctx.model, ctx.calibration if self.uses_calibration else None, self.ratio_mlp,
                            self.ratio_heads, self.scorer, batch_size=ctx.run.batch_size,
                            progress=ctx.run.progress)
@@ -414,8 +405,6 @@ class JobResult:
         return compare_metrics(before, after, directions)
 
     def to_dict(self) -> dict[str, Any]:
-        from ._version import __version__
-
         return {
             "written_by": f"depthprune {__version__}",
             "model": self.source,
@@ -476,8 +465,6 @@ def run_job(model: "Backend | LoadedModel", job: Job, *, out: str | Path | None 
 
     ``writers`` add files to the checkpoint after the report, before it is renamed into place (a model card).
     """
-    from .surgery.width import WIDTH_PLAN_FILE
-
     backend = InMemoryBackend.of(model)
     job.check()
     job.check_backend(backend.kind)
@@ -496,7 +483,7 @@ def run_job(model: "Backend | LoadedModel", job: Job, *, out: str | Path | None 
         if not launch.main:
             pass  # the main process alone writes; the others work in its scratch space
         elif out is not None:
-            tmp = stack.enter_context(atomic_directory(out, overwrite=overwrite))
+            tmp = stack.enter_context(atomic_checkpoint(out, overwrite=overwrite))
             scratch = tmp / ".depthprune-work"
             scratch.mkdir()
         else:

@@ -17,14 +17,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ._version import __version__
-from .errors import InputError
+from .errors import PlanError
+from .operators import check_operator
 from .records import JsonRecord
 
 PLAN_FILE = "depthprune_plan.json"
-
-
-class PlanError(InputError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -96,8 +93,6 @@ class Plan(JsonRecord):
         self.validate()
 
     def validate(self) -> None:
-        from .surgery.merge import check_operator  # surgery imports this module
-
         if self.compensation is not None and not isinstance(self.compensation, dict):
             raise PlanError(f"malformed plan: compensation is {self.compensation!r}, not the fit's settings (an "
                             "object such as {\"fit\": \"linear\"}) or null")

@@ -9,17 +9,15 @@ with high mutual CKA are what SLM's sliding window merges.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+from ..backend import Backend, InMemoryBackend, walk_layers
 from ..data.calibration import Calibration
 from ..models.forward import batches_of
 from .cka import MinibatchCKA, check_example_count
-
-if TYPE_CHECKING:
-    from ..backend import Backend
 
 
 @dataclass
@@ -49,8 +47,6 @@ def layer_similarity(
     minibatch has passed every layer (streamed: until every layer was read; they count towards its memory
     plan), then the minibatch's HSIC terms are accumulated.
     """
-    from ..backend import InMemoryBackend, walk_layers
-
     backend = InMemoryBackend.of(model)
     cka = MinibatchCKA(kernel=kernel)
     batches = batches_of(calibration, batch_size)

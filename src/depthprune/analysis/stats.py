@@ -16,18 +16,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..backend import Backend, InMemoryBackend, walk_layers
 from ..data.calibration import Calibration
 from ..models.forward import batches_of
 from ..plan import PlanError
-
-if TYPE_CHECKING:
-    from ..backend import Backend
 
 METRICS = ("bi", "angular")
 
@@ -80,8 +78,6 @@ def layer_statistics(
 ) -> LayerStats:
     """One pass of the decoder stack (no LM head) over the calibration windows collecting every layer's
     statistics; ``model`` is a model or a :class:`~depthprune.backend.Backend` (streamed: one layer at a time)."""
-    from ..backend import InMemoryBackend, walk_layers
-
     backend = InMemoryBackend.of(model)
     n_layers = backend.num_layers
     cos_sum = torch.zeros(n_layers, dtype=torch.float64)

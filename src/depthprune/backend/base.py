@@ -23,6 +23,7 @@ from typing import Any, ClassVar, Iterator, Sequence
 import torch
 from torch import nn
 
+from ..engine.merged import MergedLayer, PatchedLayer
 from ..errors import InputError
 from ..models.arch import ArchSpec, get_layers, per_layer_config_values, spec_for
 from ..models.forward import Batch
@@ -36,8 +37,6 @@ class NeedsMemoryError(InputError):
 
 def originals(module: nn.Module, index: dict[int, int]) -> list[int]:
     """The original layers (positions in ``index``, by module id) a candidate layer is made of, in order."""
-    from ..engine.merged import MergedLayer, PatchedLayer
-
     if isinstance(module, MergedLayer):
         return [i for member in module.members for i in originals(member, index)]
     if isinstance(module, PatchedLayer):
@@ -47,7 +46,8 @@ def originals(module: nn.Module, index: dict[int, int]) -> list[int]:
 
 class Backend:
     """See the module docstring. Subclasses provide weights (``layer``, ``materialized``, ``outside``), memory
-    (``state_store``, ``batch_groups``) and surgery (``apply``, ``save``)."""
+    (``state_store``, ``batch_groups``) and the checkpoint (``save``); plans are applied on top of them
+    (:mod:`depthprune.surgery.apply`)."""
 
     kind: ClassVar[str]
     trainable: ClassVar[bool]
@@ -153,13 +153,7 @@ class Backend:
         loading a layer is the cost (streaming), one at a time when memory is (in memory)."""
         raise NotImplementedError
 
-    # ------------------------------------------------------------ surgery
-
-    def apply(self, plan: Any, overrides: dict[int, dict[str, torch.Tensor]] | None = None, *,
-              scratch: Any = None, progress: bool = False) -> "Backend":
-        """The model pruned by ``plan``, with ``overrides`` (new position -> parameter name inside the layer ->
-        value, e.g. compensation folds) written into its layers."""
-        raise NotImplementedError
+    # ------------------------------------------------------------ checkpoints
 
     def save(self, directory: Any, *, progress: bool = False) -> dict[str, Any]:
         """Write the model (weights, config, generation config, tokenizer) into an existing ``directory``;

@@ -39,11 +39,14 @@ class StreamingError(DepthpruneError, ValueError):
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """Where one stored tensor lives and what it is, from the shard's header."""
+    """One entry of a safetensors header: a tensor's name, dtype and shape, and the shard file holding it (a
+    stored tensor, read from the header) or none (a tensor about to be written, see
+    :mod:`depthprune.surgery.safetensors_out`)."""
 
-    shard: str
+    name: str
     dtype: torch.dtype
     shape: tuple[int, ...]
+    shard: str = ""
 
     @property
     def numel(self) -> int:
@@ -86,7 +89,7 @@ class Checkpoint:
                 if entry["dtype"] not in SAFETENSORS_DTYPES:
                     raise StreamingError(f"{shard}: tensor {name} has dtype {entry['dtype']}, which streaming "
                                          "does not read")
-                self.tensors[name] = TensorInfo(shard, SAFETENSORS_DTYPES[entry["dtype"]], tuple(entry["shape"]))
+                self.tensors[name] = TensorInfo(name, SAFETENSORS_DTYPES[entry["dtype"]], tuple(entry["shape"]), shard)
 
     def _shard_files(self) -> list[str]:
         index = self.directory / INDEX_FILE

@@ -9,7 +9,8 @@ from typing import Any, ClassVar, Sequence
 import torch
 from torch import nn
 
-from ..models.arch import count_parameters, get_layers, model_device
+from ..models.arch import count_parameters, model_device
+from ..models import load as loading
 from .base import Backend
 from .states import StateStore
 
@@ -41,10 +42,8 @@ class InMemoryBackend(Backend):
         return next(self.model.parameters()).dtype
 
     def open_like(self, source: str) -> Backend:
-        from ..models.load import load_model
-
         device = "auto" if getattr(self.model, "hf_device_map", None) else str(self.device)
-        return InMemoryBackend.of(load_model(source, dtype=self.dtype, device=device, progress=False))
+        return InMemoryBackend.of(loading.load_model(source, dtype=self.dtype, device=device, progress=False))
 
     def materialized(self, modules: Sequence[nn.Module]):
         return nullcontext()
@@ -59,26 +58,9 @@ class InMemoryBackend(Backend):
     def batch_groups(self, count: int) -> list[list[int]]:
         return [[b] for b in range(count)]
 
-    def apply(self, plan: Any, overrides: dict[int, dict[str, torch.Tensor]] | None = None, *,
-              scratch: Any = None, progress: bool = False) -> "InMemoryBackend":
-        from ..surgery import surgery
-
-        surgery(self.model, plan)
-        write_overrides(self.model, overrides or {})
-        return self
-
     def save(self, directory: Path, *, progress: bool = False) -> dict[str, Any]:
         self.model.save_pretrained(directory, safe_serialization=True)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(directory)
         return {"parameters": count_parameters(self.model)}
 
-
-@torch.no_grad()
-def write_overrides(model: nn.Module, overrides: dict[int, dict[str, torch.Tensor]]) -> None:
-    """Copy ``overrides`` (position -> parameter name inside the layer -> value) into the model's layers."""
-    layers = get_layers(model)
-    for position, changes in overrides.items():
-        params = dict(layers[position].named_parameters())
-        for name, value in changes.items():
-            params[name].copy_(value.to(params[name].device, params[name].dtype))

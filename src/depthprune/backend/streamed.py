@@ -23,7 +23,7 @@ from typing import Any, Callable, ClassVar, Iterator, Sequence
 import torch
 from torch import nn
 
-from ..models.arch import get_path
+from ..models.arch import count_parameters, get_path
 from ..models.consistency import untie_stored_head
 from ..models.load import ModelLoadError, quiet_transformers, resolve_device, resolve_dtype, resolve_source
 from .base import Backend, originals
@@ -192,23 +192,17 @@ class StreamedBackend(Backend):
     def batch_groups(self, count: int) -> list[list[int]]:
         return [list(range(count))]
 
-    # ------------------------------------------------------------ surgery
+    # ------------------------------------------------------------ checkpoints
 
-    def apply(self, plan: Any, overrides: dict[int, dict[str, torch.Tensor]] | None = None, *,
-              scratch: Path | None = None, progress: bool = False) -> "StreamedBackend":
-        """Write the pruned checkpoint into ``scratch`` (disk to disk) and stream it from there."""
-        from ..surgery.streamed import write_pruned_checkpoint
-
-        if scratch is None:
-            raise ValueError("a streamed model is pruned disk to disk: give the scratch directory to write into")
-        target = Path(scratch) / "pruned"
-        write_pruned_checkpoint(self, plan, target, overrides=overrides, dtype=self.save_dtype, progress=progress)
-        pruned = load_streamed(str(target), dtype=self._dtype, device=self._device, progress=progress,
-                               max_memory=self.max_memory, scratch=self.scratch, report=self.report,
-                               save_dtype=self.save_dtype)
-        pruned.source = self.source
-        pruned._owned = True
-        return pruned
+    def adopt(self, directory: Path, *, progress: bool = False) -> "StreamedBackend":
+        """A checkpoint written for this model (its pruned copy in the job's scratch space), streamed with the
+        same settings under this model's source name; its files are the job's, so saving moves them."""
+        adopted = load_streamed(str(directory), dtype=self._dtype, device=self._device, progress=progress,
+                                max_memory=self.max_memory, scratch=self.scratch, report=self.report,
+                                save_dtype=self.save_dtype)
+        adopted.source = self.source
+        adopted._owned = True
+        return adopted
 
     def save(self, directory: Path, *, progress: bool = False) -> dict[str, Any]:
         """Move (a checkpoint this backend wrote) or copy (anything else: never move a user's files) the
@@ -219,8 +213,6 @@ class StreamedBackend(Backend):
             if path.is_file():
                 (os.replace if self._owned else shutil.copy2)(path, directory / path.name)
                 files.append(path.name)
-        from ..models.arch import count_parameters
-
         return {"files": files, "parameters": count_parameters(self.model)}
 
 

@@ -22,7 +22,7 @@ Modules: :mod:`.results` (the rows, the result and its ratios against dense),
 :mod:`.runner` (:func:`run_bench`: input checks, the rows, their cache).
 """
 
-from .render import summary_line
+from .render import results_table, summary_line, write_results
 from .results import (
     DENSE,
     REFERENCE_FILE,
@@ -49,6 +49,8 @@ __all__ = [
     "check_methods",
     "check_ratios",
     "run_bench",
+    "results_table",
     "summary_line",
     "versions",
+    "write_results",
 ]

@@ -106,23 +106,6 @@ class BenchResult:
             "rows": [{**r.to_dict(), **self.derived(r)} for r in self.all_rows],
         }
 
-    def markdown(self) -> str:
-        """The results table: one row per model, dense first (see :mod:`.render`)."""
-        from .render import results_table
-
-        return results_table(self)
-
-    def plot(self, path: Path) -> Path:
-        from .render import plot_results
-
-        return plot_results(self, path)
-
-    def write(self) -> None:
-        """results.json, results.md and the plot, each written atomically."""
-        from .render import write_results
-
-        write_results(self)
-
 
 def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None

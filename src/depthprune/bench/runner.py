@@ -26,6 +26,7 @@ from ..job import DepthStage, Job, run_job
 from ..methods import Target, build_options
 from ..models.load import LoadedModel, check_context, load_model, local_config
 from ..plan import Plan
+from .render import write_results
 from .results import DENSE, REFERENCE_FILE, ROWS_DIR, BenchResult, BenchRow
 
 
@@ -262,7 +263,7 @@ def run_bench(
                 plans[method, ratio] = _uncompensated(row.plan)
     result = BenchResult(out, done[(DENSE, None, "none")], [done[t] for t in todo[1:]], settings, versions(),
                          time.perf_counter() - t0, cached)
-    result.write()
+    write_results(result)
     return result
 
 

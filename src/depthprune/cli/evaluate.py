@@ -7,27 +7,24 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..compensate import DEFAULT_TOKENS, LAYERS_AFTER, LAYERS_STEPS
+from ..compensate import FITS
 from ..data.calibration import DEFAULT_EVAL_TEXTS, PPL_WINDOWS
 from .app import app
 from .options import (
     CALIBRATION,
     EVALUATION,
-    LAYERS_FIT_OPTIONS,
+    FIT_SETTINGS,
     MODEL,
     ZEROSHOT,
     BatchOpt,
-    CompensateAboveOpt,
-    CompensateStepsOpt,
-    CompensateTokensOpt,
     Given,
     JsonOpt,
     ReferenceCacheOpt,
-    RidgeOpt,
     SeedOpt,
     SeqLenOpt,
     check_json,
     evaluation,
+    fit_option_rules,
     load,
     refuse_ignored,
     reference_for,
@@ -200,7 +197,7 @@ def parse_ratios(value: str) -> list[float]:
 
 
 @app.command(context_settings=METHOD_FLAGS, cls=MethodOptionsHelp)
-@uses(MODEL, CALIBRATION, EVALUATION.with_defaults(eval_="ppl"))
+@uses(MODEL, CALIBRATION, EVALUATION.with_defaults(eval_="ppl"), FIT_SETTINGS)
 def bench(
     ctx: typer.Context,
     given: Given = None,
@@ -211,12 +208,8 @@ def bench(
     speed: Annotated[bool, typer.Option(
         "--speed/--no-speed", help="Also time prefill and decode of every row.")] = False,
     compensate: Annotated[str, typer.Option(
-        help="Compensation axis, comma separated: every row is run with each (none, linear, cosine, kl, "
-        "layers).")] = "none",
-    compensate_tokens: CompensateTokensOpt = DEFAULT_TOKENS,
-    ridge: RidgeOpt = 1e-3,
-    compensate_steps: CompensateStepsOpt = LAYERS_STEPS,
-    compensate_above: CompensateAboveOpt = LAYERS_AFTER,
+        help=f"Compensation axis, comma separated: every row is run with each (none, {', '.join(FITS)}; see "
+        "`depthprune fits`).")] = "none",
     resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Reuse finished rows in OUT/rows/ "
                                          "computed with the same settings.")] = True,
     batch_size: BatchOpt = 8,
@@ -224,17 +217,12 @@ def bench(
     """Compare methods at several depths: every method x ratio plus dense, as a table, JSON and a plot.
 
     Method flags (e.g. --operator average) go to every listed method that takes them."""
-    from ..bench import check_methods, run_bench, summary_line
-    from ..compensate import Compensation
+    from ..bench import check_methods, results_table, run_bench, summary_line
     from ..errors import InputError
 
     names = check_methods(split_list(methods))
     options = {m: o for m, o in method_flags(ctx, names, "bench").items() if o}
-    compensated = any(fit != "none" for fit in split_list(compensate))
-    refuse_ignored(("ridge", compensated, "needs a fit in --compensate (linear, cosine or kl)"),
-                   ("compensate_tokens", compensated, "needs a fit in --compensate (linear, cosine or kl)"),
-                   *[(name, "layers" in split_list(compensate), "needs layers in --compensate")
-                     for name in LAYERS_FIT_OPTIONS])
+    refuse_ignored(*fit_option_rules(split_list(compensate), axis=True))
     if out is None:
         raise InputError("--out is required: the directory for results.json, results.md and the plot")
     result = run_bench(
@@ -242,12 +230,11 @@ def bench(
         calibration=given.calibration_spec(),
         evaluation=given.evaluation_spec(batch_size=batch_size, speed=speed),
         method_options=options, compensations=split_list(compensate),
-        compensation=Compensation(tokens=compensate_tokens, ridge=ridge, layers_steps=compensate_steps,
-                                  layers_after=compensate_above),
+        compensation=given.fit_settings(),
         batch_size=batch_size,
         dtype=given.dtype, device=given.device, resume=resume, progress=not given.quiet,
     )
-    typer.echo(result.markdown())
+    typer.echo(results_table(result))
     typer.echo(summary_line(result))
     if not any(row.ok for row in result.rows):
         typer.secho("error: every pruned row failed (see the note column and results.json)", err=True,

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Callable, Optional
 import typer
 
 from ..checks import flag_of, require_finite
-from ..compensate import DEFAULT_TOKENS, LAYERS_AFTER, LAYERS_STEPS
+from ..compensate import FITS, SHARED_SETTINGS, Compensation
 from ..data.calibration import DEFAULT_CALIBRATION, DEFAULT_EVAL_TEXTS, PPL_WINDOWS
 from ..distributed import processes
 from ..errors import InputError
@@ -97,31 +97,39 @@ PiqaDirOpt = Annotated[Optional[Path], typer.Option(
 # ------------------------------------------------------------------ compensation
 
 CompensateOpt = Annotated[str, typer.Option(
-    help="Fit a linear map at every gap the plan leaves and fold it into the layer before it: none, linear "
-    "(ridge least squares), cosine (then refined on per-token cosine), kl (then all maps trained on the "
-    "original model's next-token distributions) or layers (then the kept layer at every gap retrained on "
-    "them, everything else frozen).")]
-CompensateTokensOpt = Annotated[int, typer.Option(help="Calibration tokens for the compensation fit.")]
-RidgeOpt = Annotated[float, typer.Option(help="Compensation ridge towards the identity (x trace/d).")]
-CompensateStepsOpt = Annotated[int, typer.Option(
-    help="--compensate layers: training steps (4 windows each); more steps recover more, the cost grows "
-    "linearly (100 steps of SmolLM2-135M: about 2.5 minutes on 2 CPU cores).")]
-CompensateAboveOpt = Annotated[int, typer.Option(
-    help="--compensate layers: how many kept layers above each gap train beside the one before it (a larger "
-    "number trains every layer above the gap; on SmolLM2 all of them cost 20% more time for a few points of "
-    "perplexity, the same KL).")]
+    help="Fit a linear map at every gap the plan leaves and fold it into the layer before it: none, "
+    + ", ".join(f"{fit.name} ({fit.summary})" for fit in FITS.values()) + " (see `depthprune fits`).")]
+
+FIT_SETTING_INFOS = declared_options(Compensation)
+FIT_SETTING_OPTIONS = {info.flag_name.replace("-", "_"): info.name for info in FIT_SETTING_INFOS}
+"""The compensation options (the :class:`~depthprune.compensate.Compensation` settings declared with a flag)
+and the setting each gives: an option is refused unless a chosen fit reads its setting (:func:`fit_option_rules`)."""
 
 
-LAYERS_FIT_OPTIONS = ("compensate_steps", "compensate_above")
-"""The options only ``--compensate layers`` reads (refused without it)."""
+def fits_reading(setting: str) -> list[str]:
+    """The registered fits that read ``setting``."""
+    return [name for name, fit in FITS.items() if setting in (*SHARED_SETTINGS, *fit.settings)]
 
 
-def compensation(fit: str, tokens: int, ridge: float, steps: int = LAYERS_STEPS, above: int = LAYERS_AFTER):
-    """The ``--compensate`` options as a checked spec, or None for ``none``."""
-    from ..compensate import Compensation
+def fit_setting_help(info: OptionInfo) -> str:
+    """A setting's help, prefixed with the fit that reads it when only one does (``--compensate layers: ...``)."""
+    readers = fits_reading(info.name)
+    return f"--compensate {readers[0]}: {info.help}" if len(readers) == 1 else info.help
 
-    return None if fit == "none" else Compensation(fit=fit, tokens=tokens, ridge=ridge, layers_steps=steps,
-                                                   layers_after=above).validate()
+
+def fit_option_rules(chosen: list[str], *, axis: bool = False) -> list[tuple[str, bool, str]]:
+    """:func:`refuse_ignored` rules for the compensation options given the ``chosen`` fits (``none`` ignored);
+    ``axis``: ``--compensate`` lists several fits (``bench``), so the message says which one to add."""
+    rules = []
+    for option, setting in FIT_SETTING_OPTIONS.items():
+        readers = fits_reading(setting)
+        if axis:
+            why = f"needs {readers[0]} in --compensate" if len(readers) == 1 else "needs a fit in --compensate"
+        else:
+            why = "needs --compensate " + (", ".join(readers[:-1]) + " or " + readers[-1] if len(readers) > 1
+                                           else readers[0])
+        rules.append((option, any(fit in readers for fit in chosen), why))
+    return rules
 
 
 # ------------------------------------------------------------------ output
@@ -189,7 +197,7 @@ def reference_for(model: str, reference: str | None, input_is_reference: bool) -
     """The dense model kl/top1 compare ``model`` with, checked before anything loads: ``--reference``, else
     the source recorded in the input's plan, else (None) the input itself where it is measured before any
     change; a command whose input is not the dense model and records none gets a one-line error."""
-    from ..evaluate.divergence import check_reference_vocab, recorded_reference
+    from ..evaluate.reference import check_reference_vocab, recorded_reference
     from ..evaluate.suite import NO_REFERENCE, DivergenceError
 
     chosen = reference or recorded_reference(model)
@@ -370,10 +378,11 @@ EVALUATION = OptionGroup((("eval_", EvalOpt, None), ("ppl_data", PplDataOpt, DEF
                           ("reference_cache", ReferenceCacheOpt, None))) + ZEROSHOT
 STREAMING = OptionGroup((("stream", StreamOpt, None), ("max_memory", MaxMemoryOpt, None)))
 PUSH = OptionGroup((("push_to_hub", PushOpt, None),))
-COMPENSATION = OptionGroup((("compensate", CompensateOpt, "none"),
-                            ("compensate_tokens", CompensateTokensOpt, DEFAULT_TOKENS), ("ridge", RidgeOpt, 1e-3),
-                            ("compensate_steps", CompensateStepsOpt, LAYERS_STEPS),
-                            ("compensate_above", CompensateAboveOpt, LAYERS_AFTER)))
+FIT_SETTINGS = OptionGroup(tuple(
+    (info.flag_name.replace("-", "_"), Annotated[info.type, typer.Option(info.flag, help=fit_setting_help(info))],
+     info.default) for info in FIT_SETTING_INFOS))
+"""How fits are fitted (:data:`FIT_SETTING_OPTIONS`), for commands that choose fits their own way (``bench``)."""
+COMPENSATION = OptionGroup((("compensate", CompensateOpt, "none"),)) + FIT_SETTINGS
 
 
 class Given(SimpleNamespace):
@@ -414,9 +423,14 @@ class Given(SimpleNamespace):
                     part.reference = reference
         return spec
 
-    def compensation_spec(self):
-        return compensation(self.compensate, self.compensate_tokens, self.ridge, self.compensate_steps,
-                            self.compensate_above)
+    def fit_settings(self, fit: str = "linear") -> "Compensation":
+        """The :data:`FIT_SETTINGS` options as ``fit``'s settings (unchecked)."""
+        values = {setting: getattr(self, option) for option, setting in FIT_SETTING_OPTIONS.items()}
+        return Compensation(fit=fit, **values)
+
+    def compensation_spec(self) -> "Compensation | None":
+        """``--compensate`` and its settings, checked, or None for ``none``."""
+        return None if self.compensate == "none" else self.fit_settings(self.compensate).validate()
 
     def backend(self) -> "Backend":
         """The model as a backend: streamed when ``--stream`` asks or the weights would not fit (said), else

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Callable, Optional
 import typer
 
 from ..distributed import check_launch, processes
+from .summary import print_result
 
 if TYPE_CHECKING:
     from ..backend import Backend
@@ -105,7 +106,6 @@ def run_checkpoint_job(job: "Job", *, load: Callable[..., "LoadedModel"], model:
     """
     from ..export.hub import card_writer, check_repo_id, push_checkpoint
     from ..job import run_job
-    from .prune import print_result
 
     repo = check_repo_id(push_to_hub) if push_to_hub is not None else None
     writers = [card_writer(command_line(), repo)] if repo else []

@@ -27,9 +27,9 @@ layer (``Fitted.overrides``), which surgery writes into the pruned model (in
 memory) or into the pruned checkpoint (streamed), and the candidate stack with
 those changes in place (``Fitted.stack``), which ``auto`` ranks.
 
-Modules: :mod:`.config` (settings), :mod:`.interfaces` (where the gaps are),
-:mod:`.fold` (folding T into weights), :mod:`.linear` (least squares),
-:mod:`.endtoend` (the ``kl`` fit).
+Modules: :mod:`.registry` (the fits by name, what each reads and needs), :mod:`.config` (settings),
+:mod:`.interfaces` (where the gaps are), :mod:`.fold` (folding T into weights), one module per fit:
+:mod:`.linear` (least squares), :mod:`.cosine`, :mod:`.endtoend` (``kl``), :mod:`.layers`.
 
 Fits (``fit``):
 
@@ -62,20 +62,21 @@ from ..backend import Backend, InMemoryBackend, Stack, Walker
 from ..engine.merged import PatchedLayer, layer_params, plan_stack
 from ..models.forward import Batch
 from ..plan import Plan
-from .config import DEFAULT_TOKENS, FITS, LAYERS_AFTER, LAYERS_STEPS, TRAINED_FITS, Compensation
-from .endtoend import train_end_to_end
+from . import linear, cosine, endtoend, layers  # noqa: F401  isort: skip  (each registers its fit, in this order)
+from .config import DEFAULT_TOKENS, LAYERS_AFTER, LAYERS_STEPS, Compensation
 from .fold import fold_in_place, folded, output_module
 from .interfaces import Interface, check_supported, fold_kind, interfaces
-from .layers import train_layers
 from .linear import fit_interface
+from .registry import FITS, SHARED_SETTINGS, Fit, Training, get_fit, trained_fits
 
 __all__ = [
     "DEFAULT_TOKENS",
     "LAYERS_AFTER",
     "LAYERS_STEPS",
     "FITS",
-    "TRAINED_FITS",
+    "SHARED_SETTINGS",
     "Compensation",
+    "Fit",
     "FitSession",
     "Fitted",
     "Interface",
@@ -84,8 +85,10 @@ __all__ = [
     "fold_in_place",
     "fold_kind",
     "folded",
+    "get_fit",
     "interfaces",
     "output_module",
+    "trained_fits",
 ]
 
 
@@ -172,7 +175,8 @@ def fit_compensation(model: "nn.Module | Backend", plan: Plan, batches: Sequence
     spec = backend.spec
     check_supported(spec)
     config.validate()
-    if config.fit in TRAINED_FITS:
+    fit = get_fit(config.fit)
+    if fit.trains:
         backend.require_memory(f"--compensate {config.fit}")
     found, notes = interfaces(plan)
     stack = plan_stack(plan, list(backend.layers), spec)
@@ -180,7 +184,7 @@ def fit_compensation(model: "nn.Module | Backend", plan: Plan, batches: Sequence
     if not found:
         return fitted
     if session is None:
-        with FitSession(backend, batches, [plan], teacher=config.fit in TRAINED_FITS, first_target=first_target,
+        with FitSession(backend, batches, [plan], teacher=fit.trains, first_target=first_target,
                         progress=progress) as own:
             return _fit(backend, plan, stack, fitted, found, config, own, progress)
     return _fit(backend, plan, stack, fitted, found, config, session, progress)
@@ -201,21 +205,14 @@ def _fit(backend: Backend, plan: Plan, stack: list[nn.Module], fitted: Fitted, f
             _release(stack[done])
         _patch(stack, fitted, done, changes)
         fitted.records.append({**record, **fold})
-    if config.fit == "kl":
+    fit = get_fit(config.fit)
+    if fit.train is not None:
         teacher = session.teacher if session.teacher is not None else walker.finals("original")
-        per_layer = {name: [values[i] for i in plan.kept] for name, values in backend.per_layer_config().items()}
-        maps, summary = train_end_to_end(backend.model, stack, per_layer, [stack[i.position] for i in found],
-                                         list(walker.batches), teacher, config, spec)
-        for k, interface in enumerate(found):
-            _patch(stack, fitted, interface.position, maps.changes(stack[interface.position], k))
-        fitted.records.append({"end_to_end": summary})
-    if config.fit == "layers":
-        teacher = session.teacher if session.teacher is not None else walker.finals("original")
-        trained, summary = train_layers(backend, stack, found, walker, ("enter", "original", start), start,
-                                        teacher, config, first_target=session.first_target, progress=progress)
+        trained, key, summary = fit.train(Training(backend, plan, stack, found, walker, start, teacher, config,
+                                                   session.first_target, progress))
         for position, changes in trained.items():
             _patch(stack, fitted, position, changes)
-        fitted.records.append({"layers": summary})
+        fitted.records.append({key: summary})
     return fitted
 
 

@@ -7,10 +7,9 @@ from typing import Any
 
 from ..checks import require_finite_fields
 from ..errors import InputError
+from ..flags import declared_options, option
+from .registry import FITS, SHARED_SETTINGS, get_fit
 
-FITS = ("linear", "cosine", "kl", "layers")
-TRAINED_FITS = ("kl", "layers")
-"""Fits that train through the layers above a gap: they need the model in memory."""
 DEFAULT_TOKENS = 8192
 """Fit tokens by default: with the ridge, 8k tokens fit SmolLM2's maps as well as 64k or 128k (see the docs)."""
 LAYERS_STEPS = 100
@@ -33,11 +32,15 @@ LAYERS_PATIENCE = 3
 
 @dataclass
 class Compensation:
-    """How to fit the interface maps (recorded in the plan, so re-applying the plan re-fits the same way)."""
+    """How to fit the interface maps (recorded in the plan, so re-applying the plan re-fits the same way).
+
+    The settings a command offers are declared with :func:`~depthprune.flags.option` (their flag, default and
+    help, here once); a fit reads the ones its registration names (:mod:`.registry`).
+    """
 
     fit: str = "linear"
-    tokens: int = DEFAULT_TOKENS
-    ridge: float = 1e-3
+    tokens: int = option(DEFAULT_TOKENS, "Calibration tokens for the compensation fit.", flag="compensate-tokens")
+    ridge: float = option(1e-3, "Compensation ridge towards the identity (x trace/d).")
     steps: int = 300
     lr: float = 1e-3
     refine_tokens: int = 16384
@@ -45,10 +48,14 @@ class Compensation:
     kl_lr: float = 1e-4
     kl_windows: int = 32
     kl_batch: int = 4
-    layers_steps: int = LAYERS_STEPS
+    layers_steps: int = option(LAYERS_STEPS, "training steps (4 windows each); more steps recover more, the cost "
+                               "grows linearly (100 steps of SmolLM2-135M: about 2.5 minutes on 2 CPU cores).",
+                               flag="compensate-steps")
     layers_lr: float = 5e-4
     layers_batch: int = 4
-    layers_after: int = LAYERS_AFTER
+    layers_after: int = option(LAYERS_AFTER, "how many kept layers above each gap train beside the one before it "
+                               "(a larger number trains every layer above the gap; on SmolLM2 all of them cost 20% "
+                               "more time for a few points of perplexity, the same KL).", flag="compensate-above")
     layers_tokens: int = LAYERS_TOKENS
     layers_holdout: int = LAYERS_HOLDOUT
     layers_chunk: int = 512
@@ -59,8 +66,7 @@ class Compensation:
 
     def validate(self) -> "Compensation":
         require_finite_fields(self)
-        if self.fit not in FITS:
-            raise InputError(f"unknown compensation {self.fit!r}: use one of {', '.join(FITS)}")
+        get_fit(self.fit)
         if self.tokens < 1:
             raise InputError(f"--compensate-tokens must be at least 1, got {self.tokens}")
         if self.ridge < 0:
@@ -77,25 +83,31 @@ class Compensation:
         return self
 
     def fit_tokens(self, seq_len: int) -> int:
-        """Calibration tokens the fit draws: ``tokens``; for the trained ``layers`` fit (its linear maps fit on the
-        same windows) at least ``layers_tokens``, and with ``layers_one_pass`` enough that no training window is
-        seen twice (every step's batch new) beside the held-out windows."""
-        if self.fit != "layers":
-            return self.tokens
-        one_pass = (self.layers_steps * self.layers_batch + self.layers_holdout) * seq_len if self.layers_one_pass \
-            else 0
-        return max(self.tokens, self.layers_tokens, one_pass)
+        """Calibration tokens the fit draws: ``tokens``, unless the fit says otherwise (``layers``)."""
+        return FITS[self.fit].tokens(self, seq_len)
 
     @classmethod
     def recorded(cls, fields: dict[str, Any]) -> "Compensation":
-        """The settings a plan recorded, checked; a plan written before ``layers_tokens`` existed fitted on
-        ``tokens``, and one written before the fit watched its held-out windows trained every step on random
-        windows and kept its last weights: each re-fits as it did."""
+        """The settings a plan recorded, checked; a plan written before its fit gained a setting re-fits as it
+        did (the fit's ``upgrade``)."""
         fields = dict(fields)
-        fields.setdefault("layers_tokens", fields.get("tokens", DEFAULT_TOKENS))
-        if fields.get("fit") == "layers" and "layers_one_pass" not in fields:  # before the fit kept its best
-            fields.update(layers_one_pass=False, layers_patience=0, layers_holdout=fields.get("layers_holdout", 8))
-        return cls(**fields).validate()
+        upgrade = FITS[fields["fit"]].upgrade if fields.get("fit") in FITS else None
+        return cls(**(upgrade(fields) if upgrade is not None else fields)).validate()
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def describe_fits() -> str:
+    """Every registered fit, what it does and the settings it reads with their defaults (and the command-line
+    flag of those a command offers)."""
+    defaults = Compensation().to_dict()
+    flags = {info.name: info.flag for info in declared_options(Compensation)}
+    lines = []
+    for fit in FITS.values():
+        needs = "; trains through the layers above each gap: the model in memory" if fit.trains else ""
+        lines.append(f"{fit.name}: {fit.summary}" + (f" ({fit.reference})" if fit.reference else "") + needs)
+        for setting in (*SHARED_SETTINGS, *fit.settings):
+            flag = f" ({flags[setting]})" if setting in flags else ""
+            lines.append(f"    {setting}{flag}: {defaults[setting]}")
+    return "\n".join(lines)

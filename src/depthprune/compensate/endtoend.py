@@ -16,12 +16,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..engine.merged import base_module, layer_params
+from ..evaluate.perplexity import logits_from_hidden
 from ..models.arch import ArchSpec, get_path
 from ..models.mutate import temporary_layer_stack
 from ..models.forward import Batch, run_decoder
 from .config import Compensation
 from .fold import folded, output_module
-
+from .registry import Changes, Fit, Training, register_fit
 
 
 class Maps:
@@ -98,8 +99,6 @@ def train_end_to_end(model: nn.Module, stack: list[nn.Module], per_layer: dict[s
                       layers: list[nn.Module], batches: Sequence[Batch], teacher: list[torch.Tensor],
                       config: Compensation, spec: ArchSpec) -> tuple[Maps, dict[str, Any]]:
     """Train a map per interface together on KL(original || pruned) next-token distributions (model frozen)."""
-    from ..evaluate.perplexity import logits_from_hidden
-
     maps = Maps(layers, spec)
     windows = [(ids[r : r + 1], mask[r : r + 1], teacher[b][r : r + 1])
                for b, (ids, mask) in enumerate(batches) for r in range(ids.shape[0])][: config.kl_windows]
@@ -140,3 +139,16 @@ def train_end_to_end(model: nn.Module, stack: list[nn.Module], per_layer: dict[s
             p.requires_grad_(flag)
     return maps, {"kl_windows": len(windows), "kl_steps": config.kl_steps, "kl_before": before, "kl_after": after}
 
+
+def train(training: Training) -> tuple[Changes, str, dict]:
+    """The ``kl`` fit's training step: every map trained together, each then folded into its layer."""
+    backend, stack, found = training.backend, training.stack, training.found
+    per_layer = {name: [values[i] for i in training.plan.kept] for name, values in backend.per_layer_config().items()}
+    maps, summary = train_end_to_end(backend.model, stack, per_layer, [stack[i.position] for i in found],
+                                     list(training.walker.batches), training.teacher, training.config, backend.spec)
+    return {i.position: maps.changes(stack[i.position], k) for k, i in enumerate(found)}, "end_to_end", summary
+
+
+KL = register_fit(Fit("kl", "linear, then all maps trained together on the original model's next-token "
+                      "distributions", settings=("kl_steps", "kl_lr", "kl_windows", "kl_batch"),
+                      train=train))

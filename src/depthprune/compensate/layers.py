@@ -48,8 +48,9 @@ from ..backend import Backend, Stack, Walker, count_work
 from ..backend.calls import final_states, record_calls
 from ..engine.merged import base_module, layer_params
 from ..evaluate.perplexity import logits_from_hidden, prediction_pairs
-from .config import Compensation
+from .config import DEFAULT_TOKENS, Compensation
 from .interfaces import Interface
+from .registry import Changes, Fit, Training, register_fit
 
 
 TRAIN_PROBE_WINDOWS = 16
@@ -239,3 +240,38 @@ def train_layers(backend: Backend, stack: list[nn.Module], found: Sequence[Inter
                              "--compensate-steps")
         tqdm.write(record["warning"])
     return {p: t.changes() for p, t in trainable.items()}, record
+
+
+def train(training: Training) -> tuple[Changes, str, dict[str, Any]]:
+    """The ``layers`` fit's training step, from the states entering the first position it may change."""
+    trained, summary = train_layers(training.backend, training.stack, training.found, training.walker,
+                                    ("enter", "original", training.start), training.start, training.teacher,
+                                    training.config, first_target=training.first_target, progress=training.progress)
+    return trained, "layers", summary
+
+
+def fit_tokens(config: Compensation, seq_len: int) -> int:
+    """At least ``layers_tokens`` (its linear maps fit on the same windows), and with ``layers_one_pass`` enough
+    that no training window is seen twice (every step's batch new) beside the held-out windows."""
+    one_pass = (config.layers_steps * config.layers_batch + config.layers_holdout) * seq_len \
+        if config.layers_one_pass else 0
+    return max(config.tokens, config.layers_tokens, one_pass)
+
+
+def upgrade(fields: dict[str, Any]) -> dict[str, Any]:
+    """A plan written before ``layers_tokens`` existed fitted on ``tokens``; one written before the fit watched
+    its held-out windows trained every step on random windows and kept its last weights: each re-fits so."""
+    fields.setdefault("layers_tokens", fields.get("tokens", DEFAULT_TOKENS))
+    if "layers_one_pass" not in fields:
+        fields.update(layers_one_pass=False, layers_patience=0, layers_holdout=fields.get("layers_holdout", 8))
+    return fields
+
+
+LAYERS = register_fit(Fit(
+    "layers", "linear, then the kept layer at every gap retrained on those distributions, everything else "
+    "frozen",
+    settings=("layers_steps", "layers_lr", "layers_batch", "layers_after", "layers_tokens", "layers_holdout",
+              "layers_chunk", "layers_check_every", "layers_patience", "layers_one_pass"),
+    train=train, fit_tokens=fit_tokens, upgrade=upgrade,
+    train_cost=lambda config: config.layers_steps * config.layers_batch,
+    reference="in the spirit of LLM-Streamline, arXiv 2403.19135"))

@@ -3,7 +3,7 @@
 For the kept layer at an interface, with M its MLP output, Y the rest of its output and H the original
 model's state after the last layer the gap stands for, solve ``min_T ||Y + M T - H||^2`` in float64 with a
 ridge pulling T towards the identity (``ridge`` x trace(M^T M) / d): memory O(d^2), not O(tokens x d).
-``cosine`` then refines T with Adam on the mean per-token ``1 - cos(Y + M T, H)`` over a subsample.
+A fit that refines the solution (``cosine``, :mod:`.cosine`) is handed a subsample of the (M, Y, H) rows.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Any, Hashable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..backend import Walker
@@ -19,6 +18,7 @@ from ..models.arch import ArchSpec
 from .config import Compensation
 from .fold import output_module
 from .interfaces import Interface
+from .registry import FITS, Fit, register_fit
 
 
 def _solve(a: torch.Tensor, b: torch.Tensor, ridge: float) -> torch.Tensor:
@@ -33,22 +33,6 @@ def _residual(t: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: float) -> fl
     return float((torch.trace(t.T @ a @ t) - 2 * torch.trace(t.T @ b) + c) / c)
 
 
-def _refine_cosine(t: torch.Tensor, sample: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-                   config: Compensation) -> torch.Tensor:
-    m = torch.cat([s[0] for s in sample]).float()
-    y = torch.cat([s[1] for s in sample]).float()
-    h = torch.cat([s[2] for s in sample]).float()
-    param = nn.Parameter(t.float().clone())
-    optim = torch.optim.Adam([param], lr=config.lr)
-    with torch.enable_grad():
-        for _ in range(config.steps):
-            optim.zero_grad()
-            loss = (1 - F.cosine_similarity(y + m @ param, h, dim=-1)).mean()
-            loss.backward()
-            optim.step()
-    return param.detach().double()
-
-
 def fit_interface(walker: Walker, key: Hashable, module: nn.Module, interface: Interface, target: Hashable,
                   config: Compensation, spec: ArchSpec) -> tuple[torch.Tensor, dict[str, Any]]:
     """Fit T for one interface: ``module`` is the kept layer, run on a copy of stack ``key``'s states (the stack
@@ -58,7 +42,8 @@ def fit_interface(walker: Walker, key: Hashable, module: nn.Module, interface: I
     c, tokens = 0.0, 0
     sample: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     generator = torch.Generator().manual_seed(config.seed)
-    budget = config.refine_tokens
+    refine = FITS[config.fit].refine
+    budget = config.refine_tokens if refine is not None else 0
     seen: dict[str, torch.Tensor] = {}
 
     def accumulate(index: int, out: torch.Tensor) -> None:
@@ -73,7 +58,7 @@ def fit_interface(walker: Walker, key: Hashable, module: nn.Module, interface: I
         b = m.T @ goal if b is None else b + m.T @ goal
         c += float((goal * goal).sum())
         tokens += m.shape[0]
-        if config.fit == "cosine" and budget > 0:
+        if budget > 0:
             take = torch.randperm(m.shape[0], generator=generator)[:budget]
             sample.append((m[take], y[take], h[take]))
             budget -= len(take)
@@ -89,8 +74,13 @@ def fit_interface(walker: Walker, key: Hashable, module: nn.Module, interface: I
               "tokens": tokens, "fit": config.fit,
               "residual_before": _residual(torch.eye(len(a), dtype=a.dtype), a, b, c),
               "residual_linear": _residual(t, a, b, c)}
-    if config.fit == "cosine" and config.steps > 0:
-        t = _refine_cosine(t, sample, config)
+    refined = refine(t, sample, config) if refine is not None else None
+    if refined is not None:
+        t = refined
         record["refine_tokens"] = sum(len(s[0]) for s in sample)
     record["residual_after"] = _residual(t, a, b, c)
     return t, record
+
+
+LINEAR = register_fit(Fit("linear", "ridge least squares",
+                          reference="ReplaceMe, arXiv 2505.02819; LinearPatch, arXiv 2505.24680"))

@@ -26,8 +26,9 @@ from torch import nn
 from ..data.calibration import Calibration
 from ..errors import InputError
 from ..backend import InMemoryBackend, Stack, Walker, count_work
-from ..evaluate.divergence import (DEFAULT_TOP_K, EXACT_BUDGET_MB, CachedRows, DistributionCache, choose_top_k,
-                                   kl_per_token, vocab_size_of, write_reference)
+from ..evaluate.divergence import write_reference
+from ..evaluate.distributions import (DEFAULT_TOP_K, EXACT_BUDGET_MB, CachedRows, DistributionCache, choose_top_k,
+                                      kl_per_token, vocab_size_of)
 from ..evaluate.perplexity import chunked_logits, first_target_of, prediction_pairs
 from ..models.forward import batches_of
 

@@ -13,13 +13,9 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from typing import TYPE_CHECKING
-
 from ..models.arch import ArchSpec
-from ..surgery.merge import merge_params
-
-if TYPE_CHECKING:
-    from ..plan import Plan
+from ..operators import merge_params
+from ..plan import Plan
 
 
 def layer_params(module: nn.Module) -> dict[str, torch.Tensor]:

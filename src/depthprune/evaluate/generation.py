@@ -23,7 +23,8 @@ from torch import nn
 
 from ..data.calibration import Calibration, domain_windows, tokenizer_key
 from ..errors import InputError
-from .divergence import DivergenceError, reference_is_input, release_memory
+from .distributions import DivergenceError
+from .reference import reference_is_input, release_memory
 
 METRICS = ("gen_prefix", "gen_f1")
 NO_REFERENCE = ("--eval gen compares continuations with the dense (reference) model's, and none is known here: "

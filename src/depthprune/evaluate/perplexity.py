@@ -9,18 +9,18 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..backend import Backend, InMemoryBackend, walk_layers
 from ..checks import require_finite_result
 from ..data.calibration import Calibration, consecutive_windows
 from ..errors import InputError
 from ..models.forward import batches_of
 
-if TYPE_CHECKING:
-    from ..backend import Backend
 
 PPL_DATASETS = {"wikitext2": "wikitext2-test", "ptb": "ptb"}
 
@@ -132,8 +132,6 @@ def perplexity_on(
     Tokens of the special prefix (BOS) are context, never targets; the first
     real token of each window is predicted from BOS when there is one.
     """
-    from ..backend import InMemoryBackend, walk_layers
-
     backend = InMemoryBackend.of(model)
     first_target = first_target_of(windows)
     batches = batches_of(windows, batch_size)

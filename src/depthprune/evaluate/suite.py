@@ -14,10 +14,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from typing import TYPE_CHECKING
 
 from torch import nn
 
+from ..backend import Backend, InMemoryBackend
 from ..checks import require_finite
 from ..data.calibration import (DEFAULT_EVAL_TEXTS, PPL_WINDOWS, Calibration, check_text_source, domain_windows,
                                 parse_eval_texts, tokenizer_key)
@@ -40,9 +40,6 @@ from .generation import GenerationResult, GenerationSpec
 from .perplexity import PPL_DATASETS, PerplexityResult, perplexity_on
 from .speed import SpeedResult
 from .zeroshot import ZeroShotResult
-
-if TYPE_CHECKING:
-    from ..backend import Backend
 
 
 @dataclass
@@ -150,8 +147,6 @@ class DivergenceSpec:
             self.__dict__["_adopt_next"] = input_source
             return
         if open_reference is None:
-            from ..backend import InMemoryBackend
-
             def open_reference(source: str) -> "Backend":
                 return InMemoryBackend.of(load_reference(source, progress=progress))
         opened = open_reference(self.reference)
@@ -339,8 +334,6 @@ class Evaluation:
     def run(self, model: "nn.Module | Backend", tokenizer: Any, progress: bool = True) -> EvalResult:
         """Measure ``model`` (a model or a :class:`~depthprune.backend.Backend`: perplexity and kl/top1 run on
         any backend, lm-eval and speed on the model in memory)."""
-        from ..backend import InMemoryBackend
-
         backend = InMemoryBackend.of(model)
         result = EvalResult()
         for name in PARTS:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..evaluate.divergence import CachedRows, kl_per_token, renormalised_kl_per_token, rows_from_logits
+from ..evaluate.distributions import CachedRows, kl_per_token, renormalised_kl_per_token, rows_from_logits
 from ..models.arch import get_layers
 from .data import PadCollator
 

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..evaluate.divergence import (
+from ..evaluate.distributions import (
     DistributionCache,
     choose_top_k,
     rows_from_logits,

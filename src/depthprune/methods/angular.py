@@ -23,8 +23,8 @@ class AngularOptions(MethodOptions):
     block: int | None = option(None, "size n of the contiguous block to remove (instead of a depth target)")
 
     def validate(self) -> None:
-        if self.block is not None and self.block < 1:
-            raise PlanError(f"--block must be at least 1, got {self.block}")
+        if self.block is not None:
+            check_block(self.block)
 
     def check_target(self, method: str, target: Target | None) -> None:
         if self.block is None:
@@ -33,8 +33,17 @@ class AngularOptions(MethodOptions):
             raise PlanError("--method angular takes either --block or a depth target, not both")
 
     def check_depth(self, num_layers: int) -> None:
-        if self.block is not None and not 1 <= self.block < num_layers:
-            raise PlanError(f"--block must be between 1 and {num_layers - 1}, got {self.block}")
+        if self.block is not None:
+            check_block(self.block, num_layers)
+
+
+def check_block(block: int, num_layers: int | None = None) -> None:
+    """A block size, the one place it is checked: at least one layer, and (once the depth is known) fewer than
+    the model has, so a layer is left on each side of the distance d(l, n)."""
+    if block < 1:
+        raise PlanError(f"--block must be at least 1, got {block}")
+    if num_layers is not None and block >= num_layers:
+        raise PlanError(f"--block must be between 1 and {num_layers - 1}, got {block}")
 
 
 def plan_angular(stats: LayerStats, block: int) -> Plan:
@@ -56,7 +65,6 @@ def plan(backend: Backend, calibration: Calibration, target: Target | None, opti
          run: RunContext) -> Plan:
     L = backend.num_layers
     block = options.block if options.block is not None else require("angular", target).n_remove(L)
-    if not 1 <= block < L:
-        raise PlanError(f"--block must be between 1 and {L - 1}, got {block}")
+    check_block(block, L)
     stats = layer_statistics(backend, calibration, batch_size=run.batch_size, progress=run.progress)
     return plan_angular(stats, block)

@@ -29,14 +29,14 @@ plan is applied, so the saved model is the candidate that was scored.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from tqdm.auto import tqdm
 
 from ..backend import Backend, Meter, Stack, metered
-from ..compensate import (DEFAULT_TOKENS, FITS, TRAINED_FITS, Compensation, FitSession, check_supported,
-                          fit_compensation, interfaces)
+from ..compensate import (DEFAULT_TOKENS, FITS, Compensation, FitSession, check_supported, fit_compensation,
+                          get_fit, interfaces)
 from ..data.calibration import Calibration
 from ..engine.loss import OBJECTIVES, LossEngine
 from ..engine.merged import plan_stack
@@ -47,6 +47,8 @@ from .registry import (METHODS, MethodOptions, RunContext, Work, build_options, 
 from .target import Target, require
 
 DEFAULT_CANDIDATES = "shortgpt,angular,sleb,slm"
+RECOVERIES = ("none", "layers")
+"""``--recover``: none, or the fit that retrains the winner's layers at its gaps (its steps: ``--recover-steps``)."""
 
 
 @dataclass
@@ -63,7 +65,7 @@ class AutoOptions(MethodOptions):
     rerank: int = option(3, "candidates ranked on all held-out windows after the screening")
     recover: str = option("none", "after choosing: none, or layers (the winner's kept layer at every gap is "
                           "retrained on the dense model's next-token distributions, --compensate layers)",
-                          choices=("none", "layers"))
+                          choices=RECOVERIES)
     recover_steps: int = option(100, "training steps of --recover layers")
 
     def methods(self) -> list[str]:
@@ -100,9 +102,9 @@ def estimated_work(work: Work, options: AutoOptions, methods: list[str], fits: l
         units += work.layers * fit_windows
         for fit in fits:
             units += len(methods) * work.layers / 2 * fit_windows
-            if fit == "layers":
-                config = Compensation(fit="layers")
-                units += len(methods) * config.layers_steps * config.layers_batch * 3 * (work.layers / 2 + work.head)
+            train_cost = get_fit(fit).train_cost
+            if train_cost is not None:
+                units += len(methods) * train_cost(Compensation(fit=fit)) * 3 * (work.layers / 2 + work.head)
     screen = ranking_screen(options, candidates, heldout_windows)
     if screen is None:
         units += (candidates + 1) * (work.layers + work.head) * heldout_windows
@@ -152,14 +154,87 @@ def _options_for(method: str, options: AutoOptions) -> MethodOptions:
     return build_options(method, {k: v for k, v in wanted.items() if k in declared})
 
 
-@register("auto", "build the candidate plans (with and without compensation), keep the one with the lowest "
-          "held-out loss", AutoOptions, reference="depthprune")
-def plan(backend: Backend, calibration: Calibration, target: Target | None, options: AutoOptions,
-         run: RunContext) -> Plan:
-    n = require("auto", target).n_remove(backend.num_layers)
-    if run.data is None:
-        raise PlanError("--method auto ranks plans on held-out windows drawn from the calibration text: run it "
-                        "through a job (prune, run, bench, depthprune.run_job)")
+Planned = list[tuple[str, Plan, float]]
+"""Each candidate method, its plan at the target depth and the seconds it took."""
+
+
+@dataclass
+class Candidates:
+    """The ranking's entries: every planned method without and with each fit (``entries``, the records the
+    plan keeps), the plan and fit settings of each (``chosen_from``), their timings, and the entry that scores
+    each distinct (decision, fit) (``first``: two methods can make the same plan; it is fitted and scored
+    once)."""
+
+    entries: list[dict[str, Any]] = field(default_factory=list)
+    timings: list[dict[str, float]] = field(default_factory=list)
+    chosen_from: list[tuple[Plan, dict[str, Any] | None]] = field(default_factory=list)
+    first: dict[tuple, int] = field(default_factory=dict)
+
+    def scored(self) -> list[int]:
+        return list(self.first.values())
+
+
+def plan_candidates(backend: Backend, calibration: Calibration, n: int, options: AutoOptions, run: RunContext,
+                    bar: tqdm) -> Planned:
+    """Step 1: every candidate method's plan removing ``n`` layers."""
+    planned: Planned = []
+    for method in options.methods():
+        bar.set_postfix_str(f"planning {method}")
+        start = time.perf_counter()
+        candidate = make_plan(method, backend, calibration, Target(remove=n), options=_options_for(
+            method, options), batch_size=run.batch_size, progress=False, data=run.data)
+        planned.append((method, candidate, round(time.perf_counter() - start, 2)))
+    return planned
+
+
+def with_fits(planned: Planned, fits: list[str], options: AutoOptions) -> Candidates:
+    """Each plan without compensation and, where it leaves a gap, with each of ``fits``."""
+    out = Candidates()
+    for method, candidate, seconds in planned:
+        for fit in ["none", *(fits if interfaces(candidate)[0] else [])]:
+            key = (_decision(candidate), fit)
+            entry = {"method": method, "compensation": fit, "plan": candidate.summary(),
+                     "dropped": candidate.dropped}
+            out.timings.append({"plan_seconds": seconds})
+            if key in out.first:
+                entry["same_as"] = out.entries[out.first[key]]["method"]
+            else:
+                out.first[key] = len(out.entries)
+            out.entries.append(entry)
+            out.chosen_from.append((candidate, None if fit == "none" else
+                                    Compensation(fit=fit, tokens=options.compensate_tokens).to_dict()))
+    return out
+
+
+def fit_candidates(backend: Backend, candidates: Candidates, options: AutoOptions, run: RunContext,
+                   bar: tqdm) -> dict[int, Stack]:
+    """Step 2: the stack every distinct candidate is ranked as: its fit's maps folded in (all fitted on the same
+    windows, sharing the original model's states), or the plan's stack of the original layers."""
+    stacks: dict[int, Stack] = {}
+    entries, chosen_from = candidates.entries, candidates.chosen_from
+    to_fit = [k for k in candidates.scored() if entries[k]["compensation"] != "none"]
+    if to_fit:
+        bar.set_postfix_str("fitting compensation")
+        fit_batches = run.data.fit_batches(options.compensate_tokens, Compensation.seed)
+        with FitSession(backend, fit_batches, [chosen_from[k][0] for k in to_fit],
+                        teacher=any(get_fit(entries[k]["compensation"]).trains for k in to_fit),
+                        first_target=run.data.fit_first_target(options.compensate_tokens, Compensation.seed)
+                        ) as session:
+            for k in to_fit:
+                start = time.perf_counter()
+                config = Compensation(**chosen_from[k][1])
+                stacks[k] = Stack(fit_compensation(backend, chosen_from[k][0], fit_batches, config,
+                                                   session=session).stack)
+                candidates.timings[k]["fit_seconds"] = round(time.perf_counter() - start, 2)
+    layers = list(backend.layers)
+    for k in candidates.scored():
+        stacks.setdefault(k, Stack(plan_stack(chosen_from[k][0], layers, backend.spec)))
+    return stacks
+
+
+def usable_fits(backend: Backend, options: AutoOptions) -> tuple[list[str], str | None]:
+    """The fits the candidates are tried with (none where the architecture cannot carry a map, with the reason),
+    each refused on a streamed model if it needs the model in memory, as ``--recover`` is."""
     fits = options.fit_list()
     try:
         check_supported(backend.spec)
@@ -168,75 +243,54 @@ def plan(backend: Backend, calibration: Calibration, target: Target | None, opti
     else:
         unsupported = None
     for fit in fits:
-        if fit in TRAINED_FITS:
+        if get_fit(fit).trains:
             backend.require_memory(f"--fits {fit}")
     if options.recover != "none":
         backend.require_memory(f"--recover {options.recover}")
-    layers = list(backend.layers)
-    methods = options.methods()
+    return fits, unsupported
+
+
+@register("auto", "build the candidate plans (with and without compensation), keep the one with the lowest "
+          "held-out loss", AutoOptions, reference="depthprune")
+def plan(backend: Backend, calibration: Calibration, target: Target | None, options: AutoOptions,
+         run: RunContext) -> Plan:
+    n = require("auto", target).n_remove(backend.num_layers)
+    if run.data is None:
+        raise PlanError("--method auto ranks plans on held-out windows drawn from the calibration text: run it "
+                        "through a job (prune, run, bench, depthprune.run_job)")
+    fits, unsupported = usable_fits(backend, options)
     heldout = run.data.heldout()
     fit_windows = -(-options.compensate_tokens // int(calibration.input_ids.shape[1])) if fits else 0
     work = Work(backend.num_layers, n, calibration.num_windows, backend.head_cost())
-    total = estimated_work(work, options, methods, fits, fit_windows, heldout.num_windows)
+    total = estimated_work(work, options, options.methods(), fits, fit_windows, heldout.num_windows)
     with tqdm(total=round(total), desc="auto", unit=" layer-windows", disable=not run.progress,
               bar_format="{l_bar}{bar}| [{elapsed}<{remaining}] {postfix}") as bar, metered(Meter(bar.update)):
-        planned: list[tuple[str, Plan, float]] = []
-        for method in methods:
-            bar.set_postfix_str(f"planning {method}")
-            start = time.perf_counter()
-            candidate = make_plan(method, backend, calibration, Target(remove=n), options=_options_for(
-                method, options), batch_size=run.batch_size, progress=False, data=run.data)
-            planned.append((method, candidate, round(time.perf_counter() - start, 2)))
-
-        entries: list[dict[str, Any]] = []
-        timings: list[dict[str, float]] = []
-        chosen_from: list[tuple[Plan, dict[str, Any] | None]] = []
-        first: dict[tuple, int] = {}  # (decision, fit) -> the entry that scores it
-        for method, candidate, seconds in planned:
-            for fit in ["none", *(fits if interfaces(candidate)[0] else [])]:
-                key = (_decision(candidate), fit)
-                entry = {"method": method, "compensation": fit, "plan": candidate.summary(),
-                         "dropped": candidate.dropped}
-                timings.append({"plan_seconds": seconds})
-                if key in first:
-                    entry["same_as"] = entries[first[key]]["method"]
-                else:
-                    first[key] = len(entries)
-                entries.append(entry)
-                chosen_from.append((candidate, None if fit == "none" else
-                                    Compensation(fit=fit, tokens=options.compensate_tokens).to_dict()))
-
-        stacks: dict[int, Stack] = {}
-        to_fit = [k for k in first.values() if entries[k]["compensation"] != "none"]
-        if to_fit:
-            bar.set_postfix_str("fitting compensation")
-            fit_batches = run.data.fit_batches(options.compensate_tokens, Compensation.seed)
-            with FitSession(backend, fit_batches, [chosen_from[k][0] for k in to_fit],
-                            teacher=any(entries[k]["compensation"] in TRAINED_FITS for k in to_fit),
-                            first_target=run.data.fit_first_target(options.compensate_tokens, Compensation.seed)
-                            ) as session:
-                for k in to_fit:
-                    start = time.perf_counter()
-                    config = Compensation(**chosen_from[k][1])
-                    stacks[k] = Stack(fit_compensation(backend, chosen_from[k][0], fit_batches, config,
-                                                       session=session).stack)
-                    timings[k]["fit_seconds"] = round(time.perf_counter() - start, 2)
-        for k in first.values():
-            stacks.setdefault(k, Stack(plan_stack(chosen_from[k][0], layers, backend.spec)))
+        candidates = with_fits(plan_candidates(backend, calibration, n, options, run, bar), fits, options)
+        stacks = fit_candidates(backend, candidates, options, run, bar)
         bar.set_postfix_str(f"ranking {len(stacks)} candidates")
         start = time.perf_counter()
         losses, fidelity, dense_loss, teacher = rank(backend, heldout, stacks, options, run.batch_size)
-        run.notes.update(candidate_seconds=timings, ranking_seconds=round(time.perf_counter() - start, 2),
-                         estimated_layer_windows=round(total))
+        run.notes.update(candidate_seconds=candidates.timings,
+                         ranking_seconds=round(time.perf_counter() - start, 2), estimated_layer_windows=round(total))
+    return chosen_plan(candidates, losses, fidelity, options, {
+        "objective": options.objective, "dense_heldout_loss": dense_loss, "heldout_windows": heldout.num_windows,
+        "teacher": teacher, "unsupported": unsupported})
+
+
+def chosen_plan(candidates: Candidates, losses: dict[int, float], fidelity: dict[int, str], options: AutoOptions,
+                ranking: dict[str, Any]) -> Plan:
+    """Step 3's outcome: the candidate with the lowest loss on all held-out windows, as auto's plan, recording
+    every candidate's loss (and, with ``--recover``, the fit that retrains its layers)."""
+    entries, chosen_from = candidates.entries, candidates.chosen_from
     for entry, (candidate, compensation) in zip(entries, chosen_from):
-        k = first[(_decision(candidate), entry["compensation"])]
+        k = candidates.first[(_decision(candidate), entry["compensation"])]
         entry["loss"], entry["fidelity"] = losses[k], fidelity[k]
     best_index = min((k for k in range(len(entries)) if entries[k]["fidelity"] == "all"),
                      key=lambda k: entries[k]["loss"])
     best, compensation = chosen_from[best_index]
     chosen = entries[best_index]
-    if options.recover == "layers" and interfaces(best)[0]:
-        compensation = Compensation(fit="layers", tokens=options.compensate_tokens,
+    if options.recover != "none" and interfaces(best)[0]:
+        compensation = Compensation(fit=options.recover, tokens=options.compensate_tokens,
                                     layers_steps=options.recover_steps).to_dict()
     return Plan(
         method="auto",
@@ -245,12 +299,13 @@ def plan(backend: Backend, calibration: Calibration, target: Target | None, opti
         merges=best.merges,
         params={"chosen": f"{chosen['method']}" + (f"+{chosen['compensation']}" if chosen_from[best_index][1]
                                                    else ""), "recover": options.recover,
-                "objective": options.objective, "heldout_loss": chosen["loss"], "dense_heldout_loss": dense_loss,
-                "heldout_windows": heldout.num_windows, "teacher": teacher,
+                "objective": ranking["objective"], "heldout_loss": chosen["loss"],
+                "dense_heldout_loss": ranking["dense_heldout_loss"], "heldout_windows": ranking["heldout_windows"],
+                "teacher": ranking["teacher"],
                 "ranking": "exact" if set(fidelity.values()) == {"all"} else
                 f"screened on {options.screen_windows} windows, best {options.rerank} on all", "candidates": entries,
                 "chosen_params": best.params,
-                "compensation_unsupported": unsupported},
+                "compensation_unsupported": ranking["unsupported"]},
         scores=best.scores,
         log=entries,
         compensation=compensation,

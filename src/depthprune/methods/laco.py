@@ -28,7 +28,7 @@ from ..data.calibration import Calibration
 from ..engine.search import SimilarityEngine
 from ..engine.stack import CurrentStack
 from ..plan import Merge, Plan, PlanError
-from ..surgery.merge import OPERATORS
+from ..operators import OPERATORS
 from .merging import Search, ThresholdOptions, run_threshold_search
 from .registry import RunContext, option, register
 from .target import Target
@@ -48,31 +48,29 @@ class LaCoOptions(ThresholdOptions):
     lowest: int = option(1, "L_low: lowest merge position")
     highest: int | None = option(None, "H: top of the layer range (default: the model's depth L)")
 
-    threshold: float | None = option(
-        None, f"similarity threshold T in (0, 1) ({DEFAULT_THRESHOLD} when no depth target is given); with a "
-        "depth target T is found by bisection instead")
-
     DEFAULT_THRESHOLD = DEFAULT_THRESHOLD
 
     def validate(self) -> None:
         super().validate()
-        if self.merge_layers < 2:
-            raise PlanError(f"LaCo needs C >= 2 layers per merge, got {self.merge_layers}")
-        if self.interval < 1:
-            raise PlanError(f"LaCo's interval I must be at least 1, got {self.interval}")
-        if self.lowest < 0:
-            raise PlanError(f"LaCo's lowest merge position must be 0 or more, got {self.lowest}")
+        check_laco_options(None, self.merge_layers, self.interval, self.lowest, self.highest)
 
     def check_depth(self, num_layers: int) -> None:
         highest = num_layers if self.highest is None else self.highest
         check_laco_options(num_layers, self.merge_layers, self.interval, self.lowest, highest)
 
 
-def check_laco_options(num_layers: int, merge_layers: int, interval: int, lowest: int, highest: int) -> None:
+def check_laco_options(num_layers: int | None, merge_layers: int, interval: int, lowest: int,
+                       highest: int | None) -> None:
+    """LaCo's settings, the one place they are checked: C, I and L_low alone (``num_layers`` None, before the
+    model's depth is known), and with the depth the layer range [L_low, H] and a window of C inside it."""
     if merge_layers < 2:
         raise PlanError(f"LaCo needs C >= 2 layers per merge, got {merge_layers}")
     if interval < 1:
         raise PlanError(f"LaCo's interval I must be at least 1, got {interval}")
+    if lowest < 0:
+        raise PlanError(f"LaCo's lowest merge position must be 0 or more, got {lowest}")
+    if num_layers is None or highest is None:
+        return
     if not 0 <= lowest < highest <= num_layers:
         raise PlanError(
             f"LaCo layer range [{lowest}, {highest}] is empty or outside the model's 0..{num_layers}"
@@ -140,9 +138,9 @@ def laco_search(
 
 
 def searcher(options: LaCoOptions, num_layers: int) -> Search:
-    """The search ``run_threshold_search`` drives, with these options, on a model of ``num_layers``."""
+    """The search ``run_threshold_search`` drives, with these options, on a model of ``num_layers`` (checked
+    against it by :meth:`LaCoOptions.check_depth` before planning)."""
     highest = num_layers if options.highest is None else options.highest
-    check_laco_options(num_layers, options.merge_layers, options.interval, options.lowest, highest)
 
     def search(engine, t, **kw):
         return laco_search(engine, t, operator=options.operator, merge_layers=options.merge_layers,

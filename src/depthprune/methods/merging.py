@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 from ..data.calibration import Calibration
 from ..engine.search import SimilarityEngine
 from ..plan import Plan, PlanError
-from ..surgery.merge import OPERATORS
+from ..operators import OPERATORS
 from .registry import MethodOptions, option
 from .target import Target, given, threshold_for_target
 
@@ -24,6 +24,12 @@ class ThresholdOptions(MethodOptions):
 
     #: T used when neither a threshold nor a depth target is given.
     DEFAULT_THRESHOLD = 0.5
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        """A method's ``--threshold`` help names its own default T."""
+        super().__init_subclass__(**kwargs)
+        cls.HELP = {**cls.HELP, "threshold": f"similarity threshold T in (0, 1) ({cls.DEFAULT_THRESHOLD} when no "
+                    "depth target is given); with a depth target T is found by bisection instead"}
 
     def validate(self) -> None:
         if self.threshold is not None and not 0.0 < self.threshold < 1.0:

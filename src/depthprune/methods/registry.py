@@ -15,8 +15,8 @@ method's options from the same declarations.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Callable, ClassVar, Mapping, Protocol, Sequence
 
 from torch import nn
 
@@ -31,6 +31,10 @@ from .target import Target, require
 @dataclass
 class MethodOptions:
     """Base of every method's options; subclasses declare fields with :func:`option`."""
+
+    HELP: ClassVar[dict[str, str]] = {}
+    """Help a subclass gives an option it inherits (its own default, its own meaning), by field name: the field
+    is declared once, where its type and default are."""
 
     def __post_init__(self) -> None:
         require_finite_fields(self)
@@ -52,7 +56,7 @@ class MethodOptions:
 
     @classmethod
     def infos(cls) -> list[OptionInfo]:
-        return declared_options(cls)
+        return [replace(info, help=cls.HELP.get(info.name, info.help)) for info in declared_options(cls)]
 
     def check_choices(self) -> None:
         for info in self.infos():
@@ -198,11 +202,12 @@ def make_plan(
         raise PlanError("pass method options either as options= or as keywords, not both")
     elif not isinstance(options, spec.options):
         raise PlanError(f"--method {method} takes {spec.options.__name__}, got {type(options).__name__}")
-    check_request(method, target, options)
+    backend = InMemoryBackend.of(model)
+    check_request(method, target, options, backend.num_layers)
     if batch_size < 1:
         raise PlanError(f"--batch-size must be at least 1, got {batch_size}")
     run = RunContext(batch_size, progress, data, notes if notes is not None else {})
-    plan = spec.plan(InMemoryBackend.of(model), calibration, target, options, run)
+    plan = spec.plan(backend, calibration, target, options, run)
     require_finite_result(plan.scores, f"--method {method}'s layer scores")
     return plan
 

@@ -30,7 +30,7 @@ from ..data.calibration import Calibration
 from ..engine.search import SimilarityEngine
 from ..engine.stack import CurrentStack
 from ..plan import Merge, Plan, PlanError
-from ..surgery.merge import OPERATORS
+from ..operators import OPERATORS
 from .merging import Search, ThresholdOptions, run_threshold_search
 from .registry import RunContext, option, register
 from .target import Target
@@ -46,10 +46,6 @@ class SLMOptions(ThresholdOptions):
                            choices=OPERATORS)
     final_window: str = option("commit", "a window still passing when the loop reaches layer 0: commit it, "
                                "or skip it as the released code does", choices=FINAL_WINDOW)
-
-    threshold: float | None = option(
-        None, f"similarity threshold T in (0, 1) ({DEFAULT_THRESHOLD} when no depth target is given); with a "
-        "depth target T is found by bisection instead")
 
     DEFAULT_THRESHOLD = DEFAULT_THRESHOLD
 

@@ -1,6 +1,7 @@
 """Apply a :class:`~depthprune.plan.Plan` to a model: merge, remove, renumber, fix the config."""
 
-from .apply import apply_plan, surgery
-from .merge import OPERATORS
+from ..operators import OPERATORS
+from .apply import Applied, apply, apply_plan, prune
+from .inplace import surgery
 
-__all__ = ["OPERATORS", "apply_plan", "surgery"]
+__all__ = ["OPERATORS", "Applied", "apply", "apply_plan", "prune", "surgery"]

@@ -1,52 +1,100 @@
-"""Apply a depth plan in place.
+"""Apply a plan on any backend: fit the plan's compensation, then remove and merge its layers.
 
-Order of work: compute merges from the original weights, keep the surviving
-layers in their original order, then let :func:`set_layer_stack` renumber
-``layer_idx`` (the KV cache indexes by it) and shorten the config's per-layer
-lists (e.g. Gemma's ``layer_types``), so the checkpoint loads in plain transformers.
+This is the one place a plan is applied: a job's depth stage and the Python API's
+:func:`apply_plan` both come here. Backends only offer what it needs: an in-memory model is pruned in place
+(:mod:`.inplace`), a streamed one disk to disk into scratch space (:mod:`.streamed`) and streamed again from
+there (:meth:`~depthprune.backend.StreamedBackend.adopt`).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
-from ..models.arch import get_layers, per_layer_config_values, spec_for
-from ..models.mutate import set_layer_stack, stale_per_layer_fields
+from ..backend import Backend, InMemoryBackend, StreamedBackend
+from ..compensate import Compensation, Fitted, fit_compensation
+from ..data.calibration import Calibration, CalibrationSpec
+from ..evaluate.perplexity import first_target_of
 from ..plan import Plan, PlanError
-from .merge import merge_into_first
+from .inplace import surgery, write_overrides
+from . import streamed
 
 
-def surgery(model: nn.Module, plan: Plan) -> nn.Module:
-    """Remove and merge layers of ``model`` in place as ``plan`` says (its compensation is not applied here)."""
-    spec = spec_for(model)
-    layers = get_layers(model)
-    if len(layers) != plan.num_layers:
+@dataclass
+class Applied:
+    """A plan applied: the pruned model (the same backend in memory, a new one streamed) and what its
+    compensation fit recorded (one record per interface; empty for a plan without compensation)."""
+
+    backend: Backend
+    compensation: list[dict[str, Any]] = field(default_factory=list)
+
+
+def fit_window_count(tokens: int, seq_len: int) -> int:
+    """Calibration windows of ``seq_len`` tokens that hold at least ``tokens`` tokens (one at least)."""
+    return max(1, -(-tokens // seq_len))
+
+
+def compensation_windows(calibration: CalibrationSpec, tokenizer: Any, config: Compensation) -> Calibration:
+    """The windows ``config`` fits on: its fit tokens of ``calibration``'s text, never its held-out windows."""
+    tokens = config.fit_tokens(calibration.seq_len)
+    return calibration.fit_windows(tokenizer, fit_window_count(tokens, calibration.seq_len), config.seed)
+
+
+def fit_plan(backend: Backend, plan: Plan, calibration: CalibrationSpec, *, batch_size: int,
+             progress: bool = False) -> Fitted:
+    """Fit ``plan.compensation`` on the unpruned ``backend`` exactly as the job that made the plan did."""
+    config = Compensation.recorded(plan.compensation)
+    windows = compensation_windows(calibration, backend.tokenizer, config)
+    return fit_compensation(backend, plan, backend.to_device(windows.batches(batch_size)), config,
+                            first_target=first_target_of(windows), progress=progress)
+
+
+def prune(backend: Backend, plan: Plan, overrides: dict[int, dict[str, torch.Tensor]] | None = None, *,
+          scratch: str | Path | None = None, progress: bool = False) -> Backend:
+    """``backend``'s model with ``plan``'s removals and merges, and ``overrides`` (new position -> parameter
+    name inside the layer -> value, e.g. compensation folds) written into its layers.
+
+    In memory the model is pruned in place (the same backend comes back); a streamed model is written disk to
+    disk into ``scratch`` and streamed from there.
+    """
+    if isinstance(backend, StreamedBackend):
+        if scratch is None:
+            raise ValueError("a streamed model is pruned disk to disk: give the scratch directory to write into")
+        target = Path(scratch) / "pruned"
+        streamed.write_pruned_checkpoint(backend, plan, target, overrides=overrides, dtype=backend.save_dtype,
+                                progress=progress)
+        return backend.adopt(target, progress=progress)
+    surgery(backend.model, plan)
+    write_overrides(backend.model, overrides or {})
+    return backend
+
+
+def apply(backend: Backend, plan: Plan, calibration: CalibrationSpec | None = None, *, batch_size: int = 8,
+          scratch: str | Path | None = None, progress: bool = False) -> Applied:
+    """Apply ``plan`` to ``backend``: its compensation (re-fitted on ``calibration``'s fit windows, as the job
+    that made it fitted it), then its removals and merges.
+
+    A plan that compensates its gaps needs ``calibration`` and the backend's tokenizer; without them it is
+    refused, never silently applied uncompensated.
+    """
+    if not plan.compensation:
+        return Applied(prune(backend, plan, scratch=scratch, progress=progress))
+    if calibration is None or backend.tokenizer is None:
         raise PlanError(
-            f"the plan was made for {plan.num_layers} layers but the model has {len(layers)}; "
-            "apply a plan to the model it was made for"
-        )
-    stale = stale_per_layer_fields(model.config, len(layers), spec)
-    if stale:
-        raise PlanError(
-            f"config fields {stale} look per-layer but the {spec.family} spec does not list them; "
-            "add them to per_layer_config in depthprune/models/arch.py"
-        )
-    for index, m in enumerate(plan.merges):
-        merge_into_first([layers[i] for i in plan.merge_members(index)], m.operator, spec)
-    kept = plan.kept
-    per_layer = {
-        name: [values[i] for i in kept]
-        for name, values in per_layer_config_values(model.config, spec).items()
-    }
-    set_layer_stack(model, [layers[i] for i in kept], per_layer)
-    return model
+            f"this plan compensates its gaps ({plan.compensation.get('fit')} fit): re-fitting needs the "
+            "calibration text and the tokenizer; pass calibration=CalibrationSpec(...) (the settings in the "
+            "checkpoint's report.json) and tokenizer=, or use the saved checkpoint itself")
+    fitted = fit_plan(backend, plan, calibration, batch_size=batch_size, progress=progress)
+    return Applied(prune(backend, plan, fitted.overrides, scratch=scratch, progress=progress), fitted.records)
 
 
-def apply_plan(model: nn.Module, plan: Plan, *, calibration: Any = None, tokenizer: Any = None,
+def apply_plan(model: nn.Module, plan: Plan, *, calibration: CalibrationSpec | None = None, tokenizer: Any = None,
                batch_size: int = 8) -> nn.Module:
-    """Prune ``model`` in place according to ``plan`` and return it.
+    """Prune ``model`` in place according to ``plan`` and return it (the Python API of :func:`apply`).
 
     A plan that compensates its gaps (``plan.compensation``) is applied with its maps re-fitted exactly as the
     job that made it fitted them: on the fit windows of ``calibration`` (the job's
@@ -54,22 +102,5 @@ def apply_plan(model: nn.Module, plan: Plan, *, calibration: Any = None, tokeniz
     ["calibration"])``) tokenized by ``tokenizer``, so the result equals the saved checkpoint. Without them it
     refuses: a plan applied without its compensation would silently be another model.
     """
-    overrides = None
-    if plan.compensation:
-        from ..compensate import Compensation, fit_compensation
-
-        if calibration is None or tokenizer is None:
-            raise PlanError(
-                f"this plan compensates its gaps ({plan.compensation.get('fit')} fit): re-fitting needs the "
-                "calibration text and the tokenizer; pass calibration=CalibrationSpec(...) (the settings in the "
-                "checkpoint's report.json) and tokenizer=, or use the saved checkpoint itself")
-        config = Compensation.recorded(plan.compensation)
-        count = max(1, -(-config.fit_tokens(calibration.seq_len) // calibration.seq_len))
-        windows = calibration.fit_windows(tokenizer, count, config.seed)
-        overrides = fit_compensation(model, plan, list(windows.batches(batch_size)), config).overrides
-    surgery(model, plan)
-    if overrides:
-        from ..backend.memory import write_overrides
-
-        write_overrides(model, overrides)
+    apply(InMemoryBackend(model, tokenizer), plan, calibration, batch_size=batch_size)
     return model

@@ -12,43 +12,29 @@ from __future__ import annotations
 
 import json
 import struct
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 
-from ..backend.checkpoint import DTYPE_NAMES
+from ..backend.checkpoint import DTYPE_NAMES, TensorInfo
 
 
-@dataclass(frozen=True)
-class Entry:
-    name: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-
-    @property
-    def nbytes(self) -> int:
-        n = torch.empty((), dtype=self.dtype).element_size()
-        for d in self.shape:
-            n *= d
-        return n
-
-
-def header_bytes(entries: Sequence[Entry], metadata: dict[str, str]) -> bytes:
+def header_bytes(entries: Sequence[TensorInfo], metadata: dict[str, str]) -> bytes:
     """The length prefix and the JSON header, padded with spaces to a multiple of 8 bytes as safetensors does."""
     header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
     offset = 0
     for e in entries:
         header[e.name] = {"dtype": DTYPE_NAMES[e.dtype], "shape": list(e.shape),
-                          "data_offsets": [offset, offset + e.nbytes]}
-        offset += e.nbytes
+                          "data_offsets": [offset, offset + e.nbytes()]}
+        offset += e.nbytes()
     text = json.dumps(header, separators=(",", ":")).encode("utf-8")
     text += b" " * (-len(text) % 8)
     return struct.pack("<Q", len(text)) + text
 
 
-def write_safetensors(path: Path, entries: Sequence[Entry], produce: Callable[[Entry], torch.Tensor],
+def write_safetensors(path: Path, entries: Sequence[TensorInfo],
+                      produce: Callable[[TensorInfo], torch.Tensor],
                       metadata: dict[str, str] | None = None) -> None:
     """Write ``entries`` to ``path``, calling ``produce(entry)`` for each tensor's value in order.
 
@@ -64,14 +50,14 @@ def write_safetensors(path: Path, entries: Sequence[Entry], produce: Callable[[E
             stream.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
 
 
-def plan_shards(entries: Sequence[Entry], max_shard_size: int) -> list[list[Entry]]:
+def plan_shards(entries: Sequence[TensorInfo], max_shard_size: int) -> list[list[TensorInfo]]:
     """Consecutive groups of at most ``max_shard_size`` bytes (a larger tensor gets a shard of its own)."""
-    shards: list[list[Entry]] = [[]]
+    shards: list[list[TensorInfo]] = [[]]
     size = 0
     for e in entries:
-        if shards[-1] and size + e.nbytes > max_shard_size:
+        if shards[-1] and size + e.nbytes() > max_shard_size:
             shards.append([])
             size = 0
         shards[-1].append(e)
-        size += e.nbytes
+        size += e.nbytes()
     return shards

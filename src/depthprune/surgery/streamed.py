@@ -1,7 +1,7 @@
 """Apply a depth plan from disk to disk: the pruned checkpoint is written tensor by tensor.
 
 Nothing holds the whole model. The pruned model's *skeleton* (a meta-device
-copy pruned with the in-memory :func:`~depthprune.surgery.apply_plan`, so the
+copy pruned with the in-memory :func:`~depthprune.surgery.inplace.surgery`, so the
 config, its per-layer lists and the tensor names are exactly those of
 in-memory surgery) says what to write; each tensor is then read from the
 input checkpoint, under its original layer index, and written under its new
@@ -22,13 +22,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..backend.checkpoint import TensorInfo
 from ..backend.hf import saved_names
 from ..backend.streamed import StreamedBackend
 from ..models.arch import count_parameters
 from ..plan import Plan
-from .apply import surgery
+from .inplace import surgery
 from .merge import check_operator, is_projection, merge_params
-from .safetensors_out import Entry, plan_shards, write_safetensors
+from .safetensors_out import plan_shards, write_safetensors
 
 INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_SHARD_SIZE = 5 * 10**9
@@ -137,7 +138,7 @@ def write_pruned_checkpoint(
     names = saved_names(pruned)
     entries, origin = [], {}
     for name, saved in names.items():
-        entry = Entry(saved, sources.out_dtype(name, state[name]), tuple(state[name].shape))
+        entry = TensorInfo(saved, sources.out_dtype(name, state[name]), tuple(state[name].shape))
         entries.append(entry)
         origin[saved] = name
     shards = plan_shards(entries, max_shard_size)
@@ -146,7 +147,7 @@ def write_pruned_checkpoint(
     bar = tqdm(total=len(entries), desc="writing pruned checkpoint (streamed)", disable=not progress,
                unit="tensor")
 
-    def produce(entry: Entry) -> torch.Tensor:
+    def produce(entry: TensorInfo) -> torch.Tensor:
         bar.update(1)
         name = origin[entry.name]
         return sources.value(name, entry.dtype, state[name])
@@ -154,7 +155,7 @@ def write_pruned_checkpoint(
     with bar:
         for file, shard in zip(files, shards):
             write_safetensors(directory / file, shard, produce, {"format": "pt"})
-    total = sum(e.nbytes for e in entries)
+    total = sum(e.nbytes() for e in entries)
     weight_map = {e.name: file for file, shard in zip(files, shards) for e in shard}
     if len(shards) > 1:
         index = {"metadata": {"total_parameters": count_parameters(pruned), "total_size": total},

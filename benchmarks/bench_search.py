@@ -6,7 +6,7 @@ run a full forward with the LM head and ``output_hidden_states=True``
 merged layer built functionally, no copies. Both must produce the same plan;
 the script asserts it and prints time and peak memory side by side.
 
-    python bench/bench_search.py [--model smollm2-135m] [--threshold 0.72] [--windows 10x128]
+    python benchmarks/bench_search.py [--model smollm2-135m] [--threshold 0.72] [--windows 10x128]
 """
 
 from __future__ import annotations

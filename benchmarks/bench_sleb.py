@@ -7,7 +7,7 @@ the current model, only the layers above the candidate run, the LM head a
 chunk of tokens at a time, no copies. Both must choose the same layers; the
 script asserts it and prints time and peak memory side by side.
 
-    python bench/bench_sleb.py [--model smollm2-135m] [--remove 3] [--objective nll] [--windows 8x128]
+    python benchmarks/bench_sleb.py [--model smollm2-135m] [--remove 3] [--objective nll] [--windows 8x128]
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ per model per round), so a change in machine load hits every model alike;
 figures are medians over rounds (see depthprune.evaluate.speed for what is
 timed).
 
-    python bench/bench_speed.py [--model smollm2-135m] [--ratios 0.25,0.35] [--threads 2] [--device cpu]
+    python benchmarks/bench_speed.py [--model smollm2-135m] [--ratios 0.25,0.35] [--threads 2] [--device cpu]
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ naive = full forward *with the LM head* and ``output_hidden_states=True`` (all
 L+1 states kept), then per-token cosine as the diagonal of a (tokens x tokens)
 matrix. Both must give the same Block Influence; the script asserts it.
 
-    python bench/bench_scoring.py [--model smollm2-135m] [--configs 10x128,32x256]
+    python benchmarks/bench_scoring.py [--model smollm2-135m] [--configs 10x128,32x256]
 """
 
 from __future__ import annotations

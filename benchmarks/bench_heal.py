@@ -16,7 +16,7 @@ The ``layers`` recipe is ``--compensate layers`` on the same budget axis: the pr
 re-applied to the dense model with the linear maps and the kept layers at every gap trained on KL to the dense
 model (``Compensation.layers_steps`` = budget / tokens per step), its windows drawn from the same text.
 
-    python bench/bench_heal.py --model runs/smollm2-135m-auto-0.25 --teacher smollm2-135m \\
+    python benchmarks/bench_heal.py --model runs/smollm2-135m-auto-0.25 --teacher smollm2-135m \\
         --data ../shared/data/austen/emma.txt --tokens 0,250000,1000000 \\
         --ppl-data ../shared/data/wikitext-2/test.txt --piqa-dir ../shared/data/piqa --limit 0 --out heal-curve/
 """

@@ -4,7 +4,7 @@ For each model: dense, ShortGPT at the depth SLM reached, the SLM plan (default
 T) re-applied with every operator on the *same* windows (isolating the
 operator), and LaCo at its default T with rdsc and with reference.
 
-    python bench/bench_merge_quality.py --models smollm2-135m,gemma3-270m --ppl-data FILE
+    python benchmarks/bench_merge_quality.py --models smollm2-135m,gemma3-270m --ppl-data FILE
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check: every GPU code path of depthprune once, on a small model, then one table.
 #
-#   bash bench/gpu_check.sh [MODEL] [OUT]      (default: smollm2-135m, gpu-check/)
+#   bash benchmarks/gpu_check.sh [MODEL] [OUT]      (default: smollm2-135m, gpu-check/)
 #
 # Each row is one command as a user types it, on --device cuda unless it tests another placement; a failing
 # row is marked and the check goes on. The last rows compare bf16 with fp32 perplexity (target: within 1%)

@@ -6,7 +6,7 @@ without recovery, with the linear maps, and with ``--compensate layers`` fitted 
 Prints KL per domain, the mean, the ratio to no recovery, token F1 of greedy continuations and the fit's
 time, and writes OUT/results.json.
 
-    python bench/bench_recovery.py --model smollm2-135m --calibs default,general,self,general+self --out rec/
+    python benchmarks/bench_recovery.py --model smollm2-135m --calibs default,general,self,general+self --out rec/
 """
 
 from __future__ import annotations

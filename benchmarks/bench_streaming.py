@@ -19,7 +19,7 @@ added. The cap is measured, not enforced by the kernel: ``RLIMIT_DATA``/``RLIMIT
 safetensors maps for a whole shard, not the pages it touches. The target: streaming's peak under
 1.5 x (one layer + calibration states + embeddings), whatever the depth.
 
-    python bench/bench_streaming.py [--depths 4,8,16] [--windows 8x128] [--threads 2] [--dir /tmp/...]
+    python benchmarks/bench_streaming.py [--depths 4,8,16] [--windows 8x128] [--threads 2] [--dir /tmp/...]
 """
 
 from __future__ import annotations

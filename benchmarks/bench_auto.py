@@ -9,8 +9,8 @@ evaluation text, side by side with the ratio to --exact.
 hidden 896, MLP 4864, 151,936-token vocabulary, tied embeddings) and random weights, for timing a 0.5B model
 with a 150k vocabulary offline: its plans and numbers mean nothing, its times do.
 
-    python bench/bench_auto.py --model smollm2-135m --modes fast,exact
-    python bench/bench_auto.py --model qwen2-0.5b-random --modes fast --eval ppl
+    python benchmarks/bench_auto.py --model smollm2-135m --modes fast,exact
+    python benchmarks/bench_auto.py --model qwen2-0.5b-random --modes fast --eval ppl
 """
 
 from __future__ import annotations
