@@ -21,9 +21,9 @@ from ..distributed import GROUP_TIMEOUT, check_launch, processes, requested_engi
 from ..io import write_json
 from ..models.arch import spec_for
 from .config import ADAPTER, CHECKPOINTS, CONFIG_FILE, PRESETS, QLORA_NEEDS_CUDA, HealConfig, HealError
-from .data import Items, PadCollator, load_heal_data, pad_id
+from .data import HealData, Items, PadCollator, load_heal_data, pad_id
 from .distill import IndexedItems, TeacherRowsCollator, distill_trainer, train_last_layers
-from .teacher import TEACHER_CACHE, Teacher, loss_name, teacher_cache
+from .teacher import TEACHER_CACHE, Teacher, TeacherCache, loss_name, teacher_cache
 
 log = logging.getLogger(__name__)
 
@@ -255,6 +255,219 @@ def _quantized_copy(model: nn.Module, workdir: Path, config: HealConfig) -> nn.M
     return prepare_model_for_kbit_training(quantized, use_gradient_checkpointing=config.gradient_checkpointing)
 
 
+@dataclass
+class HealSetup:
+    """What training reads, made ready before it starts: the data within its budget, the teacher or its cached
+    distributions, where checkpoints go and which one a resumed run continues."""
+
+    config: HealConfig
+    data: HealData
+    train_items: list[dict[str, list[int]]]
+    steps: int
+    output_dir: Path
+    resume_from: str | None
+    cache: TeacherCache | None = None
+    teacher: nn.Module | None = None
+    teacher_record: dict[str, Any] | None = None
+
+
+@dataclass
+class Trainee:
+    """The model as it trains: a PEFT model around it (LoRA), or itself with only its last layers trainable."""
+
+    model: nn.Module
+    lora: Any | None
+    targets: list[str] | str
+    parameters: int
+
+
+def prepare(model: nn.Module, tokenizer: Any, data: str | Path | Sequence[str | Path], config: HealConfig,
+            output_dir: Path, *, resume: bool, save_adapter: bool,
+            teacher: nn.Module | Teacher | None) -> HealSetup:
+    """Check the request, read and tokenize the data, and build (main process) or read (the others) the
+    teacher's cache."""
+    if config.qlora and not torch.cuda.is_available():
+        raise HealError(QLORA_NEEDS_CUDA)
+    if config.distill and teacher is None:
+        raise HealError("distillation needs the dense model as teacher (--teacher, or heal inside prune)")
+    if save_adapter and config.last_layers() is not None:
+        raise HealError("--save-adapter needs LoRA; --train-layers last:N trains the weights themselves")
+    spec_for(model)
+    launch = processes()
+    check_launch(batch_size=config.batch_size, eval_batch_size=config.eval_batch_size, stream=None)
+    resume_from = _checkpoint_to_resume(output_dir / CHECKPOINTS, resume)
+
+    heal_data = load_heal_data(data, tokenizer, config)
+    train_items, steps = token_budget(heal_data.train, config)
+    heal_data.description["train_items_used"] = len(train_items)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if launch.main:
+        _write_run_config(output_dir, config, heal_data.description, resuming=resume_from is not None)
+    setup = HealSetup(config, heal_data, train_items, steps, output_dir, resume_from)
+
+    if config.distill and config.teacher_cache:
+        where = Path(config.teacher_cache_dir).expanduser() if config.teacher_cache_dir else output_dir / TEACHER_CACHE
+        if not launch.main:
+            wait_for_all()  # the main process builds the cache; the others then read it
+        setup.cache = teacher_cache(teacher, [*heal_data.val, *train_items], where, config,
+                                    vocab_size=model.get_output_embeddings().weight.shape[0], pad=pad_id(tokenizer),
+                                    progress=config.progress and launch.main, built_by_main=not launch.main)
+        if launch.main:
+            wait_for_all()
+        setup.teacher_record = {"mode": "cache", **setup.cache.record}
+    elif config.distill:
+        setup.teacher = teacher.load() if isinstance(teacher, Teacher) else teacher
+        setup.teacher_record = {"mode": "live: the teacher runs on every step"}
+    if setup.teacher_record is not None:
+        setup.teacher_record["loss"] = loss_name(setup.cache.cache if setup.cache else None, config)
+    return setup
+
+
+def trainee(model: nn.Module, config: HealConfig, output_dir: Path) -> Trainee:
+    """LoRA adapters on the chosen projections (on a 4-bit copy for QLoRA), or the last layers unfrozen."""
+    from peft import LoraConfig, get_peft_model
+
+    last = config.last_layers()
+    if last is not None:
+        train_last_layers(model, last)
+        return Trainee(model, None, [f"the LM head and the last {last} layers"],
+                       sum(p.numel() for p in model.parameters() if p.requires_grad))
+    targets = config.target_modules or lora_targets(model, config.preset)
+    lora = LoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=targets,
+                      bias="none", task_type="CAUSAL_LM", fan_in_fan_out=spec_for(model).conv1d)
+    base = _quantized_copy(model, output_dir, config) if config.qlora else model
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        trained = get_peft_model(base, lora)
+    return Trainee(trained, lora, targets, sum(p.numel() for p in trained.parameters() if p.requires_grad))
+
+
+def training_arguments(setup: HealSetup) -> Any:
+    """The Trainer's arguments: the recipe of :class:`HealConfig`, evaluation and checkpoints every
+    ``eval_steps`` with the best kept, and in a launch of several processes each batch split across them."""
+    from transformers import TrainingArguments
+
+    config, steps, has_val = setup.config, setup.steps, bool(setup.data.val)
+    every = min(config.eval_steps, steps)
+    cuda = torch.cuda.is_available()
+    return TrainingArguments(
+        output_dir=str(setup.output_dir / CHECKPOINTS),
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.eval_batch_size or config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps if config.max_steps > 0 else (steps if config.max_tokens else -1),
+        include_num_input_tokens_seen="non_padding",
+        learning_rate=config.lr,
+        warmup_steps=min(config.warmup_steps, steps // 10),
+        weight_decay=config.weight_decay,
+        logging_steps=min(config.logging_steps, steps),
+        eval_strategy="steps" if has_val else "no",
+        eval_steps=every if has_val else None,
+        eval_on_start=config.eval_on_start and has_val and setup.resume_from is None,
+        save_strategy="steps",
+        save_steps=every,
+        save_total_limit=config.save_total_limit,
+        load_best_model_at_end=has_val,
+        metric_for_best_model="eval_loss" if has_val else None,
+        greater_is_better=False if has_val else None,
+        report_to="none",
+        push_to_hub=False,
+        seed=config.seed,
+        data_seed=config.seed,
+        use_cpu=not cuda,
+        bf16=cuda and torch.cuda.is_bf16_supported(),
+        dataloader_num_workers=0,
+        dataloader_pin_memory=cuda,
+        remove_unused_columns=False,
+        label_names=["labels"],
+        disable_tqdm=not config.progress,
+        activation_checkpointing=config.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
+        accelerator_config={"split_batches": processes().several},
+        ddp_find_unused_parameters=False,
+        ddp_timeout=int(GROUP_TIMEOUT.total_seconds()),
+    )
+
+
+def make_trainer(student: Trainee, setup: HealSetup, tokenizer: Any, callbacks: Sequence[Any]) -> tuple[Any, Any]:
+    """The Trainer (the distillation one with a teacher) and the clock that times its optimizer steps."""
+    from transformers import PrinterCallback, ProgressCallback, Trainer
+
+    config, cache, val = setup.config, setup.cache, setup.data.val
+    evaluate_at_end, loss_bar, step_clock = _make_callbacks(config.max_tokens)
+    clock = step_clock()
+    distill = {"teacher": setup.teacher, "cache": cache, "alpha": config.distill_alpha,
+               "temperature": config.temperature, "top_k": config.distill_top_k} if config.distill else {}
+    collator = PadCollator(pad_id(tokenizer))
+    trainer = (distill_trainer() if config.distill else Trainer)(
+        model=student.model,
+        args=training_arguments(setup),
+        train_dataset=IndexedItems(setup.train_items, len(val)) if cache else Items(setup.train_items),
+        eval_dataset=(IndexedItems(val) if cache else Items(val)) if val else None,
+        data_collator=TeacherRowsCollator(collator, cache) if cache else collator,
+        callbacks=[evaluate_at_end(), clock, *callbacks],
+        **distill,
+    )
+    trainer.remove_callback(PrinterCallback)
+    if config.progress:
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(loss_bar())
+    return trainer, clock
+
+
+def run_training(trainer: Any, model: nn.Module, resume_from: str | None) -> Any:
+    """Train (without the KV cache, which training never reads) and wait for every process to finish."""
+    saved_use_cache = getattr(model.config, "use_cache", None)
+    if hasattr(model.config, "use_cache"):
+        model.config.use_cache = False
+    try:
+        output = trainer.train(resume_from_checkpoint=resume_from)
+    finally:
+        if saved_use_cache is not None:
+            model.config.use_cache = saved_use_cache
+    wait_for_all()  # every process has read the best checkpoint before the main one may remove it
+    return output
+
+
+def plain_weights(trainer: Any, model: nn.Module, student: Trainee, setup: HealSetup,
+                  save_adapter: bool) -> tuple[nn.Module, Path | None]:
+    """The trained model as plain weights (LoRA merged), gathered whole first when the engine sharded it;
+    with ``save_adapter`` the adapter alone is written too. Returns the model and the adapter's folder."""
+    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    main, trained, lora = processes().main, student.model, student.lora
+    engine = engine_of(trainer)
+    if requested_engine() not in (None, engine) and main:
+        log.warning("the launch's accelerate config asks for %s, but accelerate ran %s (it shards only on GPUs): "
+                    "every process held the whole model", requested_engine(), engine)
+    sharded = engine in SHARDED_ENGINES
+    if sharded:  # every process sends its shard; the main process gets whole weights to merge and save
+        full = trainer.accelerator.get_state_dict(trainer.model)
+        trained = unsharded_copy(model, full, lora) if main else trained
+    adapter_dir = None
+    if save_adapter and trainer.is_world_process_zero():
+        adapter_dir = setup.output_dir / ADAPTER
+        trained.save_pretrained(adapter_dir)
+    if sharded and not main:
+        return model, adapter_dir  # only the main process's copy is merged and written
+    if lora is None:
+        return trained, adapter_dir
+    if setup.config.qlora:
+        weights = get_peft_model_state_dict(trained)
+        trained = get_peft_model(model, lora)
+        set_peft_model_state_dict(trained, weights)
+    merged = trained.merge_and_unload()
+    for attr in ("peft_config", "_hf_peft_config_loaded"):
+        if attr in vars(merged):
+            delattr(merged, attr)
+    leftover = [name for name, m in merged.named_modules() if isinstance(m, BaseTunerLayer)]
+    if leftover:
+        raise RuntimeError(f"PEFT modules left after merging: {leftover[:3]}")
+    return merged, adapter_dir
+
+
 def heal(
     model: nn.Module,
     tokenizer: Any,
@@ -281,171 +494,28 @@ def heal(
     (then ``teacher-cache/`` holds its distributions, unless
     ``config.teacher_cache_dir`` names another place). Saving the healed model
     is left to :func:`depthprune.save`.
+
+    Three steps: :func:`prepare` (data, teacher), training (:func:`trainee`, :func:`make_trainer`,
+    :func:`run_training`), :func:`plain_weights` (merge, or gather and merge).
     """
-    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
-    from peft.tuners.tuners_utils import BaseTunerLayer
-    from transformers import PrinterCallback, ProgressCallback, Trainer, TrainingArguments, set_seed
+    from transformers import set_seed
 
-    config = (config or HealConfig()).validate()
-    if config.qlora and not torch.cuda.is_available():
-        raise HealError(QLORA_NEEDS_CUDA)
-    if config.distill and teacher is None:
-        raise HealError("distillation needs the dense model as teacher (--teacher, or heal inside prune)")
-    last = config.last_layers()
-    if save_adapter and last is not None:
-        raise HealError("--save-adapter needs LoRA; --train-layers last:N trains the weights themselves")
-    spec_for(model)
-    launch = processes()
-    check_launch(batch_size=config.batch_size, eval_batch_size=config.eval_batch_size, stream=None)
     started = time.perf_counter()
-    output_dir = Path(output_dir).expanduser().resolve()
-    ckpt_dir = output_dir / CHECKPOINTS
-    resume_from = _checkpoint_to_resume(ckpt_dir, resume)
-
-    heal_data = load_heal_data(data, tokenizer, config)
-    train_items, total = token_budget(heal_data.train, config)
-    heal_data.description["train_items_used"] = len(train_items)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    if launch.main:
-        _write_run_config(output_dir, config, heal_data.description, resuming=resume_from is not None)
-
-    cache, teacher_record = None, None
-    if config.distill and config.teacher_cache:
-        where = Path(config.teacher_cache_dir).expanduser() if config.teacher_cache_dir else output_dir / TEACHER_CACHE
-        if not launch.main:
-            wait_for_all()  # the main process builds the cache; the others then read it
-        cache = teacher_cache(teacher, [*heal_data.val, *train_items], where, config,
-                              vocab_size=model.get_output_embeddings().weight.shape[0], pad=pad_id(tokenizer),
-                              progress=config.progress and launch.main, built_by_main=not launch.main)
-        if launch.main:
-            wait_for_all()
-        teacher, teacher_record = None, {"mode": "cache", **cache.record}
-    elif config.distill:
-        teacher = teacher.load() if isinstance(teacher, Teacher) else teacher
-        teacher_record = {"mode": "live: the teacher runs on every step"}
-    if teacher_record is not None:
-        teacher_record["loss"] = loss_name(cache.cache if cache else None, config)
+    config = (config or HealConfig()).validate()
+    setup = prepare(model, tokenizer, data, config, Path(output_dir).expanduser().resolve(), resume=resume,
+                    save_adapter=save_adapter, teacher=teacher)
 
     saved_flags = {p: p.requires_grad for p in model.parameters()}
-    saved_use_cache = getattr(model.config, "use_cache", None)
     set_seed(config.seed)
-    if last is None:
-        targets = config.target_modules or lora_targets(model, config.preset)
-        lora = LoraConfig(
-            r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=targets,
-            bias="none", task_type="CAUSAL_LM", fan_in_fan_out=spec_for(model).conv1d,
-        )
-        base = _quantized_copy(model, output_dir, config) if config.qlora else model
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-            trained = get_peft_model(base, lora)
-    else:
-        targets = [f"the LM head and the last {last} layers"]
-        train_last_layers(model, last)
-        trained = model
-    trainable = sum(p.numel() for p in trained.parameters() if p.requires_grad)
+    student = trainee(model, config, setup.output_dir)
+    trainer, clock = make_trainer(student, setup, tokenizer, callbacks)
+    output = run_training(trainer, model, setup.resume_from)
 
-    has_val = bool(heal_data.val)
-    every = min(config.eval_steps, total)
-    cuda = torch.cuda.is_available()
-    args = TrainingArguments(
-        output_dir=str(ckpt_dir),
-        per_device_train_batch_size=config.batch_size,
-        per_device_eval_batch_size=config.eval_batch_size or config.batch_size,
-        gradient_accumulation_steps=config.grad_accum,
-        num_train_epochs=config.epochs,
-        max_steps=config.max_steps if config.max_steps > 0 else (total if config.max_tokens else -1),
-        include_num_input_tokens_seen="non_padding",
-        learning_rate=config.lr,
-        warmup_steps=min(config.warmup_steps, total // 10),
-        weight_decay=config.weight_decay,
-        logging_steps=min(config.logging_steps, total),
-        eval_strategy="steps" if has_val else "no",
-        eval_steps=every if has_val else None,
-        eval_on_start=config.eval_on_start and has_val and resume_from is None,
-        save_strategy="steps",
-        save_steps=every,
-        save_total_limit=config.save_total_limit,
-        load_best_model_at_end=has_val,
-        metric_for_best_model="eval_loss" if has_val else None,
-        greater_is_better=False if has_val else None,
-        report_to="none",
-        push_to_hub=False,
-        seed=config.seed,
-        data_seed=config.seed,
-        use_cpu=not cuda,
-        bf16=cuda and torch.cuda.is_bf16_supported(),
-        dataloader_num_workers=0,
-        dataloader_pin_memory=cuda,
-        remove_unused_columns=False,
-        label_names=["labels"],
-        disable_tqdm=not config.progress,
-        activation_checkpointing=config.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
-        accelerator_config={"split_batches": launch.several},
-        ddp_find_unused_parameters=False,
-        ddp_timeout=int(GROUP_TIMEOUT.total_seconds()),
-    )
-    evaluate_at_end, loss_bar, step_clock = _make_callbacks(config.max_tokens)
-    clock = step_clock()
-    distill = {"teacher": teacher, "cache": cache, "alpha": config.distill_alpha, "temperature": config.temperature,
-               "top_k": config.distill_top_k} if config.distill else {}
-    collator = PadCollator(pad_id(tokenizer))
-    trainer = (distill_trainer() if config.distill else Trainer)(
-        model=trained,
-        args=args,
-        train_dataset=IndexedItems(train_items, len(heal_data.val)) if cache else Items(train_items),
-        eval_dataset=(IndexedItems(heal_data.val) if cache else Items(heal_data.val)) if has_val else None,
-        data_collator=TeacherRowsCollator(collator, cache) if cache else collator,
-        callbacks=[evaluate_at_end(), clock, *callbacks],
-        **distill,
-    )
-    trainer.remove_callback(PrinterCallback)
-    if config.progress:
-        trainer.remove_callback(ProgressCallback)
-        trainer.add_callback(loss_bar())
-    if hasattr(model.config, "use_cache"):
-        model.config.use_cache = False
-    try:
-        output = trainer.train(resume_from_checkpoint=resume_from)
-    finally:
-        if saved_use_cache is not None:
-            model.config.use_cache = saved_use_cache
-    wait_for_all()  # every process has read the best checkpoint before the main one may remove it
-    state = trainer.state
-
-    engine = engine_of(trainer)
-    sharded = engine in SHARDED_ENGINES
-    if requested_engine() not in (None, engine) and launch.main:
-        log.warning("the launch's accelerate config asks for %s, but accelerate ran %s (it shards only on GPUs): "
-                    "every process held the whole model", requested_engine(), engine)
-    if sharded:  # every process sends its shard; the main process gets whole weights to merge and save
-        full = trainer.accelerator.get_state_dict(trainer.model)
-        trained = unsharded_copy(model, full, lora if last is None else None) if launch.main else trained
-    adapter_dir = None
-    if save_adapter and trainer.is_world_process_zero():
-        adapter_dir = output_dir / ADAPTER
-        trained.save_pretrained(adapter_dir)
-    if sharded and not launch.main:
-        merged = model  # only the main process's copy is merged and written
-    elif last is None:
-        if config.qlora:
-            weights = get_peft_model_state_dict(trained)
-            trained = get_peft_model(model, lora)
-            set_peft_model_state_dict(trained, weights)
-        merged = trained.merge_and_unload()
-        for attr in ("peft_config", "_hf_peft_config_loaded"):
-            if attr in vars(merged):
-                delattr(merged, attr)
-        leftover = [name for name, m in merged.named_modules() if isinstance(m, BaseTunerLayer)]
-        if leftover:
-            raise RuntimeError(f"PEFT modules left after merging: {leftover[:3]}")
-    else:
-        merged = trained
+    merged, adapter_dir = plain_weights(trainer, model, student, setup, save_adapter)
     for p, flag in saved_flags.items():
         p.requires_grad_(flag)
     merged.eval()
-
+    state = trainer.state
     history = state.log_history
     return HealResult(
         model=merged,
@@ -455,17 +525,17 @@ def heal(
         eval_losses=[(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h],
         best_eval_loss=state.best_metric,
         best_checkpoint=state.best_model_checkpoint,
-        resumed_from=resume_from,
+        resumed_from=setup.resume_from,
         adapter_dir=str(adapter_dir) if adapter_dir else None,
-        target_modules=targets,
-        trainable_parameters=trainable,
-        data=heal_data.description,
+        target_modules=student.targets,
+        trainable_parameters=student.parameters,
+        data=setup.data.description,
         config=config.to_dict(),
         runtime_s=time.perf_counter() - started,
         tokens_seen=int(state.num_input_tokens_seen),
         train_seconds=clock.seconds,
         tokens_per_s=clock.tokens / clock.seconds if clock.seconds else None,
-        processes=launch.world,
-        engine=engine,
-        teacher=teacher_record,
+        processes=processes().world,
+        engine=engine_of(trainer),
+        teacher=setup.teacher_record,
     )
