@@ -48,7 +48,7 @@ class HealConfig:
     ``max_steps > 0`` overrides ``epochs`` (0: train for ``epochs``). ``val_size`` below 1 is a fraction
     of the items, 1 or more a count, 0 disables validation (then the last
     state is kept instead of the best one). The effective batch is
-    ``batch_size * grad_accum`` (times the number of processes).
+    ``batch_size * grad_accum``, however many processes share it (each takes its part of every batch).
     ``warmup_steps`` (alpaca-lora: 100) is capped at a tenth of the run so
     that short runs still reach the peak learning rate. Evaluation and
     checkpoints happen every ``eval_steps`` steps and at the last step.
@@ -86,7 +86,8 @@ class HealConfig:
     lr: float = option(1e-4, "Peak learning rate (SLM / Shortened-LLaMA: 1e-4).")
     epochs: float = option(2.0, "Passes over the training split when {max_steps} is 0 (SLM: 2).")
     max_steps: int = option(0, "Optimizer steps (0 = train for {epochs}).")
-    batch_size: int = option(4, "Sequences per forward pass: training items per micro-batch.")
+    batch_size: int = option(4, "Training items per micro-batch; in a launch of several processes the global "
+                             "micro-batch, split evenly across them.")
     grad_accum: int = option(16, "Micro-batches per optimizer step (4 x 16 = 64, as SLM).")
     eval_batch_size: int | None = None
     cutoff_len: int = option(256, "Tokens per training item (longer ones are truncated).")
