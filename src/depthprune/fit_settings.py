@@ -75,6 +75,19 @@ class FitOptions:
         return recorded
 
 
+def _require_counts(*counts: int) -> None:
+    """Token, window and batch counts of at least one."""
+    if min(counts) < 1:
+        raise InputError("compensation token, window and batch counts must be positive")
+
+
+def _require_training(steps: int, lr: float, *counts: int) -> None:
+    """Steps 0 or more, a positive learning rate, and counts of at least one."""
+    if steps < 0 or lr <= 0:
+        raise InputError("compensation steps must be 0 or more and learning rates positive")
+    _require_counts(*counts)
+
+
 @dataclass
 class CosineSettings(FitOptions):
     """``cosine``: Adam ``steps`` at ``lr`` on a subsample of ``refine_tokens`` of the fit tokens."""
@@ -85,10 +98,7 @@ class CosineSettings(FitOptions):
 
     def validate(self) -> None:
         super().validate()
-        if self.steps < 0 or self.lr <= 0:
-            raise InputError("compensation steps must be 0 or more and learning rates positive")
-        if self.refine_tokens < 1:
-            raise InputError("compensation token, window and batch counts must be positive")
+        _require_training(self.steps, self.lr, self.refine_tokens)
 
 
 @dataclass
@@ -103,10 +113,7 @@ class KLSettings(FitOptions):
 
     def validate(self) -> None:
         super().validate()
-        if self.steps < 0 or self.lr <= 0:
-            raise InputError("compensation steps must be 0 or more and learning rates positive")
-        if min(self.windows, self.batch) < 1:
-            raise InputError("compensation token, window and batch counts must be positive")
+        _require_training(self.steps, self.lr, self.windows, self.batch)
 
 
 @dataclass
@@ -134,8 +141,7 @@ class LayersSettings(FitOptions):
 
     def validate(self) -> None:
         super().validate()
-        if min(self.tokens, self.batch, self.chunk) < 1:
-            raise InputError("compensation token, window and batch counts must be positive")
+        _require_counts(self.tokens, self.batch, self.chunk)
         if min(self.steps, self.holdout, self.after, self.patience) < 0 or self.lr <= 0 or self.check_every < 1:
             raise InputError("--compensate layers: steps, held-out windows and layers after the gap must be 0 or "
                              "more, the learning rate positive")
@@ -156,6 +162,11 @@ def _options_type(f: Field) -> type[FitOptions] | None:
     """The fit settings class a :class:`Compensation` field holds, or None for a shared setting."""
     made = f.default_factory
     return made if isinstance(made, type) and issubclass(made, FitOptions) else None
+
+
+def _parts(cls: type) -> dict[str, type[FitOptions]]:
+    """The :class:`Compensation` fields holding a fit's settings: field (fit) name -> settings class."""
+    return {f.name: made for f in fields(cls) if (made := _options_type(f)) is not None}
 
 
 @dataclass
@@ -183,9 +194,8 @@ class Compensation:
             raise InputError(f"--compensate-tokens must be at least 1, got {self.tokens}")
         if self.ridge < 0:
             raise InputError(f"--ridge must be 0 or more, got {self.ridge}")
-        for f in fields(self):
-            if _options_type(f) is not None:
-                getattr(self, f.name).validate()
+        for part in _parts(type(self)):
+            getattr(self, part).validate()
         return self
 
     def fit_tokens(self, seq_len: int) -> int:
@@ -197,22 +207,21 @@ class Compensation:
         """The settings named flat, as flags and plans name them (``layers_steps=3``); a name no fit reads is a
         ``TypeError``, as for any dataclass."""
         shared: dict[str, Any] = {}
-        parts = {f.name: {} for f in fields(cls) if _options_type(f) is not None}
+        given: dict[str, dict[str, Any]] = {part: {} for part in _parts(cls)}
         owners = _flat_owners()
         for name, value in settings.items():
             if name not in owners:
                 raise TypeError(f"Compensation has no setting {name!r}")
             part, own = owners[name]
-            (shared if part is None else parts[part])[own] = value
-        types = {f.name: _options_type(f) for f in fields(cls)}
-        return cls(fit=fit, **shared, **{part: types[part](**given) for part, given in parts.items()})
+            (shared if part is None else given[part])[own] = value
+        return cls(fit=fit, **shared, **{part: made(**given[part]) for part, made in _parts(cls).items()})
 
     @classmethod
     def from_dict(cls, recorded: dict[str, Any]) -> "Compensation":
         """The settings a plan recorded (unchecked); a plan written before its fit gained a setting re-fits as it
         did (the fit's settings' ``upgrade``)."""
         recorded = dict(recorded)
-        chosen = {f.name: _options_type(f) for f in fields(cls)}.get(recorded.get("fit"))
+        chosen = _parts(cls).get(recorded.get("fit"))
         return cls.of(**(chosen.upgrade(recorded) if chosen is not None else recorded))
 
     @classmethod
@@ -264,7 +273,7 @@ def declared_settings() -> list[OptionInfo]:
 
 def options_field(options: type[FitOptions]) -> str:
     """The :class:`Compensation` field holding ``options`` (a fit's registration is checked against it)."""
-    held = [f.name for f in fields(Compensation) if _options_type(f) is options]
+    held = [part for part, made in _parts(Compensation).items() if made is options]
     if not held:
         raise ValueError(f"{options.__name__} is not a part of Compensation: add a field holding it")
     return held[0]
