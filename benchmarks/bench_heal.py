@@ -157,13 +157,13 @@ def _healing(args, recipe: str, budget: int, evaluation, out_dir) -> dict:
 def _gap_training(args, recipe: str, budget: int, evaluation, out_dir) -> dict:
     """``--compensate layers`` trained on ``budget`` tokens: the pruned model's plan re-applied to the dense model."""
     from depthprune import CalibrationSpec, DepthStage, Job, Plan, load_model, run_job
-    from depthprune.compensate import Compensation
+    from depthprune.compensate import Compensation, LayersSettings
 
     plan = Plan.load(Path(args.model) / "depthprune_plan.json")
     calibration = CalibrationSpec(source=args.data)
-    per_step = Compensation.layers_batch * calibration.seq_len
-    fit = Compensation(fit="layers", layers_steps=max(1, budget // per_step),
-                       layers_tokens=min(budget, args.layers_unique_tokens))
+    per_step = LayersSettings.batch * calibration.seq_len
+    fit = Compensation(fit="layers", layers=LayersSettings(steps=max(1, budget // per_step),
+                                                           tokens=min(budget, args.layers_unique_tokens)))
     stage = DepthStage(plan.method, plan=plan, compensation=fit)
     result = run_job(load_model(args.teacher, progress=False),
                      Job([stage], calibration=calibration, evaluation=evaluation, evaluate_before=False,
@@ -171,7 +171,7 @@ def _gap_training(args, recipe: str, budget: int, evaluation, out_dir) -> dict:
     trained = next(r["layers"] for r in result.stages[0]["compensation"] if "layers" in r)
     tokens, seconds = trained["tokens_trained"], trained["seconds"]
     return {**result.after.values(), "recipe": recipe, "budget": budget, "tokens": tokens,
-            "steps": fit.layers_steps, "tokens_per_s": tokens / seconds if seconds else None,
+            "steps": fit.layers.steps, "tokens_per_s": tokens / seconds if seconds else None,
             "teacher": args.teacher, "fit": trained}
 
 

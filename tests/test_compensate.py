@@ -8,7 +8,8 @@ import torch
 
 from depthprune import Calibration, Merge, Plan, apply_plan
 from depthprune.backend import InMemoryBackend
-from depthprune.compensate import Compensation, Interface, fit_compensation, fold_in_place, interfaces
+from depthprune.compensate import (Compensation, CosineSettings, Interface, KLSettings, LayersSettings, fit_compensation,
+                                   fold_in_place, interfaces)
 from depthprune.errors import InputError
 from depthprune.models.arch import get_layers, get_path, spec_for
 from depthprune.models.forward import run_decoder
@@ -68,7 +69,7 @@ def test_cosine_refinement_and_ridge():
     model = tiny_model("llama", seed=3)
     batches = _batches(8)
     plan = Plan("x", LAYERS, remove=[3, 4])
-    record = fit_compensation(model, plan, batches, Compensation(fit="cosine", steps=50, lr=1e-2)).records[0]
+    record = fit_compensation(model, plan, batches, Compensation(fit="cosine", cosine=CosineSettings(steps=50, lr=1e-2))).records[0]
     assert record["refine_tokens"] == 8 * 16 - 5 and "residual_linear" in record
     big_ridge = fit_compensation(model, plan, batches, Compensation(ridge=1e6)).records[0]
     assert big_ridge["residual_after"] == pytest.approx(big_ridge["residual_before"], rel=1e-3)
@@ -139,7 +140,7 @@ def test_end_to_end_kl_lowers_the_kl_and_the_virtual_stack_agrees(family):
     batches = _batches(8)
     plan = Plan("x", LAYERS, remove=[2, 3])
     original = tiny_model(family, seed=6)
-    config = Compensation(fit="kl", kl_steps=25, kl_lr=1e-2, kl_batch=2)
+    config = Compensation(fit="kl", kl=KLSettings(steps=25, lr=1e-2, batch=2))
     fitted = fit_compensation(original, plan, batches, config)
     e2e = fitted.records[-1]["end_to_end"]
     assert e2e["kl_after"] < e2e["kl_before"], e2e
@@ -259,8 +260,8 @@ def test_layers_fit_lowers_heldout_kl_below_the_linear_fit(family):
     original = tiny_model(family, seed=6)
     linear = fit_compensation(original, plan, batches, Compensation())
     layers = fit_compensation(original, plan, batches,
-                              Compensation(fit="layers", layers_steps=30, layers_lr=1e-3, layers_holdout=4,
-                                           layers_patience=0))  # the training itself, no early stop
+                              Compensation(fit="layers", layers=LayersSettings(steps=30, lr=1e-3, holdout=4,
+                                                                             patience=0)))  # the training itself, no early stop
     record = layers.records[-1]["layers"]
     assert record["trained_positions"] == [1, 2] and record["kl_after"] < record["kl_before"]
     assert record["kl_measured_on"] == min(16, record["train_windows"])
@@ -289,16 +290,16 @@ def test_layers_fit_keeps_its_best_weights_and_says_when_the_heldout_kl_rose():
     original = tiny_model("llama", seed=6)
     bad = dict(fit="layers", layers_steps=40, layers_lr=0.5, layers_holdout=4, layers_check_every=2,
                layers_patience=2)
-    watched = fit_compensation(original, plan, batches, Compensation(**bad))
+    watched = fit_compensation(original, plan, batches, Compensation.of(**bad))
     record = watched.records[-1]["layers"]
     assert record["kept_step"] == 0 and record["stopped_early"] and record["steps_run"] == 4
     assert record["holdout_kl_after"] == pytest.approx(record["holdout_kl_before"], rel=1e-6)
     assert "warning" not in record
-    start = fit_compensation(original, plan, batches, Compensation(**{**bad, "layers_steps": 0}))
+    start = fit_compensation(original, plan, batches, Compensation.of(**{**bad, "layers_steps": 0}))
     for position, changes in watched.overrides.items():
         for name, value in changes.items():
             torch.testing.assert_close(value, start.overrides[position][name], rtol=0, atol=0)
-    unwatched = fit_compensation(original, plan, batches, Compensation(**{**bad, "layers_patience": 0}))
+    unwatched = fit_compensation(original, plan, batches, Compensation.of(**{**bad, "layers_patience": 0}))
     record = unwatched.records[-1]["layers"]
     assert record["steps_run"] == 40 and record["holdout_kl_after"] > record["holdout_kl_before"]
     assert "held-out KL rose" in record["warning"]
@@ -323,12 +324,12 @@ def test_layers_fit_draws_one_pass_of_its_steps_and_old_plans_refit_as_recorded(
     and no early stop, as it was fitted."""
     assert Compensation(fit="linear").fit_tokens(128) == 8192
     assert Compensation(fit="layers").fit_tokens(128) == (100 * 4 + 16) * 128
-    assert Compensation(fit="layers", layers_steps=10).fit_tokens(128) == 16384
+    assert Compensation(fit="layers", layers=LayersSettings(steps=10)).fit_tokens(128) == 16384
     assert Compensation(fit="layers", tokens=10**6).fit_tokens(128) == 10**6
     old = {k: v for k, v in Compensation(fit="layers").to_dict().items()
            if k not in ("layers_tokens", "layers_one_pass", "layers_patience", "layers_check_every")}
     assert Compensation.recorded(old).fit_tokens(128) == 8192
-    assert Compensation.recorded(old).layers_patience == 0 and not Compensation.recorded(old).layers_one_pass
+    assert Compensation.recorded(old).layers.patience == 0 and not Compensation.recorded(old).layers.one_pass
     assert Compensation.recorded(Compensation(fit="layers").to_dict()) == Compensation(fit="layers")
     with pytest.raises(InputError, match="positive"):
         Compensation.recorded({**old, "layers_tokens": 0})

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ast
-from dataclasses import fields
+import json
 from pathlib import Path
 
 import pytest
@@ -11,27 +11,76 @@ import torch
 
 import depthprune
 from depthprune import Plan
-from depthprune.compensate import FITS, SHARED_SETTINGS, Compensation, Fit, fit_compensation, trained_fits
+from depthprune.compensate import (FITS, SHARED_SETTINGS, Compensation, CosineSettings, Fit, KLSettings, LayersSettings,
+                                   fit_compensation, trained_fits)
 from depthprune.compensate.registry import register_fit
+from depthprune.errors import InputError, PlanError
+from depthprune.io import write_json
 from tiny import LAYERS, tiny_calibration, tiny_model
 
 
-def test_the_fits_register_in_order_with_settings_of_the_recorded_settings():
+def test_the_fits_register_in_order_each_with_its_own_settings():
     assert list(FITS) == ["linear", "cosine", "kl", "layers"]
     assert trained_fits() == ("kl", "layers")
-    recorded = {f.name for f in fields(Compensation)}
+    assert [fit.options for fit in FITS.values()] == [None, CosineSettings, KLSettings, LayersSettings]
     for fit in FITS.values():
-        assert set(SHARED_SETTINGS) | set(fit.settings) <= recorded, fit.name
-    read = set(SHARED_SETTINGS).union(*(fit.settings for fit in FITS.values()))
-    assert read == recorded - {"fit"}, "every recorded setting is read by some fit"
+        if fit.options is not None:
+            assert type(getattr(Compensation(), fit.name)) is fit.options, "recorded under the fit's name"
+    recorded = list(Compensation().to_dict())
+    read = [*SHARED_SETTINGS, *(name for fit in FITS.values() for name in fit.settings)]
+    assert sorted(read) == sorted(recorded[1:]), "every recorded setting is read by exactly one fit, or all"
+
+
+def test_a_fits_settings_check_their_own_fields():
+    for bad, message in [({"steps": -1}, "steps must be 0 or more"), ({"refine_tokens": 0}, "counts must be")]:
+        with pytest.raises(InputError, match=message):
+            CosineSettings(**bad).validate()
+    with pytest.raises(InputError, match="--kl-lr must be a finite number"):
+        KLSettings(lr=float("nan")).validate()
+    with pytest.raises(InputError, match="--compensate layers: steps"):
+        LayersSettings(after=-1).validate()
+    with pytest.raises(InputError, match="--layers-lr must be a finite number"):
+        Compensation(fit="layers", layers=LayersSettings(lr=float("inf"))).validate()
+    with pytest.raises(TypeError, match="no setting 'kl_step'"):
+        Compensation.of(fit="kl", kl_step=3)
+
+
+def test_flat_settings_are_each_fits_own():
+    config = Compensation.of(fit="kl", tokens=512, steps=9, kl_steps=7, layers_after=2)
+    assert (config.tokens, config.cosine.steps, config.kl.steps, config.layers.after) == (512, 9, 7, 2)
+    assert config == Compensation(fit="kl", tokens=512, cosine=CosineSettings(steps=9), kl=KLSettings(steps=7),
+                                  layers=LayersSettings(after=2))
+    assert Compensation.from_dict(config.to_dict()) == config
+    assert list(config.to_dict())[:4] == ["fit", "tokens", "ridge", "steps"] and list(config.to_dict())[-1] == "seed"
+
+
+def test_a_plan_written_by_the_flat_settings_loads_typed_and_saves_byte_for_byte(tmp_path):
+    """tests/data/plan_layers_fit.json was written by the single flat ``Compensation`` before each fit had its
+    own settings; plans on disk load and save exactly as they were."""
+    written = Path(__file__).parent / "data" / "plan_layers_fit.json"
+    plan = Plan.load(written)
+    assert isinstance(plan.compensation, Compensation) and plan.compensation.fit == "layers"
+    assert (plan.compensation.layers.steps, plan.compensation.layers.after, plan.compensation.cosine.lr,
+            plan.compensation.kl.windows, plan.compensation.layers.one_pass, plan.compensation.seed) == \
+        (3, 2, 0.002, 8, False, 7)
+    assert write_json(tmp_path / "plan.json", plan.to_dict()).read_text() == written.read_text()
+    assert Plan.from_dict(json.loads(written.read_text())).to_json() == Plan.load(written).to_json()
+
+
+def test_a_plans_compensation_must_be_settings():
+    with pytest.raises(PlanError, match="no setting 'magic'"):
+        Plan("x", LAYERS, remove=[1], compensation={"fit": "linear", "magic": 1})
+    with pytest.raises(PlanError, match="not the fit's settings"):
+        Plan("x", LAYERS, remove=[1], compensation=["linear"])
+    assert Plan("x", LAYERS, remove=[1], compensation={"fit": "cosine"}).compensation == Compensation(fit="cosine")
 
 
 def test_fit_tokens_and_old_plans_come_from_the_fit():
     assert Compensation().fit_tokens(128) == 8192
     layers = Compensation(fit="layers")
-    assert layers.fit_tokens(128) == (layers.layers_steps * layers.layers_batch + layers.layers_holdout) * 128
+    assert layers.fit_tokens(128) == (layers.layers.steps * layers.layers.batch + layers.layers.holdout) * 128
     old = Compensation.recorded({"fit": "layers", "tokens": 4096})
-    assert (old.layers_one_pass, old.layers_patience, old.layers_holdout, old.layers_tokens) == (False, 0, 8, 4096)
+    assert (old.layers.one_pass, old.layers.patience, old.layers.holdout, old.layers.tokens) == (False, 0, 8, 4096)
     assert Compensation.recorded({"fit": "linear"}) == Compensation()
 
 
@@ -71,6 +120,12 @@ def test_a_fit_registered_from_outside_is_fitted_and_recorded():
         assert linear["residual_after"] < half["residual_after"] < half["residual_before"]
     finally:
         FITS.pop("halfway")
+
+
+def test_a_fits_options_are_recorded_under_its_name():
+    with pytest.raises(ValueError, match="holds KLSettings as 'kl'"):
+        register_fit(Fit("kl2", "kl again", options=KLSettings))
+    assert "kl2" not in FITS
 
 
 def test_fits_lists_every_fit_with_its_settings_and_flags(run_cli):

@@ -71,8 +71,9 @@ def _unwrap(hint: Any) -> tuple[type, bool]:
     return hint, False
 
 
-def declared_options(cls: type) -> list[OptionInfo]:
-    """The fields of dataclass ``cls`` declared with :func:`option`, in field order."""
+def declared_options(cls: type, prefix: str = "") -> list[OptionInfo]:
+    """The fields of dataclass ``cls`` declared with :func:`option`, in field order; ``prefix``: before each name
+    (and the flag made from it) where ``cls`` is part of a larger record that names its fields so."""
     hints = typing.get_type_hints(cls)
     out = []
     for f in fields(cls):
@@ -80,6 +81,6 @@ def declared_options(cls: type) -> list[OptionInfo]:
             continue
         base, optional = _unwrap(hints[f.name])
         default = None if f.default is MISSING else f.default
-        out.append(OptionInfo(f.name, base, optional, default, f.metadata["help"], f.metadata.get("choices"),
+        out.append(OptionInfo(prefix + f.name, base, optional, default, f.metadata["help"], f.metadata.get("choices"),
                               f.metadata.get("flag") or "", f.metadata.get("inverted", False)))
     return out

@@ -167,7 +167,7 @@ class DepthStage:
             plan = make_plan(self.method, ctx.backend, ctx.calibration, self.target, options=self.options,
                              batch_size=ctx.run.batch_size, progress=ctx.run.progress, data=ctx, notes=notes)
         if self.compensation is not None:
-            plan = replace(plan, compensation=self.compensation.to_dict())
+            plan = replace(plan, compensation=self.compensation)
         record: dict[str, Any] = {
             "stage": self.name, "method": self.method, "source": ctx.backend.source, "summary": plan.summary(),
             "options": self.options.to_dict() if self.options else {},

@@ -18,6 +18,7 @@ from typing import Any
 
 from ._version import __version__
 from .errors import PlanError
+from .fit_settings import Compensation
 from .operators import check_operator
 from .records import JsonRecord
 
@@ -79,7 +80,7 @@ class Plan(JsonRecord):
     scores: dict[str, list[float]] = field(default_factory=dict)
     log: list[dict[str, Any]] = field(default_factory=list)
     version: str | None = None
-    compensation: dict[str, Any] | None = None
+    compensation: Compensation | None = None
 
     def __post_init__(self) -> None:
         self.num_layers = _layer_index(self.num_layers, "num_layers")
@@ -88,12 +89,17 @@ class Plan(JsonRecord):
                             "objects with low, high, operator)")
         self.remove = sorted(_layer_index(i, "remove") for i in self.remove)
         self.merges = [_merge(m) for m in self.merges]
+        if isinstance(self.compensation, dict):
+            try:
+                self.compensation = Compensation.from_dict(self.compensation)
+            except TypeError as err:
+                raise PlanError(f"malformed plan: compensation: {err}") from None
         if self.version is None:
             self.version = __version__
         self.validate()
 
     def validate(self) -> None:
-        if self.compensation is not None and not isinstance(self.compensation, dict):
+        if self.compensation is not None and not isinstance(self.compensation, Compensation):
             raise PlanError(f"malformed plan: compensation is {self.compensation!r}, not the fit's settings (an "
                             "object such as {\"fit\": \"linear\"}) or null")
         if self.num_layers < 1:
@@ -156,8 +162,14 @@ class Plan(JsonRecord):
         for m in self.merges:
             parts.append(f"merge {m.low}..{m.high} ({m.operator})")
         if self.compensation:
-            parts.append(f"compensate ({self.compensation.get('fit')})")
+            parts.append(f"compensate ({self.compensation.fit})")
         return "; ".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The compensation flat, as plans have always recorded it (:meth:`Compensation.to_dict`)."""
+        data = super().to_dict()
+        data["compensation"] = self.compensation.to_dict() if self.compensation is not None else None
+        return data
 
     def _derived(self) -> dict[str, Any]:
         return {"num_layers_after": self.num_layers_after, "kept": self.kept}

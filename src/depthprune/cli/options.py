@@ -27,6 +27,7 @@ import typer
 
 from ..checks import flag_of, require_finite
 from ..compensate import FITS, SHARED_SETTINGS, Compensation
+from ..fit_settings import declared_settings
 from ..data.calibration import DEFAULT_CALIBRATION, DEFAULT_EVAL_TEXTS, PPL_WINDOWS
 from ..distributed import processes
 from ..errors import InputError
@@ -100,7 +101,7 @@ CompensateOpt = Annotated[str, typer.Option(
     help="Fit a linear map at every gap the plan leaves and fold it into the layer before it: none, "
     + ", ".join(f"{fit.name} ({fit.summary})" for fit in FITS.values()) + " (see `depthprune fits`).")]
 
-FIT_SETTING_INFOS = declared_options(Compensation)
+FIT_SETTING_INFOS = declared_settings()
 FIT_SETTING_OPTIONS = {info.flag_name.replace("-", "_"): info.name for info in FIT_SETTING_INFOS}
 """The compensation options (the :class:`~depthprune.compensate.Compensation` settings declared with a flag)
 and the setting each gives: an option is refused unless a chosen fit reads its setting (:func:`fit_option_rules`)."""
@@ -426,7 +427,7 @@ class Given(SimpleNamespace):
     def fit_settings(self, fit: str = "linear") -> "Compensation":
         """The :data:`FIT_SETTINGS` options as ``fit``'s settings (unchecked)."""
         values = {setting: getattr(self, option) for option, setting in FIT_SETTING_OPTIONS.items()}
-        return Compensation(fit=fit, **values)
+        return Compensation.of(fit=fit, **values)
 
     def compensation_spec(self) -> "Compensation | None":
         """``--compensate`` and its settings, checked, or None for ``none``."""

@@ -78,7 +78,7 @@ def methods_cmd() -> None:
 @app.command("fits")
 def fits_cmd() -> None:
     """List the compensation fits (--compensate, bench --compensate, auto --fits) with the settings each reads."""
-    from ..compensate.config import describe_fits
+    from ..compensate.registry import describe_fits
 
     typer.echo(describe_fits())
 

@@ -27,7 +27,8 @@ layer (``Fitted.overrides``), which surgery writes into the pruned model (in
 memory) or into the pruned checkpoint (streamed), and the candidate stack with
 those changes in place (``Fitted.stack``), which ``auto`` ranks.
 
-Modules: :mod:`.registry` (the fits by name, what each reads and needs), :mod:`.config` (settings),
+Modules: :mod:`.registry` (the fits by name, what each reads and needs), :mod:`depthprune.fit_settings`
+(the settings a plan records: the shared ones and one dataclass per fit),
 :mod:`.interfaces` (where the gaps are), :mod:`.fold` (folding T into weights), one module per fit:
 :mod:`.linear` (least squares), :mod:`.cosine`, :mod:`.endtoend` (``kl``), :mod:`.layers`.
 
@@ -59,11 +60,12 @@ import torch
 from torch import nn
 
 from ..backend import Backend, InMemoryBackend, Stack, Walker
+from ..fit_settings import (DEFAULT_TOKENS, LAYERS_AFTER, LAYERS_STEPS, Compensation, CosineSettings,
+                            FitOptions, KLSettings, LayersSettings)
 from ..engine.merged import PatchedLayer, layer_params, plan_stack
 from ..models.forward import Batch
 from ..plan import Plan
 from . import linear, cosine, endtoend, layers  # noqa: F401  isort: skip  (each registers its fit, in this order)
-from .config import DEFAULT_TOKENS, LAYERS_AFTER, LAYERS_STEPS, Compensation
 from .fold import fold_in_place, folded, output_module
 from .interfaces import Interface, check_supported, fold_kind, interfaces
 from .linear import fit_interface
@@ -76,7 +78,9 @@ __all__ = [
     "FITS",
     "SHARED_SETTINGS",
     "Compensation",
+    "CosineSettings",
     "Fit",
+    "FitOptions",
     "FitSession",
     "Fitted",
     "Interface",
@@ -87,6 +91,8 @@ __all__ = [
     "folded",
     "get_fit",
     "interfaces",
+    "KLSettings",
+    "LayersSettings",
     "output_module",
     "trained_fits",
 ]

@@ -7,22 +7,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import Compensation
+from ..fit_settings import Compensation, CosineSettings
 from .registry import Fit, register_fit
 
 
 def refine_cosine(t: torch.Tensor, sample: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
                   config: Compensation) -> torch.Tensor | None:
-    """T refined by ``steps`` Adam steps on the sample; None with no steps (the linear solution stands)."""
-    if config.steps <= 0:
+    """T refined by ``cosine.steps`` Adam steps on the sample; None with no steps (the linear solution stands)."""
+    options = config.cosine
+    if options.steps <= 0:
         return None
     m = torch.cat([s[0] for s in sample]).float()
     y = torch.cat([s[1] for s in sample]).float()
     h = torch.cat([s[2] for s in sample]).float()
     param = nn.Parameter(t.float().clone())
-    optim = torch.optim.Adam([param], lr=config.lr)
+    optim = torch.optim.Adam([param], lr=options.lr)
     with torch.enable_grad():
-        for _ in range(config.steps):
+        for _ in range(options.steps):
             optim.zero_grad()
             loss = (1 - F.cosine_similarity(y + m @ param, h, dim=-1)).mean()
             loss.backward()
@@ -31,5 +32,5 @@ def refine_cosine(t: torch.Tensor, sample: list[tuple[torch.Tensor, torch.Tensor
 
 
 COSINE = register_fit(Fit("cosine", "linear, then each map refined on per-token cosine",
-                          settings=("steps", "lr", "refine_tokens"), refine=refine_cosine,
+                          options=CosineSettings, refine=refine_cosine,
                           reference="ReplaceMe's cosine variant, arXiv 2505.02819"))

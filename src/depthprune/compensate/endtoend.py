@@ -20,7 +20,7 @@ from ..evaluate.perplexity import logits_from_hidden
 from ..models.arch import ArchSpec, get_path
 from ..models.mutate import temporary_layer_stack
 from ..models.forward import Batch, run_decoder
-from .config import Compensation
+from ..fit_settings import Compensation, KLSettings
 from .fold import folded, output_module
 from .registry import Changes, Fit, Training, register_fit
 
@@ -99,9 +99,9 @@ def train_end_to_end(model: nn.Module, stack: list[nn.Module], per_layer: dict[s
                       layers: list[nn.Module], batches: Sequence[Batch], teacher: list[torch.Tensor],
                       config: Compensation, spec: ArchSpec) -> tuple[Maps, dict[str, Any]]:
     """Train a map per interface together on KL(original || pruned) next-token distributions (model frozen)."""
-    maps = Maps(layers, spec)
+    maps, options = Maps(layers, spec), config.kl
     windows = [(ids[r : r + 1], mask[r : r + 1], teacher[b][r : r + 1])
-               for b, (ids, mask) in enumerate(batches) for r in range(ids.shape[0])][: config.kl_windows]
+               for b, (ids, mask) in enumerate(batches) for r in range(ids.shape[0])][: options.windows]
 
     def kl(pick: Sequence[int]) -> torch.Tensor:
         ids = torch.cat([windows[i][0] for i in pick])
@@ -116,11 +116,11 @@ def train_end_to_end(model: nn.Module, stack: list[nn.Module], per_layer: dict[s
 
     def mean_kl() -> float:
         with torch.no_grad():
-            parts = [range(i, min(i + config.kl_batch, len(windows))) for i in range(0, len(windows), config.kl_batch)]
+            parts = [range(i, min(i + options.batch, len(windows))) for i in range(0, len(windows), options.batch)]
             return sum(float(kl(part)) * len(part) for part in parts) / len(windows)
 
     flags = {p: p.requires_grad for p in model.parameters()}
-    optim = torch.optim.Adam(maps.params, lr=config.kl_lr)
+    optim = torch.optim.Adam(maps.params, lr=options.lr)
     generator = torch.Generator().manual_seed(config.seed)
     try:
         for p in model.parameters():
@@ -128,8 +128,8 @@ def train_end_to_end(model: nn.Module, stack: list[nn.Module], per_layer: dict[s
         with maps.applied(), temporary_layer_stack(model, stack, per_layer):
             before = mean_kl()
             with torch.enable_grad():
-                for _ in range(config.kl_steps):
-                    loss = kl(torch.randperm(len(windows), generator=generator)[: config.kl_batch].tolist())
+                for _ in range(options.steps):
+                    loss = kl(torch.randperm(len(windows), generator=generator)[: options.batch].tolist())
                     optim.zero_grad()
                     loss.backward()
                     optim.step()
@@ -137,7 +137,7 @@ def train_end_to_end(model: nn.Module, stack: list[nn.Module], per_layer: dict[s
     finally:
         for p, flag in flags.items():
             p.requires_grad_(flag)
-    return maps, {"kl_windows": len(windows), "kl_steps": config.kl_steps, "kl_before": before, "kl_after": after}
+    return maps, {"kl_windows": len(windows), "kl_steps": options.steps, "kl_before": before, "kl_after": after}
 
 
 def train(training: Training) -> tuple[Changes, str, dict]:
@@ -150,5 +150,5 @@ def train(training: Training) -> tuple[Changes, str, dict]:
 
 
 KL = register_fit(Fit("kl", "linear, then all maps trained together on the original model's next-token "
-                      "distributions", settings=("kl_steps", "kl_lr", "kl_windows", "kl_batch"),
+                      "distributions", options=KLSettings,
                       train=train))

@@ -48,7 +48,7 @@ from ..backend import Backend, Stack, Walker, count_work
 from ..backend.calls import final_states, record_calls
 from ..engine.merged import base_module, layer_params
 from ..evaluate.perplexity import logits_from_hidden, prediction_pairs
-from .config import DEFAULT_TOKENS, Compensation
+from ..fit_settings import Compensation, LayersSettings
 from .interfaces import Interface
 from .registry import Changes, Fit, Training, register_fit
 
@@ -144,8 +144,9 @@ def train_layers(backend: Backend, stack: list[nn.Module], found: Sequence[Inter
     """
     backend.require_memory("--compensate layers")
     began = time.perf_counter()
+    options = config.layers
     model = backend.model
-    positions = trained_positions(found, len(stack), config.layers_after)
+    positions = trained_positions(found, len(stack), options.after)
     lowest = positions[0]
     walker.run({"train": Stack(stack[lowest_done:lowest], start=start)})
     windows = []
@@ -153,7 +154,7 @@ def train_layers(backend: Backend, stack: list[nn.Module], found: Sequence[Inter
         entering = walker.state("train", b)
         for r in range(ids.shape[0]):
             windows.append((ids[r : r + 1], mask[r : r + 1], entering[r : r + 1].clone(), teacher[b][r : r + 1].clone()))
-    holdout = min(config.layers_holdout, max(0, len(windows) - 1))
+    holdout = min(options.holdout, max(0, len(windows) - 1))
     train, held = windows[: len(windows) - holdout], windows[len(windows) - holdout :]
 
     trainable = {p: Trainable(stack[p]) for p in positions}
@@ -161,8 +162,8 @@ def train_layers(backend: Backend, stack: list[nn.Module], found: Sequence[Inter
     anchors = [walker.anchor(m) for m in stack]
     frozen = {p: p.requires_grad for p in model.parameters()}
     params = [w for t in trainable.values() for w in t.parameters_to_train()]
-    optim = torch.optim.Adam(params, lr=config.layers_lr)
-    steps = config.layers_steps
+    optim = torch.optim.Adam(params, lr=options.lr)
+    steps = options.steps
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optim, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, steps) / max(steps, 1))))
     generator = torch.Generator().manual_seed(config.seed)
@@ -181,17 +182,17 @@ def train_layers(backend: Backend, stack: list[nn.Module], found: Sequence[Inter
             final = final_states(model, backend.layers, ids, mask, h)
             student, _ = prediction_pairs(final, ids, mask, first_target)
         dense, _ = prediction_pairs(torch.cat([r[3] for r in rows]), ids, mask, first_target)
-        return _kl_and_grad(model, student, dense, config.layers_chunk, backward), student.shape[0]
+        return _kl_and_grad(model, student, dense, options.chunk, backward), student.shape[0]
 
     def mean_kl(rows: Sequence[tuple]) -> float | None:
         if not rows:
             return None
-        totals = [batch_kl(rows[i : i + config.layers_batch], False)
-                  for i in range(0, len(rows), config.layers_batch)]
+        totals = [batch_kl(rows[i : i + options.batch], False)
+                  for i in range(0, len(rows), options.batch)]
         return sum(t for t, _ in totals) / max(sum(c for _, c in totals), 1)
 
     tokens, steps_run, curve = 0, 0, []
-    watch = bool(held) and config.layers_patience > 0
+    watch = bool(held) and options.patience > 0
     order: list[int] = []
     try:
         for p in model.parameters():
@@ -201,12 +202,12 @@ def train_layers(backend: Backend, stack: list[nn.Module], found: Sequence[Inter
         best = BestWeights(trainable, held_before) if watch else None
         with tqdm(total=steps, desc="layers fit", unit="step", disable=not progress) as bar:
             for step in range(1, steps + 1):
-                if config.layers_one_pass:
+                if options.one_pass:
                     if not order:
                         order = torch.randperm(len(train), generator=generator).tolist()
-                    pick, order = order[: config.layers_batch], order[config.layers_batch:]
+                    pick, order = order[: options.batch], order[options.batch:]
                 else:
-                    pick = torch.randperm(len(train), generator=generator)[: config.layers_batch].tolist()
+                    pick = torch.randperm(len(train), generator=generator)[: options.batch].tolist()
                 optim.zero_grad()
                 _, count = batch_kl([train[i] for i in pick], True)
                 tokens += count
@@ -214,12 +215,12 @@ def train_layers(backend: Backend, stack: list[nn.Module], found: Sequence[Inter
                 schedule.step()
                 steps_run = step
                 bar.update(1)
-                if best is not None and (step % config.layers_check_every == 0 or step == steps):
+                if best is not None and (step % options.check_every == 0 or step == steps):
                     kl = mean_kl(held)
                     curve.append([step, kl])
                     best.look(step, kl)
                     bar.set_postfix_str(f"held-out kl {kl:.4f} (best {best.kl:.4f} at step {best.step})")
-                    if best.since >= config.layers_patience:
+                    if best.since >= options.patience:
                         break
         if best is not None:
             best.restore()
@@ -253,25 +254,14 @@ def train(training: Training) -> tuple[Changes, str, dict[str, Any]]:
 def fit_tokens(config: Compensation, seq_len: int) -> int:
     """At least ``layers_tokens`` (its linear maps fit on the same windows), and with ``layers_one_pass`` enough
     that no training window is seen twice (every step's batch new) beside the held-out windows."""
-    one_pass = (config.layers_steps * config.layers_batch + config.layers_holdout) * seq_len \
-        if config.layers_one_pass else 0
-    return max(config.tokens, config.layers_tokens, one_pass)
-
-
-def upgrade(fields: dict[str, Any]) -> dict[str, Any]:
-    """A plan written before ``layers_tokens`` existed fitted on ``tokens``; one written before the fit watched
-    its held-out windows trained every step on random windows and kept its last weights: each re-fits so."""
-    fields.setdefault("layers_tokens", fields.get("tokens", DEFAULT_TOKENS))
-    if "layers_one_pass" not in fields:
-        fields.update(layers_one_pass=False, layers_patience=0, layers_holdout=fields.get("layers_holdout", 8))
-    return fields
+    options = config.layers
+    one_pass = (options.steps * options.batch + options.holdout) * seq_len if options.one_pass else 0
+    return max(config.tokens, options.tokens, one_pass)
 
 
 LAYERS = register_fit(Fit(
     "layers", "linear, then the kept layer at every gap retrained on those distributions, everything else "
     "frozen",
-    settings=("layers_steps", "layers_lr", "layers_batch", "layers_after", "layers_tokens", "layers_holdout",
-              "layers_chunk", "layers_check_every", "layers_patience", "layers_one_pass"),
-    train=train, fit_tokens=fit_tokens, upgrade=upgrade,
-    train_cost=lambda config: config.layers_steps * config.layers_batch,
+    options=LayersSettings, train=train, fit_tokens=fit_tokens,
+    train_cost=lambda config: config.layers.steps * config.layers.batch,
     reference="in the spirit of LLM-Streamline, arXiv 2403.19135"))

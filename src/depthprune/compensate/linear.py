@@ -15,7 +15,7 @@ from torch import nn
 
 from ..backend import Walker
 from ..models.arch import ArchSpec
-from .config import Compensation
+from ..fit_settings import Compensation
 from .fold import output_module
 from .interfaces import Interface
 from .registry import FITS, Fit, register_fit
@@ -43,7 +43,7 @@ def fit_interface(walker: Walker, key: Hashable, module: nn.Module, interface: I
     sample: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     generator = torch.Generator().manual_seed(config.seed)
     refine = FITS[config.fit].refine
-    budget = config.refine_tokens if refine is not None else 0
+    budget = config.cosine.refine_tokens if refine is not None else 0
     seen: dict[str, torch.Tensor] = {}
 
     def accumulate(index: int, out: torch.Tensor) -> None:

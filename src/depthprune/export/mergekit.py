@@ -48,7 +48,7 @@ def check_passthrough(plan: Plan, run: RunRecord | None = None) -> None:
         raise ExportError(f"the plan merges layers ({windows}); mergekit's passthrough can only select "
                           "original layers, so it cannot express merged weights")
     if plan.compensation:
-        raise ExportError(f"the plan compensates its gaps ({plan.compensation.get('fit')} fit): changed weights "
+        raise ExportError(f"the plan compensates its gaps ({plan.compensation.fit} fit): changed weights "
                           "that mergekit's passthrough cannot express")
     later = [name for name in (run.names() if run else []) if name != "depth"]
     if later:

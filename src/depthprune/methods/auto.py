@@ -167,7 +167,7 @@ class Candidates:
 
     entries: list[dict[str, Any]] = field(default_factory=list)
     timings: list[dict[str, float]] = field(default_factory=list)
-    chosen_from: list[tuple[Plan, dict[str, Any] | None]] = field(default_factory=list)
+    chosen_from: list[tuple[Plan, Compensation | None]] = field(default_factory=list)
     first: dict[tuple, int] = field(default_factory=dict)
 
     def scored(self) -> list[int]:
@@ -202,7 +202,7 @@ def with_fits(planned: Planned, fits: list[str], options: AutoOptions) -> Candid
                 out.first[key] = len(out.entries)
             out.entries.append(entry)
             out.chosen_from.append((candidate, None if fit == "none" else
-                                    Compensation(fit=fit, tokens=options.compensate_tokens).to_dict()))
+                                    Compensation(fit=fit, tokens=options.compensate_tokens)))
     return out
 
 
@@ -222,8 +222,7 @@ def fit_candidates(backend: Backend, candidates: Candidates, options: AutoOption
                         ) as session:
             for k in to_fit:
                 start = time.perf_counter()
-                config = Compensation(**chosen_from[k][1])
-                stacks[k] = Stack(fit_compensation(backend, chosen_from[k][0], fit_batches, config,
+                stacks[k] = Stack(fit_compensation(backend, chosen_from[k][0], fit_batches, chosen_from[k][1],
                                                    session=session).stack)
                 candidates.timings[k]["fit_seconds"] = round(time.perf_counter() - start, 2)
     layers = list(backend.layers)
@@ -290,8 +289,8 @@ def chosen_plan(candidates: Candidates, losses: dict[int, float], fidelity: dict
     best, compensation = chosen_from[best_index]
     chosen = entries[best_index]
     if options.recover != "none" and interfaces(best)[0]:
-        compensation = Compensation(fit=options.recover, tokens=options.compensate_tokens,
-                                    layers_steps=options.recover_steps).to_dict()
+        compensation = Compensation.of(fit=options.recover, tokens=options.compensate_tokens,
+                                       layers_steps=options.recover_steps)
     return Plan(
         method="auto",
         num_layers=best.num_layers,

@@ -47,7 +47,7 @@ def compensation_windows(calibration: CalibrationSpec, tokenizer: Any, config: C
 def fit_plan(backend: Backend, plan: Plan, calibration: CalibrationSpec, *, batch_size: int,
              progress: bool = False) -> Fitted:
     """Fit ``plan.compensation`` on the unpruned ``backend`` exactly as the job that made the plan did."""
-    config = Compensation.recorded(plan.compensation)
+    config = plan.compensation.validate()
     windows = compensation_windows(calibration, backend.tokenizer, config)
     return fit_compensation(backend, plan, backend.to_device(windows.batches(batch_size)), config,
                             first_target=first_target_of(windows), progress=progress)
@@ -85,7 +85,7 @@ def apply(backend: Backend, plan: Plan, calibration: CalibrationSpec | None = No
         return Applied(prune(backend, plan, scratch=scratch, progress=progress))
     if calibration is None or backend.tokenizer is None:
         raise PlanError(
-            f"this plan compensates its gaps ({plan.compensation.get('fit')} fit): re-fitting needs the "
+            f"this plan compensates its gaps ({plan.compensation.fit} fit): re-fitting needs the "
             "calibration text and the tokenizer; pass calibration=CalibrationSpec(...) (the settings in the "
             "checkpoint's report.json) and tokenizer=, or use the saved checkpoint itself")
     fitted = fit_plan(backend, plan, calibration, batch_size=batch_size, progress=progress)
