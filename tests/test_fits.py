@@ -134,3 +134,10 @@ def test_fits_lists_every_fit_with_its_settings_and_flags(run_cli):
         assert f"{fit.name}: {fit.summary}" in out
     assert "layers_steps (--compensate-steps): 100" in out and "ridge (--ridge): 0.001" in out
     assert "kl_steps: 150" in out
+
+
+def test_an_empty_compensation_in_a_plan_means_no_fit():
+    """Plans written before the settings were typed read ``"compensation": {}`` as no compensation."""
+    from depthprune import Plan
+
+    assert Plan(method="manual", num_layers=4, remove=[1], compensation={}).compensation is None

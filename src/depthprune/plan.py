@@ -89,6 +89,8 @@ class Plan(JsonRecord):
                             "objects with low, high, operator)")
         self.remove = sorted(_layer_index(i, "remove") for i in self.remove)
         self.merges = [_merge(m) for m in self.merges]
+        if self.compensation == {}:
+            self.compensation = None  # as plans written before the settings were typed read it: no fit
         if isinstance(self.compensation, dict):
             try:
                 self.compensation = Compensation.from_dict(self.compensation)
