@@ -212,6 +212,37 @@ def test_cli_compensate_steps_sets_the_layers_fit(tmp_path, run_cli):
     assert plan["num_layers_after"] >= gap + 3 and trained["trained_positions"] == [gap, gap + 1, gap + 2]
 
 
+def test_cli_layers_fit_sizes_its_steps_records_why_and_says_when_the_text_caps_them(tmp_path, run_cli, monkeypatch,
+                                                                                      caplog):
+    """Without --compensate-steps the job sizes the steps from the weights trained; the plan records the steps
+    trained and the run record how they were chosen; a text too short for the budget trains what it holds, said
+    in one line."""
+    import json
+
+    from depthprune.compensate import layers as layers_fit
+    from transformers import AutoModelForCausalLM
+    from tiny import save_tiny_checkpoint
+
+    monkeypatch.setattr(layers_fit, "LAYERS_WEIGHTS_PER_TOKEN", 1)  # a tiny model's budget as a large one's
+    src = save_tiny_checkpoint(tmp_path / "model", "llama", layers=10, seed=5)
+    text = text_file(tmp_path / "text.txt", 20_000)
+    out = tmp_path / "out"
+    run_cli("prune", "--model", src, "--method", "angular", "--remove-layers", "2", "--compensate", "layers",
+            "--calib", text, "--seq-len", "32", "--calib-samples", "4", "--out", out, "-q")
+    plan = json.loads((out / "depthprune_plan.json").read_text())
+    stage = json.loads((out / "depthprune_run.json").read_text())["stages"][0]
+    sizing = stage["compensation_sizing"]
+    trained = next(r["layers"] for r in stage["compensation"] if "layers" in r)
+    layers = AutoModelForCausalLM.from_pretrained(src).model.layers
+    kept = [i for i in range(10) if i not in plan["remove"]]
+    assert sizing["trained_weights"] == sum(p.numel() for position in trained["trained_positions"]
+                                            for p in layers[kept[position]].parameters())
+    assert sizing["steps_wanted"] == -(-sizing["trained_weights"] // (4 * 32)) > sizing["steps"] > 100
+    assert sizing["steps"] == (sizing["text_windows"] - 16) // 4 == plan["compensation"]["layers_steps"]
+    assert "a longer --calib trains more" in caplog.text
+    assert trained["steps"] == sizing["steps"] and trained["train_windows"] >= 4 * sizing["steps"]
+
+
 def _summary(plan_dict):
     return Plan.from_dict(plan_dict).summary()
 

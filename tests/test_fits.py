@@ -78,7 +78,8 @@ def test_a_plans_compensation_must_be_settings():
 def test_fit_tokens_and_old_plans_come_from_the_fit():
     assert Compensation().fit_tokens(128) == 8192
     layers = Compensation(fit="layers")
-    assert layers.fit_tokens(128) == (layers.layers.steps * layers.layers.batch + layers.layers.holdout) * 128
+    assert layers.layers.steps is None and layers.layers.planned_steps == 100
+    assert layers.fit_tokens(128) == (100 * layers.layers.batch + layers.layers.holdout) * 128
     old = Compensation.recorded({"fit": "layers", "tokens": 4096})
     assert (old.layers.one_pass, old.layers.patience, old.layers.holdout, old.layers.tokens) == (False, 0, 8, 4096)
     assert Compensation.recorded({"fit": "linear"}) == Compensation()
@@ -132,7 +133,7 @@ def test_fits_lists_every_fit_with_its_settings_and_flags(run_cli):
     out = run_cli("fits").out
     for fit in FITS.values():
         assert f"{fit.name}: {fit.summary}" in out
-    assert "layers_steps (--compensate-steps): 100" in out and "ridge (--ridge): 0.001" in out
+    assert "layers_steps (--compensate-steps): sized to the weights it trains" in out and "ridge (--ridge): 0.001" in out
     assert "kl_steps: 150" in out
 
 
@@ -141,3 +142,59 @@ def test_an_empty_compensation_in_a_plan_means_no_fit():
     from depthprune import Plan
 
     assert Plan(method="manual", num_layers=4, remove=[1], compensation={}).compensation is None
+
+
+def _trained_weights(model, layers) -> int:
+    return sum(p.numel() for i in layers for p in model.model.layers[i].parameters())
+
+
+def test_the_layers_fit_sizes_its_steps_from_the_weights_it_trains(monkeypatch):
+    """One new token per LAYERS_WEIGHTS_PER_TOKEN trained weights, at least 100 steps, at most what the text holds
+    (one pass); steps the user gave are kept as given."""
+    from depthprune.backend import InMemoryBackend
+    from depthprune.compensate import layers as layers_fit
+
+    model = tiny_model("llama", seed=2)
+    backend = InMemoryBackend(model)
+    plan = Plan("x", LAYERS, remove=[2, 3])  # the gap after layer 1: layers 1 and 4 train (one above the gap)
+    weights = _trained_weights(model, [1, 4])
+    config = Compensation(fit="layers")
+    room = lambda: 10**6  # noqa: E731
+
+    sized, why = layers_fit.size(config, backend, plan, 16, room)
+    assert sized.layers.steps == 100 and why["trained_weights"] == weights  # few weights: the floor
+
+    monkeypatch.setattr(layers_fit, "LAYERS_WEIGHTS_PER_TOKEN", 1)
+    wanted = -(-weights // (4 * 16))
+    assert wanted > 100
+    sized, why = layers_fit.size(config, backend, plan, 16, room)
+    assert sized.layers.steps == wanted and "warning" not in why and sized.layers.lr == config.layers.lr
+
+    short = 16 + 4 * (wanted - 7)
+    sized, why = layers_fit.size(config, backend, plan, 16, lambda: short)
+    assert sized.layers.steps == wanted - 7 and why["text_windows"] == short and "a longer --calib" in why["warning"]
+    assert layers_fit.size(config, backend, plan, 16, lambda: 50)[0].layers.steps == 100  # below: as before
+
+    given = Compensation.of(fit="layers", layers_steps=7)
+    assert layers_fit.size(given, backend, plan, 16, room) == (given, {})
+
+
+def test_a_sized_plan_records_its_steps_and_a_linear_plan_is_unchanged(tmp_path):
+    """The plan a job saves holds the steps it trained, so re-applying it trains the same."""
+    from depthprune.backend import InMemoryBackend
+    from depthprune.data.calibration import CalibrationSpec
+    from depthprune.surgery.apply import sized_plan
+    from tiny import byte_tokenizer
+
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 400)
+    spec = CalibrationSpec(str(text), 4, 16)
+    tokenizer = byte_tokenizer()
+    assert spec.fit_capacity(tokenizer) == len(text.read_text()) // 16 - CalibrationSpec.HELDOUT_WINDOWS
+    backend = InMemoryBackend(tiny_model("llama", seed=2), tokenizer)
+    plan = Plan("x", LAYERS, remove=[2, 3], compensation=Compensation(fit="layers"))
+    sized, why = sized_plan(backend, plan, spec)
+    assert sized.compensation.layers.steps == 100 == why["steps"] and sized.remove == plan.remove
+    assert Plan.from_dict(sized.to_dict()).to_dict()["compensation"]["layers_steps"] == 100
+    linear = Plan("x", LAYERS, remove=[2, 3], compensation=Compensation())
+    assert sized_plan(backend, linear, spec) == (linear, {})

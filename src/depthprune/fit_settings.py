@@ -25,7 +25,13 @@ from .flags import OptionInfo, declared_options, option
 DEFAULT_TOKENS = 8192
 """Fit tokens by default: with the ridge, 8k tokens fit SmolLM2's maps as well as 64k or 128k (see the docs)."""
 LAYERS_STEPS = 100
-"""Training steps of the ``layers`` fit by default (``--compensate-steps``)."""
+"""Training steps of the ``layers`` fit at least when it sizes them itself (no ``--compensate-steps``), and where
+nothing sized them (``auto``'s candidate fits, cost estimates)."""
+LAYERS_WEIGHTS_PER_TOKEN = 144
+"""With no ``--compensate-steps`` the ``layers`` fit trains on one new token per this many weights it trains (one
+pass, at least :data:`LAYERS_STEPS` steps): a fixed step count under-trains a large model's layers and overfits a
+small text. SmolLM2-135M's two trained layers (7.1M weights) get the 100 steps of 4 x 128 tokens measured in the
+docs, a 0.5B model's (Qwen2.5, 30M) about 400, a 7B model's (400M) about 5,500."""
 LAYERS_AFTER = 1
 """Kept layers above each gap the ``layers`` fit trains beside the one before it, by default
 (``--compensate-above``)."""
@@ -124,9 +130,10 @@ class LayersSettings(FitOptions):
     at a time; ``one_pass``: no training window seen twice."""
 
     PREFIX: ClassVar[str] = "layers_"
-    steps: int = option(LAYERS_STEPS, "training steps (4 windows each); more steps recover more, the cost grows "
-                        "linearly (100 steps of SmolLM2-135M: about 2.5 minutes on 2 CPU cores).",
-                        flag="compensate-steps")
+    steps: int | None = option(None, "training steps (4 windows each). Default: sized to the weights it trains, "
+                               f"one new token per {LAYERS_WEIGHTS_PER_TOKEN} of them (at least {LAYERS_STEPS} steps, "
+                               "no window seen twice, at most what the text holds); the cost grows linearly (100 "
+                               "steps of SmolLM2-135M: about 2.5 minutes on 2 CPU cores).", flag="compensate-steps")
     lr: float = 5e-4
     batch: int = 4
     after: int = option(LAYERS_AFTER, "how many kept layers above each gap train beside the one before it (a "
@@ -142,9 +149,16 @@ class LayersSettings(FitOptions):
     def validate(self) -> None:
         super().validate()
         _require_counts(self.tokens, self.batch, self.chunk)
-        if min(self.steps, self.holdout, self.after, self.patience) < 0 or self.lr <= 0 or self.check_every < 1:
+        if min(self.planned_steps, self.holdout, self.after, self.patience) < 0 or self.lr <= 0 \
+                or self.check_every < 1:
             raise InputError("--compensate layers: steps, held-out windows and layers after the gap must be 0 or "
                              "more, the learning rate positive")
+
+    @property
+    def planned_steps(self) -> int:
+        """``steps``, or :data:`LAYERS_STEPS` where nothing sized them (the fit sizes them from the model and plan
+        before it draws its windows: :func:`depthprune.compensate.layers.size`)."""
+        return LAYERS_STEPS if self.steps is None else self.steps
 
     @classmethod
     def upgrade(cls, recorded: dict[str, Any]) -> dict[str, Any]:

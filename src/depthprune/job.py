@@ -53,7 +53,7 @@ from .plan import PLAN_FILE, Plan, PlanError
 from .report import compare_metrics, write_run_report
 from .run_record import RUN_FILE, RunRecord, RunRecordError
 from .saving import atomic_checkpoint
-from .surgery.apply import apply, fit_window_count
+from .surgery.apply import apply, fit_window_count, sized_plan
 from .surgery.width import WIDTH_PLAN_FILE, apply_width_plan, check_width_request, config_sizes, width_plan
 
 log = logging.getLogger(__name__)
@@ -168,6 +168,9 @@ class DepthStage:
                              batch_size=ctx.run.batch_size, progress=ctx.run.progress, data=ctx, notes=notes)
         if self.compensation is not None:
             plan = replace(plan, compensation=self.compensation)
+        plan, sizing = sized_plan(ctx.backend, plan, ctx.calibration_spec)
+        if "warning" in sizing:
+            log.warning(sizing["warning"])
         record: dict[str, Any] = {
             "stage": self.name, "method": self.method, "source": ctx.backend.source, "summary": plan.summary(),
             "options": self.options.to_dict() if self.options else {},
@@ -181,6 +184,8 @@ class DepthStage:
                         progress=ctx.run.progress)
         if plan.compensation:
             record["compensation"] = applied.compensation
+        if sizing:
+            record["compensation_sizing"] = sizing
         ctx.backend = applied.backend
         ctx.plan = plan
         if ctx.backend.kind == "streamed":

@@ -36,7 +36,8 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Sequence
+from dataclasses import replace
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -48,8 +49,9 @@ from ..backend import Backend, Stack, Walker, count_work
 from ..backend.calls import final_states, record_calls
 from ..engine.merged import base_module, layer_params
 from ..evaluate.perplexity import logits_from_hidden, prediction_pairs
-from ..fit_settings import Compensation, LayersSettings
-from .interfaces import Interface
+from ..fit_settings import LAYERS_STEPS, LAYERS_WEIGHTS_PER_TOKEN, Compensation, LayersSettings
+from ..plan import Plan
+from .interfaces import Interface, interfaces
 from .registry import Changes, Fit, Training, register_fit
 
 
@@ -163,7 +165,7 @@ def train_layers(backend: Backend, stack: list[nn.Module], found: Sequence[Inter
     frozen = {p: p.requires_grad for p in model.parameters()}
     params = [w for t in trainable.values() for w in t.parameters_to_train()]
     optim = torch.optim.Adam(params, lr=options.lr)
-    steps = options.steps
+    steps = options.planned_steps
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optim, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, steps) / max(steps, 1))))
     generator = torch.Generator().manual_seed(config.seed)
@@ -255,13 +257,40 @@ def fit_tokens(config: Compensation, seq_len: int) -> int:
     """At least ``layers_tokens`` (its linear maps fit on the same windows), and with ``layers_one_pass`` enough
     that no training window is seen twice (every step's batch new) beside the held-out windows."""
     options = config.layers
-    one_pass = (options.steps * options.batch + options.holdout) * seq_len if options.one_pass else 0
+    one_pass = (options.planned_steps * options.batch + options.holdout) * seq_len if options.one_pass else 0
     return max(config.tokens, options.tokens, one_pass)
+
+
+def size(config: Compensation, backend: Backend, plan: Plan, seq_len: int, room: Callable[[], int]
+         ) -> tuple[Compensation, dict[str, Any]]:
+    """The steps ``plan``'s fit on ``backend`` trains when none were given: one new token per
+    :data:`LAYERS_WEIGHTS_PER_TOKEN` weights it trains, at least :data:`LAYERS_STEPS`, and (one pass) no more
+    than the windows the text holds (``room()``, drawn only when asked) allow above that; what it chose and why
+    is the second value."""
+    options = config.layers
+    if options.steps is not None:
+        return config, {}
+    found, _ = interfaces(plan)
+    positions = trained_positions(found, len(plan.kept), options.after)
+    weights = sum(p.numel() for position in positions for p in backend.layers[plan.kept[position]].parameters())
+    wanted = max(LAYERS_STEPS, math.ceil(weights / LAYERS_WEIGHTS_PER_TOKEN / (options.batch * seq_len)))
+    sizing: dict[str, Any] = {"trained_weights": weights, "steps_wanted": wanted}
+    steps = wanted
+    if options.one_pass and wanted > LAYERS_STEPS:
+        windows = room()
+        steps = max(LAYERS_STEPS, min(wanted, (windows - options.holdout) // options.batch))
+        if steps < wanted:
+            sizing.update(text_windows=windows, warning=(
+                f"--compensate layers: {weights:,} trained weights want {wanted} steps, the calibration "
+                f"text holds {windows} windows: training {steps} steps, each window once (a longer --calib "
+                "trains more)"))
+    sizing["steps"] = steps
+    return replace(config, layers=replace(options, steps=steps)), sizing
 
 
 LAYERS = register_fit(Fit(
     "layers", "linear, then the kept layer at every gap retrained on those distributions, everything else "
     "frozen",
     options=LayersSettings, train=train, fit_tokens=fit_tokens,
-    train_cost=lambda config: config.layers.steps * config.layers.batch,
+    train_cost=lambda config: config.layers.planned_steps * config.layers.batch, size=size,
     reference="in the spirit of LLM-Streamline, arXiv 2403.19135"))

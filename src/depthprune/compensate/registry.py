@@ -57,7 +57,9 @@ class Fit:
     ``ridge``, ``seed``), None if it has none; ``refine(t, sample, config)``: a map refined on a sample of (M, Y,
     H) rows after its least-squares solution; ``train``: training after every map is in place;
     ``fit_tokens(config, seq_len)``: calibration tokens it draws (default ``config.tokens``);
-    ``train_cost(config)``: training steps x windows, for ``auto``'s progress estimate."""
+    ``train_cost(config)``: training steps x windows, for ``auto``'s progress estimate; ``size(config, backend,
+    plan, seq_len, room)``: the settings it fixes from the model and the plan before its windows are drawn (``room()``:
+    the windows the text holds for fitting), and a record of why."""
 
     name: str
     summary: str
@@ -66,6 +68,7 @@ class Fit:
     train: Train | None = None
     fit_tokens: Callable[[Compensation, int], int] | None = None
     train_cost: Callable[[Compensation], float] | None = None
+    size: Callable[..., tuple[Compensation, dict[str, Any]]] | None = None
     reference: str = ""
 
     @property
@@ -110,5 +113,6 @@ def describe_fits() -> str:
         lines.append(f"{fit.name}: {fit.summary}" + (f" ({fit.reference})" if fit.reference else "") + needs)
         for setting in (*SHARED_SETTINGS, *fit.settings):
             flag = f" ({flags[setting]})" if setting in flags else ""
-            lines.append(f"    {setting}{flag}: {defaults[setting]}")
+            value = defaults[setting]
+            lines.append(f"    {setting}{flag}: {'sized to the weights it trains' if value is None else value}")
     return "\n".join(lines)

@@ -282,6 +282,11 @@ class CalibrationSpec:
         return self._cached(tokenizer, ("fit", num_windows, seed), lambda: self._sample(
             tokenizer, num_windows=num_windows, seed=seed, exclude=heldout))
 
+    def fit_capacity(self, tokenizer: Any) -> int:
+        """How many windows :meth:`fit_windows` can draw: the text's, less the held-out windows."""
+        heldout = self.heldout(tokenizer).num_windows
+        return len(cut_slots(tokenizer, self.source, None, self.seq_len, self.__dict__.get("_sampled"))) - heldout
+
     def _cached(self, tokenizer: Any, what: tuple, make: Any) -> "Calibration":
         cache = self.__dict__.setdefault("_cache", {})
         key = (tokenizer_key(tokenizer), *what)

@@ -66,7 +66,8 @@ class AutoOptions(MethodOptions):
     recover: str = option("none", "after choosing: none, or layers (the winner's kept layer at every gap is "
                           "retrained on the dense model's next-token distributions, --compensate layers)",
                           choices=RECOVERIES)
-    recover_steps: int = option(100, "training steps of --recover layers")
+    recover_steps: int | None = option(None, "training steps of --recover layers (default: sized to the weights "
+                                       "it trains, as --compensate-steps)")
 
     def methods(self) -> list[str]:
         return [m.strip() for m in self.candidates.split(",") if m.strip()]
@@ -87,7 +88,7 @@ class AutoOptions(MethodOptions):
                 raise PlanError(f"--fits: unknown compensation {fit!r}; use none or {', '.join(FITS)}")
         if self.compensate_tokens < 1:
             raise PlanError(f"--compensate-tokens must be at least 1, got {self.compensate_tokens}")
-        if min(self.screen_windows, self.rerank, self.recover_steps) < 1:
+        if min(self.screen_windows, self.rerank, 1 if self.recover_steps is None else self.recover_steps) < 1:
             raise PlanError("--screen-windows, --rerank and --recover-steps must be at least 1")
 
 

@@ -8,7 +8,7 @@ there (:meth:`~depthprune.backend.StreamedBackend.adopt`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..backend import Backend, InMemoryBackend, StreamedBackend
-from ..compensate import Compensation, Fitted, fit_compensation
+from ..compensate import Compensation, Fitted, fit_compensation, get_fit
 from ..data.calibration import Calibration, CalibrationSpec
 from ..evaluate.perplexity import first_target_of
 from ..plan import Plan, PlanError
@@ -44,9 +44,25 @@ def compensation_windows(calibration: CalibrationSpec, tokenizer: Any, config: C
     return calibration.fit_windows(tokenizer, fit_window_count(tokens, calibration.seq_len), config.seed)
 
 
+def sized_plan(backend: Backend, plan: Plan, calibration: CalibrationSpec) -> tuple[Plan, dict[str, Any]]:
+    """``plan`` with the compensation settings its fit sizes from the unpruned ``backend`` and the plan itself
+    (``layers``: its steps, from the weights it trains) fixed, before any window is drawn: the plan then records
+    what was trained, and re-applying it trains the same. The second value says how they were sized (empty when
+    nothing was)."""
+    if not plan.compensation:
+        return plan, {}
+    size = get_fit(plan.compensation.fit).size
+    if size is None:
+        return plan, {}
+    config, sizing = size(plan.compensation, backend, plan, calibration.seq_len,
+                          lambda: calibration.fit_capacity(backend.tokenizer))
+    return replace(plan, compensation=config), sizing
+
+
 def fit_plan(backend: Backend, plan: Plan, calibration: CalibrationSpec, *, batch_size: int,
              progress: bool = False) -> Fitted:
     """Fit ``plan.compensation`` on the unpruned ``backend`` exactly as the job that made the plan did."""
+    plan, _ = sized_plan(backend, plan, calibration)
     config = plan.compensation.validate()
     windows = compensation_windows(calibration, backend.tokenizer, config)
     return fit_compensation(backend, plan, backend.to_device(windows.batches(batch_size)), config,
