@@ -1,5 +1,5 @@
-"""Healing in several processes (``torchrun`` / ``accelerate launch``), on the CPU with gloo: the trained weights
-equal one process's with the same global batch, the main process alone writes, and a launch the run cannot
+"""Healing and the layers fit in several processes (``torchrun`` / ``accelerate launch``), on the CPU with gloo:
+the trained weights equal one process's with the same global batch, the main process alone writes, and a launch the run cannot
 honour is refused before any model loads."""
 
 from __future__ import annotations
@@ -77,6 +77,54 @@ def test_two_processes_train_the_weights_one_process_does(smollm2_path, tmp_path
     assert_trained_alike(one, two, load_model(smollm2_path, progress=False).model.state_dict())
 
 
+LAYERS = ["--method", "shortgpt", "--ratio", "0.25", "--seq-len", "64", "--eval", "none", "-q"]
+"""A 25% plan whose kept layers at the gap train on 64-token windows."""
+
+
+def prune(processes: int, model: str, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    launcher = [] if processes == 1 else ["-m", "torch.distributed.run", "--standalone",
+                                          f"--nproc_per_node={processes}"]
+    command = [sys.executable, *launcher, "-m", "depthprune", "prune", "--model", model, "--out", str(out),
+               *LAYERS, *extra]
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          timeout=900, cwd=out.parent)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def layers_record(out: Path) -> dict:
+    """The layers fit's record in ``out``'s report."""
+    stage = json.loads((out / "report.json").read_text())["stages"][0]
+    return next(r["layers"] for r in stage["compensation"] if "layers" in r)
+
+
+def test_the_layers_fit_in_two_processes_trains_the_weights_one_process_does(smollm2_path, tmp_path):
+    """Each step's 4 windows split 2 + 2: the same steps, held-out checks and kept weights as one process; the
+    linear start (0 steps) is what training moved them from."""
+    start, one, two = tmp_path / "start", tmp_path / "one", tmp_path / "two"
+    fit = ["--compensate", "layers", "--compensate-steps", "4"]
+    prune(1, smollm2_path, start, "--compensate", "layers", "--compensate-steps", "0")
+    prune(1, smollm2_path, one, *fit)
+    done = prune(2, smollm2_path, two, *fit)
+    assert done.stdout.count("saved to") == 1, done.stdout
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no temporary left beside the output"
+    assert not (two / ".depthprune-work").exists()
+    alone, shared = layers_record(one), layers_record(two)
+    assert shared["processes"] == 2 and alone["processes"] == 1 and shared["tokens_per_s_per_process"] > 0
+    assert shared["tokens_trained"] == alone["tokens_trained"] == 4 * 4 * 63, "4 global windows a step"
+    assert shared["kept_step"] == alone["kept_step"]
+    assert shared["holdout_kl_after"] == pytest.approx(alone["holdout_kl_after"], rel=1e-4)
+    assert_trained_alike(one, two, weights(start))
+
+
+def test_auto_recovers_in_a_launch_with_the_main_process_planning(smollm2_path, tmp_path):
+    out = tmp_path / "auto"
+    done = prune(2, smollm2_path, out, "--method", "auto", "--candidates", "shortgpt,angular", "--fits", "none",
+                 "--recover", "layers", "--recover-steps", "2")
+    assert done.stdout.count("saved to") == 1 and done.stdout.count("auto:") <= 1, done.stdout
+    assert layers_record(out)["processes"] == 2
+
+
 def test_two_processes_distil_from_one_teacher_cache(smollm2_path, smollm2, tmp_path):
     """The main process builds the teacher's distributions; the other reads them; the weights still match."""
     import depthprune as dp
@@ -98,8 +146,10 @@ def test_two_processes_distil_from_one_teacher_cache(smollm2_path, smollm2, tmp_
 @pytest.mark.parametrize("command, extra, message", [
     ("heal", ["--data", "fiction", "--batch-size", "3"],
      "--batch-size 3 is the global batch and cannot be split across 2 processes"),
-    ("prune", ["--ratio", "0.25"], "only healing trains data-parallel"),
-    ("prune", ["--ratio", "0.25", "--stream"], "only healing trains data-parallel"),
+    ("prune", ["--ratio", "0.25"], "only training runs data-parallel (healing, --compensate layers"),
+    ("prune", ["--ratio", "0.25", "--compensate", "linear"], "but depth runs in one"),
+    ("prune", ["--ratio", "0.25", "--stream"], "only training runs data-parallel"),
+    ("prune", ["--ratio", "0.25", "--compensate", "layers", "--stream"], "layer streaming (--stream"),
 ])
 def test_a_launch_the_run_cannot_honour_is_refused_before_loading(tmp_path, run_cli, monkeypatch, command, extra,
                                                                   message):
@@ -109,6 +159,15 @@ def test_a_launch_the_run_cannot_honour_is_refused_before_loading(tmp_path, run_
     code, _, err = run_cli(command, "--model", str(model), "--out", str(tmp_path / "out"), *extra, check=False)
     assert code == 2 and message in err, err
     assert "loading" not in err and not (tmp_path / "out").exists()
+
+
+def test_a_launch_larger_than_the_layers_fit_batch_is_refused_before_loading(tmp_path, run_cli, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "5")
+    monkeypatch.setenv("RANK", "0")
+    code, _, err = run_cli("prune", "--model", str(save_tiny_checkpoint(tmp_path / "model")), "--ratio", "0.25",
+                           "--compensate", "layers", "--out", str(tmp_path / "out"), check=False)
+    assert code == 2 and "launch at most 4 processes (this launch has 5)" in err, err
+    assert "loading" not in err
 
 
 def test_streaming_is_refused_in_a_launch():

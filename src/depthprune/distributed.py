@@ -16,9 +16,11 @@ import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence, TypeVar
 
 from .errors import DepthpruneError, InputError
+
+T = TypeVar("T")
 
 GROUP_TIMEOUT = timedelta(hours=4)
 """How long a process waits for the others at a collective: the main process evaluates the model before
@@ -92,6 +94,18 @@ def wait_for_all() -> None:
         join().wait_for_everyone()
 
 
+@contextmanager
+def main_first() -> Iterator[None]:
+    """Run the block in the main process first, then in the others, which find what it cached (the teacher's
+    distributions, text sampled from the model) instead of making it again."""
+    launch = processes()
+    if launch.several and not launch.main:
+        wait_for_all()
+    yield
+    if launch.several and launch.main:
+        wait_for_all()
+
+
 def from_main(value: Any) -> Any:
     """The main process's ``value``, in every process (``value`` of the others is ignored)."""
     if not processes().several:
@@ -102,6 +116,40 @@ def from_main(value: Any) -> Any:
     box = [value]
     broadcast_object_list(box, from_process=0)
     return box[0]
+
+
+def share(items: Sequence[T]) -> list[T]:
+    """This process's part of a global batch: every ``world``-th item from its rank (all of them alone)."""
+    launch = processes()
+    return list(items[launch.rank :: launch.world])
+
+
+def summed(*values: float) -> list[float]:
+    """Each value summed over the launch (in float64, the same result in every process); as given alone."""
+    if not processes().several:
+        return list(values)
+    import torch
+    import torch.distributed as dist
+
+    box = torch.tensor(values, dtype=torch.float64, device=join().device)  # NCCL reduces on the GPU only
+    dist.all_reduce(box)
+    return box.cpu().tolist()
+
+
+def sum_gradients(params: Sequence[Any]) -> None:
+    """Sum every parameter's gradient over the launch in place (a parameter without one counts as zero): each
+    process back-propagated its share of a loss normalised by the global batch, so the sum is the gradient one
+    process would have of the whole batch. Nothing happens alone."""
+    if not processes().several:
+        return
+    import torch
+    import torch.distributed as dist
+
+    join()
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
 
 
 def check_launch(*, batch_size: int | None, eval_batch_size: int | None, stream: bool | None) -> None:

@@ -37,9 +37,9 @@ from torch import nn
 from ._version import __version__
 from .analysis.importance import SCORERS, WidthError
 from .backend import Backend, InMemoryBackend, NeedsMemoryError
-from .compensate import Compensation, trained_fits
+from .compensate import Compensation, get_fit, trained_fits
 from .data.calibration import Calibration, CalibrationSpec
-from .distributed import check_launch, from_main, processes, working
+from .distributed import check_launch, from_main, main_first, processes, working
 from .engine.merged import plan_stack
 from .errors import InputError
 from .evaluate.perplexity import first_target_of
@@ -145,6 +145,22 @@ class DepthStage:
             if self.method == "auto":
                 raise PlanError("--method auto decides compensation itself (its --fits option); drop --compensate")
             self.compensation.validate()
+        launch = processes()
+        if launch.several and self.data_parallel:
+            batch = (self.compensation or self.plan and self.plan.compensation or Compensation()).layers.batch
+            if launch.world > batch:
+                raise InputError(f"the layers fit trains {batch} windows a step, split across the processes: "
+                                 f"launch at most {batch} processes (this launch has {launch.world})")
+
+    @property
+    def data_parallel(self) -> bool:
+        """Whether this stage trains data-parallel in a launch of several processes: it fits a compensation that
+        does (``--compensate layers``, auto's ``--recover layers``). The main process plans, every process
+        trains its share of each batch."""
+        fits = [c.fit for c in (self.compensation, self.plan.compensation if self.plan else None) if c]
+        if getattr(self.options, "recover", "none") != "none":
+            fits.append(self.options.recover)
+        return bool(fits) and all(get_fit(fit).data_parallel for fit in fits)
 
     def memory_needs(self) -> list[str]:
         needs = []
@@ -161,11 +177,14 @@ class DepthStage:
         and measured goes to its record (and from there to the run record)."""
         self.check()
         notes: dict[str, Any] = {}
+        launch = processes()
         if self.plan is not None:
             plan = Plan.from_dict(self.plan.to_dict())
-        else:
+        elif launch.main:
             plan = make_plan(self.method, ctx.backend, ctx.calibration, self.target, options=self.options,
                              batch_size=ctx.run.batch_size, progress=ctx.run.progress, data=ctx, notes=notes)
+        if launch.several and self.plan is None:  # one search; every process then fits the same plan
+            plan = Plan.from_dict(from_main(plan.to_dict() if launch.main else None))
         if self.compensation is not None:
             plan = replace(plan, compensation=self.compensation)
         plan, sizing = sized_plan(ctx.backend, plan, ctx.calibration_spec)
@@ -177,7 +196,7 @@ class DepthStage:
             "target": self.target.to_dict() if self.target else None,
             "calibration": ctx.calibration.to_dict() if self.plan is None else None,
             "calibration_spec": asdict(ctx.calibration_spec), "batch_size": ctx.run.batch_size, **notes}
-        if plan.compensation and self.measure_uncompensated and ctx.evaluation is not None \
+        if plan.compensation and self.measure_uncompensated and launch.main and ctx.evaluation is not None \
                 and not ctx.evaluation.empty:
             record["uncompensated"] = _measure_stack(ctx, plan)
         applied = apply(ctx.backend, plan, ctx.calibration_spec, batch_size=ctx.run.batch_size, scratch=ctx.scratch,
@@ -346,8 +365,9 @@ class Job:
         alone = [stage.name for stage in self.stages if not getattr(stage, "data_parallel", False)]
         if launch.several and alone:
             raise InputError(f"this launch has {launch.world} processes, but {' and '.join(alone)} runs in one: "
-                             "only healing trains data-parallel. Run this command as one process (no accelerate "
-                             "launch / torchrun), then launch `depthprune heal` on its output")
+                             "only training runs data-parallel (healing, --compensate layers, auto's --recover "
+                             "layers). Run this command as one process (no accelerate launch / torchrun), or "
+                             "launch `depthprune heal` on its output")
         if any(stage.uses_calibration for stage in self.stages):
             self.calibration.check()
         for stage in self.stages:
@@ -501,7 +521,8 @@ def run_job(model: "Backend | LoadedModel", job: Job, *, out: str | Path | None 
                            evaluation=job.evaluation)
         if job.calibration.needs_model and any(stage.uses_calibration for stage in job.stages):
             backend.require_memory(f"--calib {job.calibration.source} (text sampled from the model)")
-            job.calibration.sample_from(backend.model, backend.tokenizer, job.progress)
+            with main_first():
+                job.calibration.sample_from(backend.model, backend.tokenizer, job.progress)
 
         evaluates = launch.main and not job.evaluation.empty
         if evaluates:

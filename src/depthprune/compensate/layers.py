@@ -30,6 +30,13 @@ step 0) and training stops after ``layers_patience`` looks without a better
 one. Each training window is seen once (``layers_one_pass``: the fit draws
 steps x batch windows). The record says which step was kept, and a held-out
 KL that rose is said in one line.
+
+In a data-parallel launch (``torchrun`` / ``accelerate launch``) every process
+builds the cached states of every window itself (the same deterministic
+result) and each step's batch is split across the processes: each
+back-propagates its rows' KL divided by the whole batch's tokens and the
+gradients are summed, so every process takes the step one process would take;
+the held-out KL is measured a share per process and summed.
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ from tqdm.auto import tqdm
 
 from ..backend import Backend, Stack, Walker, count_work
 from ..backend.calls import final_states, record_calls
+from ..distributed import processes, share, sum_gradients, summed
 from ..engine.merged import base_module, layer_params
 from ..evaluate.perplexity import logits_from_hidden, prediction_pairs
 from ..fit_settings import LAYERS_STEPS, LAYERS_WEIGHTS_PER_TOKEN, Compensation, LayersSettings
@@ -113,13 +121,14 @@ def trained_positions(found: Sequence[Interface], depth: int, after: int) -> lis
 
 
 def _kl_and_grad(model: nn.Module, student: torch.Tensor, teacher: torch.Tensor, chunk_tokens: int,
-                 backward: bool) -> float:
+                 backward: bool, count: int | None = None) -> float:
     """Summed KL(teacher || student) over rows of final states; with ``backward``, the gradient of its mean
-    flows into ``student``'s graph, one chunk of logits at a time."""
+    over ``count`` rows (default: these rows; in a launch, the whole batch's) flows into ``student``'s graph,
+    one chunk of logits at a time."""
     detached = student.detach().requires_grad_(backward)
     total = 0.0
-    count = student.shape[0]
-    for start in range(0, count, chunk_tokens):
+    count = student.shape[0] if count is None else count
+    for start in range(0, student.shape[0], chunk_tokens):
         part = slice(start, start + chunk_tokens)
         with torch.no_grad():
             dense = F.log_softmax(logits_from_hidden(model, teacher[part]).float(), dim=-1)
@@ -172,7 +181,8 @@ def train_layers(backend: Backend, stack: list[nn.Module], found: Sequence[Inter
 
     per_window = len(modules) - lowest + backend.head_cost()
 
-    def batch_kl(rows: Sequence[tuple], backward: bool) -> tuple[float, int]:
+    def predicted(rows: Sequence[tuple], backward: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pruned model's final states that predict a token in ``rows``, and the dense model's."""
         count_work(per_window * len(rows) * (3 if backward else 1))  # a backward pass costs about two forwards
         ids = torch.cat([r[0] for r in rows])
         mask = torch.cat([r[1] for r in rows])
@@ -184,14 +194,30 @@ def train_layers(backend: Backend, stack: list[nn.Module], found: Sequence[Inter
             final = final_states(model, backend.layers, ids, mask, h)
             student, _ = prediction_pairs(final, ids, mask, first_target)
         dense, _ = prediction_pairs(torch.cat([r[3] for r in rows]), ids, mask, first_target)
-        return _kl_and_grad(model, student, dense, options.chunk, backward), student.shape[0]
+        return student, dense
+
+    def train_step(rows: Sequence[tuple]) -> int:
+        """Back-propagate the batch's mean KL, this process's share of ``rows`` each; the batch's tokens."""
+        mine = share(rows)
+        student, dense = predicted(mine, True) if mine else (None, None)
+        (count,) = summed(student.shape[0] if mine else 0)
+        if mine:
+            _kl_and_grad(model, student, dense, options.chunk, True, count=int(count))
+        sum_gradients(params)
+        return int(count)
 
     def mean_kl(rows: Sequence[tuple]) -> float | None:
+        """The mean KL per token over ``rows``, each process measuring its share."""
         if not rows:
             return None
-        totals = [batch_kl(rows[i : i + options.batch], False)
-                  for i in range(0, len(rows), options.batch)]
-        return sum(t for t, _ in totals) / max(sum(c for _, c in totals), 1)
+        mine = share(rows)
+        total = count = 0
+        for i in range(0, len(mine), options.batch):
+            student, dense = predicted(mine[i : i + options.batch], False)
+            total += _kl_and_grad(model, student, dense, options.chunk, False)
+            count += student.shape[0]
+        total, count = summed(total, count)
+        return total / max(count, 1)
 
     tokens, steps_run, curve = 0, 0, []
     watch = bool(held) and options.patience > 0
@@ -202,6 +228,7 @@ def train_layers(backend: Backend, stack: list[nn.Module], found: Sequence[Inter
         probe = train[:TRAIN_PROBE_WINDOWS]
         before, held_before = mean_kl(probe), mean_kl(held)
         best = BestWeights(trainable, held_before) if watch else None
+        training_began = time.perf_counter()
         with tqdm(total=steps, desc="layers fit", unit="step", disable=not progress) as bar:
             for step in range(1, steps + 1):
                 if options.one_pass:
@@ -211,8 +238,7 @@ def train_layers(backend: Backend, stack: list[nn.Module], found: Sequence[Inter
                 else:
                     pick = torch.randperm(len(train), generator=generator)[: options.batch].tolist()
                 optim.zero_grad()
-                _, count = batch_kl([train[i] for i in pick], True)
-                tokens += count
+                tokens += train_step([train[i] for i in pick])
                 optim.step()
                 schedule.step()
                 steps_run = step
@@ -224,6 +250,7 @@ def train_layers(backend: Backend, stack: list[nn.Module], found: Sequence[Inter
                     bar.set_postfix_str(f"held-out kl {kl:.4f} (best {best.kl:.4f} at step {best.step})")
                     if best.since >= options.patience:
                         break
+        training_s = time.perf_counter() - training_began
         if best is not None:
             best.restore()
         after, held_after = mean_kl(probe), mean_kl(held)
@@ -236,13 +263,21 @@ def train_layers(backend: Backend, stack: list[nn.Module], found: Sequence[Inter
               "stopped_early": steps_run < steps, "holdout_curve": curve,
               "tokens_trained": tokens, "kl_before": before, "kl_after": after,
               "holdout_kl_before": held_before, "holdout_kl_after": held_after,
-              "seconds": round(time.perf_counter() - began, 2)}
+              "seconds": round(time.perf_counter() - began, 2), **_speed(tokens, training_s)}
     if held_before is not None and held_after is not None and held_after > held_before:
         record["warning"] = (f"--compensate layers: the held-out KL rose ({held_before:.4f} -> {held_after:.4f}); "
                              "the trained layers overfit their windows: use more --compensate-tokens or fewer "
                              "--compensate-steps")
-        tqdm.write(record["warning"])
+        if processes().main:
+            tqdm.write(record["warning"])
     return {p: t.changes() for p, t in trainable.items()}, record
+
+
+def _speed(tokens: int, seconds: float) -> dict[str, Any]:
+    """Training tokens per second (the held-out checks included), overall and per process of the launch."""
+    world = processes().world
+    rate = tokens / seconds if seconds > 0 else 0.0
+    return {"processes": world, "tokens_per_s": round(rate, 1), "tokens_per_s_per_process": round(rate / world, 1)}
 
 
 def train(training: Training) -> tuple[Changes, str, dict[str, Any]]:
@@ -292,5 +327,5 @@ LAYERS = register_fit(Fit(
     "layers", "linear, then the kept layer at every gap retrained on those distributions, everything else "
     "frozen",
     options=LayersSettings, train=train, fit_tokens=fit_tokens,
-    train_cost=lambda config: config.layers.planned_steps * config.layers.batch, size=size,
+    train_cost=lambda config: config.layers.planned_steps * config.layers.batch, size=size, data_parallel=True,
     reference="in the spirit of LLM-Streamline, arXiv 2403.19135"))

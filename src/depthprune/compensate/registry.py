@@ -59,7 +59,8 @@ class Fit:
     ``fit_tokens(config, seq_len)``: calibration tokens it draws (default ``config.tokens``);
     ``train_cost(config)``: training steps x windows, for ``auto``'s progress estimate; ``size(config, backend,
     plan, seq_len, room)``: the settings it fixes from the model and the plan before its windows are drawn (``room()``:
-    the windows the text holds for fitting), and a record of why."""
+    the windows the text holds for fitting), and a record of why; ``data_parallel``: its training splits each
+    batch across the processes of a launch (``torchrun``), the same steps as one process."""
 
     name: str
     summary: str
@@ -70,6 +71,7 @@ class Fit:
     train_cost: Callable[[Compensation], float] | None = None
     size: Callable[..., tuple[Compensation, dict[str, Any]]] | None = None
     reference: str = ""
+    data_parallel: bool = False
 
     @property
     def settings(self) -> tuple[str, ...]:
@@ -110,6 +112,7 @@ def describe_fits() -> str:
     lines = []
     for fit in FITS.values():
         needs = "; trains through the layers above each gap: the model in memory" if fit.trains else ""
+        needs += "; data-parallel in a launch of several processes" if fit.data_parallel else ""
         lines.append(f"{fit.name}: {fit.summary}" + (f" ({fit.reference})" if fit.reference else "") + needs)
         for setting in (*SHARED_SETTINGS, *fit.settings):
             flag = f" ({flags[setting]})" if setting in flags else ""

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ..distributed import GROUP_TIMEOUT, check_launch, processes, requested_engine, wait_for_all
+from ..distributed import GROUP_TIMEOUT, check_launch, main_first, processes, requested_engine, wait_for_all
 from ..io import write_json
 from ..models.arch import spec_for
 from .config import ADAPTER, CHECKPOINTS, CONFIG_FILE, PRESETS, QLORA_NEEDS_CUDA, HealConfig, HealError
@@ -307,13 +307,11 @@ def prepare(model: nn.Module, tokenizer: Any, data: str | Path | Sequence[str | 
 
     if config.distill and config.teacher_cache:
         where = Path(config.teacher_cache_dir).expanduser() if config.teacher_cache_dir else output_dir / TEACHER_CACHE
-        if not launch.main:
-            wait_for_all()  # the main process builds the cache; the others then read it
-        setup.cache = teacher_cache(teacher, [*heal_data.val, *train_items], where, config,
-                                    vocab_size=model.get_output_embeddings().weight.shape[0], pad=pad_id(tokenizer),
-                                    progress=config.progress and launch.main, built_by_main=not launch.main)
-        if launch.main:
-            wait_for_all()
+        with main_first():
+            setup.cache = teacher_cache(teacher, [*heal_data.val, *train_items], where, config,
+                                        vocab_size=model.get_output_embeddings().weight.shape[0],
+                                        pad=pad_id(tokenizer), progress=config.progress and launch.main,
+                                        built_by_main=not launch.main)
         setup.teacher_record = {"mode": "cache", **setup.cache.record}
     elif config.distill:
         setup.teacher = teacher.load() if isinstance(teacher, Teacher) else teacher
