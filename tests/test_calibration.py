@@ -100,3 +100,22 @@ def test_errors(tmp_path, tok):
         sample_windows(tok, binary)
     with pytest.raises(CalibrationError, match="unknown text source"):
         sample_windows(tok, "nonsense-name")
+
+
+def test_a_spec_tokenizes_its_text_once_for_every_window_set_it_draws(tok, monkeypatch):
+    """Planning, held-out and fit windows and the fit's capacity all read one cut of the text; the windows are
+    those a fresh cut gives."""
+    from depthprune.data import calibration as module
+
+    spec = module.CalibrationSpec(source="general", num_windows=4, seq_len=64, seed=3)
+    cuts = []
+    real = module._Slots.cut
+    monkeypatch.setattr(module._Slots, "cut", classmethod(lambda cls, *a, **k: cuts.append(a[1]) or real(*a, **k)))
+    planning, held = spec.windows(tok), spec.heldout(tok)
+    fit = spec.fit_windows(tok, 5, seed=7)
+    capacity = spec.fit_capacity(tok)
+    assert len(cuts) == len(module.mixture_parts("general")), "each part of the mix cut once"
+    fresh = sample_windows(tok, "general", num_windows=5, seq_len=64, seed=7, exclude=held.description["slots"])
+    assert torch.equal(fit.input_ids, fresh.input_ids)
+    assert capacity == len(module.cut_slots(tok, "general", None, 64)) - held.num_windows
+    assert not set(planning.description["slots"]) & set(held.description["slots"])

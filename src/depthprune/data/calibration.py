@@ -262,10 +262,19 @@ class CalibrationSpec:
         for part, settings in self.self_parts().items():
             sampled[part], records[part] = self_text(model, tokenizer, settings, progress)
         self.__dict__.update(_sampled=sampled, _sampled_records=records)
+        self.__dict__.pop("_cuts", None)
+
+    def _slots(self, tokenizer: Any) -> "_Slots | _MixedSlots":
+        """The text cut into windows for ``tokenizer``: tokenized once, read by every window set drawn from it
+        (planning, held-out, each fit's) and by :meth:`fit_capacity`."""
+        cache = self.__dict__.setdefault("_cuts", {})
+        key = tokenizer_key(tokenizer)
+        if key not in cache:
+            cache[key] = cut_slots(tokenizer, self.source, None, self.seq_len, self.__dict__.get("_sampled"))
+        return cache[key]
 
     def _sample(self, tokenizer: Any, **kwargs: Any) -> "Calibration":
-        cal = sample_windows(tokenizer, self.source, seq_len=self.seq_len, sampled=self.__dict__.get("_sampled"),
-                             **kwargs)
+        cal = sample_windows(tokenizer, self.source, seq_len=self.seq_len, slots=self._slots(tokenizer), **kwargs)
         if self.__dict__.get("_sampled_records"):
             cal.description["sampled"] = self.__dict__["_sampled_records"]
         return cal
@@ -285,7 +294,7 @@ class CalibrationSpec:
     def fit_capacity(self, tokenizer: Any) -> int:
         """How many windows :meth:`fit_windows` can draw: the text's, less the held-out windows."""
         heldout = self.heldout(tokenizer).num_windows
-        return len(cut_slots(tokenizer, self.source, None, self.seq_len, self.__dict__.get("_sampled"))) - heldout
+        return len(self._slots(tokenizer)) - heldout
 
     def _cached(self, tokenizer: Any, what: tuple, make: Any) -> "Calibration":
         cache = self.__dict__.setdefault("_cache", {})
@@ -484,6 +493,7 @@ def sample_windows(
     text: str | None = None,
     exclude: Collection[int] = (),
     sampled: dict[str, list[int]] | None = None,
+    slots: "_Slots | _MixedSlots | None" = None,
 ) -> Calibration:
     """``num_windows`` random non-overlapping windows of ``seq_len`` tokens (seeded).
 
@@ -491,11 +501,13 @@ def sample_windows(
     ``num_windows`` slots are drawn without replacement, as ShortGPT's
     non-overlapping windows and SLM's random 128-token samples both require.
     Slots in ``exclude`` are never drawn (held-out windows stay held out); the
-    slots drawn are recorded in the description.
+    slots drawn are recorded in the description. ``slots``: the text already cut (by :func:`cut_slots` with
+    these arguments), to draw from without tokenizing it again.
     """
     if num_windows < 1 or seq_len < 2:
         raise CalibrationError("need at least 1 window of at least 2 tokens")
-    slots = cut_slots(tokenizer, source, text, seq_len, sampled)
+    if slots is None:
+        slots = cut_slots(tokenizer, source, text, seq_len, sampled)
     excluded = set(exclude)
     free = {i for i in range(len(slots)) if i not in excluded}
     if len(free) < num_windows:
