@@ -114,7 +114,7 @@ def test_an_internal_error_keeps_its_traceback(monkeypatch, tmp_path, capsys):
         raise ValueError("an internal bug, not the user's fault")
 
     monkeypatch.setitem(METHODS, "shortgpt", replace(METHODS["shortgpt"], plan=broken))
-    monkeypatch.setattr("depthprune.cli.options.load", lambda *a, **k: _tiny_loaded(tmp_path))
+    monkeypatch.setattr("depthprune.cli.groups.load", lambda *a, **k: _tiny_loaded(tmp_path))
     monkeypatch.setattr("depthprune.data.calibration.CalibrationSpec.windows", lambda self, tok: _cal())
     with pytest.raises(ValueError, match="an internal bug"):
         main(["prune", "--ratio", "0.2", "--out", str(tmp_path / "out"), "-q"])

@@ -10,22 +10,17 @@ import typer
 from ..compensate import FITS
 from ..data.calibration import DEFAULT_EVAL_TEXTS, PPL_WINDOWS
 from .app import app
+from .groups import CalibrationGroup, EvaluationGroup, FitSettingsGroup, ModelGroup, ZeroShotGroup
 from .options import (
-    CALIBRATION,
-    EVALUATION,
-    FIT_SETTINGS,
-    MODEL,
-    ZEROSHOT,
     BatchOpt,
-    Given,
     JsonOpt,
     ReferenceCacheOpt,
     SeedOpt,
     SeqLenOpt,
     check_json,
+    check_model,
     evaluation,
     fit_option_rules,
-    load,
     refuse_ignored,
     reference_for,
     split_list,
@@ -35,9 +30,8 @@ from .prune import METHOD_FLAGS, MethodOptionsHelp, method_flags
 
 
 @app.command("eval-ppl")
-@uses(MODEL)
+@uses()
 def eval_ppl_cmd(
-    given: Given = None,
     dataset: Annotated[str, typer.Option(
         "--eval-texts", "--dataset",
         help="NAME=SOURCE,... (default: the shipped held-out fiction, encyclopedic and code texts, reported each "
@@ -53,26 +47,26 @@ def eval_ppl_cmd(
         "source recorded in the model's depthprune_plan.json.")] = None,
     reference_cache: ReferenceCacheOpt = None,
     json_out: JsonOpt = None,
+    *,
+    model: ModelGroup,
 ) -> None:
     """Perplexity on non-overlapping windows (BOS as the tokenizer adds it); with --reference, KL and top-1
     agreement against the dense model beside it."""
     from ..io import write_result
 
-    json_out = check_json(json_out, given.model, reference)
+    json_out = check_json(json_out, model.model, reference)
     spec = evaluation("ppl,kl,top1" if reference or reference_cache else "ppl", ppl_data=dataset,
                       ppl_windows=max_windows, seq_len=seq_len, batch_size=batch_size,
                       windows_option="--max-windows", reference_cache=reference_cache)
-    given.check_model(("--seq-len", seq_len))
+    model.check(("--seq-len", seq_len))
     if spec.divergence is not None:
-        spec.divergence.reference = reference_for(given.model, reference, input_is_reference=False)
+        spec.divergence.reference = reference_for(model.model, reference, input_is_reference=False)
         from ..backend import InMemoryBackend
-        from .options import load
 
-        spec.prepare(given.model, first_is_input=True, progress=not given.quiet,
-                     open_reference=lambda source: InMemoryBackend.of(load(source, given.dtype, given.device,
-                                                                            given.quiet)))
-    loaded = given.load()
-    result = spec.run(loaded.model, loaded.tokenizer, not given.quiet)
+        spec.prepare(model.model, first_is_input=True, progress=not model.quiet,
+                     open_reference=lambda source: InMemoryBackend.of(model.load(source)))
+    loaded = model.load()
+    result = spec.run(loaded.model, loaded.tokenizer, not model.quiet)
     res, div = result.perplexity, result.divergence
     mean = " (mean of the texts)" if res.domains else ""
     typer.echo(f"perplexity {res.perplexity:.3f}{mean}  ({res.windows} windows x {res.seq_len} tokens, "
@@ -84,7 +78,7 @@ def eval_ppl_cmd(
         typer.echo(f"  {name}: perplexity {d['perplexity']:.3f}" + (
             f"  kl {div.domains[name]['kl']:.4f}  top1 {div.domains[name]['top1']:.4f}" if div is not None else ""))
     if json_out:
-        write_result(json_out, {"model": given.model, **res.to_dict(),
+        write_result(json_out, {"model": model.model, **res.to_dict(),
                                 **({"divergence": div.to_dict()} if div is not None else {})})
 
 
@@ -95,13 +89,15 @@ TasksOpt = Annotated[str, typer.Option(
 
 
 @app.command("eval-zeroshot")
-@uses(MODEL, ZEROSHOT)
+@uses()
 def eval_zeroshot_cmd(
-    given: Given = None,
     tasks: TasksOpt = "paper",
     batch_size: BatchOpt = 8,
     seed: SeedOpt = 1234,
     json_out: JsonOpt = None,
+    *,
+    model: ModelGroup,
+    zeroshot: ZeroShotGroup,
 ) -> None:
     """Zero-shot accuracy through lm-evaluation-harness (the metric each paper reports, and the mean)."""
     from ..errors import InputError
@@ -109,27 +105,26 @@ def eval_zeroshot_cmd(
 
     if not split_list(tasks):
         raise InputError("no tasks given: name at least one lm-eval task, e.g. piqa_local")
-    json_out = check_json(json_out, given.model)
-    spec = evaluation(tasks, limit=given.limit, num_fewshot=given.num_fewshot, task_dir=given.task_dir,
-                      piqa_dir=given.piqa_dir, batch_size=batch_size, seed=seed).zeroshot
-    given.check_model()
-    loaded = given.load()
-    result = spec.run(loaded.model, loaded.tokenizer, not given.quiet)
+    json_out = check_json(json_out, model.model)
+    spec = evaluation(tasks, limit=zeroshot.limit, num_fewshot=zeroshot.num_fewshot, task_dir=zeroshot.task_dir,
+                      piqa_dir=zeroshot.piqa_dir, batch_size=batch_size, seed=seed).zeroshot
+    model.check()
+    loaded = model.load()
+    result = spec.run(loaded.model, loaded.tokenizer, not model.quiet)
     width = max(len(t) for t in spec.tasks)
     for name, score in result.scores.items():
         stderr = f" +- {score.stderr:.4f}" if score.stderr is not None else ""
         typer.echo(f"{name:{width}s}  {score.metric:8s} {score.value:.4f}{stderr}")
     n = spec.limit
     typer.echo(f"{'mean':{width}s}  {'':8s} {result.mean:.4f}  ({len(spec.tasks)} task"
-               f"{'s' * (len(spec.tasks) > 1)}, {given.num_fewshot}-shot, limit {n if n is not None else 'none'})")
+               f"{'s' * (len(spec.tasks) > 1)}, {zeroshot.num_fewshot}-shot, limit {n if n is not None else 'none'})")
     if json_out:
-        write_result(json_out, {"model": given.model, **result.to_dict()})
+        write_result(json_out, {"model": model.model, **result.to_dict()})
 
 
 @app.command("eval-speed")
-@uses(MODEL)
+@uses()
 def eval_speed_cmd(
-    given: Given = None,
     baseline: Annotated[Optional[str], typer.Option(
         help="Dense model to compare with (same sources as --model): prints both side by side.")] = None,
     prompt_len: Annotated[int, typer.Option(help="Prompt tokens (random ids, seeded).")] = 128,
@@ -140,6 +135,8 @@ def eval_speed_cmd(
     warmup: Annotated[int, typer.Option(help="Untimed runs first.")] = 2,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads for torch (default: torch's choice).")] = None,
     json_out: JsonOpt = None,
+    *,
+    model: ModelGroup,
 ) -> None:
     """Prefill latency and greedy decode throughput; with --baseline, measured speedup vs the ideal L/(L-k)."""
     import gc
@@ -150,20 +147,19 @@ def eval_speed_cmd(
     from ..evaluate.speed import compare_speed, measure_speed, speed_table
     from ..evaluate.suite import SpeedSpec
     from ..io import write_result
-    from .options import check_model
 
     workload = SpeedSpec(prompt_len, gen_len, batch_size, warmup, repeats)
     workload.check()
     if threads is not None and threads < 1:
         raise InputError(f"--threads must be at least 1, got {threads}")
-    json_out = check_json(json_out, given.model, baseline)
-    for source in filter(None, (baseline, given.model)):
+    json_out = check_json(json_out, model.model, baseline)
+    for source in filter(None, (baseline, model.model)):
         check_model(source, ("--prompt-len + --gen-len", prompt_len + gen_len + 1))
     if threads:
         torch.set_num_threads(threads)
 
     def measure(source: str):
-        loaded = load(source, given.dtype, given.device, given.quiet)
+        loaded = model.load(source)
         ckpt = loaded.path if Path(loaded.path).is_dir() else None
         result = measure_speed(loaded.model, loaded.tokenizer, checkpoint_dir=ckpt, **vars(workload))
         del loaded
@@ -171,8 +167,8 @@ def eval_speed_cmd(
         return result
 
     dense = measure(baseline) if baseline else None
-    pruned = measure(given.model)
-    data: dict = {"model": given.model, "baseline": baseline, "threads": torch.get_num_threads(),
+    pruned = measure(model.model)
+    data: dict = {"model": model.model, "baseline": baseline, "threads": torch.get_num_threads(),
                   "result": pruned.to_dict()}
     if dense is None:
         size = f", checkpoint {pruned.checkpoint_bytes / 1e6:.1f} MB" if pruned.checkpoint_bytes else ""
@@ -197,10 +193,9 @@ def parse_ratios(value: str) -> list[float]:
 
 
 @app.command(context_settings=METHOD_FLAGS, cls=MethodOptionsHelp)
-@uses(MODEL, CALIBRATION, EVALUATION.with_defaults(eval_="ppl"), FIT_SETTINGS)
+@uses()
 def bench(
     ctx: typer.Context,
-    given: Given = None,
     methods: Annotated[str, typer.Option(
         help="Comma-separated methods (see `depthprune methods`).")] = "shortgpt,angular",
     ratios: Annotated[str, typer.Option(help="Comma-separated fractions of layers to remove.")] = "0.25",
@@ -213,6 +208,11 @@ def bench(
     resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Reuse finished rows in OUT/rows/ "
                                          "computed with the same settings.")] = True,
     batch_size: BatchOpt = 8,
+    *,
+    model: ModelGroup,
+    calibration: CalibrationGroup,
+    evaluation: EvaluationGroup = EvaluationGroup(eval_="ppl"),
+    fit_settings: FitSettingsGroup,
 ) -> None:
     """Compare methods at several depths: every method x ratio plus dense, as a table, JSON and a plot.
 
@@ -226,13 +226,14 @@ def bench(
     if out is None:
         raise InputError("--out is required: the directory for results.json, results.md and the plot")
     result = run_bench(
-        given.model, names, parse_ratios(ratios), out,
-        calibration=given.calibration_spec(),
-        evaluation=given.evaluation_spec(batch_size=batch_size, speed=speed),
+        model.model, names, parse_ratios(ratios), out,
+        calibration=calibration.spec(),
+        evaluation=evaluation.spec(model=model.model, batch_size=batch_size, seq_len=calibration.seq_len,
+                                   seed=calibration.seed, speed=speed),
         method_options=options, compensations=split_list(compensate),
-        compensation=given.fit_settings(),
+        compensation=fit_settings.compensation(),
         batch_size=batch_size,
-        dtype=given.dtype, device=given.device, resume=resume, progress=not given.quiet,
+        dtype=model.dtype, device=model.device, resume=resume, progress=not model.quiet,
     )
     typer.echo(results_table(result))
     typer.echo(summary_line(result))

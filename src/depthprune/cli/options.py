@@ -1,11 +1,10 @@
 """Options shared by several commands, declared once, and the helpers that turn them into API objects.
 
-Option groups (:data:`MODEL`, :data:`CALIBRATION`, :data:`ZEROSHOT`,
-:data:`EVALUATION`, :data:`COMPENSATION`) are added to a command by the
-:func:`uses` decorator, which hands the command their values as one
-:class:`Given` object with builders (``given.load()``,
-``given.calibration_spec()``, ``given.evaluation_spec(...)``): a shared option
-is declared here once, not in every command's signature. A settings dataclass
+Options several commands share come in groups (:mod:`.groups`): frozen dataclasses whose fields are the
+options (:class:`OptionGroup`), which a command takes as typed parameters (``model: ModelGroup``), so its
+signature says which options it reads. The :func:`uses` decorator expands each such parameter into the group's
+options for Typer and hands the command the group rebuilt from their values, with the builders on it
+(``model.load()``, ``calibration.spec()``, ``evaluation.spec(...)``). A settings dataclass
 whose fields declare their flags (``HealConfig``) becomes options through
 :class:`SettingFlags`, so ``heal --lr`` and ``prune --heal-max-steps`` are
 written once, on the field. The same word means
@@ -18,28 +17,25 @@ from __future__ import annotations
 
 import functools
 import inspect
-from dataclasses import dataclass, replace
+from contextlib import AbstractContextManager, ExitStack, nullcontext
+from dataclasses import dataclass, fields
 from pathlib import Path
-from types import SimpleNamespace
-from typing import TYPE_CHECKING, Annotated, Any, Callable, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Callable, Optional, Self, get_type_hints
 
 import typer
 
 from ..checks import flag_of, require_finite
-from ..compensate import FITS, SHARED_SETTINGS, Compensation
+from ..compensate import FITS, SHARED_SETTINGS
 from ..fit_settings import declared_settings
-from ..data.calibration import DEFAULT_CALIBRATION, DEFAULT_EVAL_TEXTS, PPL_WINDOWS
+from ..data.calibration import DEFAULT_EVAL_TEXTS, PPL_WINDOWS
 from ..distributed import processes
 from ..errors import InputError
 from ..flags import OptionInfo, declared_options
 from .app import ParameterSource, get_current_context
-from .streaming import MaxMemoryOpt, PushOpt, StreamOpt
 
 if TYPE_CHECKING:
-    from ..backend import Backend
     from ..data.calibration import CalibrationSpec
     from ..evaluate.suite import Evaluation
-    from ..models.load import LoadedModel
 
 # ------------------------------------------------------------------ model
 
@@ -63,6 +59,10 @@ SamplesOpt = Annotated[int, typer.Option("--calib-samples", help="Number of cali
 SeqLenOpt = Annotated[int, typer.Option(
     "--seq-len", help="Tokens per calibration / perplexity window (BOS included when the tokenizer adds one).")]
 SeedOpt = Annotated[int, typer.Option(help="Seed for sampling calibration windows.")]
+SEQ_LEN = 128
+"""``--seq-len`` by default, and the windows of a command that evaluates without calibration options (``run``)."""
+SEED = 1234
+"""``--seed`` by default, and the seed of a command that evaluates without calibration options."""
 
 # ------------------------------------------------------------------ evaluation
 
@@ -133,6 +133,19 @@ def fit_option_rules(chosen: list[str], *, axis: bool = False) -> list[tuple[str
     return rules
 
 
+# ------------------------------------------------------------------ streaming and pushing (see .streaming)
+
+StreamOpt = Annotated[Optional[bool], typer.Option(
+    "--stream/--no-stream", help="Layer streaming: keep the weights on disk and load one decoder layer at a "
+    "time (scoring, every method, linear/cosine compensation, surgery and ppl). Default: chosen when the weights "
+    "would not fit in --max-memory or the available memory.", show_default=False)]
+MaxMemoryOpt = Annotated[Optional[str], typer.Option(
+    "--max-memory", help="Memory budget such as 8GB: decides streaming, and streamed calibration states that "
+    "do not fit beside one layer and the embeddings spill to disk.")]
+PushOpt = Annotated[Optional[str], typer.Option(
+    "--push-to-hub", help="After saving, upload the checkpoint, plan and report with a generated model card "
+    "(README.md) to this Hugging Face Hub repository (owner/name).")]
+
 # ------------------------------------------------------------------ output
 
 OutOpt = Annotated[Optional[str], typer.Option(help="Output checkpoint directory (never the input).")]
@@ -171,15 +184,6 @@ def default_device() -> str:
         return "cpu"
     launch = processes()
     return f"cuda:{launch.local_rank}" if launch.several else "cuda"
-
-
-def load(model: str, dtype: str | None, device: str, quiet: bool) -> "LoadedModel":
-    from ..models.load import load_model, resolve_dtype
-
-    if processes().main:
-        typer.echo(f"loading {model} on {device} ({str(resolve_dtype(dtype, device)).replace('torch.', '')}) ...",
-                   err=True)
-    return load_model(model, dtype=dtype, device=device, progress=not quiet)
 
 
 def check_model(model: str, *seq_lens: tuple[str, int]) -> dict | None:
@@ -300,22 +304,53 @@ def evaluation(
 
 @dataclass(frozen=True)
 class OptionGroup:
-    """Options several commands share: (name, annotated type, default) each."""
+    """Options several commands share, as a frozen dataclass whose fields are the options (annotated with their
+    ``typer.Option``, defaulting to their defaults); the concrete groups are in :mod:`.groups`.
 
-    options: tuple[tuple[str, Any, Any], ...]
+    A command takes a group as a parameter typed with it (``model: ModelGroup``); :func:`uses` recognises the
+    type, lists the group's options in ``--help`` after the command's own, and rebuilds the group from their
+    values. Where that parameter defaults to an instance of the group, its values are the option defaults of
+    that command (``run``'s ``EvaluationGroup(eval_="ppl,kl,top1")``). A field typed with another group holds
+    that group's options in its place (``EvaluationGroup.zeroshot``).
+    """
 
-    def with_defaults(self, **defaults: Any) -> "OptionGroup":
-        unknown = set(defaults) - {name for name, _, _ in self.options}
-        if unknown:
-            raise KeyError(f"no such options in the group: {sorted(unknown)}")
-        return replace(self, options=tuple((n, t, defaults.get(n, d)) for n, t, d in self.options))
-
-    def __add__(self, other: "OptionGroup") -> "OptionGroup":
-        return OptionGroup(self.options + other.options)
+    @classmethod
+    def option_types(cls) -> dict[str, Any]:
+        """Each field's type with its ``typer.Option`` (the groups' modules postpone annotations)."""
+        return get_type_hints(cls, include_extras=True)
 
     def parameters(self) -> list[inspect.Parameter]:
-        return [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=d, annotation=t)
-                for n, t, d in self.options]
+        """The group's options as keyword-only parameters whose defaults are this instance's values."""
+        types = self.option_types()
+        out = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if is_group(types[f.name]):
+                out.extend(value.parameters())
+            else:
+                out.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=value,
+                                             annotation=types[f.name]))
+        return out
+
+    @classmethod
+    def taken_from(cls, values: dict[str, Any]) -> Self:
+        """The group built from a command's keyword arguments, its options taken out of them."""
+        types = cls.option_types()
+        return cls(**{f.name: types[f.name].taken_from(values) if is_group(types[f.name]) else values.pop(f.name)
+                      for f in fields(cls)})
+
+    def resolved(self) -> Self:
+        """The group as the command sees it, once parsed: a default that depends on the machine is decided."""
+        return self
+
+    def running(self) -> AbstractContextManager:
+        """What stays in force while the command runs with this group's values."""
+        return nullcontext()
+
+
+def is_group(annotation: Any) -> bool:
+    """Whether a parameter (or field) typed ``annotation`` stands for an :class:`OptionGroup`'s options."""
+    return isinstance(annotation, type) and issubclass(annotation, OptionGroup)
 
 
 @dataclass(frozen=True)
@@ -368,90 +403,6 @@ class SettingFlags:
         return {info.name: info.field_value(kwargs.pop(self.parameter(info))) for info in self.infos()}
 
 
-MODEL = OptionGroup((("model", ModelOpt, "smollm2-135m"), ("dtype", DtypeOpt, None), ("device", DeviceOpt, None),
-                     ("quiet", QuietOpt, False)))
-CALIBRATION = OptionGroup((("calib", CalibOpt, DEFAULT_CALIBRATION), ("calib_samples", SamplesOpt, 10),
-                           ("seq_len", SeqLenOpt, 128), ("seed", SeedOpt, 1234)))
-ZEROSHOT = OptionGroup((("limit", LimitOpt, None), ("num_fewshot", FewshotOpt, 0), ("task_dir", TaskDirOpt, None),
-                        ("piqa_dir", PiqaDirOpt, None)))
-EVALUATION = OptionGroup((("eval_", EvalOpt, None), ("ppl_data", PplDataOpt, DEFAULT_EVAL_TEXTS),
-                          ("ppl_windows", PplWindowsOpt, PPL_WINDOWS), ("reference", ReferenceOpt, None),
-                          ("reference_cache", ReferenceCacheOpt, None))) + ZEROSHOT
-STREAMING = OptionGroup((("stream", StreamOpt, None), ("max_memory", MaxMemoryOpt, None)))
-PUSH = OptionGroup((("push_to_hub", PushOpt, None),))
-FIT_SETTINGS = OptionGroup(tuple(
-    (info.flag_name.replace("-", "_"), Annotated[info.type, typer.Option(info.flag, help=fit_setting_help(info))],
-     info.default) for info in FIT_SETTING_INFOS))
-"""How fits are fitted (:data:`FIT_SETTING_OPTIONS`), for commands that choose fits their own way (``bench``)."""
-COMPENSATION = OptionGroup((("compensate", CompensateOpt, "none"),)) + FIT_SETTINGS
-
-
-class Given(SimpleNamespace):
-    """The values of the option groups a command uses, and what they build."""
-
-    def load(self) -> "LoadedModel":
-        return load(self.model, self.dtype, self.device, self.quiet)
-
-    def check_model(self, *seq_lens: tuple[str, int]) -> dict | None:
-        return check_model(self.model, *seq_lens)
-
-    def calibration_spec(self, sentences_file: Path | None = None) -> "CalibrationSpec":
-        return calibration(self.calib, self.calib_samples, self.seq_len, self.seed, sentences_file)
-
-    def evaluation_spec(self, *, batch_size: int, seq_len: int | None = None, seed: int | None = None,
-                        speed: bool = False, input_is_reference: bool = True) -> "Evaluation":
-        """The command's evaluation, checked; for kl/top1/gen with its reference resolved (see
-        :func:`reference_for`)."""
-        from ..evaluate.divergence import METRICS as DIVERGENCE_METRICS
-
-        names = eval_names(self.eval_)
-        windowed = any(n in names for n in WINDOWED)
-        tasks = [n for n in names if n not in WINDOWED]
-        refuse_ignored(("ppl_data", windowed, "needs ppl, kl, top1 or gen in --eval"),
-                       ("ppl_windows", any(n in names for n in ("ppl", *DIVERGENCE_METRICS)),
-                        "needs ppl, kl or top1 in --eval"),
-                       *[(name, bool(tasks), "needs lm-eval tasks in --eval")
-                         for name in ("limit", "num_fewshot", "task_dir", "piqa_dir")])
-        spec = evaluation(self.eval_, ppl_data=self.ppl_data, ppl_windows=self.ppl_windows,
-                          seq_len=seq_len or getattr(self, "seq_len", 128), limit=self.limit,
-                          num_fewshot=self.num_fewshot, task_dir=self.task_dir, piqa_dir=self.piqa_dir,
-                          batch_size=batch_size, seed=seed or getattr(self, "seed", 1234), speed=speed,
-                          reference_cache=self.reference_cache)
-        if spec.divergence is not None or spec.generation is not None:
-            reference = reference_for(self.model, self.reference, input_is_reference)
-            for part in (spec.divergence, spec.generation):
-                if part is not None:
-                    part.reference = reference
-        return spec
-
-    def fit_settings(self, fit: str = "linear") -> "Compensation":
-        """The :data:`FIT_SETTINGS` options as ``fit``'s settings (unchecked)."""
-        values = {setting: getattr(self, option) for option, setting in FIT_SETTING_OPTIONS.items()}
-        return Compensation.of(fit=fit, **values)
-
-    def compensation_spec(self) -> "Compensation | None":
-        """``--compensate`` and its settings, checked, or None for ``none``."""
-        return None if self.compensate == "none" else self.fit_settings(self.compensate).validate()
-
-    def backend(self) -> "Backend":
-        """The model as a backend: streamed when ``--stream`` asks or the weights would not fit (said), else
-        loaded in memory."""
-        from .streaming import open_backend
-
-        return open_backend(self.model, load=load, stream=getattr(self, "stream", False),
-                            max_memory=getattr(self, "max_memory", None), dtype=self.dtype, device=self.device,
-                            quiet=self.quiet)
-
-    def run_job(self, job: Any, out: Any, overwrite: bool):
-        """Run a checkpoint-writing job, streamed when asked or needed, and push it when asked."""
-        from .streaming import run_checkpoint_job
-
-        return run_checkpoint_job(job, load=load, model=self.model, out=out, overwrite=overwrite, dtype=self.dtype,
-                                  device=self.device, quiet=self.quiet, stream=getattr(self, "stream", False),
-                                  max_memory=getattr(self, "max_memory", None),
-                                  push_to_hub=getattr(self, "push_to_hub", None))
-
-
 def flag_for(name: str) -> str:
     """The option of the running command whose parameter is ``name``, as the user would type it."""
     ctx = get_current_context(silent=True)
@@ -483,36 +434,42 @@ def check_numbers(values: dict[str, Any]) -> None:
         require_finite(value, flag_for(name))
 
 
-def uses(*groups: OptionGroup | SettingFlags) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Add the options of ``groups`` to a command; it receives their values as ``given`` (a :class:`Given`),
-    and those of a :class:`SettingFlags` group in its own parameter (listed in ``--help`` where that parameter
-    stands).
+def uses(*settings: SettingFlags) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Give a command the options of its group-typed parameters (:class:`OptionGroup`), listed in ``--help``
+    after its own in the order of the parameters, and those of each :class:`SettingFlags` in ``settings``, listed
+    where its parameter ``into`` stands; the command receives the groups rebuilt (and :meth:`~OptionGroup.resolved`)
+    and each settings group's values as a dict.
 
-    Every float option of the command (its own and the groups') is checked finite first. With ``--quiet``
-    among them, the command also runs with transformers', the Hub's and datasets' progress bars off.
+    Every float option of the command (its own and the groups') is checked finite first. Each group's
+    :meth:`~OptionGroup.running` is in force while the command runs (``--quiet``: transformers', the Hub's and
+    datasets' progress bars off).
     """
-    from ..models.load import quiet_transformers
-
-    placed = {group.into: group for group in groups if isinstance(group, SettingFlags)}
-    shared = [group for group in groups if isinstance(group, OptionGroup)]
+    placed = {flags.into: flags for flags in settings}
 
     def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
         signature = inspect.signature(command, eval_str=True)
-        own = [q for p in signature.parameters.values() if p.name != "given"
-               for q in (placed[p.name].parameters(p.kind) if p.name in placed else [p])]
-        added = [p for group in shared for p in group.parameters()]
+        own: list[inspect.Parameter] = []
+        groups: dict[str, type[OptionGroup]] = {}
+        defaults: list[OptionGroup] = []
+        for p in signature.parameters.values():
+            if p.name in placed:
+                own.extend(placed[p.name].parameters(p.kind))
+            elif is_group(p.annotation):
+                groups[p.name] = p.annotation
+                defaults.append(p.annotation() if p.default is inspect.Parameter.empty else p.default)
+            else:
+                own.append(p)
+        added = [q for default in defaults for q in default.parameters()]
 
         @functools.wraps(command)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             check_numbers(kwargs)
-            given = Given(**{p.name: kwargs.pop(p.name) for p in added})
-            if "device" in vars(given) and given.device is None:
-                given.device = default_device()
-            if "quiet" in vars(given) and not processes().main:
-                given.quiet = True  # one progress bar per launch: the main process's
-            settings = {name: group.values(kwargs) for name, group in placed.items()}
-            with quiet_transformers(bool(getattr(given, "quiet", False))):
-                return command(*args, given=given, **settings, **kwargs)
+            built = {name: cls.taken_from(kwargs).resolved() for name, cls in groups.items()}
+            values = {name: flags.values(kwargs) for name, flags in placed.items()}
+            with ExitStack() as stack:
+                for group in built.values():
+                    stack.enter_context(group.running())
+                return command(*args, **built, **values, **kwargs)
 
         wrapper.__signature__ = signature.replace(parameters=own + added)
         wrapper.__annotations__ = {p.name: p.annotation for p in own + added}

@@ -16,15 +16,11 @@ from typer.core import TyperCommand
 
 from ..heal.config import HealConfig
 from .app import app
+from .groups import CalibrationGroup, CompensationGroup, EvaluationGroup, ModelGroup, PushGroup, StreamingGroup
 from .options import (
-    CALIBRATION,
-    COMPENSATION,
-    EVALUATION,
-    MODEL,
-    PUSH,
-    STREAMING,
+    SEED,
+    SEQ_LEN,
     BatchOpt,
-    Given,
     OutOpt,
     OverwriteOpt,
     SettingFlags,
@@ -34,6 +30,7 @@ from .options import (
     require_out,
     uses,
 )
+from .streaming import finish, open_backend
 
 METHOD_FLAGS = {"allow_extra_args": True, "ignore_unknown_options": True}
 HEAL_SETTINGS = SettingFlags(HealConfig, into="heal_settings", prefix="heal-", help_prefix="Healing: ",
@@ -84,12 +81,15 @@ def fits_cmd() -> None:
 
 
 @app.command()
-@uses(MODEL, CALIBRATION, STREAMING)
+@uses()
 def score(
-    given: Given = None,
     metric: Annotated[str, typer.Option(help="bi (ShortGPT Block Influence) or angular (Gromov et al.).")] = "bi",
     out: Annotated[Optional[str], typer.Option(help="Directory for scores.json and scores.png.")] = None,
     batch_size: BatchOpt = 8,
+    *,
+    model: ModelGroup,
+    calibration: CalibrationGroup,
+    streaming: StreamingGroup,
 ) -> None:
     """Score every layer's redundancy (low score = safe to remove) and save JSON + a bar chart."""
     from ..analysis.stats import METRICS, layer_statistics
@@ -100,29 +100,28 @@ def score(
     if metric not in METRICS:
         raise InputError(f"unknown metric {metric!r}: use one of {', '.join(METRICS)}")
     check_batch(batch_size)
-    spec = given.calibration_spec().check()
+    spec = calibration.spec().check()
     if out is not None:
-        out = check_output_dir(out, inputs=[given.model], kind="scores")
-    given.check_model(("--seq-len", given.seq_len))
-    backend = given.backend()
-    stats = layer_statistics(backend, spec.windows(backend.tokenizer), batch_size=batch_size, progress=not given.quiet)
+        out = check_output_dir(out, inputs=[model.model], kind="scores")
+    model.check(("--seq-len", calibration.seq_len))
+    backend = open_backend(model, streaming)
+    stats = layer_statistics(backend, spec.windows(backend.tokenizer), batch_size=batch_size, progress=not model.quiet)
     values = stats.scores(metric)
     order = sorted(range(len(values)), key=lambda i: values[i])
     for i, v in enumerate(values):
         typer.echo(f"layer {i:3d}  {metric}={v:.5f}  rank={order.index(i) + 1}")
     if out is not None:
         prepare_dir(out, "scores")
-        write_json(out / "scores.json", {"model": given.model, "metric": metric, "scores": values,
+        write_json(out / "scores.json", {"model": model.model, "metric": metric, "scores": values,
                                           "tokens": stats.tokens, "calibration": stats.calibration})
-        plot_layer_scores(values, out / "scores.png", metric=metric, title=f"{given.model}: {metric}")
+        plot_layer_scores(values, out / "scores.png", metric=metric, title=f"{model.model}: {metric}")
         typer.echo(f"wrote {out / 'scores.json'} and {out / 'scores.png'}")
 
 
 @app.command(context_settings=METHOD_FLAGS, cls=MethodOptionsHelp)
-@uses(MODEL, CALIBRATION, COMPENSATION, EVALUATION, STREAMING, PUSH, HEAL_SETTINGS)
+@uses(HEAL_SETTINGS)
 def prune(
     ctx: typer.Context,
-    given: Given = None,
     method: Annotated[str, typer.Option(help="Pruning method (see `depthprune methods`).")] = "shortgpt",
     out: OutOpt = None,
     ratio: Annotated[Optional[float], typer.Option(help="Fraction of layers to remove, in (0, 1).")] = None,
@@ -140,6 +139,13 @@ def prune(
     heal_settings: dict[str, Any] = None,
     overwrite: OverwriteOpt = False,
     batch_size: BatchOpt = 8,
+    *,
+    model: ModelGroup,
+    calibration: CalibrationGroup,
+    compensation: CompensationGroup,
+    evaluation: EvaluationGroup,
+    streaming: StreamingGroup,
+    push: PushGroup,
 ) -> None:
     """Plan with a method, remove/merge layers (then optionally compensate, width-prune and heal), save a plain
     transformers checkpoint with its plan and report."""
@@ -149,23 +155,24 @@ def prune(
     get_method(method)
     options = build_options(method, method_flags(ctx, [method], "prune")[method])
     width = then_width is not None or bool(then_width_heads)
-    refuse_ignored(*fit_option_rules([given.compensate]),
+    refuse_ignored(*fit_option_rules([compensation.compensate]),
                    ("width_scorer", width, "needs a width stage (--then-width or --then-width-heads)"),
                    *[(HEAL_SETTINGS.parameter(info), heal is not None, "needs --heal DATA")
                      for info in HEAL_SETTINGS.infos()],
                    ("calib_samples", calib_sentences is None,
                     "is not used with --calib-sentences (its file gives one sample per line)"))
-    stages: list = [DepthStage(method, Target(ratio, remove_layers, keep_layers), options,
-                               given.compensation_spec())]
+    stages: list = [DepthStage(method, Target(ratio, remove_layers, keep_layers), options, compensation.spec())]
     if width:
         stages.append(WidthStage(then_width or 0.0, then_width_heads, width_scorer,
                                  flags=("--then-width", "--then-width-heads")))
     if heal is not None:
-        stages.append(HealStage(heal, HealConfig(**heal_settings, progress=not given.quiet),
+        stages.append(HealStage(heal, HealConfig(**heal_settings, progress=not model.quiet),
                                 option_prefix="--heal-"))
-    job = Job(stages, given.calibration_spec(calib_sentences), given.evaluation_spec(batch_size=batch_size),
-              batch_size=batch_size, progress=not given.quiet).check()
-    given.run_job(job, check_out(require_out(out), given.model, overwrite, job), overwrite)
+    job = Job(stages, calibration.spec(calib_sentences),
+              evaluation.spec(model=model.model, batch_size=batch_size, seq_len=calibration.seq_len,
+                              seed=calibration.seed),
+              batch_size=batch_size, progress=not model.quiet).check()
+    finish(job, model, streaming, push, check_out(require_out(out), model.model, overwrite, job), overwrite)
 
 
 def check_out(out: str, model: str, overwrite: bool, job) -> Path:
@@ -196,9 +203,8 @@ RUN_RECOVER_STEPS = 30
 
 
 @app.command()
-@uses(MODEL, EVALUATION.with_defaults(eval_="ppl,kl,top1"), STREAMING, PUSH)
+@uses()
 def run(
-    given: Given = None,
     method: Annotated[str, typer.Option(help="Pruning method (auto: the best of several, see `methods`).")] = "auto",
     ratio: Annotated[float, typer.Option(help="Fraction of layers to remove.")] = 0.25,
     recover: Annotated[str, typer.Option(
@@ -206,6 +212,11 @@ def run(
         "on the dense model's next-token distributions) or none.")] = "layers",
     out: Annotated[str, typer.Option(help="Output directory.")] = "runs/smollm2-135m-auto-0.25",
     overwrite: OverwriteOpt = False,
+    *,
+    model: ModelGroup,
+    evaluation: EvaluationGroup = EvaluationGroup(eval_="ppl,kl,top1"),
+    streaming: StreamingGroup,
+    push: PushGroup,
 ) -> None:
     """The default job: the best 25%-shallower SmolLM2-135M depthprune can make (--method auto over ShortGPT,
     angular and SLEB plans, each with and without a linear map, calibrated on the general mix; then the kept
@@ -225,20 +236,24 @@ def run(
     options = build_options(method, {"recover": recover, "recover_steps": RUN_RECOVER_STEPS,
                                      "candidates": RUN_CANDIDATES} if method == "auto" else {})
     job = Job([DepthStage(method, Target(ratio=ratio), options, measure_uncompensated=True)],
-              evaluation=given.evaluation_spec(batch_size=8), progress=not given.quiet).check()
-    given.run_job(job, check_out(out, given.model, overwrite, job), overwrite)
+              evaluation=evaluation.spec(model=model.model, batch_size=8, seq_len=SEQ_LEN, seed=SEED),
+              progress=not model.quiet).check()
+    finish(job, model, streaming, push, check_out(out, model.model, overwrite, job), overwrite)
 
 
 @app.command()
-@uses(MODEL, CALIBRATION, STREAMING)
+@uses()
 def analyze(
-    given: Given = None,
     out: Annotated[str, typer.Option(help="Directory for cka.json, cka.npy and cka.png.")] = "analysis",
     kernel: Annotated[str, typer.Option(help="CKA kernel: linear or rbf (median-heuristic bandwidth).")] = "linear",
     plan: Annotated[Optional[Path], typer.Option(
         help="A depthprune_plan.json (or a pruned checkpoint directory) whose merged/removed windows "
         "are outlined on the heatmap.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per CKA minibatch.")] = 2,
+    *,
+    model: ModelGroup,
+    calibration: CalibrationGroup,
+    streaming: StreamingGroup,
 ) -> None:
     """Layer x layer CKA of layer outputs (SLM's "patches" analysis): JSON, NPY and a heatmap."""
     import numpy as np
@@ -253,22 +268,22 @@ def analyze(
     if kernel not in ("linear", "rbf"):
         raise InputError(f"unknown kernel {kernel!r}: use linear or rbf")
     check_batch(batch_size)
-    spec = given.calibration_spec().check()
-    out = check_output_dir(out, inputs=[given.model], kind="analysis")
+    spec = calibration.spec().check()
+    out = check_output_dir(out, inputs=[model.model], kind="analysis")
     loaded_plan = Plan.load(plan) if plan is not None else None
-    given.check_model(("--seq-len", given.seq_len))
+    model.check(("--seq-len", calibration.seq_len))
     if loaded_plan is not None:
-        check_plan_depth(loaded_plan, given.model)
-    loaded = given.backend()
+        check_plan_depth(loaded_plan, model.model)
+    loaded = open_backend(model, streaming)
     windows = None
     if loaded_plan is not None:
-        loaded_plan.check_model_depth(loaded.num_layers, f"--model {given.model}")
+        loaded_plan.check_model_depth(loaded.num_layers, f"--model {model.model}")
         windows = [(m.low, m.high) for m in loaded_plan.merges] + [(i, i) for i in loaded_plan.remove]
     result = layer_similarity(loaded, spec.windows(loaded.tokenizer), kernel=kernel, batch_size=batch_size,
-                              progress=not given.quiet)
+                              progress=not model.quiet)
     prepare_dir(out, "analysis")
-    write_json(out / "cka.json", {"model": given.model, **result.to_dict()})
+    write_json(out / "cka.json", {"model": model.model, **result.to_dict()})
     atomic_write(out / "cka.npy", lambda stream: np.save(stream, result.matrix))
-    plot_cka_heatmap(result.matrix, out / "cka.png", title=f"{given.model}: {kernel} CKA of layer outputs",
+    plot_cka_heatmap(result.matrix, out / "cka.png", title=f"{model.model}: {kernel} CKA of layer outputs",
                      merged_windows=windows)
     typer.echo(f"wrote {out / 'cka.json'}, {out / 'cka.npy'} and {out / 'cka.png'}")

@@ -9,13 +9,11 @@ import typer
 from ..data.calibration import DEFAULT_CALIBRATION
 from ..heal.config import HealConfig
 from .app import app
+from .groups import CalibrationGroup, EvaluationGroup, ModelGroup, PushGroup
 from .options import (
-    CALIBRATION,
-    EVALUATION,
-    MODEL,
-    PUSH,
+    SEED,
+    SEQ_LEN,
     BatchOpt,
-    Given,
     OutOpt,
     OverwriteOpt,
     SeqLenOpt,
@@ -26,6 +24,7 @@ from .options import (
     uses,
 )
 from .prune import check_out
+from .streaming import finish
 
 
 def recorded_source(model: str) -> str:
@@ -51,9 +50,8 @@ mix of the shipped texts, offline."""
 
 
 @app.command("heal")
-@uses(MODEL, EVALUATION, PUSH, HEAL_SETTINGS)
+@uses(HEAL_SETTINGS)
 def heal_cmd(
-    given: Given = None,
     data: Annotated[Optional[str], typer.Option(
         help="A shipped text (general: fiction, encyclopedic prose and code in equal shares; fiction, "
         "encyclopedic, code), alpaca-cleaned (yahma/alpaca-cleaned via datasets; needs the Hub), another "
@@ -71,6 +69,10 @@ def heal_cmd(
         help="Distillation teacher (the dense model; default: the source recorded in the input's plan).")] = None,
     overwrite: OverwriteOpt = False,
     seq_len: SeqLenOpt = 128,
+    *,
+    model: ModelGroup,
+    evaluation: EvaluationGroup,
+    push: PushGroup,
 ) -> None:
     """Heal a pruned model (LoRA or its last layers, on LM loss or distilled from the dense model), save a plain
     checkpoint."""
@@ -78,35 +80,35 @@ def heal_cmd(
     from ..io import check_output_dir
     from ..job import HealStage, Job
 
-    config = HealConfig(**training, progress=not given.quiet)
+    config = HealConfig(**training, progress=not model.quiet)
     refuse_ignored(*[(name, config.distill, "needs --distill")
                      for name in ("distill_alpha", "temperature", "distill_top_k", "teacher")],
                    ("keep_checkpoints", work_dir is not None, "needs --work-dir (without it checkpoints live "
                     "in scratch space that is always removed)"))
     if config.distill and teacher is None:
-        teacher = recorded_source(given.model)
+        teacher = recorded_source(model.model)
     if data is None:
         data = DISTILL_DATA if config.distill else "alpaca-cleaned"
     stage = HealStage(data, config, work_dir=work_dir, resume=resume, save_adapter=save_adapter,
                       keep_checkpoints=keep_checkpoints, teacher=teacher)
-    job = Job([stage], evaluation=given.evaluation_spec(batch_size=8, seq_len=seq_len, input_is_reference=False),
-              progress=not given.quiet).check()
-    out = check_out(require_out(out), given.model, overwrite, job)
+    measured = evaluation.spec(model=model.model, batch_size=8, seq_len=seq_len or SEQ_LEN, seed=SEED,
+                               input_is_reference=False)  # --seq-len 0 has always meant the default
+    job = Job([stage], evaluation=measured, progress=not model.quiet).check()
+    out = check_out(require_out(out), model.model, overwrite, job)
     if work_dir is not None:
-        check_output_dir(work_dir, inputs=[given.model, out], kind="work", option="--work-dir")
+        check_output_dir(work_dir, inputs=[model.model, out], kind="work", option="--work-dir")
     if teacher is not None:
         check_model(teacher)
-        check_reference_vocab(given.model, teacher, option="--teacher")
+        check_reference_vocab(model.model, teacher, option="--teacher")
     if config.teacher_cache_dir is not None:
-        check_output_dir(config.teacher_cache_dir, inputs=[given.model, out], kind="teacher-cache",
+        check_output_dir(config.teacher_cache_dir, inputs=[model.model, out], kind="teacher-cache",
                          option="--teacher-cache")
-    given.run_job(job, out, overwrite)
+    finish(job, model, None, push, out, overwrite)
 
 
 @app.command("width")
-@uses(MODEL, CALIBRATION, EVALUATION, PUSH)
+@uses()
 def width_cmd(
-    given: Given = None,
     out: OutOpt = None,
     ratio_mlp: Annotated[float, typer.Option(
         help="Fraction of MLP channels removed in every layer, in [0, 1).")] = 0.2,
@@ -116,10 +118,17 @@ def width_cmd(
         help="magnitude (weight L2 norm), wanda (|W| x input-activation norm) or taylor (|W x dL/dW|).")] = "magnitude",
     overwrite: OverwriteOpt = False,
     batch_size: BatchOpt = 8,
+    *,
+    model: ModelGroup,
+    calibration: CalibrationGroup,
+    evaluation: EvaluationGroup,
+    push: PushGroup,
 ) -> None:
     """Structured width pruning: remove MLP channels / attention groups uniformly in every layer, save."""
     from ..job import Job, WidthStage
 
-    job = Job([WidthStage(ratio_mlp, ratio_heads, scorer)], given.calibration_spec(),
-              given.evaluation_spec(batch_size=batch_size), batch_size=batch_size, progress=not given.quiet).check()
-    given.run_job(job, check_out(require_out(out), given.model, overwrite, job), overwrite)
+    job = Job([WidthStage(ratio_mlp, ratio_heads, scorer)], calibration.spec(),
+              evaluation.spec(model=model.model, batch_size=batch_size, seq_len=calibration.seq_len,
+                              seed=calibration.seed),
+              batch_size=batch_size, progress=not model.quiet).check()
+    finish(job, model, None, push, check_out(require_out(out), model.model, overwrite, job), overwrite)

@@ -1,4 +1,5 @@
-"""What the checkpoint-writing commands share beyond the job itself: layer streaming and pushing to the Hub.
+"""What the checkpoint-writing commands share beyond the job itself: layer streaming, pushing to the Hub, and
+:func:`finish`, which takes a job from the parsed options to its saved (and pushed) checkpoint.
 
 ``--stream`` / ``--no-stream`` choose the path; without either, streaming is
 chosen when the weights (from the safetensors headers) would not fit in
@@ -9,28 +10,18 @@ once it is saved.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Any, Callable, Optional
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from ..distributed import check_launch, processes
+from .groups import ModelGroup, PushGroup, StreamingGroup
 from .summary import print_result
 
 if TYPE_CHECKING:
     from ..backend import Backend
     from ..job import Job, JobResult
-    from ..models.load import LoadedModel
-
-StreamOpt = Annotated[Optional[bool], typer.Option(
-    "--stream/--no-stream", help="Layer streaming: keep the weights on disk and load one decoder layer at a "
-    "time (scoring, every method, linear/cosine compensation, surgery and ppl). Default: chosen when the weights "
-    "would not fit in --max-memory or the available memory.", show_default=False)]
-MaxMemoryOpt = Annotated[Optional[str], typer.Option(
-    "--max-memory", help="Memory budget such as 8GB: decides streaming, and streamed calibration states that "
-    "do not fit beside one layer and the embeddings spill to disk.")]
-PushOpt = Annotated[Optional[str], typer.Option(
-    "--push-to-hub", help="After saving, upload the checkpoint, plan and report with a generated model card "
-    "(README.md) to this Hugging Face Hub repository (owner/name).")]
 
 
 def say(message: str) -> None:
@@ -66,52 +57,65 @@ def command_line() -> str | None:
     return None if _ARGV is None else "depthprune " + shlex.join(_ARGV)
 
 
-def open_backend(model: str, *, load: Callable[..., "LoadedModel"], stream: bool | None, max_memory: str | None,
-                 dtype: str | None, device: str, quiet: bool, job: "Job | None" = None) -> "Backend":
-    """The model as a backend, streamed or in memory (``stream=False``: a command without streaming never
-    streams; ``None``: decided from the model's size, and said). With ``job``, what the chosen backend cannot
-    do is refused before anything loads, and a kl/top1 reference that is another model is opened the same way,
-    measured and freed before the input loads. ``load`` is the command's in-memory loader."""
-    from ..backend import InMemoryBackend, load_streamed
-    from ..models.load import resolve_dtype
+@dataclass(frozen=True)
+class Opener:
+    """How a command opens a model source: in memory through :meth:`ModelGroup.load`, or streamed within
+    ``budget`` bytes. A kl/top1 reference that is another model is opened the same way as the input."""
 
-    streamed, budget = False, None
-    if stream is not False or max_memory is not None:
-        streamed, budget, _ = streaming_choice(model, stream, max_memory, dtype, device)
-    check_launch(batch_size=None, eval_batch_size=None, stream=streamed)
+    model: ModelGroup
+    streamed: bool
+    budget: int | None
 
-    def open_(source: str) -> "Backend":
-        if not streamed:
-            return InMemoryBackend.of(load(source, dtype, device, quiet))
+    @classmethod
+    def choose(cls, model: ModelGroup, streaming: StreamingGroup | None) -> Opener:
+        """``streaming`` None: the command has no streaming options and never streams; ``--stream`` not given:
+        decided from the model's size, and said. A launch of several processes that cannot stream is refused."""
+        streamed, budget = False, None
+        if streaming is not None and (streaming.stream is not False or streaming.max_memory is not None):
+            streamed, budget, _ = streaming_choice(model.model, streaming.stream, streaming.max_memory, model.dtype,
+                                                   model.device)
+        check_launch(batch_size=None, eval_batch_size=None, stream=streamed)
+        return cls(model, streamed, budget)
+
+    def __call__(self, source: str) -> "Backend":
+        from ..backend import InMemoryBackend, load_streamed
+        from ..models.load import resolve_dtype
+
+        model = self.model
+        if not self.streamed:
+            return InMemoryBackend.of(model.load(source))
         typer.echo(f"streaming {source} ...", err=True)
-        return load_streamed(source, dtype=dtype, device=device, progress=not quiet, max_memory=budget,
-                             report=None if quiet else say,
-                             save_dtype=resolve_dtype(dtype, "cpu") if dtype else None)
-
-    if job is not None:
-        job.check_backend("streamed" if streamed else "in-memory")
-        if processes().main:
-            job.evaluation.prepare(model, first_is_input=job.evaluate_before or not job.stages,
-                                   open_reference=open_, progress=not quiet)
-    return open_(model)
+        return load_streamed(source, dtype=model.dtype, device=model.device, progress=not model.quiet,
+                             max_memory=self.budget, report=None if model.quiet else say,
+                             save_dtype=resolve_dtype(model.dtype, "cpu") if model.dtype else None)
 
 
-def run_checkpoint_job(job: "Job", *, load: Callable[..., "LoadedModel"], model: str, out: Any,
-                       overwrite: bool, dtype: str | None, device: str, quiet: bool, stream: bool | None = False,
-                       max_memory: str | None = None, push_to_hub: str | None = None) -> "JobResult":
-    """Run a job that writes a checkpoint, streamed or in memory, print what it did, then push it when asked.
+def open_backend(model: ModelGroup, streaming: StreamingGroup | None) -> "Backend":
+    """The model as a backend: streamed when ``--stream`` asks or the weights would not fit (said), else loaded
+    in memory (see :meth:`Opener.choose`)."""
+    return Opener.choose(model, streaming)(model.model)
 
-    ``load`` is the command's loader for the in-memory path (``load(model, dtype, device, quiet)``).
-    ``stream=False`` (commands without streaming) never streams; ``None`` decides from the model's size.
+
+def finish(job: "Job", model: ModelGroup, streaming: StreamingGroup | None, push: PushGroup, out: Any,
+           overwrite: bool) -> "JobResult":
+    """Run a checked job that writes a checkpoint from a command's parsed options, print what it did, then push
+    it when asked: what every checkpoint-writing command ends with.
+
+    Everything that can be refused is refused before the model loads: the Hub repository, what the chosen
+    backend (streamed or in memory, see :meth:`Opener.choose`) cannot do; a kl/top1 reference that is another
+    model is measured and freed before the input loads.
     """
     from ..export.hub import card_writer, check_repo_id, push_checkpoint
     from ..job import run_job
 
-    repo = check_repo_id(push_to_hub) if push_to_hub is not None else None
+    repo = check_repo_id(push.push_to_hub) if push.push_to_hub is not None else None
     writers = [card_writer(command_line(), repo)] if repo else []
-    backend = open_backend(model, load=load, stream=stream, max_memory=max_memory, dtype=dtype, device=device,
-                           quiet=quiet, job=job)
-    result = run_job(backend, job, out=out, overwrite=overwrite, writers=writers)
+    opener = Opener.choose(model, streaming)
+    job.check_backend("streamed" if opener.streamed else "in-memory")
+    if processes().main:
+        job.evaluation.prepare(model.model, first_is_input=job.evaluate_before or not job.stages,
+                               open_reference=opener, progress=not model.quiet)
+    result = run_job(opener(model.model), job, out=out, overwrite=overwrite, writers=writers)
     if not processes().main:
         return result  # the main process reports and pushes
     print_result(result)
