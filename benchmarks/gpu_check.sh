@@ -2,15 +2,17 @@
 # The GPU check: every GPU code path of depthprune once, on a small model, then one table.
 #
 #   bash benchmarks/gpu_check.sh [MODEL] [OUT]      (default: smollm2-135m, gpu-check/)
+#   DEVICE=cpu bash benchmarks/gpu_check.sh          (a rehearsal of every row on the CPU, no GPU needed)
 #
-# Each row is one command as a user types it, on --device cuda unless it tests another placement; a failing
+# Each row is one command as a user types it, on --device "$DEVICE" unless it tests another placement; a failing
 # row is marked and the check goes on. The last rows compare bf16 with fp32 perplexity (target: within 1%)
 # and the 25% model's decode speed with the dense one's (target: within 5% of layers-kept ideal), and run
-# healing data-parallel when the machine has two GPUs or more. Put the table, dated, in docs/benchmarks.md.
+# healing and the layers fit data-parallel when the machine has two GPUs or more. Put the table, dated, in docs/benchmarks.md.
 set -u
 MODEL=${1:-smollm2-135m}
 OUT=${2:-gpu-check}
 DP=${DEPTHPRUNE:-depthprune}
+DEVICE=${DEVICE:-cuda}
 mkdir -p "$OUT"
 ROWS=()
 
@@ -25,7 +27,7 @@ row() {  # row NAME COMMAND...: run it, keep its exit code, seconds and last out
 
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 GPUS=$(nvidia-smi -L 2>/dev/null | wc -l)
-PRUNE=(--model "$MODEL" --ratio 0.25 --eval ppl --device cuda --overwrite -q)
+PRUNE=(--model "$MODEL" --ratio 0.25 --eval ppl --device "$DEVICE" --overwrite -q)
 for method in shortgpt angular sleb slm laco; do
   row "prune-$method" "$DP" prune "${PRUNE[@]}" --method "$method" --out "$OUT/$method"
 done
@@ -33,26 +35,30 @@ row prune-auto "$DP" prune "${PRUNE[@]}" --method auto --out "$OUT/auto"
 row compensate-layers "$DP" prune "${PRUNE[@]}" --method angular --compensate layers --out "$OUT/layers"
 row device-auto "$DP" prune --model "$MODEL" --ratio 0.25 --method shortgpt --eval ppl --device auto \
   --overwrite -q --out "$OUT/device-auto"
-row stream-cuda "$DP" prune --model "$MODEL" --ratio 0.25 --method shortgpt --eval ppl --device cuda --stream \
+row stream-cuda "$DP" prune --model "$MODEL" --ratio 0.25 --method shortgpt --eval ppl --device "$DEVICE" --stream \
   --overwrite -q --out "$OUT/stream"
-row heal-lora "$DP" heal --model "$OUT/angular" --data general --max-steps 20 --eval ppl --device cuda \
+row heal-lora "$DP" heal --model "$OUT/angular" --data general --max-steps 20 --eval ppl --device "$DEVICE" \
   --overwrite -q --out "$OUT/heal-lora"
 row heal-distill "$DP" heal --model "$OUT/angular" --distill --teacher "$MODEL" --max-steps 20 --eval ppl,kl \
-  --device cuda --overwrite -q --out "$OUT/heal-distill"
-row speed "$DP" eval-speed --model "$OUT/angular" --baseline "$MODEL" --device cuda --json "$OUT/speed.json"
-row ppl-fp32 "$DP" eval-ppl --model "$MODEL" --device cuda --dtype float32 --json "$OUT/ppl-fp32.json"
-row ppl-bf16 "$DP" eval-ppl --model "$MODEL" --device cuda --dtype bfloat16 --json "$OUT/ppl-bf16.json"
-if [ "$GPUS" -ge 2 ]; then
-  row heal-ddp accelerate launch --num_processes 2 -m depthprune heal --model "$OUT/angular" --data general \
+  --device "$DEVICE" --overwrite -q --out "$OUT/heal-distill"
+row speed "$DP" eval-speed --model "$OUT/angular" --baseline "$MODEL" --device "$DEVICE" --json "$OUT/speed.json"
+row ppl-fp32 "$DP" eval-ppl --model "$MODEL" --device "$DEVICE" --dtype float32 --json "$OUT/ppl-fp32.json"
+row ppl-bf16 "$DP" eval-ppl --model "$MODEL" --device "$DEVICE" --dtype bfloat16 --json "$OUT/ppl-bf16.json"
+if [ "$GPUS" -ge 2 ] || [ "$DEVICE" = cpu ]; then  # on the CPU: two gloo processes (accelerate launch --cpu starts one)
+  if [ "$DEVICE" = cpu ]; then LAUNCH=(torchrun --standalone --nproc_per_node 2); else
+    LAUNCH=(accelerate launch --num_processes 2); fi
+  row heal-ddp "${LAUNCH[@]}" -m depthprune heal --model "$OUT/angular" --data general \
     --max-steps 20 --eval none --overwrite -q --out "$OUT/heal-ddp"
+  row layers-ddp "${LAUNCH[@]}" -m depthprune prune --model "$MODEL" --ratio 0.25 --method angular \
+    --compensate layers --eval none --overwrite -q --out "$OUT/layers-ddp"
 fi
 
 echo
-echo "depthprune GPU check, $(date -u +%Y-%m-%d), $MODEL, $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)"
+echo "depthprune GPU check, $(date -u +%Y-%m-%d), $MODEL, $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 || echo "$DEVICE")"
 echo "| command | result | seconds | last line |"
 echo "|---|---|---|---|"
 printf '%s\n' "${ROWS[@]}"
-python - "$OUT" <<'EOF'
+"${PYTHON:-python3}" - "$OUT" <<'EOF'
 import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
