@@ -17,8 +17,10 @@ from .options import (
     OutOpt,
     OverwriteOpt,
     SeqLenOpt,
+    WINDOWED,
     SettingFlags,
     check_model,
+    eval_names,
     refuse_ignored,
     require_out,
     uses,
@@ -68,7 +70,7 @@ def heal_cmd(
     teacher: Annotated[Optional[str], typer.Option(
         help="Distillation teacher (the dense model; default: the source recorded in the input's plan).")] = None,
     overwrite: OverwriteOpt = False,
-    seq_len: SeqLenOpt = 128,
+    seq_len: SeqLenOpt = SEQ_LEN,
     *,
     model: ModelGroup,
     evaluation: EvaluationGroup,
@@ -84,15 +86,17 @@ def heal_cmd(
     refuse_ignored(*[(name, config.distill, "needs --distill")
                      for name in ("distill_alpha", "temperature", "distill_top_k", "teacher")],
                    ("keep_checkpoints", work_dir is not None, "needs --work-dir (without it checkpoints live "
-                    "in scratch space that is always removed)"))
+                    "in scratch space that is always removed)"),
+                   ("seq_len", any(n in WINDOWED for n in eval_names(evaluation.eval_)),
+                    "sets the evaluation windows and needs ppl, kl, top1 or gen in --eval"))
     if config.distill and teacher is None:
         teacher = recorded_source(model.model)
     if data is None:
         data = DISTILL_DATA if config.distill else "alpaca-cleaned"
     stage = HealStage(data, config, work_dir=work_dir, resume=resume, save_adapter=save_adapter,
                       keep_checkpoints=keep_checkpoints, teacher=teacher)
-    measured = evaluation.spec(model=model.model, batch_size=8, seq_len=seq_len or SEQ_LEN, seed=SEED,
-                               input_is_reference=False)  # --seq-len 0 has always meant the default
+    measured = evaluation.spec(model=model.model, batch_size=8, seq_len=seq_len, seed=SEED,
+                               input_is_reference=False)
     job = Job([stage], evaluation=measured, progress=not model.quiet).check()
     out = check_out(require_out(out), model.model, overwrite, job)
     if work_dir is not None:
