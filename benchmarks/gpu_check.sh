@@ -2,7 +2,8 @@
 # The GPU check: every GPU code path of depthprune once, on a small model, then one table.
 #
 #   bash benchmarks/gpu_check.sh [MODEL] [OUT]      (default: smollm2-135m, gpu-check/)
-#   DEVICE=cpu bash benchmarks/gpu_check.sh          (a rehearsal of every row on the CPU, no GPU needed)
+#   DEVICE=cpu bash benchmarks/gpu_check.sh          (a rehearsal of every row on the CPU, no GPU needed; slow:
+#                                                     its first 10 rows took 88 min on 2 busy cores, heal-lora 30+)
 #
 # Each row is one command as a user types it, on --device "$DEVICE" unless it tests another placement; a failing
 # row is marked and the check goes on. The last rows compare bf16 with fp32 perplexity (target: within 1%)
