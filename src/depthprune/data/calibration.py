@@ -492,7 +492,6 @@ def sample_windows(
     seed: int = 1234,
     text: str | None = None,
     exclude: Collection[int] = (),
-    sampled: dict[str, list[int]] | None = None,
     slots: "_Slots | _MixedSlots | None" = None,
 ) -> Calibration:
     """``num_windows`` random non-overlapping windows of ``seq_len`` tokens (seeded).
@@ -502,12 +501,12 @@ def sample_windows(
     non-overlapping windows and SLM's random 128-token samples both require.
     Slots in ``exclude`` are never drawn (held-out windows stay held out); the
     slots drawn are recorded in the description. ``slots``: the text already cut (by :func:`cut_slots` with
-    these arguments), to draw from without tokenizing it again.
+    these arguments; how text sampled from the model is drawn from), to draw from without tokenizing it again.
     """
     if num_windows < 1 or seq_len < 2:
         raise CalibrationError("need at least 1 window of at least 2 tokens")
     if slots is None:
-        slots = cut_slots(tokenizer, source, text, seq_len, sampled)
+        slots = cut_slots(tokenizer, source, text, seq_len)
     excluded = set(exclude)
     free = {i for i in range(len(slots)) if i not in excluded}
     if len(free) < num_windows:
