@@ -24,15 +24,19 @@ HEAL = ["--data", "fiction", "--max-steps", "3", "--batch-size", "4", "--grad-ac
 """Three optimizer steps of 4 sequences; dropout off, since each process draws its own masks."""
 
 
-def heal(processes: int, model: str, out: Path, *extra: str) -> subprocess.CompletedProcess:
+def launch(processes: int, command: str, model: str, out: Path, *args: str) -> subprocess.CompletedProcess:
+    """``depthprune COMMAND`` in ``processes`` CPU processes (torchrun, gloo; one thread each), which must succeed."""
     launcher = [] if processes == 1 else ["-m", "torch.distributed.run", "--standalone",
                                           f"--nproc_per_node={processes}"]
-    command = [sys.executable, *launcher, "-m", "depthprune", "heal", "--model", model, "--out", str(out),
-               *HEAL, *extra]
+    line = [sys.executable, *launcher, "-m", "depthprune", command, "--model", model, "--out", str(out), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900, cwd=out.parent)
+    done = subprocess.run(line, capture_output=True, text=True, env=env, timeout=900, cwd=out.parent)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
+
+
+def heal(processes: int, model: str, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return launch(processes, "heal", model, out, *HEAL, *extra)
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -82,14 +86,7 @@ LAYERS = ["--method", "shortgpt", "--ratio", "0.25", "--seq-len", "64", "--eval"
 
 
 def prune(processes: int, model: str, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    launcher = [] if processes == 1 else ["-m", "torch.distributed.run", "--standalone",
-                                          f"--nproc_per_node={processes}"]
-    command = [sys.executable, *launcher, "-m", "depthprune", "prune", "--model", model, "--out", str(out),
-               *LAYERS, *extra]
-    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                          timeout=900, cwd=out.parent)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done
+    return launch(processes, "prune", model, out, *LAYERS, *extra)
 
 
 def layers_record(out: Path) -> dict:
